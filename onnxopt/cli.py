@@ -1,0 +1,119 @@
+"""The command line: a thin shell over ``onnxopt.optimize``; exit 0 validated, 1 validation failed, 2 bad input."""
+
+from __future__ import annotations
+
+__all__ = ["main", "build_parser"]
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from onnxopt import io
+from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
+from onnxopt.passes import REGISTRY
+from onnxopt.pipeline import DEFAULT_PASSES, optimize
+from onnxopt.report import render_table, write_json
+from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line and exits 2, like every other user error."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(EXIT_BAD_INPUT, f"onnxopt: error: {message} (see --help)\n")
+
+
+class Progress:
+    """One self-overwriting status line on a terminal; silent when piped or quiet."""
+
+    def __init__(self, enabled: bool, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if stage != "done" and now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        text = "" if stage == "done" else f"onnxopt: {stage} {done}/{total}" if total > 1 else f"onnxopt: {stage}"
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.write("\r" if stage == "done" else "")
+        self.stream.flush()
+        self._width = len(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="onnxopt",
+        description="Optimize an ONNX model with graph passes and prove the result under onnxruntime.",
+        epilog=f"passes: {', '.join(REGISTRY)}. Exit codes: 0 validated, 1 validation failed, 2 bad input.",
+    )
+    parser.add_argument("model", help="input .onnx file (never modified unless --in-place)")
+    parser.add_argument("-o", "--output", help="output path (default: MODEL.opt.onnx beside the input)")
+    parser.add_argument(
+        "--passes", default=",".join(DEFAULT_PASSES),
+        help=f"comma-separated passes to run in order (default: {','.join(DEFAULT_PASSES)})",
+    )
+    parser.add_argument("--data", help="inputs for validation: .npz, folder of .npy, onnx test-data .pb, or 'synthetic'")
+    parser.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="size of a named dynamic dim (repeatable)")
+    parser.add_argument("--batch-size", type=int, help="samples per batch when cutting --data (default 32)")
+    parser.add_argument("--providers", default="cpu", help="execution providers: cpu (default), cuda, ...")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads for latency")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance, of max|reference| (default {DEFAULT_RTOL:g})")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
+    parser.add_argument("--report", metavar="JSON", help="write the report as JSON")
+    parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation under onnxruntime")
+    parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency comparison")
+    parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
+    parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log each rewrite (-v) and debug detail (-vv)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except OnnxoptError as exc:
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    output = args.output or (args.model if args.in_place else str(io.default_output_path(args.model)))
+    if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
+        raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise OptionError(f"--batch-size {args.batch_size}: must be positive")
+    progress = Progress(enabled=not args.quiet)
+    result = optimize(
+        args.model, args.passes, data=args.data, dims=args.dim, providers=args.providers,
+        validate=args.validate, latency=args.latency, rtol=args.rtol, atol=args.atol,
+        batch_size=args.batch_size, threads=args.threads, latency_budget=args.latency_budget,
+        progress=progress,
+    )
+    report = result.report
+    if result.ok:
+        result.save(output, in_place=args.in_place)
+    else:
+        report.notes.append(f"validation failed: {output} not written")
+    if args.report:
+        write_json(report, args.report)
+    if not args.quiet:
+        print(render_table(report))
+    return EXIT_OK if result.ok else EXIT_FAILED

@@ -1,0 +1,352 @@
+"""Input data for running a model: files, arrays or iterables, matched to the model's inputs with clear errors.
+
+Accepted sources: an ``.npz`` file, a folder of ``<input>.npy`` files, onnx test-data folders
+(``input_0.pb`` … or ``test_data_set_*/``), a mapping of arrays, or an iterable of feed mappings
+(one batch each; their lengths may differ). Arrays whose first axis counts samples are cut into
+batches. Keys that are not model inputs and are named ``labels``/``label``/``y``/``targets`` are
+taken as labels. Synthetic data is produced only when asked for.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InputSpec",
+    "Dataset",
+    "input_specs",
+    "load_data",
+    "synthetic_data",
+    "parse_dims",
+    "LABEL_KEYS",
+]
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import DataError, OptionError
+
+LABEL_KEYS = ("labels", "label", "y", "targets")
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: its name, numpy dtype and shape (ints for fixed dims, names or None for dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+@dataclass
+class Dataset:
+    """Feeds for a model, batch by batch, with optional labels (one per sample, in order)."""
+
+    batches: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None = None
+    source: str = "data"
+    synthetic: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def num_samples(self) -> int:
+        total = 0
+        for batch in self.batches:
+            first = next(iter(batch.values()), None)
+            total += 1 if first is None or first.ndim == 0 else first.shape[0]
+        return total
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed: graph inputs that are not initializers."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+            shape = tuple(_normalize_dim(d) for d in shape)
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+def _normalize_dim(dim):
+    """Exporters write unknown dims as -1, '?' or odd names; keep names, map the rest to None."""
+    if isinstance(dim, int):
+        return dim if dim >= 0 else None
+    if dim in (None, "", "?", "-1"):
+        return None
+    return dim
+
+
+def parse_dims(items: Iterable[str] | Mapping[str, int] | None) -> dict[str, int]:
+    """``["batch=4", "seq=128"]`` → ``{"batch": 4, "seq": 128}``."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k): int(v) for k, v in items.items()}
+    dims = {}
+    for item in items:
+        name, sep, value = str(item).rpartition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) <= 0:
+            raise OptionError(f"--dim {item!r}: expected NAME=POSITIVE_INT, e.g. batch=4")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def load_data(
+    source,
+    model: ir.Model,
+    *,
+    batch_size: int | None = None,
+    dims: Mapping[str, int] | None = None,
+    labels_key: str | None = None,
+) -> Dataset:
+    """Read ``source`` and return batches that fit ``model``'s inputs, or raise ``DataError``.
+
+    ``source`` may be ``"synthetic"`` to ask for random inputs built from the input types.
+    """
+    specs = input_specs(model)
+    if isinstance(source, str) and source == "synthetic":
+        return synthetic_data(model, dims=dims)
+    if isinstance(source, Dataset):
+        for batch in source.batches:
+            _check_feed(batch, specs, source.source)
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        arrays, per_batch, name = _read_path(Path(source), specs)
+    elif isinstance(source, Mapping):
+        arrays, per_batch, name = dict(source), None, "data"
+    elif isinstance(source, Iterable):
+        arrays, per_batch, name = None, [dict(b) for b in source], "data"
+    else:
+        raise DataError(f"cannot read input data from {type(source).__name__}")
+
+    labels = None
+    if per_batch is not None:
+        batches = []
+        for i, batch in enumerate(per_batch):
+            batch = dict(batch)
+            label = _pop_labels(batch, specs, labels_key)
+            if label is not None:
+                labels = label if labels is None else np.concatenate([labels, label])
+            batches.append(_check_feed(batch, specs, f"{name} batch {i}"))
+        if not batches:
+            raise DataError(f"{name}: no batches")
+        return Dataset(batches, labels, name)
+
+    labels = _pop_labels(arrays, specs, labels_key)
+    batches = _split_samples(arrays, specs, batch_size, name)
+    if labels is not None:
+        total = sum(_batch_len(b, specs) for b in batches)
+        if len(labels) != total:
+            raise DataError(f"{name}: {len(labels)} labels for {total} samples")
+    return Dataset(batches, labels, name)
+
+
+def _read_path(path: Path, specs: list[InputSpec]):
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix == ".npz":
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    return {k: npz[k] for k in npz.files}, None, str(path)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                raise DataError(f"{path}: a single .npy feeds only a model with one input; this one has {len(specs)}")
+            return {specs[0].name: _load_npy(path)}, None, str(path)
+        if path.suffix == ".pb":
+            return None, [_read_pb_set([path], specs)], str(path)
+        raise DataError(f"{path}: unknown data format (use .npz, .npy, a folder of .npy, or onnx test-data .pb)")
+    sets = sorted(p for p in path.iterdir() if p.is_dir() and p.name.startswith("test_data_set"))
+    if sets:
+        return None, [_read_pb_set(sorted(s.glob("input_*.pb"), key=_pb_index), specs) for s in sets], str(path)
+    pbs = sorted(path.glob("input_*.pb"), key=_pb_index)
+    if pbs:
+        return None, [_read_pb_set(pbs, specs)], str(path)
+    npys = sorted(path.glob("*.npy"))
+    if npys:
+        return {p.stem: _load_npy(p) for p in npys}, None, str(path)
+    raise DataError(f"{path}: folder holds no .npy files, input_*.pb files or test_data_set_* folders")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _pb_index(path: Path) -> int:
+    match = re.search(r"(\d+)$", path.stem)
+    return int(match.group(1)) if match else 0
+
+
+def _read_pb_set(paths: list[Path], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    feed = {}
+    for i, p in enumerate(paths):
+        tensor = onnx.TensorProto()
+        try:
+            tensor.ParseFromString(p.read_bytes())
+            array = onnx.numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise DataError(f"{p}: not a readable TensorProto ({exc})") from None
+        name = tensor.name or (specs[i].name if i < len(specs) else f"input_{i}")
+        feed[name] = array
+    return feed
+
+
+def _pop_labels(arrays: dict, specs: list[InputSpec], labels_key: str | None):
+    names = {s.name for s in specs}
+    keys = (labels_key,) if labels_key else LABEL_KEYS
+    for key in keys:
+        if key in arrays and key not in names:
+            return np.asarray(arrays.pop(key))
+    if labels_key:
+        raise DataError(f"labels key '{labels_key}' not found in the data (keys: {', '.join(arrays)})")
+    return None
+
+
+def _check_names(keys, specs: list[InputSpec], where: str) -> None:
+    expected = [s.name for s in specs]
+    missing = [n for n in expected if n not in keys]
+    unknown = [k for k in keys if k not in expected]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown name(s) {', '.join(unknown)}")
+        raise DataError(f"{where}: {'; '.join(parts)} (the model expects {', '.join(s.describe() for s in specs)})")
+
+
+def _check_feed(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    _check_names(feed.keys(), specs, where)
+    checked = {}
+    for spec in specs:
+        array = np.asarray(feed[spec.name])
+        if array.dtype != spec.dtype:
+            raise DataError(f"{where}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}")
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape):
+                raise DataError(
+                    f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model expects rank {len(spec.shape)} ({spec.describe()})"
+                )
+            for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+                if isinstance(want, int) and got != want:
+                    raise DataError(
+                        f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model expects {spec.describe()} (axis {axis}: {got} != {want})"
+                    )
+        checked[spec.name] = array
+    return checked
+
+
+def _batch_len(batch: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:
+    array = batch[specs[0].name]
+    return array.shape[0] if array.ndim else 1
+
+
+def _split_samples(arrays: dict, specs: list[InputSpec], batch_size: int | None, where: str) -> list[dict]:
+    """Cut arrays whose first axis counts samples into feeds that fit the model."""
+    _check_names(arrays.keys(), specs, where)
+    if not specs:
+        return [{}]
+    stacked = [s for s in specs if s.shape is not None and np.ndim(arrays[s.name]) == len(s.shape) + 1]
+    if stacked and len(stacked) == len(specs):
+        # One extra leading axis: every entry along it is a whole feed.
+        count = _common_length(arrays, specs, where)
+        return [_check_feed({s.name: arrays[s.name][i] for s in specs}, specs, f"{where} sample {i}") for i in range(count)]
+    first = specs[0]
+    lead = first.shape[0] if first.shape else None
+    scalar = any(np.ndim(arrays[s.name]) == 0 for s in specs)
+    if scalar:
+        return [_check_feed(arrays, specs, where)]
+    count = _common_length(arrays, specs, where)
+    step = lead if isinstance(lead, int) and lead > 0 else (batch_size or DEFAULT_BATCH_SIZE)
+    if isinstance(lead, int) and count % lead:
+        raise DataError(
+            f"{where}: input '{first.name}' has {count} samples along axis 0, not a multiple of the model's fixed batch {lead}"
+        )
+    return [
+        _check_feed({s.name: arrays[s.name][i : i + step] for s in specs}, specs, f"{where} samples {i}..{min(i + step, count) - 1}")
+        for i in range(0, count, step)
+    ]
+
+
+def _common_length(arrays: dict, specs: list[InputSpec], where: str) -> int:
+    lengths = {s.name: np.shape(arrays[s.name])[0] for s in specs}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+        raise DataError(f"{where}: inputs disagree on the number of samples ({detail})")
+    return next(iter(lengths.values()))
+
+
+def _fill_dim(dim, spec: InputSpec, axis: int, dims: Mapping[str, int], used_defaults: set) -> int:
+    if isinstance(dim, int):
+        return dim
+    if isinstance(dim, str) and dim in dims:
+        return dims[dim]
+    used_defaults.add(f"{spec.name}[{axis}]" + (f" ({dim})" if dim else ""))
+    return 1
+
+
+def synthetic_data(
+    model: ir.Model, *, dims: Mapping[str, int] | None = None, batches: int = 1, seed: int = 0
+) -> Dataset:
+    """Random feeds built from the input types; dynamic dims come from ``dims`` (name → size), else 1."""
+    dims = dict(dims or {})
+    specs = input_specs(model)
+    rng = np.random.default_rng(seed)
+    used_defaults: set[str] = set()
+    known = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        raise OptionError(
+            f"--dim {', '.join(unknown)}: no input has a dimension of that name "
+            f"(named dims: {', '.join(sorted(known)) or 'none'})"
+        )
+    feeds = []
+    for _ in range(batches):
+        feed = {}
+        for spec in specs:
+            if spec.shape is None:
+                raise DataError(f"input '{spec.name}' has no shape; synthetic data needs one (pass --data)")
+            shape = tuple(_fill_dim(d, spec, i, dims, used_defaults) for i, d in enumerate(spec.shape))
+            feed[spec.name] = _random_array(rng, spec.dtype, shape)
+        feeds.append(feed)
+    notes = []
+    if used_defaults:
+        notes.append("dynamic dims set to 1: " + ", ".join(sorted(used_defaults)) + " (use --dim NAME=N)")
+    return Dataset(feeds, None, "synthetic", synthetic=True, notes=notes)
+
+
+def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        # Small non-negative integers: valid token ids and indices for most models.
+        return rng.integers(0, 10, size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(size=shape).astype(dtype)
+    raise DataError(f"cannot make synthetic data of dtype {dtype}")

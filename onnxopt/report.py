@@ -1,0 +1,238 @@
+"""The record of a run (per-pass records, figures before and after, validation, latency) and its rendering.
+
+Everything that formats a figure for a person or for JSON lives here.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ModelStats",
+    "PassRecord",
+    "OutputComparison",
+    "Validation",
+    "LatencyComparison",
+    "Report",
+    "render_table",
+    "to_json",
+    "write_json",
+]
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelStats:
+    """Figures of one model: node count (subgraphs included), weight elements and bytes, MACs, ops."""
+
+    nodes: int
+    params: int
+    bytes: int
+    macs: int | None
+    op_counts: dict[str, int]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    summary: str
+    after: ModelStats | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputComparison:
+    """How one output of the candidate differs from the reference, over all batches.
+
+    ``max_rel`` is ``max_abs`` divided by the largest magnitude in the reference output, so
+    that values near zero do not blow it up.
+    """
+
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float | None
+    ok: bool
+
+
+@dataclass
+class Validation:
+    ok: bool
+    providers: list[str]
+    samples: int
+    batches: int
+    rtol: float
+    atol: float
+    data: str
+    synthetic: bool
+    outputs: list[OutputComparison]
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LatencyComparison:
+    """Side-by-side latency, A the original and B the optimized; ratio = B / A (below 1 is faster)."""
+
+    median_a_ms: float
+    median_b_ms: float
+    p90_a_ms: float
+    p90_b_ms: float
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    confidence: float
+    repetitions: int
+    providers: list[str]
+    threads: int | None
+    verdict: str
+    machine: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    model: str
+    output: str | None
+    before: ModelStats
+    after: ModelStats
+    passes: list[PassRecord] = field(default_factory=list)
+    validation: Validation | None = None
+    latency: LatencyComparison | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.validation is None or self.validation.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(dataclasses.asdict(self)) | {"ok": self.ok}
+
+
+def _clean(obj):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+def write_json(report: Report, path: str | os.PathLike) -> None:
+    """Write the JSON report atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(to_json(report))
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _human(n: float | int | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}" if isinstance(n, float) else f"{n}{unit}"
+
+
+def _change(before, after) -> str:
+    if before is None or after is None:
+        return "-"
+    if before == after:
+        return "="
+    if before == 0:
+        return "new"
+    return f"{(after - before) / before * 100:+.1f}%"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(  # noqa: E731
+        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+    )
+    return [fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]]
+
+
+def render_table(report: Report) -> str:
+    """The terminal view: passes, figures before/after, validation, latency; about 25 lines."""
+    lines = [f"onnxopt: {report.model}" + (f" -> {report.output}" if report.output else "")]
+    prev = report.before
+    rows = []
+    for rec in report.passes:
+        after = rec.after or prev
+        rows.append(
+            [
+                rec.name,
+                "yes" if rec.modified else "no",
+                f"{rec.seconds:.2f}",
+                f"{after.nodes} ({after.nodes - prev.nodes:+d})",
+                _human(after.bytes, "B"),
+                rec.summary,
+            ]
+        )
+        prev = after
+    if rows:
+        lines += [""] + _table(rows, ["pass", "changed", "s", "nodes", "bytes", "summary"])
+    b, a = report.before, report.after
+    stat_rows = [
+        ["nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes)],
+        ["params", _human(b.params), _human(a.params), _change(b.params, a.params)],
+        ["bytes", _human(b.bytes, "B"), _human(a.bytes, "B"), _change(b.bytes, a.bytes)],
+        ["MACs", _human(b.macs), _human(a.macs), _change(b.macs, a.macs)],
+    ]
+    lines += [""] + _table(stat_rows, ["model", "before", "after", "change"])
+    v = report.validation
+    if v is not None:
+        lines.append("")
+        head = "PASS" if v.ok else "FAIL"
+        lines.append(
+            f"validation {head} on {', '.join(p.replace('ExecutionProvider', '') for p in v.providers)}: "
+            + (f"{v.samples} synthetic samples" if v.synthetic else f"{v.samples} samples from {v.data}")
+            + f"; tolerance |err| <= {v.atol:g} + {v.rtol:g}*max|ref|"
+        )
+        if v.error:
+            lines.append(f"  error: {v.error}")
+        out_rows = [
+            [
+                o.name,
+                f"{o.max_abs:.3g}",
+                f"{o.max_rel:.3g}",
+                f"{o.cosine:.6f}",
+                "-" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%",
+                "ok" if o.ok else "FAIL",
+            ]
+            for o in v.outputs[:8]
+        ]
+        if out_rows:
+            lines += ["  " + r for r in _table(out_rows, ["output", "max abs", "max rel", "cosine", "top-1", ""])]
+        if len(v.outputs) > 8:
+            lines.append(f"  … {len(v.outputs) - 8} more outputs (see --report)")
+        if v.accuracy_before is not None:
+            lines.append(f"  accuracy {v.accuracy_before * 100:.2f}% -> {v.accuracy_after * 100:.2f}%")
+        lines += [f"  note: {n}" for n in v.notes]
+    lat = report.latency
+    if lat is not None:
+        lines.append("")
+        lines.append(
+            f"latency: {lat.median_a_ms:.3f} ms -> {lat.median_b_ms:.3f} ms median, "
+            f"ratio {lat.ratio:.3f} [{lat.ratio_low:.3f}, {lat.ratio_high:.3f}] "
+            f"({lat.confidence * 100:.0f}% CI, {lat.repetitions} interleaved pairs): {lat.verdict}"
+        )
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)

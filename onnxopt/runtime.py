@@ -1,0 +1,174 @@
+"""onnxruntime sessions: providers by short name, session options, in-memory ``ir.Model`` input, >2 GB models."""
+
+from __future__ import annotations
+
+__all__ = [
+    "PROVIDER_NAMES",
+    "OPTIMIZATION_LEVELS",
+    "available_providers",
+    "resolve_providers",
+    "ModelSnapshot",
+    "create_session",
+    "run_session",
+]
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt.errors import OptionError, ProviderError
+from onnxopt.io import TWO_GB, save_model
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+
+OPTIMIZATION_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(names: str | Sequence[str] = "cpu") -> list[str]:
+    """Map short names (``cpu``, ``cuda``, comma-separated) to onnxruntime provider names, or raise.
+
+    CPU is appended as the fallback for nodes another provider does not take.
+    """
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    available = available_providers()
+    resolved = []
+    for name in names:
+        key = name.strip()
+        full = PROVIDER_NAMES.get(key.lower(), key)
+        if full not in PROVIDER_NAMES.values() and full not in available:
+            raise OptionError(f"unknown provider '{key}' (known: {', '.join(PROVIDER_NAMES)})")
+        if full not in available:
+            raise ProviderError(
+                f"provider '{key}' ({full}) is not available in this onnxruntime (available: {', '.join(available)})"
+            )
+        if full not in resolved:
+            resolved.append(full)
+    if not resolved:
+        raise OptionError("no execution provider given")
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")
+    return resolved
+
+
+class ModelSnapshot:
+    """A frozen, onnxruntime-ready copy of a model: serialized bytes, or a temporary file past 2 GB.
+
+    Taking the snapshot before the passes run keeps the original available for validation without
+    reloading it, and later changes to the ``ir.Model`` do not affect it.
+    """
+
+    def __init__(self, model: ir.Model):
+        self._tmp_dir: str | None = None
+        self.path: str | None = None
+        self.data: bytes | None = None
+        proto = None
+        try:
+            proto = ir.serde.serialize_model(model)
+            if proto.ByteSize() < TWO_GB:
+                self.data = proto.SerializeToString()
+        except ValueError:  # protobuf refuses messages of 2 GB and more
+            proto = None
+        if self.data is None:
+            self._tmp_dir = tempfile.mkdtemp(prefix="onnxopt-")
+            self.path = os.path.join(self._tmp_dir, "model.onnx")
+            save_model(model, self.path, external_data=True)
+
+    @property
+    def nbytes(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        assert self.path is not None
+        return sum(os.path.getsize(os.path.join(self._tmp_dir, f)) for f in os.listdir(self._tmp_dir))
+
+    def session(self, **options) -> ort.InferenceSession:
+        return create_session(self.data if self.data is not None else self.path, **options)
+
+    def close(self) -> None:
+        if self._tmp_dir:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+
+    def __del__(self):
+        self.close()
+
+
+def session_options(
+    *,
+    optimization: str = "all",
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    optimized_model_path: str | None = None,
+) -> ort.SessionOptions:
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise OptionError(f"unknown graph optimization level '{optimization}' (known: {', '.join(OPTIMIZATION_LEVELS)})")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3
+    if intra_op_threads:
+        options.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads:
+        options.inter_op_num_threads = int(inter_op_threads)
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    return options
+
+
+def create_session(
+    model: ir.Model | bytes | str | os.PathLike,
+    *,
+    providers: str | Sequence[str] = "cpu",
+    optimization: str = "all",
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    optimized_model_path: str | None = None,
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` for an ``ir.Model``, serialized bytes or a path."""
+    options = session_options(
+        optimization=optimization,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+        optimized_model_path=optimized_model_path,
+    )
+    resolved = resolve_providers(providers)
+    if isinstance(model, ir.Model):
+        snapshot = ModelSnapshot(model)
+        try:
+            return snapshot.session(
+                providers=resolved,
+                optimization=optimization,
+                intra_op_threads=intra_op_threads,
+                inter_op_threads=inter_op_threads,
+                optimized_model_path=optimized_model_path,
+            )
+        finally:
+            snapshot.close()
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, sess_options=options, providers=resolved)
+
+
+def run_session(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run one feed; returns outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feed))))

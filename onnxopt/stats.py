@@ -1,0 +1,134 @@
+"""Figures of a model: nodes by type, weight elements and bytes, MACs of its linear ops."""
+
+from __future__ import annotations
+
+__all__ = ["model_stats", "count_macs"]
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxopt.report import ModelStats
+
+logger = logging.getLogger(__name__)
+
+# Ops whose multiply-accumulates are counted; everything else counts zero.
+_CONV_OPS = {"Conv", "ConvInteger", "QLinearConv"}
+_MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul"}
+
+
+
+
+
+def _weights(model: ir.Model):
+    """Every constant tensor once: initializers of all graphs and Constant nodes' values."""
+    seen = set()
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None and id(value) not in seen:
+                seen.add(id(value))
+                yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+
+
+def model_stats(model: ir.Model, *, dims: Mapping[str, int] | None = None, macs: bool = True) -> ModelStats:
+    """Count nodes, parameters (weight elements), weight bytes and MACs (dynamic dims from ``dims``, else 1).
+
+    ``macs=False`` skips the shape inference that MACs need (``macs`` is then None).
+    """
+    op_counts: Counter[str] = Counter()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        op_counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
+    params = 0
+    nbytes = 0
+    for tensor in _weights(model):
+        params += math.prod(tensor.shape.numpy()) if tensor.shape is not None else 0
+        nbytes += tensor.nbytes
+    return ModelStats(
+        nodes=sum(op_counts.values()),
+        params=int(params),
+        bytes=int(nbytes),
+        macs=count_macs(model, dims=dims) if macs else None,
+        op_counts=dict(sorted(op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = value.shape.dims
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def count_macs(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> int | None:
+    """MACs of Conv, ConvTranspose, Gemm and MatMul (and their quantized forms) for one batch.
+
+    Shapes come from onnx shape inference on a structural copy whose dynamic input dims are fixed
+    (``dims`` by name, else 1); the caller's model is not touched. ``None`` when shapes are unknown
+    for a node that counts.
+    """
+    dims = dict(dims or {})
+    clone = model.clone()
+    for value in clone.graph.inputs:
+        if value.shape is None:
+            continue
+        fixed = [d if isinstance(d, int) else dims.get(getattr(d, "value", None) or "", 1) for d in value.shape]
+        value.shape = ir.Shape([d if d >= 0 else 1 for d in fixed])
+    for node in clone.graph:
+        for out in node.outputs:
+            out.shape = None  # stale shapes recorded by the exporter would hide the fixed dims
+    try:
+        ShapeInferencePass(strict_mode=False)(clone)
+    except Exception as exc:  # shape inference is best effort
+        logger.debug("shape inference failed: %s", exc)
+    total = 0
+    unknown = 0
+    for node in ir.traversal.RecursiveGraphIterator(clone.graph):
+        macs = _node_macs(node)
+        if macs is None:
+            unknown += 1
+        else:
+            total += macs
+    if unknown:
+        logger.debug("MACs unknown for %d nodes", unknown)
+    return int(total)
+
+
+def _node_macs(node: ir.Node) -> int | None:
+    op = node.op_type
+    if op in _CONV_OPS or op == "ConvTranspose":
+        w_index = 3 if op == "QLinearConv" else 1
+        w = _static_shape(node.inputs[w_index] if len(node.inputs) > w_index else None)
+        if op == "ConvTranspose":
+            x = _static_shape(node.inputs[0])
+            if w is None or x is None:
+                return None
+            # Every input element meets every kernel tap of its group's output channels.
+            return math.prod(x) * w[1] * math.prod(w[2:])
+        y = _static_shape(node.outputs[0])
+        if w is None or y is None:
+            return None
+        return math.prod(y) * math.prod(w[1:])
+    if op in _MATMUL_OPS or op == "Gemm":
+        a_index = 0
+        a = _static_shape(node.inputs[a_index])
+        y = _static_shape(node.outputs[0])
+        if a is None or y is None:
+            return None
+        if op == "Gemm":
+            trans_a = node.attributes.get("transA")
+            k = a[0] if trans_a is not None and trans_a.as_int() else a[-1]
+        else:
+            k = a[-1]
+        return math.prod(y) * k
+    return 0

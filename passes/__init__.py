@@ -1,0 +1,15 @@
+"""onnxopt's graph passes: each an onnx-ir in-place pass, usable in any onnx-ir PassManager.
+
+``REGISTRY`` maps command-line names to pass classes.
+"""
+
+from __future__ import annotations
+
+from onnxopt.passes._base import OnnxoptPass
+from onnxopt.passes.fold_batchnorm import FoldBatchNorm
+from onnxopt.passes.share_initializers import ShareInitializers
+from onnxopt.passes.simplify import Simplify
+
+__all__ = ["OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "REGISTRY"]
+
+REGISTRY: dict[str, type[OnnxoptPass]] = {cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers)}

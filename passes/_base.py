@@ -1,0 +1,89 @@
+"""What every onnxopt pass shares: a command-line name and a one-line summary of its last run."""
+
+from __future__ import annotations
+
+__all__ = ["OnnxoptPass", "constant_array", "replace_weight", "drop_if_unused", "graphs_of"]
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+
+class OnnxoptPass(ir.passes.InPlacePass):
+    """An in-place onnx-ir pass with a command-line ``name``; after a call, ``summary`` says what it did
+    in one line (for the report) and ``details`` holds its figures."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary = ""
+        self.details: dict[str, Any] = {}
+
+
+def graphs_of(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), outermost first."""
+    yield model.graph
+    yield from model.graph.subgraphs()
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or Constant node), or None.
+
+    A graph input that is also an initializer is not a constant: the caller may feed it.
+    """
+    if value is None or value.is_graph_input():
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    return tensor.numpy()
+
+
+def replace_weight(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str) -> ir.Value:
+    """Give ``node`` a new initializer at input ``index``; the old tensor is left for its other users.
+
+    Weights are never mutated in place: another node may still read the old one.
+    """
+    old = node.inputs[index] if index < len(node.inputs) else None
+    base = (old.name if old is not None and old.name else None) or f"{node.name or node.op_type}_{hint}"
+    name = _unique_name(graph, f"{base}_{hint}")
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.dtype = value.const_value.dtype
+    value.shape = value.const_value.shape
+    graph.register_initializer(value)
+    if index < len(node.inputs):
+        node.replace_input_with(index, value)
+    else:
+        node.resize_inputs(index + 1)
+        node.replace_input_with(index, value)
+    if old is not None:
+        drop_if_unused(graph, old)
+    return value
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an initializer, or a Constant node, that nothing reads any more."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    if value.is_initializer() and value.graph is graph and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+        return
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.graph is not None:
+        producer.graph.remove(producer, safe=True)
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    """A name no value of ``graph`` (inputs, initializers, node outputs) has yet."""
+    taken = set(graph.initializers)
+    taken.update(v.name for v in graph.inputs)
+    taken.update(v.name for node in graph for v in node.outputs)
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"

@@ -1,0 +1,372 @@
+"""Fold inference-mode BatchNormalization into a neighbouring Conv, ConvTranspose, Gemm or MatMul.
+
+BatchNormalization is a per-channel affine map ``y = s * x + t`` with ``s = gamma / sqrt(var + eps)``
+and ``t = beta - mean * s``. After a linear producer ``x = W * u + b``:
+
+    W' = W scaled by s along the output-channel axis,   b' = s * b + t.
+
+Before a linear consumer ``z = W * y + b`` (no zero padding, so every tap sees BN's output):
+
+    W' = W scaled by s along the input-channel axis,    b' = b + sum over inputs and taps of W * t.
+
+The arithmetic is done in float64 and cast back to the weight's dtype (fp16 models included).
+"""
+
+from __future__ import annotations
+
+__all__ = ["FoldBatchNorm"]
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.passes._base import OnnxoptPass, constant_array, drop_if_unused, graphs_of, replace_weight
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_KINDS = "f"
+
+
+@dataclass
+class _Affine:
+    """The BatchNormalization as ``y = scale * x + shift`` per channel (float64)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+class _Refusal(Exception):
+    """A reason, in words, why one BatchNormalization cannot be folded."""
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_float()
+
+
+def _only_consumer(value: ir.Value) -> ir.Node | None:
+    """The node that alone reads ``value`` (once), if the value is not also a graph output."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def _batchnorm_affine(bn: ir.Node) -> _Affine:
+    if _attr_int(bn, "training_mode", 0):
+        raise _Refusal("training_mode=1 (batch statistics are computed at run time)")
+    if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
+        raise _Refusal("running mean/var outputs are used (training graph)")
+    if not _attr_int(bn, "spatial", 1):
+        raise _Refusal("spatial=0 (per-element statistics)")
+    params = []
+    for role, value in zip(("scale", "bias", "mean", "var"), bn.inputs[1:5]):
+        if value is not None and value.is_graph_input():
+            raise _Refusal(f"its {role} '{value.name}' is a graph input")
+        array = constant_array(value)
+        if array is None:
+            raise _Refusal(f"its {role} '{getattr(value, 'name', None)}' is not a constant")
+        params.append(array.astype(np.float64).reshape(-1))
+    gamma, beta, mean, var = params
+    if not len(gamma) == len(beta) == len(mean) == len(var):
+        raise _Refusal("its parameters disagree in length")
+    eps = _attr_float(bn, "epsilon", 1e-5)
+    scale = gamma / np.sqrt(var + eps)
+    return _Affine(scale, beta - mean * scale)
+
+
+def _weight(node: ir.Node, index: int, role: str) -> np.ndarray:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        raise _Refusal(f"{node.op_type} has no {role}")
+    if value.is_graph_input():
+        raise _Refusal(f"{node.op_type} {role} '{value.name}' is a graph input")
+    array = constant_array(value)
+    if array is None:
+        raise _Refusal(f"{node.op_type} {role} '{value.name}' is not a constant")
+    if array.dtype.kind not in _FLOAT_KINDS:
+        raise _Refusal(f"{node.op_type} {role} has dtype {array.dtype} (only float weights fold)")
+    return array
+
+
+def _bias(node: ir.Node, index: int, channels: int, dtype) -> np.ndarray:
+    if index < len(node.inputs) and node.inputs[index] is not None:
+        return _weight(node, index, "bias").astype(np.float64)
+    return np.zeros(channels, dtype=np.float64)
+
+
+def _check_channels(affine: _Affine, channels: int, where: str) -> None:
+    if len(affine.scale) != channels:
+        raise _Refusal(f"{where} has {channels} channels, the BatchNormalization {len(affine.scale)}")
+
+
+def _is_zero_padded(conv: ir.Node) -> bool:
+    auto_pad = conv.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):
+        return True
+    pads = conv.attributes.get("pads")
+    return pads is not None and any(p != 0 for p in pads.as_ints())
+
+
+class FoldBatchNorm(OnnxoptPass):
+    """Fold every foldable inference BatchNormalization; leave the rest with a reason.
+
+    Rules, tried in order for each BatchNormalization (main graph and subgraphs):
+
+    1. after ``Conv`` (any group), ``ConvTranspose`` (any group), ``Gemm`` (transB 0 or 1, alpha/beta
+       honoured), or ``MatMul`` with a constant 2-D weight on a 2-D input, with or without a following
+       ``Add`` of a constant bias: scale the weight's output channels, fold the shift into the bias;
+    2. before a ``Conv`` without zero padding, or a ``Gemm`` (transA=0) whose input it alone feeds:
+       scale the weight's input channels, fold the shift into the bias.
+
+    Never folds a training-mode BatchNormalization, one whose parameters are graph inputs or not
+    constant, or one whose producer's output is read elsewhere. Weights are replaced by new
+    initializers; a weight shared with another node is left for that node.
+    """
+
+    name = "fold-bn"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = 0
+        left: dict[str, str] = {}
+        into: Counter[str] = Counter()
+        for graph in graphs_of(model):
+            for bn in list(graph):
+                if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+                    continue
+                label = bn.name or bn.outputs[0].name
+                try:
+                    target = self._fold(graph, bn)
+                except _Refusal as reason:
+                    left[label] = str(reason)
+                    logger.warning("fold-bn: left %s standing: %s", label, reason)
+                    continue
+                folded += 1
+                into[target] += 1
+                logger.info("fold-bn: folded %s into %s", label, target)
+        total = folded + len(left)
+        self.summary = f"folded {folded} of {total} BatchNormalization" + (
+            f" ({', '.join(f'{n} into {k}' for k, n in sorted(into.items()))})" if into else ""
+        ) + (f"; {len(left)} left" if left else "")
+        self.details = {"folded": folded, "total": total, "into": dict(into), "left": left}
+        return ir.passes.PassResult(model, modified=folded > 0)
+
+    # -- one BatchNormalization ---------------------------------------------------------------
+
+    def _fold(self, graph: ir.Graph, bn: ir.Node) -> str:
+        affine = _batchnorm_affine(bn)
+        reasons = []
+        producer = bn.inputs[0].producer()
+        if producer is not None:
+            try:
+                return self._fold_into_producer(graph, bn, producer, affine)
+            except _Refusal as reason:
+                reasons.append(f"after {producer.op_type}: {reason}")
+        else:
+            reasons.append("its input is a graph input")
+        consumer = _only_consumer(bn.outputs[0])
+        if consumer is not None:
+            try:
+                return self._fold_into_consumer(graph, bn, consumer, affine)
+            except _Refusal as reason:
+                reasons.append(f"before {consumer.op_type}: {reason}")
+        else:
+            reasons.append("its output has several consumers or is a graph output")
+        raise _Refusal("; ".join(reasons))
+
+    def _fold_into_producer(self, graph, bn, producer: ir.Node, affine: _Affine) -> str:
+        op = producer.op_type
+        if producer.domain not in ("", "ai.onnx"):
+            raise _Refusal(f"{op} is not a standard op")
+        add = None
+        if op == "Add":
+            add, producer = producer, self._matmul_under_add(producer)
+            op = "MatMul"
+        elif op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            raise _Refusal(f"{op} is not Conv, ConvTranspose, Gemm or MatMul")
+        if _only_consumer(producer.outputs[0]) is not (add or bn) or (
+            add is not None and _only_consumer(add.outputs[0]) is not bn
+        ):
+            raise _Refusal(f"the {op} output is also read by another node or is a graph output")
+        if op == "Conv":
+            self._scale_out_channels(graph, producer, affine, weight_axis=0, bias_index=2)
+        elif op == "ConvTranspose":
+            self._fold_after_conv_transpose(graph, producer, affine)
+        elif op == "Gemm":
+            self._fold_after_gemm(graph, producer, affine)
+        else:
+            self._fold_after_matmul(graph, producer, add, bn, affine)
+            return "MatMul" if add is None else "MatMul+Add"
+        self._bypass(graph, bn)
+        return op
+
+    def _matmul_under_add(self, add: ir.Node) -> ir.Node:
+        for i, value in enumerate(add.inputs[:2]):
+            node = value.producer() if value is not None else None
+            other = add.inputs[1 - i]
+            if node is not None and node.op_type == "MatMul" and constant_array(other) is not None:
+                return node
+        raise _Refusal("Add is not MatMul plus a constant bias")
+
+    def _bypass(self, graph: ir.Graph, bn: ir.Node) -> None:
+        """Remove ``bn``: its consumers (and graph outputs) read its input instead."""
+        source = bn.inputs[0]
+        out = bn.outputs[0]
+        if out.is_graph_output():
+            # The graph output keeps its name: the producer's value takes it over.
+            name = out.name
+            out.name = None
+            source.name = name
+        ir.convenience.replace_all_uses_with(out, source, replace_graph_outputs=True)
+        params = list(bn.inputs[1:])
+        graph.remove(bn, safe=True)
+        for value in params:
+            if value is not None:
+                drop_if_unused(graph, value)
+
+    def _scale_out_channels(self, graph, node: ir.Node, affine: _Affine, *, weight_axis: int, bias_index: int):
+        weight = _weight(node, 1, "weight")
+        channels = weight.shape[weight_axis]
+        _check_channels(affine, channels, node.op_type)
+        bias = _bias(node, bias_index, channels, weight.dtype)
+        shape = [1] * weight.ndim
+        shape[weight_axis] = -1
+        new_w = weight.astype(np.float64) * affine.scale.reshape(shape)
+        new_b = bias * affine.scale + affine.shift
+        replace_weight(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
+        replace_weight(graph, node, bias_index, new_b.astype(weight.dtype), "bnfold_bias")
+
+    def _fold_after_conv_transpose(self, graph, node: ir.Node, affine: _Affine):
+        weight = _weight(node, 1, "weight")  # [C_in, C_out / group, *kernel]
+        group = _attr_int(node, "group", 1)
+        if weight.shape[0] % group:
+            raise _Refusal(f"input channels {weight.shape[0]} not divisible by group {group}")
+        per_group = weight.shape[1]
+        channels = per_group * group
+        _check_channels(affine, channels, "ConvTranspose")
+        bias = _bias(node, 2, channels, weight.dtype)
+        kernel = weight.shape[2:]
+        w = weight.astype(np.float64).reshape(group, weight.shape[0] // group, per_group, *kernel)
+        s = affine.scale.reshape(group, 1, per_group, *([1] * len(kernel)))
+        new_w = (w * s).reshape(weight.shape)
+        new_b = bias * affine.scale + affine.shift
+        replace_weight(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
+        replace_weight(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
+
+    def _fold_after_gemm(self, graph, node: ir.Node, affine: _Affine):
+        weight = _weight(node, 1, "weight")
+        if weight.ndim != 2:
+            raise _Refusal("Gemm weight is not 2-D")
+        trans_b = _attr_int(node, "transB", 0)
+        axis = 0 if trans_b else 1
+        channels = weight.shape[axis]
+        _check_channels(affine, channels, "Gemm")
+        beta = _attr_float(node, "beta", 1.0)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = _weight(node, 2, "bias").astype(np.float64) * beta
+        else:
+            bias = np.zeros(channels)
+        shape = [1, 1]
+        shape[axis] = -1
+        new_w = weight.astype(np.float64) * affine.scale.reshape(shape)
+        new_b = bias * affine.scale + affine.shift  # broadcasts over a [M, N] or [1, N] bias too
+        replace_weight(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
+        replace_weight(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
+        if "beta" in node.attributes:
+            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+
+    def _fold_after_matmul(self, graph, matmul: ir.Node, add: ir.Node | None, bn: ir.Node, affine: _Affine):
+        weight = _weight(matmul, 1, "weight")
+        if weight.ndim != 2:
+            raise _Refusal("MatMul weight is not 2-D")
+        x = matmul.inputs[0]
+        if x.shape is None or len(x.shape) != 2:
+            # BatchNormalization's channel axis is 1: it is the weight's column axis only on 2-D input.
+            raise _Refusal("MatMul input is not known to be 2-D")
+        channels = weight.shape[1]
+        _check_channels(affine, channels, "MatMul")
+        new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
+        replace_weight(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
+        if add is not None:
+            index = 1 if add.inputs[0].producer() is matmul else 0
+            bias = constant_array(add.inputs[index]).astype(np.float64)
+            new_b = bias * affine.scale + affine.shift
+            replace_weight(graph, add, index, new_b.astype(weight.dtype), "bnfold_bias")
+            self._bypass(graph, bn)
+            return
+        # No bias yet: the BatchNormalization becomes an Add of its shift.
+        new_b = affine.shift.astype(weight.dtype)
+        bn_out = bn.outputs[0]
+        add = ir.node("Add", inputs=[bn.inputs[0], bn.inputs[0]], name=f"{bn.name or 'bn'}_bnfold_add")
+        graph.insert_after(bn, add)
+        replace_weight(graph, add, 1, new_b, "bnfold_bias")
+        add.outputs[0].dtype = bn_out.dtype
+        add.outputs[0].shape = bn_out.shape
+        ir.convenience.replace_nodes_and_values(graph, add, [bn], [], [bn_out], [add.outputs[0]])
+        for value in bn.inputs[1:]:
+            if value is not None:
+                drop_if_unused(graph, value)
+
+    # -- BatchNormalization before its consumer ------------------------------------------------
+
+    def _fold_into_consumer(self, graph, bn: ir.Node, consumer: ir.Node, affine: _Affine) -> str:
+        op = consumer.op_type
+        if consumer.domain not in ("", "ai.onnx") or op not in ("Conv", "Gemm"):
+            raise _Refusal(f"{op} is not Conv or Gemm")
+        if consumer.inputs[0] is not bn.outputs[0]:
+            raise _Refusal(f"it feeds the {op} weight, not its input")
+        if op == "Conv":
+            if _is_zero_padded(consumer):
+                raise _Refusal("Conv pads with zeros, which BatchNormalization would have shifted")
+            self._fold_before_conv(graph, consumer, affine)
+        else:
+            self._fold_before_gemm(graph, consumer, affine)
+        self._bypass(graph, bn)
+        return f"following {op}"
+
+    def _fold_before_conv(self, graph, conv: ir.Node, affine: _Affine):
+        weight = _weight(conv, 1, "weight")  # [C_out, C_in / group, *kernel]
+        group = _attr_int(conv, "group", 1)
+        c_out, per_group = weight.shape[0], weight.shape[1]
+        _check_channels(affine, per_group * group, "Conv input")
+        kernel = weight.shape[2:]
+        w = weight.astype(np.float64).reshape(group, c_out // group, per_group, *kernel)
+        s = affine.scale.reshape(group, 1, per_group, *([1] * len(kernel)))
+        t = affine.shift.reshape(group, 1, per_group, *([1] * len(kernel)))
+        new_w = (w * s).reshape(weight.shape)
+        extra = (w * t).reshape(c_out, -1).sum(axis=1)
+        new_b = _bias(conv, 2, c_out, weight.dtype) + extra
+        replace_weight(graph, conv, 1, new_w.astype(weight.dtype), "bnfold")
+        replace_weight(graph, conv, 2, new_b.astype(weight.dtype), "bnfold_bias")
+
+    def _fold_before_gemm(self, graph, gemm: ir.Node, affine: _Affine):
+        if _attr_int(gemm, "transA", 0):
+            raise _Refusal("Gemm has transA=1")
+        weight = _weight(gemm, 1, "weight")
+        if weight.ndim != 2:
+            raise _Refusal("Gemm weight is not 2-D")
+        trans_b = _attr_int(gemm, "transB", 0)
+        w = weight.astype(np.float64)
+        w_kn = w.T if trans_b else w  # [K, N]
+        _check_channels(affine, w_kn.shape[0], "Gemm input")
+        alpha = _attr_float(gemm, "alpha", 1.0)
+        beta = _attr_float(gemm, "beta", 1.0)
+        if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
+            bias = _weight(gemm, 2, "bias").astype(np.float64) * beta
+        else:
+            bias = np.zeros(w_kn.shape[1])
+        new_w_kn = w_kn * affine.scale.reshape(-1, 1)
+        new_w = new_w_kn.T if trans_b else new_w_kn
+        new_b = bias + alpha * (affine.shift @ w_kn)
+        replace_weight(graph, gemm, 1, new_w.astype(weight.dtype), "bnfold")
+        replace_weight(graph, gemm, 2, new_b.astype(weight.dtype), "bnfold_bias")
+        if "beta" in gemm.attributes:
+            gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)

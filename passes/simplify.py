@@ -1,0 +1,63 @@
+"""Constant folding and dead-code removal, by onnxscript's optimizer and onnx-ir's common passes."""
+
+from __future__ import annotations
+
+__all__ = ["Simplify"]
+
+import logging
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer import fold_constants_ir
+
+from onnxopt.passes._base import OnnxoptPass
+
+logger = logging.getLogger(__name__)
+
+
+class _FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's constant folder (it keeps QuantizeLinear/DequantizeLinear by design)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = fold_constants_ir(model, onnx_shape_inference=True)
+        return ir.passes.PassResult(model, modified=bool(result.modified))
+
+
+class Simplify(OnnxoptPass):
+    """Fold constant subgraphs, drop Identity and unused nodes, functions and opsets.
+
+    Rules (all from onnxscript / onnx-ir, none hand-written):
+    - functions are inlined, so that folding sees through them;
+    - nodes whose inputs are all constant are evaluated (QDQ nodes are kept);
+    - Identity nodes, nodes no output depends on, unused functions and opset imports are removed;
+    - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
+    """
+
+    name = "simplify"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes_before = _count_nodes(model)
+        pipeline = ir.passes.Sequential(
+            common.InlinePass(),
+            ir.passes.PassManager(
+                [
+                    _FoldConstants(),
+                    common.IdentityEliminationPass(),
+                    common.RemoveUnusedNodesPass(),
+                    common.RemoveUnusedFunctionsPass(),
+                    common.RemoveUnusedOpsetsPass(),
+                ],
+                steps=3,
+                early_stop=True,
+            ),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        )
+        result = pipeline(model)
+        nodes_after = _count_nodes(model)
+        self.summary = f"{nodes_before} -> {nodes_after} nodes"
+        self.details = {"nodes_before": nodes_before, "nodes_after": nodes_after}
+        return ir.passes.PassResult(model, modified=result.modified)
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
