@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["load_model", "save_model", "check_external_data", "default_output_path", "TWO_GB"]
+__all__ = [
+    "load_model",
+    "save_model",
+    "check_external_data",
+    "default_output_path",
+    "weight_bytes",
+    "TWO_GB",
+    "INLINE_WEIGHT_LIMIT",
+]
 
 import contextlib
 import os
@@ -19,9 +27,7 @@ from onnxopt.errors import ExternalDataError, ModelLoadError, OutputPathError
 # protobuf cannot serialize a message of 2 GiB or more; past this, weights go to an external file.
 TWO_GB = 2**31 - 1
 # The margin left for the graph itself when deciding whether weights fit inline.
-_INLINE_WEIGHT_LIMIT = TWO_GB - 64 * 2**20
-
-ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
+INLINE_WEIGHT_LIMIT = TWO_GB - 64 * 2**20
 
 
 def load_model(source, *, copy: bool = True) -> ir.Model:
@@ -134,7 +140,8 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
 
 
-def _weight_bytes(model: ir.Model) -> int:
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer and Constant tensor, subgraphs included."""
     return sum(t.nbytes for _, t in _iter_tensors(model) if t is not None)
 
 
@@ -162,7 +169,7 @@ def save_model(
     if not folder.is_dir():
         raise OutputPathError(f"{path}: folder '{folder}' does not exist")
     if external_data is None:
-        external_data = _weight_bytes(model) > _INLINE_WEIGHT_LIMIT
+        external_data = weight_bytes(model) > INLINE_WEIGHT_LIMIT
     data_name = f"{path.name}.data" if external_data else None
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:

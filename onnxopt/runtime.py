@@ -22,7 +22,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import OptionError, ProviderError
-from onnxopt.io import TWO_GB, save_model
+from onnxopt.io import INLINE_WEIGHT_LIMIT, save_model, weight_bytes
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -81,15 +81,14 @@ class ModelSnapshot:
 
     def __init__(self, model: ir.Model):
         self._tmp_dir: str | None = None
+        self._sessions: dict[tuple, ort.InferenceSession] = {}
         self.path: str | None = None
         self.data: bytes | None = None
-        proto = None
-        try:
-            proto = ir.serde.serialize_model(model)
-            if proto.ByteSize() < TWO_GB:
-                self.data = proto.SerializeToString()
-        except ValueError:  # protobuf refuses messages of 2 GB and more
-            proto = None
+        if weight_bytes(model) < INLINE_WEIGHT_LIMIT:
+            try:
+                self.data = ir.serde.serialize_model(model).SerializeToString()
+            except ValueError:  # protobuf refuses messages of 2 GB and more
+                self.data = None
         if self.data is None:
             self._tmp_dir = tempfile.mkdtemp(prefix="onnxopt-")
             self.path = os.path.join(self._tmp_dir, "model.onnx")
@@ -103,9 +102,14 @@ class ModelSnapshot:
         return sum(os.path.getsize(os.path.join(self._tmp_dir, f)) for f in os.listdir(self._tmp_dir))
 
     def session(self, **options) -> ort.InferenceSession:
-        return create_session(self.data if self.data is not None else self.path, **options)
+        """A session with these options; created once, then reused (creation costs seconds on big models)."""
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+        if key not in self._sessions:
+            self._sessions[key] = create_session(self.data if self.data is not None else self.path, **options)
+        return self._sessions[key]
 
     def close(self) -> None:
+        self._sessions.clear()
         if self._tmp_dir:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
