@@ -43,12 +43,13 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def replace_weight(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str) -> ir.Value:
-    """Give ``node`` a new initializer at input ``index``; the old tensor is left for its other users.
+    """Give ``node`` a new initializer of ``graph`` at input ``index``; the old tensor is left for its other users.
 
-    Weights are never mutated in place: another node may still read the old one.
+    Weights are never mutated in place: another node may still read the old one. ``graph`` is
+    ``node``'s graph or an outer one (the main graph holds weights for subgraphs too).
     """
     old = node.inputs[index] if index < len(node.inputs) else None
-    base = (old.name if old is not None and old.name else None) or f"{node.name or node.op_type}_{hint}"
+    base = (old.name if old is not None and old.name else None) or node.name or node.op_type
     name = _unique_name(graph, f"{base}_{hint}")
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.dtype = value.const_value.dtype
@@ -65,11 +66,16 @@ def replace_weight(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray
 
 
 def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    """Remove an initializer, or a Constant node, that nothing reads any more."""
+    """Remove an initializer, or a Constant node, that nothing reads any more.
+
+    The value is removed from the graph that holds it, which may be an outer graph of ``graph``
+    (a subgraph's node reading a main-graph weight).
+    """
     if value.uses() or value.is_graph_output() or value.is_graph_input():
         return
-    if value.is_initializer() and value.graph is graph and value.name in graph.initializers:
-        graph.initializers.pop(value.name)
+    owner = value.graph
+    if value.is_initializer() and owner is not None and owner.initializers.get(value.name) is value:
+        owner.initializers.pop(value.name)
         return
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant" and producer.graph is not None:
@@ -77,10 +83,15 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 def _unique_name(graph: ir.Graph, base: str) -> str:
-    """A name no value of ``graph`` (inputs, initializers, node outputs) has yet."""
-    taken = set(graph.initializers)
-    taken.update(v.name for v in graph.inputs)
-    taken.update(v.name for node in graph for v in node.outputs)
+    """A name no value of ``graph`` or of its subgraphs (inputs, initializers, node outputs) has yet.
+
+    Subgraphs see their outer graphs' values, so a name new to ``graph`` alone could clash there.
+    """
+    taken = set()
+    for g in (graph, *graph.subgraphs()):
+        taken.update(g.initializers)
+        taken.update(v.name for v in g.inputs)
+        taken.update(v.name for node in g for v in node.outputs)
     if base not in taken:
         return base
     i = 1

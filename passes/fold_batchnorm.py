@@ -144,7 +144,8 @@ class FoldBatchNorm(OnnxoptPass):
                     continue
                 label = bn.name or bn.outputs[0].name
                 try:
-                    target = self._fold(graph, bn)
+                    # New weights go to the main graph: visible in every subgraph, named uniquely.
+                    target = self._fold(model.graph, bn)
                 except _Refusal as reason:
                     left[label] = str(reason)
                     logger.warning("fold-bn: left %s standing: %s", label, reason)
@@ -221,13 +222,17 @@ class FoldBatchNorm(OnnxoptPass):
         source = bn.inputs[0]
         out = bn.outputs[0]
         if out.is_graph_output():
-            # The graph output keeps its name: the producer's value takes it over.
+            # The graph output keeps its name, type and shape: the producer's value takes them over.
             name = out.name
             out.name = None
             source.name = name
+            if out.type is not None:
+                source.type = out.type
+            if out.shape is not None:
+                source.shape = out.shape
         ir.convenience.replace_all_uses_with(out, source, replace_graph_outputs=True)
         params = list(bn.inputs[1:])
-        graph.remove(bn, safe=True)
+        bn.graph.remove(bn, safe=True)
         for value in params:
             if value is not None:
                 drop_if_unused(graph, value)
@@ -305,13 +310,14 @@ class FoldBatchNorm(OnnxoptPass):
         # No bias yet: the BatchNormalization becomes an Add of its shift.
         new_b = affine.shift.astype(weight.dtype)
         bn_out = bn.outputs[0]
+        params = list(bn.inputs[1:])  # removing the node below detaches its inputs
         add = ir.node("Add", inputs=[bn.inputs[0], bn.inputs[0]], name=f"{bn.name or 'bn'}_bnfold_add")
-        graph.insert_after(bn, add)
+        bn.graph.insert_after(bn, add)
         replace_weight(graph, add, 1, new_b, "bnfold_bias")
         add.outputs[0].dtype = bn_out.dtype
         add.outputs[0].shape = bn_out.shape
-        ir.convenience.replace_nodes_and_values(graph, add, [bn], [], [bn_out], [add.outputs[0]])
-        for value in bn.inputs[1:]:
+        ir.convenience.replace_nodes_and_values(bn.graph, add, [bn], [], [bn_out], [add.outputs[0]])
+        for value in params:
             if value is not None:
                 drop_if_unused(graph, value)
 
