@@ -1,0 +1,125 @@
+"""Simplify: constant subgraphs folded, dead nodes and Identity removed, QDQ of constant weights kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from graphs import assert_equivalent, build, op_types, random_feeds, snapshot
+from onnxopt.passes import Simplify
+
+# Folding evaluates the same float32 ops that onnxruntime would: a few ulps at most.
+RTOL = 1e-6
+
+OPSET = '<ir_version: 8, opset_import: ["" : 17]>'
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def simplify(model, feeds, *, rtol=RTOL):
+    before = snapshot(model)
+    p = Simplify()
+    result = p(model)
+    assert_equivalent(before, result.model, feeds, rtol=rtol)
+    return p, result.modified
+
+
+def test_folds_a_constant_subgraph_feeding_a_conv():
+    model = build(
+        f"""{OPSET}
+        g (float[N,2,5,5] x) => (float[N,4,5,5] y) {{
+            w = Add(W1, W2)
+            s = Constant <value = float {{0.5}}> ()
+            ws = Mul(w, s)
+            y = Conv <pads=[1, 1, 1, 1]> (x, ws, B)
+        }}""",
+        {"W1": randn(4, 2, 3, 3), "W2": randn(4, 2, 3, 3), "B": randn(4)},
+    )
+    p, modified = simplify(model, random_feeds(model))
+    assert modified is True
+    assert op_types(model) == ["Conv"]
+    conv = next(iter(model.graph))
+    assert conv.inputs[1].const_value is not None and conv.inputs[1].is_initializer()
+    assert p.details == {"nodes_before": 4, "nodes_after": 1}
+    assert p.summary == "4 -> 1 nodes"
+
+
+def test_removes_dead_nodes_and_identity():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4] x) => (float[N,4] y) {{
+            a = Identity(x)
+            b = Relu(a)
+            dead = Sigmoid(x)
+            dead2 = Mul(dead, dead)
+            c = Identity(b)
+            y = Add(c, x)
+        }}""",
+    )
+    _, modified = simplify(model, random_feeds(model))
+    assert modified is True
+    assert op_types(model) == ["Relu", "Add"]
+
+
+def test_keeps_quantize_dequantize_of_constant_weights():
+    w_q = rng.integers(-127, 128, size=(4, 2, 3, 3)).astype(np.int8)
+    model = build(
+        f"""{OPSET}
+        g (float[N,2,5,5] x) => (float[N,4,5,5] y, float[N,4,5,5] z) {{
+            w = DequantizeLinear(Wq, ws, wz)
+            y = Conv <pads=[1, 1, 1, 1]> (x, w)
+            q = QuantizeLinear(Wf, ws, wz)
+            wf = DequantizeLinear(q, ws, wz)
+            z = Conv <pads=[1, 1, 1, 1]> (x, wf)
+        }}""",
+        {
+            "Wq": w_q,
+            "Wf": randn(4, 2, 3, 3) * 0.01,
+            "ws": np.array(0.01, np.float32),
+            "wz": np.array(0, np.int8),
+        },
+    )
+    simplify(model, random_feeds(model))
+    assert sorted(op_types(model)) == ["Conv", "Conv", "DequantizeLinear", "DequantizeLinear", "QuantizeLinear"]
+
+
+def test_lifts_constant_nodes_to_initializers():
+    model = build(
+        f"""{OPSET}
+        g (float[N,3] x) => (float[N,3] y) {{
+            k = Constant <value = float[3] {{1.0, 2.0, 3.0}}> ()
+            y = Add(x, k)
+        }}""",
+    )
+    _, modified = simplify(model, random_feeds(model))
+    assert modified is True
+    assert op_types(model) == ["Add"]
+    np.testing.assert_array_equal(model.graph.initializers["k"].const_value.numpy(), [1.0, 2.0, 3.0])
+
+
+def test_already_simple_model_is_not_modified():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4] x) => (float[N,4] y) {{
+            h = MatMul(x, W)
+            y = Relu(h)
+        }}""",
+        {"W": randn(4, 4)},
+    )
+    before = without_value_info(snapshot(model))
+    p, modified = simplify(model, random_feeds(model))
+    assert modified is False
+    assert op_types(model) == ["MatMul", "Relu"]
+    assert p.details == {"nodes_before": 2, "nodes_after": 2}
+    # Shape inference may annotate intermediate values; nothing else changes.
+    assert without_value_info(snapshot(model)) == before
+
+
+def without_value_info(data: bytes) -> bytes:
+    proto = onnx.load_from_string(data)
+    del proto.graph.value_info[:]
+    return proto.SerializeToString()
