@@ -126,7 +126,8 @@ def check_external_data(model: ir.Model) -> None:
         if not target.is_file():
             raise ExternalDataError(f"tensor '{name}': external data file '{location}' not found next to the model")
         offset = tensor.offset or 0
-        length = tensor.length if tensor.length is not None else 0
+        # ``length`` is optional in the file; the tensor's dtype and shape say how many bytes it needs.
+        length = max(tensor.length or 0, tensor.nbytes)
         size = target.stat().st_size
         if offset + length > size:
             raise ExternalDataError(
@@ -170,6 +171,10 @@ def save_model(
         raise OutputPathError(f"{path}: folder '{folder}' does not exist")
     if external_data is None:
         external_data = weight_bytes(model) > INLINE_WEIGHT_LIMIT
+    if not external_data:
+        # ir.save would keep lazily loaded tensors as references to their source file, relative
+        # to a folder the output may not share: read them in, so that the output stands alone.
+        ir.external_data.load_to_model(model)
     data_name = f"{path.name}.data" if external_data else None
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     try:

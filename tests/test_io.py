@@ -1,0 +1,231 @@
+"""onnxopt.io: loading refuses bad files with one-line errors; external data stays inside its folder;
+saving is atomic, never overwrites the input by accident, and writes models that stand alone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx.external_data_helper import convert_model_to_external_data
+
+from graphs import run, small_cnn
+from onnxopt.errors import ExternalDataError, ModelLoadError, OnnxoptError, OutputPathError
+from onnxopt.io import default_output_path, load_model, save_model
+
+X = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+
+def save_external(folder: Path, *, location: str = "weights.bin") -> Path:
+    """small_cnn saved as ``folder/m.onnx`` with every initializer in ``folder/location``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = small_cnn()
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    onnx.save(proto, folder / "m.onnx")
+    return folder / "m.onnx"
+
+
+def rewrite_external(path: Path, **edits) -> None:
+    """Change every initializer's external-data entries (``location=...``; ``length=None`` drops it)."""
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        entries = {e.key: e.value for e in tensor.external_data}
+        for key, value in edits.items():
+            if value is None:
+                entries.pop(key, None)
+            else:
+                entries[key] = value
+        del tensor.external_data[:]
+        for key, value in entries.items():
+            tensor.external_data.add(key=key, value=value)
+    onnx.save(proto, path)
+
+
+def assert_one_line(exc: pytest.ExceptionInfo, *words: str) -> None:
+    message = str(exc.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word in message, message
+
+
+# -- bad model files -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    path = tmp_path / "m.onnx"
+    onnx.save(small_cnn(), path)
+    return path
+
+
+def test_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("these are my notes, not a model\n" * 20)
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(path)
+    assert_one_line(exc, "notes.onnx", "not a valid ONNX model")
+
+
+def test_other_format_that_parses_as_protobuf(tmp_path):
+    # A .npz is a zip file: bytes that protobuf may half-accept.
+    path = tmp_path / "data.onnx"
+    np.savez(path.with_suffix(".npz"), x=np.ones(3))
+    path.write_bytes(path.with_suffix(".npz").read_bytes())
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(path)
+    assert_one_line(exc, "data.onnx", "not a valid ONNX model")
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.99])
+def test_truncated_model(model_path, fraction):
+    data = model_path.read_bytes()
+    model_path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(model_path)
+    assert_one_line(exc, "m.onnx", "not a valid ONNX model")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(path)
+    assert_one_line(exc, "empty.onnx", "empty file")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(tmp_path / "nothere.onnx")
+    assert_one_line(exc, "nothere.onnx", "no such file")
+
+
+def test_folder_instead_of_file(tmp_path):
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(tmp_path)
+    assert_one_line(exc, "is a folder")
+
+
+def test_unsupported_source_type():
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(42)
+    assert_one_line(exc, "int")
+
+
+# -- external data -------------------------------------------------------------------------------
+
+
+def test_external_data_loads_lazily_and_round_trips(tmp_path):
+    path = save_external(tmp_path / "src")
+    expected = run(small_cnn(), {"x": X})[0]
+    model = load_model(path)
+    weights = [v.const_value for v in model.graph.initializers.values()]
+    assert weights and all(isinstance(t, ir.ExternalTensor) for t in weights)
+
+    # Saved elsewhere with its weights external: a new data file beside the new model.
+    out = tmp_path / "out" / "m2.onnx"
+    out.parent.mkdir()
+    save_model(model, out, external_data=True)
+    assert sorted(os.listdir(out.parent)) == ["m2.onnx", "m2.onnx.data"]
+    again = load_model(out)
+    assert isinstance(again.graph.initializers["W"].const_value, ir.ExternalTensor)  # small ones go inline
+    np.testing.assert_array_equal(run(onnx.load(out), {"x": X})[0], expected)
+
+    # Saved elsewhere inline: the output must not point back at the source's data file.
+    inline = tmp_path / "inline" / "m3.onnx"
+    inline.parent.mkdir()
+    save_model(load_model(path), inline)
+    assert os.listdir(inline.parent) == ["m3.onnx"]
+    proto = onnx.load(inline, load_external_data=False)
+    assert not any(t.external_data for t in proto.graph.initializer)
+    np.testing.assert_array_equal(run(proto, {"x": X})[0], expected)
+
+
+def test_external_data_escaping_the_folder(tmp_path):
+    path = save_external(tmp_path / "m")
+    (tmp_path / "x.bin").write_bytes((tmp_path / "m" / "weights.bin").read_bytes())
+    rewrite_external(path, location="../x.bin")
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "../x.bin", "escapes the model's folder")
+
+
+def test_external_data_absolute_location(tmp_path):
+    path = save_external(tmp_path / "m")
+    rewrite_external(path, location=str((tmp_path / "m" / "weights.bin").resolve()))
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "weights.bin", "absolute")
+
+
+def test_external_data_file_missing(tmp_path):
+    path = save_external(tmp_path / "m")
+    (tmp_path / "m" / "weights.bin").unlink()
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "weights.bin", "not found")
+
+
+@pytest.mark.parametrize("keep_length", [True, False], ids=["with-length", "no-length"])
+def test_external_data_shorter_than_declared(tmp_path, keep_length):
+    path = save_external(tmp_path / "m")
+    if not keep_length:
+        rewrite_external(path, length=None)  # the size then follows from dtype and shape
+    data = tmp_path / "m" / "weights.bin"
+    data.write_bytes(data.read_bytes()[:-4])  # the last tensor loses one float
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "weights.bin", "truncated", "'FB'")
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+
+def test_save_refuses_to_overwrite_the_input(model_path):
+    before = model_path.read_bytes()
+    model = load_model(model_path)
+    with pytest.raises(OutputPathError) as exc:
+        save_model(model, model_path, protect=model_path)
+    assert_one_line(exc, "refusing to overwrite the input")
+    # Another spelling of the same path is the same file.
+    with pytest.raises(OutputPathError):
+        save_model(model, model_path.parent / "." / model_path.name, protect=model_path)
+    assert model_path.read_bytes() == before
+    assert os.listdir(model_path.parent) == ["m.onnx"]
+
+
+def test_save_in_place_overwrites_the_input(model_path):
+    model = load_model(model_path)
+    model.graph.doc_string = "rewritten"
+    save_model(model, model_path, protect=model_path, in_place=True)
+    assert onnx.load(model_path).graph.doc_string == "rewritten"
+    assert os.listdir(model_path.parent) == ["m.onnx"]  # no temporary folder left behind
+
+
+def test_save_into_missing_folder(model_path, tmp_path):
+    with pytest.raises(OutputPathError) as exc:
+        save_model(load_model(model_path), tmp_path / "no" / "such" / "out.onnx")
+    assert_one_line(exc, "does not exist")
+
+
+def test_errors_are_onnxopt_errors():
+    for cls in (ModelLoadError, ExternalDataError, OutputPathError):
+        assert issubclass(cls, OnnxoptError)
+
+
+def test_load_copies_an_ir_model_and_reads_a_proto(model_path):
+    proto = onnx.load(model_path)
+    from_proto = load_model(proto)
+    assert [n.op_type for n in from_proto.graph] == [n.op_type for n in proto.graph.node]
+    copy = load_model(from_proto)
+    assert copy is not from_proto
+    copy.graph.remove(list(copy.graph)[-1], safe=False)
+    assert len(from_proto.graph) == len(proto.graph.node)
+    assert load_model(from_proto, copy=False) is from_proto
+
+
+def test_default_output_path(tmp_path):
+    assert default_output_path(tmp_path / "resnet.onnx") == tmp_path / "resnet.opt.onnx"
+    assert default_output_path("model") == Path("model.opt.onnx")
