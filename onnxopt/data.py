@@ -102,11 +102,12 @@ def parse_dims(items: Iterable[str] | Mapping[str, int] | None) -> dict[str, int
     if items is None:
         return {}
     if isinstance(items, Mapping):
-        return {str(k): int(v) for k, v in items.items()}
+        items = [f"{k}={v}" for k, v in items.items()]
     dims = {}
     for item in items:
         name, sep, value = str(item).rpartition("=")
-        if not sep or not name or not value.strip().isdigit() or int(value) <= 0:
+        # isdecimal, not isdigit: int() refuses digits such as '²'.
+        if not sep or not name.strip() or not value.strip().isdecimal() or int(value) <= 0:
             raise OptionError(f"--dim {item!r}: expected NAME=POSITIVE_INT, e.g. batch=4")
         dims[name.strip()] = int(value)
     return dims
@@ -155,6 +156,8 @@ def load_data(
 
     labels = _pop_labels(arrays, specs, labels_key)
     batches = _split_samples(arrays, specs, batch_size, name)
+    if not batches:
+        raise DataError(f"{name}: no samples (the arrays are empty along axis 0)")
     if labels is not None:
         total = sum(_batch_len(b, specs) for b in batches)
         if len(labels) != total:

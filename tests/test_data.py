@@ -1,0 +1,255 @@
+"""onnxopt.data: reading .npz, .npy folders and onnx test-data; labels; batching; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphs import build, small_cnn
+from onnxopt.data import input_specs, load_data, parse_dims, synthetic_data
+from onnxopt.errors import DataError, OnnxoptError, OptionError
+
+rng = np.random.default_rng(0)
+
+TWO_INPUTS = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[batch,4] a, int64[batch,seq] ids) => (float[batch,4] y) {
+    y = Identity(a)
+}"""
+
+
+def cnn(batch="N") -> ir.Model:
+    return ir.serde.deserialize_model(small_cnn(batch=batch))
+
+
+def images(n: int) -> np.ndarray:
+    return rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+def batch_sizes(dataset) -> list[int]:
+    return [feed["x"].shape[0] for feed in dataset]
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["labels", "label", "y", "targets"])
+def test_npz_with_labels_key(tmp_path, key):
+    x = images(5)
+    labels = np.arange(5)
+    np.savez(tmp_path / "d.npz", x=x, **{key: labels})
+    data = load_data(tmp_path / "d.npz", cnn())
+    assert len(data) == 1
+    np.testing.assert_array_equal(data.batches[0]["x"], x)
+    assert list(data.batches[0]) == ["x"]
+    np.testing.assert_array_equal(data.labels, labels)
+    assert data.num_samples == 5
+    assert not data.synthetic
+
+
+def test_explicit_labels_key(tmp_path):
+    np.savez(tmp_path / "d.npz", x=images(3), cls=np.array([1, 2, 3]))
+    data = load_data(tmp_path / "d.npz", cnn(), labels_key="cls")
+    np.testing.assert_array_equal(data.labels, [1, 2, 3])
+    with pytest.raises(DataError, match="labels key 'nope' not found"):
+        load_data(tmp_path / "d.npz", cnn(), labels_key="nope")
+
+
+def test_input_named_like_a_label_key_is_an_input(tmp_path):
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] y) => (float[N,2] z) { z = Relu(y) }"""
+    )
+    np.savez(tmp_path / "d.npz", y=np.ones((4, 2), np.float32))
+    data = load_data(tmp_path / "d.npz", model)
+    assert data.labels is None
+    assert data.batches[0]["y"].shape == (4, 2)
+
+
+def test_labels_count_must_match_samples(tmp_path):
+    np.savez(tmp_path / "d.npz", x=images(4), labels=np.arange(3))
+    with pytest.raises(DataError, match="3 labels for 4 samples"):
+        load_data(tmp_path / "d.npz", cnn())
+
+
+def test_folder_of_npy(tmp_path):
+    model = build(TWO_INPUTS)
+    a = rng.standard_normal((6, 4)).astype(np.float32)
+    ids = rng.integers(0, 9, (6, 3))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "ids.npy", ids)
+    data = load_data(tmp_path, model, batch_size=4)
+    assert [f["a"].shape for f in data] == [(4, 4), (2, 4)]
+    np.testing.assert_array_equal(np.concatenate([f["ids"] for f in data]), ids)
+
+
+def test_single_npy_for_a_one_input_model(tmp_path):
+    np.save(tmp_path / "x.npy", images(2))
+    assert batch_sizes(load_data(tmp_path / "x.npy", cnn())) == [2]
+    with pytest.raises(DataError, match="one input"):
+        load_data(tmp_path / "x.npy", build(TWO_INPUTS))
+
+
+def _write_pb(path, array, name):
+    path.write_bytes(onnx.numpy_helper.from_array(array, name=name).SerializeToString())
+
+
+def test_onnx_test_data_pb_folder(tmp_path):
+    x = images(2)
+    _write_pb(tmp_path / "input_0.pb", x, "x")
+    _write_pb(tmp_path / "output_0.pb", np.zeros((2, 10), np.float32), "y")  # outputs are ignored
+    data = load_data(tmp_path, cnn())
+    assert len(data) == 1
+    np.testing.assert_array_equal(data.batches[0]["x"], x)
+
+
+def test_onnx_test_data_sets_unnamed_tensors_in_input_order(tmp_path):
+    model = build(TWO_INPUTS)
+    for i, n in enumerate((1, 3)):
+        folder = tmp_path / f"test_data_set_{i}"
+        folder.mkdir()
+        _write_pb(folder / "input_0.pb", np.ones((n, 4), np.float32), "")
+        _write_pb(folder / "input_1.pb", np.zeros((n, 5), np.int64), "")
+    data = load_data(tmp_path, model)
+    assert [f["ids"].shape for f in data] == [(1, 5), (3, 5)]
+    assert data.num_samples == 4
+
+
+def test_iterable_of_feeds_and_mapping():
+    model = cnn()
+    data = load_data([{"x": images(1)}, {"x": images(3)}], model)
+    assert batch_sizes(data) == [1, 3]
+    data = load_data({"x": images(40)}, model)
+    assert batch_sizes(data) == [32, 8]  # the default batch size
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+
+def test_dynamic_batch_is_cut_into_batches(tmp_path):
+    np.savez(tmp_path / "d.npz", x=images(10), labels=np.arange(10))
+    data = load_data(tmp_path / "d.npz", cnn(), batch_size=4)
+    assert batch_sizes(data) == [4, 4, 2]
+    np.testing.assert_array_equal(data.labels, np.arange(10))
+
+
+def test_fixed_batch_1_model_fed_n_samples(tmp_path):
+    x = images(5)
+    np.savez(tmp_path / "d.npz", x=x)
+    data = load_data(tmp_path / "d.npz", cnn(batch=1), batch_size=4)  # the model's batch wins
+    assert batch_sizes(data) == [1] * 5
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in data]), x)
+
+
+def test_fixed_batch_model_fed_a_stack_of_whole_feeds():
+    x = rng.standard_normal((3, 1, 3, 8, 8)).astype(np.float32)  # 3 feeds of [1,3,8,8]
+    data = load_data({"x": x}, cnn(batch=1))
+    assert batch_sizes(data) == [1, 1, 1]
+
+
+def test_fixed_batch_not_a_multiple():
+    with pytest.raises(DataError, match="not a multiple of the model's fixed batch 2"):
+        load_data({"x": images(5)}, cnn(batch=2))
+
+
+def test_zero_samples(tmp_path):
+    # Nothing to validate on is an error, not a vacuous pass.
+    np.savez(tmp_path / "d.npz", x=images(0))
+    with pytest.raises(DataError, match="no samples"):
+        load_data(tmp_path / "d.npz", cnn())
+
+
+def test_inputs_disagree_on_sample_count():
+    feeds = {"a": np.ones((3, 4), np.float32), "ids": np.ones((2, 5), np.int64)}
+    with pytest.raises(DataError, match="disagree on the number of samples"):
+        load_data(feeds, build(TWO_INPUTS))
+
+
+# -- errors that name the problem ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arrays,words",
+    [
+        ({"z": images(2)}, ["missing input(s) x", "unknown name(s) z", "x: float32[N,3,8,8]"]),
+        ({}, ["missing input(s) x"]),
+        ({"x": np.ones((2, 3, 8, 9), np.float32)}, ["'x'", "[2, 3, 8, 9]", "axis 3: 9 != 8"]),
+        ({"x": np.ones((2, 3, 8), np.float32)}, ["'x'", "rank 4"]),
+        ({"x": images(2).astype(np.float64)}, ["'x'", "float64", "float32"]),
+    ],
+    ids=["wrong-name", "missing", "wrong-shape", "wrong-rank", "wrong-dtype"],
+)
+def test_data_that_does_not_fit(tmp_path, arrays, words):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError) as exc:
+        load_data(tmp_path / "d.npz", cnn())
+    message = str(exc.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_unreadable_sources(tmp_path):
+    (tmp_path / "d.npz").write_bytes(b"not a zip")
+    (tmp_path / "d.txt").write_text("1 2 3")
+    (tmp_path / "empty").mkdir()
+    for source, words in [
+        (tmp_path / "d.npz", "not a readable .npz"),
+        (tmp_path / "d.txt", "unknown data format"),
+        (tmp_path / "empty", "holds no .npy files"),
+        (tmp_path / "nothere.npz", "no such file"),
+    ]:
+        with pytest.raises(DataError, match=words):
+            load_data(source, cnn())
+    with pytest.raises(DataError):
+        load_data(42, cnn())
+
+
+# -- --dim and synthetic data ------------------------------------------------------------------------
+
+
+def test_parse_dims():
+    assert parse_dims(["batch=4", "seq = 128"]) == {"batch": 4, "seq": 128}
+    assert parse_dims({"batch": 2}) == {"batch": 2}
+    assert parse_dims(None) == {}
+
+
+@pytest.mark.parametrize("item", ["batch", "=4", "batch=", "batch=0", "batch=-1", "batch=x", "batch=2.5", "batch=²"])
+def test_parse_dims_errors(item):
+    with pytest.raises(OptionError) as exc:
+        parse_dims([item])
+    assert repr(item) in str(exc.value) and "NAME=POSITIVE_INT" in str(exc.value)
+
+
+@pytest.mark.parametrize("dims", [{"batch": 0}, {"batch": "x"}])
+def test_parse_dims_mapping_errors(dims):
+    with pytest.raises(OptionError):
+        parse_dims(dims)
+
+
+def test_synthetic_data_with_named_dims():
+    model = build(TWO_INPUTS)
+    assert [s.shape for s in input_specs(model)] == [("batch", 4), ("batch", "seq")]
+    data = synthetic_data(model, dims={"batch": 3, "seq": 7})
+    (feed,) = data.batches
+    assert feed["a"].shape == (3, 4) and feed["a"].dtype == np.float32
+    assert feed["ids"].shape == (3, 7) and feed["ids"].dtype == np.int64
+    assert feed["ids"].min() >= 0 and feed["ids"].max() < 10  # usable as token ids
+    assert data.synthetic and not data.notes
+    assert load_data("synthetic", model, dims={"batch": 3, "seq": 7}).batches[0]["ids"].shape == (3, 7)
+
+
+def test_synthetic_data_notes_dims_left_at_1():
+    data = synthetic_data(build(TWO_INPUTS), dims={"batch": 2})
+    assert data.batches[0]["ids"].shape == (2, 1)
+    assert data.notes == ["dynamic dims set to 1: ids[1] (seq) (use --dim NAME=N)"]
+
+
+def test_synthetic_data_unknown_dim_name():
+    with pytest.raises(OptionError, match="--dim sequence: no input has a dimension of that name"):
+        synthetic_data(build(TWO_INPUTS), dims={"sequence": 4})
+
+
+def test_errors_are_onnxopt_errors():
+    assert issubclass(DataError, OnnxoptError) and issubclass(OptionError, OnnxoptError)
