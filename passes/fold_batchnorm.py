@@ -197,6 +197,9 @@ class FoldBatchNorm(OnnxoptPass):
             add is not None and _only_consumer(add.outputs[0]) is not bn
         ):
             raise _Refusal(f"the {op} output is also read by another node or is a graph output")
+        if producer.graph is not bn.graph or (add is not None and add.graph is not bn.graph):
+            # Its output would have to become the subgraph's output, which must be made inside it.
+            raise _Refusal(f"the {op} is in an outer graph")
         if op == "Conv":
             self._scale_out_channels(graph, producer, affine, weight_axis=0, bias_index=2)
         elif op == "ConvTranspose":
@@ -298,11 +301,14 @@ class FoldBatchNorm(OnnxoptPass):
             raise _Refusal("MatMul input is not known to be 2-D")
         channels = weight.shape[1]
         _check_channels(affine, channels, "MatMul")
-        new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
-        replace_weight(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
         if add is not None:
             index = 1 if add.inputs[0].producer() is matmul else 0
             bias = constant_array(add.inputs[index]).astype(np.float64)
+            if bias.ndim > 2:
+                raise _Refusal(f"Add bias has rank {bias.ndim}: the output is not 2-D")
+        new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
+        replace_weight(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
+        if add is not None:
             new_b = bias * affine.scale + affine.shift
             replace_weight(graph, add, index, new_b.astype(weight.dtype), "bnfold_bias")
             self._bypass(graph, bn)

@@ -291,6 +291,40 @@ def test_refuses_matmul_on_3d_input():
     assert_left(model, random_feeds(model), "MatMul input is not known to be 2-D")
 
 
+def test_refuses_matmul_add_whose_bias_makes_the_output_3d():
+    # [4,4] @ [4,4] + [2,1,4] is [2,4,4]: BatchNormalization's axis 1 is then the MatMul's rows.
+    model = build(
+        f"""{OPSET}
+        g (float[4,4] x) => (float[2,4,4] y) {{
+            h = MatMul(x, W)
+            a = Add(h, B)
+            y = {BN} (a, {BN_INPUTS})
+        }}""",
+        {"W": randn(4, 4), "B": randn(2, 1, 4), **bn_params("bn", 4)},
+    )
+    assert_left(model, random_feeds(model), "Add bias has rank 3")
+
+
+def test_refuses_subgraph_bn_after_an_outer_conv():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4,6,6] x, bool cond) => (float[N,8,6,6] y) {{
+            c = Conv <pads=[1, 1, 1, 1]> (x, W)
+            y = If (cond) <
+                then_branch = then_g () => (float[N,8,6,6] t) {{
+                    t = {BN} (c, {BN_INPUTS})
+                }},
+                else_branch = else_g () => (float[N,8,6,6] e) {{
+                    e = Conv <pads=[1, 1, 1, 1]> (x, W)
+                }}
+            >
+        }}""",
+        {"W": randn(8, 4, 3, 3), **bn_params("bn", 8)},
+    )
+    x = randn(2, 4, 6, 6)
+    assert_left(model, [{"x": x, "cond": np.array(c)} for c in (True, False)], "Conv is in an outer graph")
+
+
 # -- edge cases ----------------------------------------------------------------------------------
 
 
