@@ -23,6 +23,26 @@ class _FoldConstants(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(result.modified))
 
 
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, less two cases it gets wrong (onnx-ir 1.1).
+
+    An Identity that makes a graph output of a value that is already a graph output (the first
+    output would take the second's name), or of an outer graph's value in a subgraph (the outer
+    value cannot become the subgraph's output: onnx-ir raises), is kept.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if len(node.inputs) == 1 else None
+        if (
+            node.op_type == "Identity"
+            and source is not None
+            and any(out.is_graph_output() for out in node.outputs)
+            and (source.is_graph_output() or source.graph is not node.graph)
+        ):
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
 class Simplify(OnnxoptPass):
     """Fold constant subgraphs, drop Identity and unused nodes, functions and opsets.
 
@@ -42,7 +62,7 @@ class Simplify(OnnxoptPass):
             ir.passes.PassManager(
                 [
                     _FoldConstants(),
-                    common.IdentityEliminationPass(),
+                    _IdentityElimination(),
                     common.RemoveUnusedNodesPass(),
                     common.RemoveUnusedFunctionsPass(),
                     common.RemoveUnusedOpsetsPass(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
 from graphs import assert_equivalent, build, op_types, random_feeds, snapshot
 from onnxopt.passes import Simplify
@@ -123,3 +124,38 @@ def without_value_info(data: bytes) -> bytes:
     proto = onnx.load_from_string(data)
     del proto.graph.value_info[:]
     return proto.SerializeToString()
+
+
+def test_identity_between_two_graph_outputs_is_kept():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4] x) => (float[N,4] y, float[N,4] z) {{
+            y = Relu(x)
+            z = Identity(y)
+        }}""",
+    )
+    simplify(model, random_feeds(model))  # checks that the output names stay y, z
+    assert [o.name for o in model.graph.outputs] == ["y", "z"]
+
+
+@pytest.mark.parametrize("outer_is_output", [False, True], ids=["outer-value", "outer-graph-output"])
+def test_if_branch_returning_an_outer_value_through_identity(outer_is_output):
+    # Exporters write `If` branches that return an outer value as `t = Identity(h)`.
+    outputs = "float[N,4] y, float[N,4] h" if outer_is_output else "float[N,4] y"
+    model = build(
+        f"""{OPSET}
+        g (float[N,4] x, bool cond) => ({outputs}) {{
+            h = Relu(x)
+            y = If (cond) <
+                then_branch = then_g () => (float[N,4] t) {{
+                    t = Identity(h)
+                }},
+                else_branch = else_g () => (float[N,4] e) {{
+                    e = Neg(x)
+                }}
+            >
+        }}""",
+    )
+    x = randn(2, 4)
+    simplify(model, [{"x": x, "cond": np.array(c)} for c in (True, False)])
+    assert sorted(op_types(model)) == ["Identity", "If", "Neg", "Relu"]
