@@ -132,7 +132,7 @@ class ShareInitializers(OnnxoptPass):
         keep = next((e for e in same if e.constant is None and e.graph is home), None)
         if keep is None:
             # Only Constant nodes, or copies in sibling subgraphs: one initializer in ``home``.
-            name = _unique_name(home, same[0].value.name or "shared")
+            name = _unique_name(model.graph, same[0].value.name or "shared")  # unique in every scope
             value = ir.Value(name=name, const_value=same[0].tensor)
             value.dtype = same[0].tensor.dtype
             value.shape = ir.Shape(same[0].tensor.shape.numpy())

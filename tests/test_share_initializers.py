@@ -165,6 +165,32 @@ def test_copies_only_in_two_subgraphs_share_one_main_graph_initializer():
     assert "Constant" not in op_types(model)
 
 
+def test_constants_in_one_subgraph_get_a_name_free_in_every_scope():
+    # The shared initializer would be named 'k_1' (its first copy 'k' still exists while merging);
+    # the main graph already has a 'k_1'.
+    model = build(
+        f"""{OPSET}
+        g (float[N,2] x, bool cond) => (float[N,2] y, float[N,2] k_1) {{
+            k_1 = Relu(x)
+            y = If (cond) <
+                then_branch = then_g () => (float[N,2] t) {{
+                    k = Constant <value = float[2] {{1.0, 2.0}}> ()
+                    k2 = Constant <value = float[2] {{1.0, 2.0}}> ()
+                    a = Add(x, k)
+                    t = Mul(a, k2)
+                }},
+                else_branch = else_g () => (float[N,2] e) {{
+                    e = Neg(x)
+                }}
+            >
+        }}""",
+    )
+    x = randn(2, 2)
+    p, modified = share(model, [{"x": x, "cond": np.array(c)} for c in (True, False)])  # names unique
+    assert modified is True
+    assert p.details == {"duplicates": 1, "transposed": 0, "bytes_saved": 8}
+
+
 def test_equal_shape_different_bytes_not_merged():
     a = randn(4, 4)
     b = a.copy()
