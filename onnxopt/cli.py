@@ -15,7 +15,7 @@ from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
 from onnxopt.passes import REGISTRY
 from onnxopt.pipeline import DEFAULT_PASSES, optimize
 from onnxopt.report import render_table, write_json
-from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL
+from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="samples per batch when cutting --data (default 32)")
     parser.add_argument("--providers", default="cpu", help="execution providers: cpu (default), cuda, ...")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads for latency")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance, of max|reference| (default {DEFAULT_RTOL:g})")
+    parser.add_argument(
+        "--rtol", type=float, default=None,
+        help=f"relative tolerance, of max|reference| (default {DEFAULT_RTOL:g}; {HALF_RTOL['float16']:g} for float16 outputs)",
+    )
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
     parser.add_argument("--report", metavar="JSON", help="write the report as JSON")
     parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation under onnxruntime")
@@ -85,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from onnxopt.bench import main as bench_main  # the latency subcommand
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad option (already printed in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     level = logging.ERROR if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -98,12 +104,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_options(args) -> None:
+    """Refuse option values that would only fail later, after work was done or files written."""
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value <= 0:
+            raise OptionError(f"{flag} {value}: must be positive")
+    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol), ("--latency-budget", args.latency_budget)):
+        if value is not None and not value >= 0:
+            raise OptionError(f"{flag} {value}: must be zero or positive")
+    if args.report:
+        folder = os.path.dirname(os.path.abspath(args.report))
+        if not os.path.isdir(folder):
+            raise OptionError(f"--report {args.report}: folder '{folder}' does not exist")
+
+
 def _run(args) -> int:
     output = args.output or (args.model if args.in_place else str(io.default_output_path(args.model)))
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise OptionError(f"--batch-size {args.batch_size}: must be positive")
+    _check_options(args)
     progress = Progress(enabled=not args.quiet)
     result = optimize(
         args.model, args.passes, data=args.data, dims=args.dim, providers=args.providers,

@@ -8,6 +8,7 @@ __all__ = [
     "check_external_data",
     "default_output_path",
     "weight_bytes",
+    "has_external_data",
     "TWO_GB",
     "INLINE_WEIGHT_LIMIT",
 ]
@@ -139,6 +140,11 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     """``model.onnx`` → ``model.opt.onnx`` beside it."""
     path = Path(input_path)
     return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any tensor is still read lazily from an external-data file."""
+    return any(isinstance(t, ir.ExternalTensor) for _, t in _iter_tensors(model))
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -22,7 +22,7 @@ from onnxopt.passes import REGISTRY
 from onnxopt.report import ModelStats, PassRecord, Report
 from onnxopt.runtime import ModelSnapshot, create_session
 from onnxopt.stats import model_stats
-from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, compare_models
+from onnxopt.validate import DEFAULT_ATOL, compare_models
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def optimize(
     providers: str | Sequence[str] = "cpu",
     validate: bool = True,
     latency: bool = True,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     atol: float = DEFAULT_ATOL,
     batch_size: int | None = None,
     threads: int | None = None,
@@ -104,7 +104,8 @@ def optimize(
 
     With ``validate`` the result runs beside the original under onnxruntime on ``data`` (a file,
     arrays, an iterable of feeds, or ``"synthetic"``; random inputs when None, flagged as such),
-    and with ``latency`` both are timed side by side. ``check`` runs onnx.checker and creates an
+    and with ``latency`` both are timed side by side. ``rtol=None`` judges each output by the
+    default for its dtype (1e-5 for float32, 2e-3 for float16; see ``onnxopt.validate``). ``check`` runs onnx.checker and creates an
     onnxruntime session after every pass.
     """
     pass_objects = resolve_passes(passes)

@@ -60,6 +60,7 @@ class OutputComparison:
     cosine: float
     top1_agreement: float | None
     ok: bool
+    rtol: float | None = None  # the relative tolerance this output was judged by
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Validation:
     providers: list[str]
     samples: int
     batches: int
-    rtol: float
+    rtol: float | None  # None: the default for each output's dtype
     atol: float
     data: str
     synthetic: bool
@@ -169,6 +170,11 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]]
 
 
+def _rtols(v: Validation) -> str:
+    used = sorted({o.rtol for o in v.outputs if o.rtol is not None} or ({v.rtol} if v.rtol is not None else set()))
+    return "/".join(f"{r:g}" for r in used) or "default"
+
+
 def render_table(report: Report) -> str:
     """The terminal view: passes, figures before/after, validation, latency; about 25 lines."""
     lines = [f"onnxopt: {report.model}" + (f" -> {report.output}" if report.output else "")]
@@ -204,7 +210,7 @@ def render_table(report: Report) -> str:
         lines.append(
             f"validation {head} on {', '.join(p.replace('ExecutionProvider', '') for p in v.providers)}: "
             + (f"{v.samples} synthetic samples" if v.synthetic else f"{v.samples} samples from {v.data}")
-            + f"; tolerance |err| <= {v.atol:g} + {v.rtol:g}*max|ref|"
+            + f"; tolerance |err| <= {v.atol:g} + {_rtols(v)}*max|ref|"
         )
         if v.error:
             lines.append(f"  error: {v.error}")

@@ -22,7 +22,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import OptionError, ProviderError
-from onnxopt.io import INLINE_WEIGHT_LIMIT, save_model, weight_bytes
+from onnxopt.io import INLINE_WEIGHT_LIMIT, has_external_data, save_model, weight_bytes
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -73,7 +73,7 @@ def resolve_providers(names: str | Sequence[str] = "cpu") -> list[str]:
 
 
 class ModelSnapshot:
-    """A frozen, onnxruntime-ready copy of a model: serialized bytes, or a temporary file past 2 GB.
+    """A frozen, onnxruntime-ready copy of a model: serialized bytes, or a temporary folder.
 
     Taking the snapshot before the passes run keeps the original available for validation without
     reloading it, and later changes to the ``ir.Model`` do not affect it.
@@ -84,7 +84,9 @@ class ModelSnapshot:
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self.path: str | None = None
         self.data: bytes | None = None
-        if weight_bytes(model) < INLINE_WEIGHT_LIMIT:
+        # Bytes cannot carry external data (its paths are relative to a folder): past 2 GB, or when
+        # weights are still read lazily from files, the snapshot is a temporary folder instead.
+        if not has_external_data(model) and weight_bytes(model) < INLINE_WEIGHT_LIMIT:
             try:
                 self.data = ir.serde.serialize_model(model).SerializeToString()
             except ValueError:  # protobuf refuses messages of 2 GB and more

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OnnxoptPass", "constant_array", "replace_weight", "drop_if_unused", "graphs_of"]
+__all__ = ["OnnxoptPass", "NameScope", "constant_array", "replace_weight", "drop_if_unused", "graphs_of"]
 
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -42,15 +42,18 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return tensor.numpy()
 
 
-def replace_weight(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str) -> ir.Value:
+def replace_weight(
+    graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str, names: NameScope | None = None
+) -> ir.Value:
     """Give ``node`` a new initializer of ``graph`` at input ``index``; the old tensor is left for its other users.
 
     Weights are never mutated in place: another node may still read the old one. ``graph`` is
-    ``node``'s graph or an outer one (the main graph holds weights for subgraphs too).
+    ``node``'s graph or an outer one (the main graph holds weights for subgraphs too). A pass that
+    replaces many weights passes one ``NameScope`` of ``graph`` to avoid re-listing its names.
     """
     old = node.inputs[index] if index < len(node.inputs) else None
     base = (old.name if old is not None and old.name else None) or node.name or node.op_type
-    name = _unique_name(graph, f"{base}_{hint}")
+    name = (names or NameScope(graph)).fresh(f"{base}_{hint}")
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.dtype = value.const_value.dtype
     value.shape = value.const_value.shape
@@ -82,19 +85,28 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         producer.graph.remove(producer, safe=True)
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    """A name no value of ``graph`` or of its subgraphs (inputs, initializers, node outputs) has yet.
+class NameScope:
+    """The value names of a graph and its subgraphs, handing out new ones that clash with none.
 
     Subgraphs see their outer graphs' values, so a name new to ``graph`` alone could clash there.
     """
-    taken = set()
-    for g in (graph, *graph.subgraphs()):
-        taken.update(g.initializers)
-        taken.update(v.name for v in g.inputs)
-        taken.update(v.name for node in g for v in node.outputs)
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+
+    def __init__(self, graph: ir.Graph):
+        self.taken: set[str] = set()
+        for g in (graph, *graph.subgraphs()):
+            self.taken.update(g.initializers)
+            self.taken.update(v.name for v in g.inputs)
+            self.taken.update(v.name for node in g for v in node.outputs)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    """A name no value of ``graph`` or of its subgraphs has yet."""
+    return NameScope(graph).fresh(base)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import OnnxoptPass, constant_array, drop_if_unused, graphs_of, replace_weight
+from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused, graphs_of, replace_weight
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,16 @@ def _check_channels(affine: _Affine, channels: int, where: str) -> None:
         raise _Refusal(f"{where} has {channels} channels, the BatchNormalization {len(affine.scale)}")
 
 
+def _scaled(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``weight * scale`` in the weight's dtype, computed in float32 at least (float64 for float64).
+
+    The scale is exact in float64; one float32 product per element rounds once, as float64
+    arithmetic cast back would, without copying a large weight to float64 first.
+    """
+    work = np.float64 if weight.dtype == np.float64 else np.float32
+    return np.multiply(weight, scale.astype(work), dtype=work).astype(weight.dtype, copy=False)
+
+
 def _is_zero_padded(conv: ir.Node) -> bool:
     auto_pad = conv.attributes.get("auto_pad")
     if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):
@@ -138,6 +148,7 @@ class FoldBatchNorm(OnnxoptPass):
         folded = 0
         left: dict[str, str] = {}
         into: Counter[str] = Counter()
+        self._names = NameScope(model.graph)
         for graph in graphs_of(model):
             for bn in list(graph):
                 if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
@@ -159,6 +170,9 @@ class FoldBatchNorm(OnnxoptPass):
         ) + (f"; {len(left)} left" if left else "")
         self.details = {"folded": folded, "total": total, "into": dict(into), "left": left}
         return ir.passes.PassResult(model, modified=folded > 0)
+
+    def _replace(self, graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str) -> ir.Value:
+        return replace_weight(graph, node, index, array, hint, names=self._names)
 
     # -- one BatchNormalization ---------------------------------------------------------------
 
@@ -191,8 +205,10 @@ class FoldBatchNorm(OnnxoptPass):
         if op == "Add":
             add, producer = producer, self._matmul_under_add(producer)
             op = "MatMul"
+        elif op == "Concat":
+            return self._fold_after_concat(graph, bn, producer, affine)
         elif op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            raise _Refusal(f"{op} is not Conv, ConvTranspose, Gemm or MatMul")
+            raise _Refusal(f"{op} is not Conv, ConvTranspose, Gemm, MatMul or a Concat of Convs")
         if _only_consumer(producer.outputs[0]) is not (add or bn) or (
             add is not None and _only_consumer(add.outputs[0]) is not bn
         ):
@@ -211,6 +227,35 @@ class FoldBatchNorm(OnnxoptPass):
             return "MatMul" if add is None else "MatMul+Add"
         self._bypass(graph, bn)
         return op
+
+    def _fold_after_concat(self, graph, bn: ir.Node, concat: ir.Node, affine: _Affine) -> str:
+        """A channel Concat of Conv/ConvTranspose outputs: each producer takes its slice of the BN."""
+        if _only_consumer(concat.outputs[0]) is not bn or concat.graph is not bn.graph:
+            raise _Refusal("the Concat output is also read elsewhere, or in an outer graph")
+        axis = _attr_int(concat, "axis", 0)
+        parts = []
+        for value in concat.inputs:
+            node = value.producer() if value is not None else None
+            if node is None or node.op_type not in ("Conv", "ConvTranspose") or node.domain not in ("", "ai.onnx"):
+                raise _Refusal(f"Concat input '{getattr(value, 'name', None)}' is not a Conv or ConvTranspose output")
+            if _only_consumer(value) is not concat or node.graph is not bn.graph:
+                raise _Refusal(f"Concat input '{value.name}' is also read elsewhere")
+            weight = _weight(node, 1, "weight")
+            if axis not in (1, 1 - weight.ndim):
+                raise _Refusal(f"Concat axis {axis} is not the channel axis")
+            channels = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * _attr_int(node, "group", 1)
+            parts.append((node, channels))
+        _check_channels(affine, sum(c for _, c in parts), "Concat")
+        offset = 0
+        for node, channels in parts:
+            part = _Affine(affine.scale[offset : offset + channels], affine.shift[offset : offset + channels])
+            if node.op_type == "Conv":
+                self._scale_out_channels(graph, node, part, weight_axis=0, bias_index=2)
+            else:
+                self._fold_after_conv_transpose(graph, node, part)
+            offset += channels
+        self._bypass(graph, bn)
+        return "Concat of Convs"
 
     def _matmul_under_add(self, add: ir.Node) -> ir.Node:
         for i, value in enumerate(add.inputs[:2]):
@@ -247,10 +292,10 @@ class FoldBatchNorm(OnnxoptPass):
         bias = _bias(node, bias_index, channels, weight.dtype)
         shape = [1] * weight.ndim
         shape[weight_axis] = -1
-        new_w = weight.astype(np.float64) * affine.scale.reshape(shape)
+        new_w = _scaled(weight, affine.scale.reshape(shape))
         new_b = bias * affine.scale + affine.shift
-        replace_weight(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
-        replace_weight(graph, node, bias_index, new_b.astype(weight.dtype), "bnfold_bias")
+        self._replace(graph, node, 1, new_w, "bnfold")
+        self._replace(graph, node, bias_index, new_b.astype(weight.dtype), "bnfold_bias")
 
     def _fold_after_conv_transpose(self, graph, node: ir.Node, affine: _Affine):
         weight = _weight(node, 1, "weight")  # [C_in, C_out / group, *kernel]
@@ -266,8 +311,8 @@ class FoldBatchNorm(OnnxoptPass):
         s = affine.scale.reshape(group, 1, per_group, *([1] * len(kernel)))
         new_w = (w * s).reshape(weight.shape)
         new_b = bias * affine.scale + affine.shift
-        replace_weight(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
-        replace_weight(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
+        self._replace(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
+        self._replace(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
 
     def _fold_after_gemm(self, graph, node: ir.Node, affine: _Affine):
         weight = _weight(node, 1, "weight")
@@ -286,8 +331,8 @@ class FoldBatchNorm(OnnxoptPass):
         shape[axis] = -1
         new_w = weight.astype(np.float64) * affine.scale.reshape(shape)
         new_b = bias * affine.scale + affine.shift  # broadcasts over a [M, N] or [1, N] bias too
-        replace_weight(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
-        replace_weight(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
+        self._replace(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
+        self._replace(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
         if "beta" in node.attributes:
             node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
@@ -307,10 +352,10 @@ class FoldBatchNorm(OnnxoptPass):
             if bias.ndim > 2:
                 raise _Refusal(f"Add bias has rank {bias.ndim}: the output is not 2-D")
         new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
-        replace_weight(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
+        self._replace(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
         if add is not None:
             new_b = bias * affine.scale + affine.shift
-            replace_weight(graph, add, index, new_b.astype(weight.dtype), "bnfold_bias")
+            self._replace(graph, add, index, new_b.astype(weight.dtype), "bnfold_bias")
             self._bypass(graph, bn)
             return
         # No bias yet: the BatchNormalization becomes an Add of its shift.
@@ -319,7 +364,7 @@ class FoldBatchNorm(OnnxoptPass):
         params = list(bn.inputs[1:])  # removing the node below detaches its inputs
         add = ir.node("Add", inputs=[bn.inputs[0], bn.inputs[0]], name=f"{bn.name or 'bn'}_bnfold_add")
         bn.graph.insert_after(bn, add)
-        replace_weight(graph, add, 1, new_b, "bnfold_bias")
+        self._replace(graph, add, 1, new_b, "bnfold_bias")
         add.outputs[0].dtype = bn_out.dtype
         add.outputs[0].shape = bn_out.shape
         ir.convenience.replace_nodes_and_values(bn.graph, add, [bn], [], [bn_out], [add.outputs[0]])
@@ -356,8 +401,8 @@ class FoldBatchNorm(OnnxoptPass):
         new_w = (w * s).reshape(weight.shape)
         extra = (w * t).reshape(c_out, -1).sum(axis=1)
         new_b = _bias(conv, 2, c_out, weight.dtype) + extra
-        replace_weight(graph, conv, 1, new_w.astype(weight.dtype), "bnfold")
-        replace_weight(graph, conv, 2, new_b.astype(weight.dtype), "bnfold_bias")
+        self._replace(graph, conv, 1, new_w.astype(weight.dtype), "bnfold")
+        self._replace(graph, conv, 2, new_b.astype(weight.dtype), "bnfold_bias")
 
     def _fold_before_gemm(self, graph, gemm: ir.Node, affine: _Affine):
         if _attr_int(gemm, "transA", 0):
@@ -378,7 +423,7 @@ class FoldBatchNorm(OnnxoptPass):
         new_w_kn = w_kn * affine.scale.reshape(-1, 1)
         new_w = new_w_kn.T if trans_b else new_w_kn
         new_b = bias + alpha * (affine.shift @ w_kn)
-        replace_weight(graph, gemm, 1, new_w.astype(weight.dtype), "bnfold")
-        replace_weight(graph, gemm, 2, new_b.astype(weight.dtype), "bnfold_bias")
+        self._replace(graph, gemm, 1, new_w.astype(weight.dtype), "bnfold")
+        self._replace(graph, gemm, 2, new_b.astype(weight.dtype), "bnfold_bias")
         if "beta" in gemm.attributes:
             gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)

@@ -244,11 +244,6 @@ def test_external_data_model_without_validation_writes_a_standalone_output(capsy
     np.testing.assert_allclose(run(proto, {"x": X})[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime.ModelSnapshot serializes lazily loaded external tensors as references relative "
-    "to no folder, so onnxruntime cannot load a model that has external data",
-)
 def test_external_data_model_validates(capsys, folder):
     path = external_model(folder)
     assert call(path, "--no-latency", "-q") == 0, capsys.readouterr().err

@@ -512,3 +512,57 @@ def test_second_run_finds_nothing_more():
     assert FoldBatchNorm()(model).modified is True
     assert FoldBatchNorm()(model).modified is False
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+# -- after a channel Concat of convolutions ----------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_folds_after_concat_of_convs(axis):
+    weights = {
+        "W1": randn(3, 4, 3, 3), "B1": randn(3),
+        "W2": randn(5, 4, 1, 1),
+        "WT": randn(4, 2, 3, 3),  # ConvTranspose, group 2: 4 output channels
+        **bn_params("bn", 12),
+    }
+    model = build(
+        f"""{OPSET}
+        g (float[N,4,6,6] x) => (float[N,12,6,6] y) {{
+            a = Conv <pads=[1, 1, 1, 1]> (x, W1, B1)
+            b = Conv (x, W2)
+            t = ConvTranspose <group=2, pads=[1, 1, 1, 1]> (x, WT)
+            c = Concat <axis={axis}> (a, b, t)
+            y = {BN} (c, {BN_INPUTS})
+        }}""",
+        weights,
+    )
+    p = fold(model, random_feeds(model), expect_folded=1)
+    assert p.details["into"] == {"Concat of Convs": 1}
+    assert "BatchNormalization" not in op_types(model)
+
+
+def test_refuses_after_concat_with_a_non_conv_input():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4,6,6] x) => (float[N,8,6,6] y) {{
+            a = Conv <pads=[1, 1, 1, 1]> (x, W1)
+            c = Concat <axis=1> (a, x)
+            y = {BN} (c, {BN_INPUTS})
+        }}""",
+        {"W1": randn(4, 4, 3, 3), **bn_params("bn", 8)},
+    )
+    assert_left(model, random_feeds(model), "Concat input 'x'")
+
+
+def test_refuses_after_concat_on_a_spatial_axis():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4,6,6] x) => (float[N,4,12,6] y) {{
+            a = Conv <pads=[1, 1, 1, 1]> (x, W1)
+            b = Conv <pads=[1, 1, 1, 1]> (x, W2)
+            c = Concat <axis=2> (a, b)
+            y = {BN} (c, {BN_INPUTS})
+        }}""",
+        {"W1": randn(4, 4, 3, 3), "W2": randn(4, 4, 3, 3), **bn_params("bn", 4)},
+    )
+    assert_left(model, random_feeds(model), "not the channel axis")

@@ -1,0 +1,1 @@
+"""A small residual BatchNorm CNN trained on scikit-learn's digits, with its test data."""
