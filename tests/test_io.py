@@ -229,3 +229,24 @@ def test_load_copies_an_ir_model_and_reads_a_proto(model_path):
 def test_default_output_path(tmp_path):
     assert default_output_path(tmp_path / "resnet.onnx") == tmp_path / "resnet.opt.onnx"
     assert default_output_path("model") == Path("model.opt.onnx")
+
+
+def test_weights_past_the_protobuf_limit_go_to_external_data(model_path, tmp_path, monkeypatch):
+    """A model too big for one protobuf (2 GB; here a lowered limit) is saved with external data
+    by default, and validates from a snapshot that cannot be plain bytes."""
+    import onnxopt.io as io_module
+    import onnxopt.runtime as runtime_module
+
+    monkeypatch.setattr(io_module, "INLINE_WEIGHT_LIMIT", 16)
+    monkeypatch.setattr(runtime_module, "INLINE_WEIGHT_LIMIT", 16)
+    model = load_model(model_path)
+    out = tmp_path / "big" / "m.onnx"
+    out.parent.mkdir()
+    save_model(model, out)
+    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
+    snapshot = runtime_module.ModelSnapshot(load_model(out))
+    assert snapshot.data is None and snapshot.path is not None
+    import onnxopt
+
+    result = onnxopt.optimize(out, ["fold-bn"], latency=False)
+    assert result.ok
