@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxopt import io
 from onnxopt.data import Dataset, load_data, parse_dims, synthetic_data
-from onnxopt.errors import OnnxoptError, UnknownPassError
+from onnxopt.errors import ModelLoadError, OnnxoptError, UnknownPassError
 from onnxopt.latency import compare_latency
 from onnxopt.passes import REGISTRY
 from onnxopt.report import ModelStats, PassRecord, Report
@@ -105,8 +105,8 @@ def optimize(
     With ``validate`` the result runs beside the original under onnxruntime on ``data`` (a file,
     arrays, an iterable of feeds, or ``"synthetic"``; random inputs when None, flagged as such),
     and with ``latency`` both are timed side by side. ``rtol=None`` judges each output by the
-    default for its dtype (1e-5 for float32, 2e-3 for float16; see ``onnxopt.validate``). ``check`` runs onnx.checker and creates an
-    onnxruntime session after every pass.
+    default for its dtype (1e-5 for float32, 2e-3 for float16; see ``onnxopt.validate``).
+    ``check`` runs onnx.checker and creates an onnxruntime session after every pass.
     """
     pass_objects = resolve_passes(passes)
     dims = parse_dims(dims)
@@ -119,10 +119,10 @@ def optimize(
         original = ModelSnapshot(working)
         try:
             original.session(optimization="disabled", providers=providers)
-        except OnnxoptError:
+        except OnnxoptError:  # an unavailable provider says so itself
             raise
         except Exception as exc:
-            raise io.ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
+            raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
     before = model_stats(working, dims=dims)
     report = Report(model=label, output=None, before=before, after=before)
     for step, p in enumerate(pass_objects):
