@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     line = ProgressLine(enabled=not args.quiet, stream=sys.stderr)
     try:
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise OptionError(f"--json {args.json}: folder '{os.path.dirname(os.path.abspath(args.json))}' does not exist")
         result = bench(
             args.model, args.vs, data=args.data, dims=args.dim, batch=args.batch, providers=args.providers,
             threads=args.threads, inter_threads=args.inter_threads, optimization=args.optimization,

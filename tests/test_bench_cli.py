@@ -156,6 +156,7 @@ def test_data_file_feeds_both_models(capsys, models, tmp_path):
         (["base.onnx", "--confidence", "2"], ["--confidence"]),
         (["base.onnx", "--budget", "0"], ["--budget"]),
         (["base.onnx", "--optimization", "max"], ["--optimization"]),
+        (["base.onnx", "--json", "nowhere/r.json"], ["--json", "does not exist"]),
         (["base.onnx", "--bogus"], ["unrecognized arguments: --bogus"]),
         ([], ["model"]),
     ],
