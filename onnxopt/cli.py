@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="size of a named dynamic dim (repeatable)")
     parser.add_argument("--batch-size", type=int, help="samples per batch when cutting --data (default 32)")
     parser.add_argument("--providers", default="cpu", help="execution providers: cpu (default), cuda, ...")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads for latency")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the latency comparison (default 1)")
     parser.add_argument(
         "--rtol", type=float, default=None,
         help=f"relative tolerance, of max|reference| (default {DEFAULT_RTOL:g}; {HALF_RTOL['float16']:g} for float16 outputs)",
