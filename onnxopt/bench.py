@@ -12,7 +12,6 @@ from __future__ import annotations
 __all__ = ["ModelTiming", "BenchResult", "bench", "render", "write_json", "build_parser", "main"]
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -42,7 +41,10 @@ from onnxopt.latency import (
     timing_session,
     timing_settings,
 )
+from onnxopt.report import json_safe, render_bench, write_json_file
 from onnxopt.runtime import OPTIMIZATION_LEVELS, ModelSnapshot
+
+render = render_bench  # the terminal view lives in onnxopt.report
 
 EXIT_OK, EXIT_SLOWER, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -102,18 +104,7 @@ class BenchResult:
         return decisive(self.ratio_low, self.ratio_high, self.max_slowdown)
 
     def to_dict(self) -> dict:
-        return _finite(asdict(self) | {"regression": self.regression, "conclusive": self.conclusive})
-
-
-def _finite(obj):
-    """JSON has no infinity or NaN: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+        return json_safe(asdict(self) | {"regression": self.regression, "conclusive": self.conclusive})
 
 
 def _label(model, role: str) -> str:
@@ -262,100 +253,10 @@ def bench(
             snapshot.close()
 
 
-# --- rendering ----------------------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} ms" if value < 100 else f"{value:.1f} ms"
-
-
-def _rate(value: float) -> str:
-    for scale, suffix in ((1e6, "M"), (1e3, "k")):
-        if value >= scale:
-            return f"{value / scale:.2f}{suffix}"
-    return f"{value:.1f}"
-
-
-def _percent(ratio: float) -> str:
-    return f"{(ratio - 1) * 100:+.1f}%" if math.isfinite(ratio) else "?"
-
-
-def _grid(rows: list[list[str]]) -> list[str]:
-    """Columns padded to width: the first left-aligned, figures right-aligned."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
-
-
-def _settings_line(result: BenchResult) -> str:
-    s = result.settings
-    providers = ", ".join(p.replace("ExecutionProvider", "") for p in s["providers"])
-    threads = lambda n: "default" if not n else str(n)  # noqa: E731
-    return (
-        f"settings: {providers}{' (I/O binding)' if s['io_binding'] else ''}, threads {threads(s['threads'])} intra-op / "
-        f"{threads(s['inter_threads'])} inter-op{', spinning' if s['spinning'] else ''}, optimization {s['optimization']}, "
-        f"batch {s['batch']} ({s['data']} inputs)"
-    )
-
-
-def _machine_line(result: BenchResult) -> str:
-    m = result.machine
-    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
-    return f"machine: {m['cpu']}, {m['cores']} cores{gpu}; onnxruntime {m['onnxruntime']}, {m['system']}"
-
-
-def render(result: BenchResult) -> str:
-    """The terminal view: figures side by side, the ratio with its interval, the verdict, settings."""
-    c, b = result.candidate, result.baseline
-    if b is None:
-        interval = (
-            f" ({result.confidence:.0%} interval {c.median_low_ms:.3f} to {c.median_high_ms:.3f} ms)"
-            if c.median_low_ms is not None and c.median_high_ms is not None else ""
-        )
-        lines = [f"onnxopt bench: {c.model}", ""] + [f"{k:<12}{v}" for k, v in (
-            ("median", _ms(c.median_ms) + interval),
-            ("p90", _ms(c.p90_ms)),
-            ("throughput", f"{_rate(c.throughput)} samples/s (batch {result.settings['batch']})"),
-            ("runs", f"{c.runs} in {result.seconds:.1f} s"),
-        )]
-    else:
-        lines = [f"onnxopt bench: {c.model} (candidate) vs {b.model} (baseline)", ""] + _grid([
-            ["", "baseline", "candidate", "change"],
-            ["median", _ms(b.median_ms), _ms(c.median_ms), _percent(c.median_ms / b.median_ms)],
-            ["p90", _ms(b.p90_ms), _ms(c.p90_ms), _percent(c.p90_ms / b.p90_ms)],
-            ["samples/s", _rate(b.throughput), _rate(c.throughput), _percent(c.throughput / b.throughput)],
-            ["runs", str(b.runs), str(c.runs), ""],
-        ])
-        ratio, low, high = result.ratio, result.ratio_low, result.ratio_high
-        lines += [
-            "",
-            f"ratio candidate/baseline {ratio:.3f}, {result.confidence:.0%} interval [{low:.3f}, {high:.3f}] "
-            f"({_percent(ratio)}, from {_percent(low)} to {_percent(high)}); "
-            f"{result.blocks} interleaved blocks in {result.seconds:.1f} s",
-            f"verdict: {_verdict_text(result)}",
-        ]
-    lines += ["", _settings_line(result), _machine_line(result)]
-    lines += [f"note: {n}" for n in result.notes]
-    return "\n".join(lines)
-
-
-def _verdict_text(result: BenchResult) -> str:
-    t = f"{result.max_slowdown:.1%}".replace(".0%", "%")
-    change = abs(result.ratio - 1) * 100
-    if result.verdict == "slower":
-        return f"SLOWER: the candidate takes {change:.1f}% longer, beyond the {t} allowed"
-    if result.verdict == "faster":
-        return f"faster: the candidate takes {change:.1f}% less time"
-    return f"no difference at {t} (the candidate is not slower)"
-
-
 def write_json(result: BenchResult, path: str | os.PathLike) -> None:
     """Write the result as JSON, atomically."""
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_file(result.to_dict(), path)
     except OSError as exc:
         raise OptionError(f"--json {path}: cannot write ({exc.strerror or exc})") from None
 
@@ -419,5 +320,5 @@ def main(argv: list[str] | None = None) -> int:
         print("onnxopt: interrupted", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(render(result))
+        print(render_bench(result))
     return EXIT_SLOWER if result.regression else EXIT_OK

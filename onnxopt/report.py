@@ -15,6 +15,9 @@ __all__ = [
     "render_table",
     "to_json",
     "write_json",
+    "write_json_file",
+    "json_safe",
+    "render_bench",
 ]
 
 import dataclasses
@@ -22,7 +25,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from onnxopt.bench import BenchResult
 
 
 @dataclass
@@ -116,17 +122,17 @@ class Report:
         return self.validation is None or self.validation.ok
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(dataclasses.asdict(self)) | {"ok": self.ok}
+        return json_safe(dataclasses.asdict(self)) | {"ok": self.ok}
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -136,9 +142,14 @@ def to_json(report: Report) -> str:
 
 def write_json(report: Report, path: str | os.PathLike) -> None:
     """Write the JSON report atomically."""
+    write_json_file(report.to_dict(), path)
+
+
+def write_json_file(data: dict, path: str | os.PathLike) -> None:
+    """Write ``data`` as JSON through a temporary file, so that no half-written file is left."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(to_json(report))
+        json.dump(json_safe(data), f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -162,12 +173,17 @@ def _change(before, after) -> str:
     return f"{(after - before) / before * 100:+.1f}%"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+def _table(rows: list[list[str]], header: list[str], *, rule: bool = True) -> list[str]:
+    """Columns padded to width: the first left-aligned, figures right-aligned; a rule under the header."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda row: "  ".join(  # noqa: E731
         str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-    )
-    return [fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in rows]]
+    ).rstrip()
+    return [fmt(header), *(["  ".join("-" * w for w in widths)] if rule else []), *[fmt(r) for r in rows]]
+
+
+def _grid(rows: list[list[str]], header: list[str]) -> list[str]:
+    return _table(rows, header, rule=False)
 
 
 def _rtols(v: Validation) -> str:
@@ -242,3 +258,82 @@ def render_table(report: Report) -> str:
         )
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+# --- onnxopt bench ----------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms" if value < 100 else f"{value:.1f} ms"
+
+
+def _rate(value: float) -> str:
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:.1f}"
+
+
+def _percent(ratio: float) -> str:
+    return f"{(ratio - 1) * 100:+.1f}%" if math.isfinite(ratio) else "?"
+
+
+def _settings_line(result: BenchResult) -> str:
+    s = result.settings
+    providers = ", ".join(p.replace("ExecutionProvider", "") for p in s["providers"])
+    threads = lambda n: "default" if not n else str(n)  # noqa: E731
+    return (
+        f"settings: {providers}{' (I/O binding)' if s['io_binding'] else ''}, threads {threads(s['threads'])} intra-op / "
+        f"{threads(s['inter_threads'])} inter-op{', spinning' if s['spinning'] else ''}, optimization {s['optimization']}, "
+        f"batch {s['batch']} ({s['data']} inputs)"
+    )
+
+
+def _machine_line(result: BenchResult) -> str:
+    m = result.machine
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return f"machine: {m['cpu']}, {m['cores']} cores{gpu}; onnxruntime {m['onnxruntime']}, {m['system']}"
+
+
+def render_bench(result: BenchResult) -> str:
+    """The terminal view: figures side by side, the ratio with its interval, the verdict, settings."""
+    c, b = result.candidate, result.baseline
+    if b is None:
+        interval = (
+            f" ({result.confidence:.0%} interval {c.median_low_ms:.3f} to {c.median_high_ms:.3f} ms)"
+            if c.median_low_ms is not None and c.median_high_ms is not None else ""
+        )
+        lines = [f"onnxopt bench: {c.model}", ""] + [f"{k:<12}{v}" for k, v in (
+            ("median", _ms(c.median_ms) + interval),
+            ("p90", _ms(c.p90_ms)),
+            ("throughput", f"{_rate(c.throughput)} samples/s (batch {result.settings['batch']})"),
+            ("runs", f"{c.runs} in {result.seconds:.1f} s"),
+        )]
+    else:
+        lines = [f"onnxopt bench: {c.model} (candidate) vs {b.model} (baseline)", ""] + _grid([
+            ["median", _ms(b.median_ms), _ms(c.median_ms), _percent(c.median_ms / b.median_ms)],
+            ["p90", _ms(b.p90_ms), _ms(c.p90_ms), _percent(c.p90_ms / b.p90_ms)],
+            ["samples/s", _rate(b.throughput), _rate(c.throughput), _percent(c.throughput / b.throughput)],
+            ["runs", str(b.runs), str(c.runs), ""],
+        ], ["", "baseline", "candidate", "change"])
+        ratio, low, high = result.ratio, result.ratio_low, result.ratio_high
+        lines += [
+            "",
+            f"ratio candidate/baseline {ratio:.3f}, {result.confidence:.0%} interval [{low:.3f}, {high:.3f}] "
+            f"({_percent(ratio)}, from {_percent(low)} to {_percent(high)}); "
+            f"{result.blocks} interleaved blocks in {result.seconds:.1f} s",
+            f"verdict: {_verdict_text(result)}",
+        ]
+    lines += ["", _settings_line(result), _machine_line(result)]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def _verdict_text(result: BenchResult) -> str:
+    t = f"{result.max_slowdown:.1%}".replace(".0%", "%")
+    change = abs(result.ratio - 1) * 100
+    if result.verdict == "slower":
+        return f"SLOWER: the candidate takes {change:.1f}% longer, beyond the {t} allowed"
+    if result.verdict == "faster":
+        return f"faster: the candidate takes {change:.1f}% less time"
+    return f"no difference at {t} (the candidate is not slower)"
