@@ -135,7 +135,7 @@ def optimize(
         working = result.model
         if check:
             check_model(working)
-        after = model_stats(working, dims=dims, macs=False)
+        after = model_stats(working, dims=dims)
         report.passes.append(
             PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,
@@ -145,7 +145,7 @@ def optimize(
         )
         for what, reason in list((getattr(p, "details", {}) or {}).get("left", {}).items())[:3]:
             report.notes.append(f"{name}: {what} left: {reason}")
-    report.after = model_stats(working, dims=dims)
+    report.after = report.passes[-1].after if report.passes else before
     if validate or latency:
         candidate = ModelSnapshot(working)
         if validate:

@@ -173,11 +173,11 @@ def _change(before, after) -> str:
     return f"{(after - before) / before * 100:+.1f}%"
 
 
-def _table(rows: list[list[str]], header: list[str], *, rule: bool = True) -> list[str]:
-    """Columns padded to width: the first left-aligned, figures right-aligned; a rule under the header."""
+def _table(rows: list[list[str]], header: list[str], *, rule: bool = True, text_columns=(0,)) -> list[str]:
+    """Columns padded to width: text columns left-aligned, figures right-aligned; a rule under the header."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda row: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        str(c).ljust(w) if i in text_columns else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
     ).rstrip()
     return [fmt(header), *(["  ".join("-" * w for w in widths)] if rule else []), *[fmt(r) for r in rows]]
 
@@ -204,13 +204,15 @@ def render_table(report: Report) -> str:
                 "yes" if rec.modified else "no",
                 f"{rec.seconds:.2f}",
                 f"{after.nodes} ({after.nodes - prev.nodes:+d})",
+                _human(after.params),
                 _human(after.bytes, "B"),
+                _human(after.macs),
                 rec.summary,
             ]
         )
         prev = after
     if rows:
-        lines += [""] + _table(rows, ["pass", "changed", "s", "nodes", "bytes", "summary"])
+        lines += [""] + _table(rows, ["pass", "changed", "s", "nodes", "params", "bytes", "MACs", "summary"], text_columns=(0, 7))
     b, a = report.before, report.after
     stat_rows = [
         ["nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes)],

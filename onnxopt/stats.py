@@ -39,11 +39,8 @@ def _weights(model: ir.Model):
                 yield attr.value
 
 
-def model_stats(model: ir.Model, *, dims: Mapping[str, int] | None = None, macs: bool = True) -> ModelStats:
-    """Count nodes, parameters (weight elements), weight bytes and MACs (dynamic dims from ``dims``, else 1).
-
-    ``macs=False`` skips the shape inference that MACs need (``macs`` is then None).
-    """
+def model_stats(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> ModelStats:
+    """Count nodes, parameters (weight elements), weight bytes and MACs (dynamic dims from ``dims``, else 1)."""
     op_counts: Counter[str] = Counter()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         op_counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
@@ -56,7 +53,7 @@ def model_stats(model: ir.Model, *, dims: Mapping[str, int] | None = None, macs:
         nodes=sum(op_counts.values()),
         params=int(params),
         bytes=int(nbytes),
-        macs=count_macs(model, dims=dims) if macs else None,
+        macs=count_macs(model, dims=dims),
         op_counts=dict(sorted(op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
     )
 
