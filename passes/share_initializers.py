@@ -1,7 +1,7 @@
 """Share identical weights: one tensor for every repeated initializer or Constant, transposes included.
 
-Tensors are grouped by dtype and shape, hashed only where a group has two or more members, and
-confirmed equal byte for byte on a hash match. A weight that equals another's transpose (a tied
+Tensors are grouped by dtype, shape and a probe of a few elements, hashed only where such a group
+has two or more members, and confirmed equal byte for byte on a hash match. A weight that equals another's transpose (a tied
 embedding exported as two tensors) is read through ``transA``/``transB`` of a Gemm, or through a
 Transpose node in front of a MatMul.
 """
@@ -97,14 +97,31 @@ class ShareInitializers(OnnxoptPass):
         for e in entries:
             by_shape[(e.tensor.dtype, tuple(e.tensor.shape.numpy()))].append(e)
         merged = saved = 0
-        for group in by_shape.values():
-            if len(group) < 2:
-                continue
+        for group in self._probe_groups(by_shape.values()):
             for same in self._equal_sets(group):
                 m, s = self._merge(model, same)
                 merged += m
                 saved += s
         return merged, saved
+
+    @staticmethod
+    def _probe_groups(groups) -> list[list[_Entry]]:
+        """Split each dtype-and-shape group by a cheap probe (up to 256 evenly spaced elements).
+
+        Equal tensors have equal probes; tensors of one shape that differ (most weights) differ
+        there too, so the full hash and byte comparison run only on likely duplicates.
+        """
+        out = []
+        for group in groups:
+            if len(group) < 2:
+                continue
+            by_probe: dict[bytes, list[_Entry]] = defaultdict(list)
+            for e in group:
+                flat = e.tensor.numpy().reshape(-1)
+                step = max(1, flat.size // 256)
+                by_probe[flat[::step].tobytes() + flat[-1:].tobytes()].append(e)
+            out.extend(g for g in by_probe.values() if len(g) > 1)
+        return out
 
     @staticmethod
     def _equal_sets(group: list[_Entry]) -> list[list[_Entry]]:
