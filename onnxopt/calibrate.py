@@ -1,0 +1,155 @@
+"""Quantization ranges from observed statistics: min-max, percentile, entropy (KL) and MSE.
+
+Every method but ``minmax`` reads a streamed ``HistogramObserver`` (2048 bins, re-binned as the
+range grows), so memory does not depend on the number of samples.
+
+- ``minmax``: the observed extremes.
+- ``percentile``: the (100 - p) and p percentiles of the histogram (``p`` default 99.99).
+- ``entropy``: the clip threshold whose 128-level (255 for a non-negative tensor) quantized
+  distribution is closest to the observed one in KL divergence (TensorRT's method, run on the
+  magnitude histogram; candidate thresholds start at the number of levels, so a few outliers can
+  never collapse the range to a handful of bins).
+- ``mse``: the clip range, shrunk from the observed one, that minimizes the expected squared error
+  of quantize-dequantize over the histogram: clipping error of the values outside, plus uniform
+  rounding noise (scale^2 / 12) for those inside.
+"""
+
+from __future__ import annotations
+
+__all__ = ["METHODS", "DEFAULT_PERCENTILE", "calibrate", "range_of", "percentile_range", "entropy_range", "mse_range"]
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import OptionError
+from onnxopt.observe import HistogramObserver, MinMaxObserver, observe
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+DEFAULT_PERCENTILE = 99.99
+
+
+def calibrate(
+    model: ir.Model,
+    tensors: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    activations: str = "uint8",
+    bins: int = 2048,
+    providers: str | Sequence[str] = "cpu",
+    total: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Run ``model`` over ``batches`` once and return ``{tensor: (lo, hi)}`` by ``method``."""
+    if method not in METHODS:
+        raise OptionError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+    if not 50.0 < percentile <= 100.0:
+        raise OptionError(f"percentile {percentile}: must be in (50, 100]")
+    make = MinMaxObserver if method == "minmax" else (lambda: HistogramObserver(bins))
+    observers = {name: make() for name in tensors}
+    start = time.perf_counter()
+    count = observe(
+        model, list(tensors), batches, lambda name, array: observers[name].update(array),
+        providers=providers, total=total, progress=progress,
+    )
+    logger.info("calibrate: %d tensors over %d batches in %.2fs", len(observers), count, time.perf_counter() - start)
+    ranges = {}
+    for name, obs in observers.items():
+        r = range_of(obs, method, percentile=percentile, activations=activations)
+        if r is not None:
+            ranges[name] = r
+    return ranges
+
+
+def range_of(observer: MinMaxObserver, method: str, *, percentile: float = DEFAULT_PERCENTILE,
+             activations: str = "uint8") -> tuple[float, float] | None:
+    if observer.count == 0:
+        return None
+    if method == "minmax" or not isinstance(observer, HistogramObserver) or observer.counts is None:
+        return (observer.min, observer.max)
+    if method == "percentile":
+        return percentile_range(observer, percentile)
+    if method == "entropy":
+        return entropy_range(observer)
+    return mse_range(observer, activations)
+
+
+def _cdf_at(observer: HistogramObserver, q: float) -> float:
+    cumulative = np.concatenate([[0.0], np.cumsum(observer.counts)])
+    cumulative /= cumulative[-1]
+    return float(np.interp(q, cumulative, observer.edges))
+
+
+def percentile_range(observer: HistogramObserver, p: float) -> tuple[float, float]:
+    lo = _cdf_at(observer, (100.0 - p) / 100.0)
+    hi = _cdf_at(observer, p / 100.0)
+    return (max(lo, observer.min), min(hi, observer.max))
+
+
+def _magnitude_histogram(observer: HistogramObserver, bins: int) -> tuple[np.ndarray, float]:
+    """Counts of |x| over [0, max|x|] in ``bins`` bins, from the signed histogram."""
+    top = max(abs(observer.min), abs(observer.max))
+    edges = observer.edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    counts, _ = np.histogram(np.abs(centers), bins=bins, range=(0.0, top), weights=observer.counts)
+    return counts, top
+
+
+def entropy_range(observer: HistogramObserver, bins: int = 2048) -> tuple[float, float]:
+    non_negative = observer.min >= 0
+    levels = 255 if non_negative else 128
+    hist, top = _magnitude_histogram(observer, bins)
+    if top <= 0 or hist.sum() == 0:
+        return (observer.min, observer.max)
+    best, best_i = np.inf, bins
+    for i in range(levels, bins + 1, 8):
+        p = hist[:i].astype(np.float64).copy()
+        p[-1] += hist[i:].sum()
+        # Merge i bins into `levels` groups, spread each group's mass over its non-empty bins.
+        groups = np.minimum((np.arange(i) * levels) // i, levels - 1)
+        nonzero = (hist[:i] > 0).astype(np.float64)
+        mass = np.bincount(groups, weights=hist[:i], minlength=levels)
+        support = np.bincount(groups, weights=nonzero, minlength=levels)
+        q = np.where(nonzero > 0, (mass / np.maximum(support, 1))[groups], 0.0)
+        ps, qs = p.sum(), q.sum()
+        if ps == 0 or qs == 0:
+            continue
+        p /= ps
+        q /= qs
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best:
+            best, best_i = kl, i
+    threshold = top * best_i / bins
+    return (max(observer.min, -threshold), min(observer.max, threshold))
+
+
+def mse_range(observer: HistogramObserver, activations: str = "uint8", steps: int = 100) -> tuple[float, float]:
+    edges = observer.edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    weights = observer.counts
+    lo0, hi0 = min(observer.min, 0.0), max(observer.max, 0.0)
+    best, best_range = np.inf, (observer.min, observer.max)
+    for alpha in np.linspace(1.0 / steps, 1.0, steps):
+        lo, hi = lo0 * alpha, hi0 * alpha
+        if activations == "int8":
+            top = max(-lo, hi)
+            lo, hi = -top, top
+            scale = top / 127.0
+        else:
+            scale = (hi - lo) / 255.0
+        if scale <= 0:
+            continue
+        # Rounding inside the range is uniform noise (scale^2 / 12); values outside are clipped.
+        clipped = np.clip(centers, lo, hi)
+        err = float(np.sum(weights * (centers - clipped) ** 2) + np.sum(weights[centers == clipped]) * scale**2 / 12)
+        if err < best:
+            best, best_range = err, (max(lo, observer.min), min(hi, observer.max))
+    return best_range

@@ -1,0 +1,169 @@
+"""Stream a model's intermediate tensors to observers, batch by batch; memory bounded by one batch.
+
+The model is copied with the requested tensors added as graph outputs; each batch is run once,
+every observer is updated, and the batch's tensors are dropped before the next one. Batches may
+differ in shape (ragged sequence lengths): observers only see values.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MinMaxObserver", "HistogramObserver", "ErrorObserver", "observe", "expose"]
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.runtime import ModelSnapshot, resolve_providers
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BINS = 2048
+
+
+class MinMaxObserver:
+    """Running minimum and maximum of the finite values seen."""
+
+    def __init__(self) -> None:
+        self.min = np.inf
+        self.max = -np.inf
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        finite = x if np.isfinite(x).all() else x[np.isfinite(x)]
+        if finite.size == 0:
+            return
+        self.min = min(self.min, float(finite.min()))
+        self.max = max(self.max, float(finite.max()))
+        self.count += int(finite.size)
+
+
+class HistogramObserver(MinMaxObserver):
+    """A signed histogram of ``bins`` equal bins over a range that grows with the data.
+
+    When a batch falls outside the current range, the range widens (with 25% headroom, so that a
+    slowly drifting tensor is re-binned a few times, not every batch) and the old counts are
+    redistributed onto the new bins in proportion to their overlap. Memory is ``bins`` floats.
+    """
+
+    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+        super().__init__()
+        self.bins = int(bins)
+        self.counts: np.ndarray | None = None
+        self.lo = 0.0
+        self.hi = 0.0
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, self.bins + 1)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if x.size and not np.isfinite(x).all():
+            x = x[np.isfinite(x)]
+        if x.size == 0:
+            return
+        super().update(x)
+        lo, hi = float(x.min()), float(x.max())
+        if self.counts is None:
+            if hi <= lo:
+                lo, hi = lo - 0.5 * max(abs(lo), 1e-6), hi + 0.5 * max(abs(hi), 1e-6)
+            self.lo, self.hi = lo, hi
+            self.counts = np.zeros(self.bins, dtype=np.float64)
+        elif lo < self.lo or hi > self.hi:
+            width = self.hi - self.lo
+            new_lo = min(self.lo, lo - 0.25 * width) if lo < self.lo else self.lo
+            new_hi = max(self.hi, hi + 0.25 * width) if hi > self.hi else self.hi
+            self._rebin(new_lo, new_hi)
+        counts, _ = np.histogram(x, bins=self.bins, range=(self.lo, self.hi))
+        self.counts += counts
+
+    def _rebin(self, lo: float, hi: float) -> None:
+        old_edges = self.edges
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        new_edges = np.linspace(lo, hi, self.bins + 1)
+        # The old cumulative count, linear within each old bin, read at the new edges.
+        self.counts = np.diff(np.interp(new_edges, old_edges, cumulative))
+        self.lo, self.hi = lo, hi
+
+
+class ErrorObserver:
+    """Signal and error energy of a tensor against its float reference: SQNR in dB."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        r = np.asarray(reference, dtype=np.float64)
+        c = np.asarray(candidate, dtype=np.float64)
+        if r.shape != c.shape:
+            return
+        self.signal += float(np.square(r).sum())
+        self.noise += float(np.square(r - c).sum())
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise <= 0:
+            return float("inf")
+        if self.signal <= 0:
+            return float("-inf")
+        return float(10.0 * np.log10(self.signal / self.noise))
+
+
+def expose(model: ir.Model, names: Iterable[str]) -> tuple[ir.Model, list[str]]:
+    """A copy of ``model`` whose graph outputs also include the named tensors (graph inputs excepted)."""
+    copy = model.clone()
+    wanted = set(names)
+    present = {v.name for v in copy.graph.outputs}
+    exposed = []
+    for node in copy.graph:
+        for value in node.outputs:
+            if value.name in wanted and value.name not in present:
+                copy.graph.outputs.append(value)
+                present.add(value.name)
+                exposed.append(value.name)
+    exposed += [v.name for v in copy.graph.outputs if v.name in wanted and v.name not in exposed]
+    return copy, exposed
+
+
+def observe(
+    model: ir.Model,
+    names: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    update: Callable[[str, np.ndarray], None],
+    *,
+    providers: str | Sequence[str] = "cpu",
+    total: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Run ``model`` on each batch and call ``update(name, array)`` for every named tensor.
+
+    Named graph inputs are read from the feed. Returns the number of batches run. Only one batch's
+    tensors are alive at a time.
+    """
+    copy, exposed = expose(model, names)
+    inputs = {v.name for v in model.graph.inputs}
+    from_feed = [n for n in names if n in inputs]
+    snapshot = ModelSnapshot(copy)
+    del copy
+    try:
+        session = snapshot.session(providers=resolve_providers(providers), optimization="disabled")
+        count = 0
+        for feed in batches:
+            outputs = session.run(exposed, dict(feed)) if exposed else []
+            for name, array in zip(exposed, outputs):
+                update(name, array)
+            for name in from_feed:
+                update(name, np.asarray(feed[name]))
+            del outputs
+            count += 1
+            if progress:
+                progress(count, total or count)
+        return count
+    finally:
+        snapshot.close()

@@ -1,0 +1,90 @@
+"""calibrate: each method on known distributions, and end to end over a model's tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphs import build
+from onnxopt.calibrate import calibrate, entropy_range, mse_range, percentile_range, range_of
+from onnxopt.errors import OptionError
+from onnxopt.observe import HistogramObserver, MinMaxObserver
+
+rng = np.random.default_rng(0)
+
+
+def histogram(data: np.ndarray, batches: int = 10) -> HistogramObserver:
+    obs = HistogramObserver()
+    for chunk in np.array_split(data.astype(np.float32), batches):
+        obs.update(chunk)
+    return obs
+
+
+def quant_mse(data: np.ndarray, lo: float, hi: float) -> float:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255
+    zp = np.rint(-lo / scale)
+    dq = (np.clip(np.rint(data / scale) + zp, 0, 255) - zp) * scale
+    return float(np.mean((data - dq) ** 2))
+
+
+def test_minmax_is_the_observed_range():
+    data = rng.uniform(-2, 3, 10000)
+    obs = MinMaxObserver()
+    obs.update(data)
+    assert range_of(obs, "minmax") == (data.min(), data.max())
+
+
+def test_percentile_matches_numpy_on_a_gaussian():
+    data = rng.standard_normal(200_000)
+    lo, hi = percentile_range(histogram(data), 99.0)
+    assert hi == pytest.approx(np.percentile(data, 99.0), abs=0.02)
+    assert lo == pytest.approx(np.percentile(data, 1.0), abs=0.02)
+
+
+def test_entropy_clips_outliers_but_keeps_the_bulk():
+    data = np.concatenate([rng.standard_normal(100_000), [40.0, -40.0]])
+    lo, hi = entropy_range(histogram(data))
+    assert 2.5 < hi < 40.0 and -40.0 < lo < -2.5
+
+
+def test_entropy_on_a_non_negative_tensor_keeps_zero_as_the_floor():
+    data = np.abs(rng.standard_normal(100_000))
+    lo, hi = entropy_range(histogram(data))
+    assert lo >= 0 and 2.0 < hi <= data.max()
+
+
+def test_mse_range_is_the_best_clip_on_a_heavy_tail():
+    data = rng.laplace(0, 1, 100_000)
+    lo, hi = mse_range(histogram(data))
+    assert hi < data.max() and lo > data.min()
+    grid = [quant_mse(data, -c, c) for c in np.linspace(1.0, np.abs(data).max(), 60)]
+    assert quant_mse(data, lo, hi) <= 1.05 * min(grid)
+    assert quant_mse(data, lo, hi) < 0.9 * quant_mse(data, data.min(), data.max())
+
+
+def test_mse_keeps_a_uniform_range():
+    data = rng.uniform(-1, 1, 100_000)
+    lo, hi = mse_range(histogram(data))
+    assert hi > 0.95 and lo < -0.95
+
+
+def test_calibrate_end_to_end_with_every_method():
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 16] x) => (float[N, 16] y) { y = Relu(x) }"""
+    )
+    batches = [{"x": rng.standard_normal((64, 16)).astype(np.float32)} for _ in range(8)]
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        ranges = calibrate(model, ["x", "y"], batches, method=method)
+        lo, hi = ranges["y"]
+        assert lo >= 0 and 1.0 < hi <= max(b["x"].max() for b in batches), method
+        assert ranges["x"][0] < -1.5
+
+
+def test_unknown_method_and_bad_percentile_are_option_errors():
+    model = build('<ir_version: 8, opset_import: ["" : 17]> g (float[1] x) => (float[1] y) { y = Relu(x) }')
+    with pytest.raises(OptionError, match="calibration method"):
+        calibrate(model, ["y"], [], method="kl")
+    with pytest.raises(OptionError, match="percentile"):
+        calibrate(model, ["y"], [], method="percentile", percentile=20)

@@ -1,0 +1,102 @@
+"""observe: streaming statistics batch by batch — counts, re-binning, ragged inputs, flat memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from graphs import build
+from onnxopt.observe import ErrorObserver, HistogramObserver, MinMaxObserver, expose, observe
+
+RELU_MODEL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, S] x) => (float[N, S] y) {
+    m = Mul(x, two)
+    y = Relu(m)
+}"""
+
+
+def relu_model():
+    return build(RELU_MODEL, {"two": np.array(2.0, dtype=np.float32)})
+
+
+def test_minmax_observer_ignores_nonfinite_and_empty():
+    obs = MinMaxObserver()
+    obs.update(np.array([1.0, -3.0, np.inf, np.nan], dtype=np.float32))
+    obs.update(np.zeros((0, 4), dtype=np.float32))
+    obs.update(np.array([5.0], dtype=np.float32))
+    assert (obs.min, obs.max, obs.count) == (-3.0, 5.0, 3)
+
+
+def test_histogram_rebins_as_the_range_grows_and_keeps_every_count():
+    rng = np.random.default_rng(0)
+    obs = HistogramObserver(bins=512)
+    chunks = [rng.normal(0, scale, 5000).astype(np.float32) for scale in (0.1, 1.0, 10.0)]
+    for chunk in chunks:
+        obs.update(chunk)
+    data = np.concatenate(chunks)
+    assert obs.counts.sum() == pytest.approx(data.size)
+    assert obs.lo <= data.min() and obs.hi >= data.max()
+    # The re-binned histogram still describes the data: its median and quartiles within a bin or two.
+    cumulative = np.cumsum(obs.counts) / obs.counts.sum()
+    width = (obs.hi - obs.lo) / obs.bins
+    for q in (0.25, 0.5, 0.75):
+        estimate = obs.edges[1:][np.searchsorted(cumulative, q)]
+        assert abs(estimate - np.quantile(data, q)) < 3 * width
+
+
+def test_histogram_of_a_constant_tensor():
+    obs = HistogramObserver(bins=64)
+    obs.update(np.full(10, 3.0, dtype=np.float32))
+    assert obs.counts.sum() == 10 and obs.lo < 3.0 < obs.hi
+
+
+def test_error_observer_sqnr():
+    obs = ErrorObserver()
+    ref = np.ones(100)
+    obs.update(ref, ref + 0.1)
+    assert obs.sqnr_db == pytest.approx(20.0)
+    exact = ErrorObserver()
+    exact.update(ref, ref)
+    assert exact.sqnr_db == float("inf")
+
+
+def test_expose_adds_outputs_on_a_copy_only():
+    model = relu_model()
+    copy, exposed = expose(model, ["m", "y"])
+    assert exposed == ["m", "y"]
+    assert [v.name for v in copy.graph.outputs] == ["y", "m"]
+    assert [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_observe_streams_each_batch_with_ragged_shapes():
+    seen = {}
+    batches = [{"x": np.full((2, n), float(n), dtype=np.float32)} for n in (3, 7, 5)]
+    count = observe(relu_model(), ["x", "m"], batches, lambda name, a: seen.setdefault(name, []).append(a.shape))
+    assert count == 3
+    assert seen["m"] == [(2, 3), (2, 7), (2, 5)]
+    assert seen["x"] == [(2, 3), (2, 7), (2, 5)]
+
+
+def _peak_bytes(samples: int) -> int:
+    rng = np.random.default_rng(0)
+    obs = {"m": HistogramObserver(), "y": HistogramObserver()}
+
+    def batches():  # a generator: only one batch exists at a time
+        for _ in range(samples // 50):
+            yield {"x": rng.standard_normal((50, 256)).astype(np.float32)}
+
+    model = relu_model()
+    tracemalloc.start()
+    try:
+        observe(model, ["m", "y"], batches(), lambda name, a: obs[name].update(a))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_number_of_samples():
+    small, large = _peak_bytes(100), _peak_bytes(2000)
+    # 2,000 samples are 20 times the data of 100; the peak stays that of one batch (+ noise).
+    assert large < 1.5 * small + 256 * 1024, (small, large)
