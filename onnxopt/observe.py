@@ -7,12 +7,16 @@ differ in shape (ragged sequence lengths): observers only see values.
 
 from __future__ import annotations
 
-__all__ = ["MinMaxObserver", "HistogramObserver", "ErrorObserver", "observe", "expose"]
+__all__ = ["MinMaxObserver", "HistogramObserver", "ErrorObserver", "observe", "expose", "optimized_ops"]
 
 import logging
+import os
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxopt.runtime import ModelSnapshot, resolve_providers
@@ -167,3 +171,16 @@ def observe(
         return count
     finally:
         snapshot.close()
+
+
+def optimized_ops(model: ir.Model, *, providers: str | Sequence[str] = "cpu") -> dict[str, int]:
+    """Op counts of the graph onnxruntime actually runs (all optimizations on): what it fused, what stayed."""
+    snapshot = ModelSnapshot(model)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        try:
+            snapshot.session(providers=resolve_providers(providers), optimization="all", optimized_model_path=path)
+            proto = onnx.load(path, load_external_data=False)
+        finally:
+            snapshot.close()
+    return dict(Counter(node.op_type for node in proto.graph.node))

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from onnxopt.passes._base import OnnxoptPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
+from onnxopt.passes.quantize import QuantizeQDQ
 from onnxopt.passes.share_initializers import ShareInitializers
 from onnxopt.passes.simplify import Simplify
 
-__all__ = ["OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "REGISTRY"]
+__all__ = ["OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "REGISTRY"]
 
-REGISTRY: dict[str, type[OnnxoptPass]] = {cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers)}
+REGISTRY: dict[str, type[OnnxoptPass]] = {cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ)}

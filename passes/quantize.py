@@ -1,0 +1,629 @@
+"""Static int8 quantization: QuantizeLinear/DequantizeLinear pairs placed where onnxruntime fuses integer kernels.
+
+The math, per tensor (activations) and per output channel (weights):
+
+    uint8 asymmetric:  scale = (hi - lo) / 255,  zero_point = round(-lo / scale)   (lo <= 0 <= hi)
+    int8 symmetric:    scale = max(|lo|, |hi|) / 127,  zero_point = 0
+    weights:           int8 symmetric, scale_c = max|W_c| / 127 on the op's output-channel axis
+    bias:              int32, scale_c = input scale * weight scale_c,  zero_point = 0
+
+Calibrated ranges come in through the constructor (``ranges``: tensor name → (lo, hi)), so the pass
+object is the whole recipe and replays without data; ``QuantizeQDQ.plan(model).tensors`` lists the
+activations that need a range.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized"]
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused
+
+logger = logging.getLogger(__name__)
+
+# Ops that compute in integers once quantized (onnxruntime: QLinearConv, QLinearMatMul /
+# MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool, ...).
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_ELEMENTWISE = {"Add", "Mul"}
+_POOLING = {"AveragePool", "GlobalAveragePool"}
+# Ops that move or select values: their output takes their input's scale (no requantization), so
+# onnxruntime drops the Q/DQ pair around them and runs them on integers.
+_PASS_THROUGH = {
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize", "Split",
+    "MaxPool", "GlobalMaxPool", "Identity",
+}
+# Activations folded into the range of the op before them (Relu: zero point at the bottom of the range).
+_FOLDED = {"Relu", "Clip"}
+QUANTIZED_OPS = frozenset(_WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat", "Gather"} | _PASS_THROUGH | _FOLDED)
+# Never quantized: numerically sensitive, reported as such.
+_SENSITIVE = {"Softmax", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
+              "GroupNormalization", "RMSNormalization", "Sqrt", "Div", "Pow", "Exp", "Log", "Erf", "Tanh",
+              "Sigmoid", "ReduceMean"}
+_QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                      "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+                      "MatMulIntegerToFloat"}
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+_MIN_SCALE = 1e-12
+
+
+def already_quantized(model: ir.Model) -> list[str]:
+    """Names of the nodes that show ``model`` is quantized already (Q/DQ, QLinear*, *Integer)."""
+    return [
+        node.name or node.op_type
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.op_type in _QUANTIZED_MARKERS
+    ]
+
+
+@dataclass
+class QuantPlan:
+    """What the pass will do to a graph: the activations it quantizes, grouped by shared scale, the
+    nodes that become integer, and every node of a quantizable kind that stays float, with its reason."""
+
+    tensors: list[str] = field(default_factory=list)            # activations that need a range, in order
+    groups: dict[str, str] = field(default_factory=dict)        # tensor → representative of its scale group
+    fixed: dict[str, tuple[float, float]] = field(default_factory=dict)  # ranges known without data (Gather tables)
+    nodes: dict[str, str] = field(default_factory=dict)         # node name → role ("weighted", "elementwise", ...)
+    left: dict[str, str] = field(default_factory=dict)          # node name → why it stays float
+    folded: dict[str, str] = field(default_factory=dict)        # Relu/Clip name → producer folded into
+    tables: list[str] = field(default_factory=list)             # float constants stored as integers
+    dtypes: dict[str, ir.DataType] = field(default_factory=dict)  # inferred types the model does not record
+
+
+class QuantizeQDQ(OnnxoptPass):
+    """Insert QDQ pairs with calibrated scales, weights as int8 initializers behind DequantizeLinear.
+
+    Rules:
+    - Conv (weight axis 0), ConvTranspose (axis 1; per-tensor when grouped), Gemm (axis by ``transB``)
+      and MatMul (constant B of rank 2: per column) get per-channel int8 weights and an int32 bias;
+      MatMul of two activations quantizes both.
+    - Add and Mul of two activations (residuals), Concat (one scale for its inputs and output),
+      AveragePool and GlobalAveragePool compute on integers; Add or Mul with a constant stays float.
+    - Relu and Clip right after a quantized op (its only reader) are folded into its output range.
+    - Shape ops and MaxPool pass their input's scale through; Gather on a constant table reads an
+      integer table with the same scale as its output.
+    - Softmax, normalizations and every other op stay float; so do ``exclude``d nodes (by name, op type
+      or fnmatch pattern on the name), subgraphs, and anything without a calibrated range.
+    - Conv and elementwise outputs are always quantized (onnxruntime fuses only DQ → op → Q); MatMul
+      and Gemm outputs only when a quantized op reads them (else they fuse into float-output kernels).
+    """
+
+    name = "quantize"
+
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+        *,
+        activations: str = "uint8",
+        per_channel: bool = True,
+        exclude: Iterable[str] = (),
+        quantize_outputs: bool = False,
+    ) -> None:
+        super().__init__()
+        if activations not in ("uint8", "int8"):
+            raise ValueError(f"activations must be 'uint8' (asymmetric) or 'int8' (symmetric), not {activations!r}")
+        self.ranges = None if ranges is None else {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
+        self.activations = activations
+        self.per_channel = per_channel
+        self.exclude = tuple(exclude)
+        self.quantize_outputs = quantize_outputs
+
+    # ------------------------------------------------------------------ planning
+    def _excluded(self, node: ir.Node) -> bool:
+        name = node.name or ""
+        for pattern in self.exclude:
+            if pattern == node.op_type or pattern == name or (name and fnmatch.fnmatchcase(name, pattern)):
+                return True
+        return False
+
+    def plan(self, model: ir.Model) -> QuantPlan:
+        """Decide placement on the main graph without changing it (ranges are not needed)."""
+        graph = model.graph
+        plan = QuantPlan()
+        quantized: dict[str, None] = {}  # ordered set of tensor names
+        parent: dict[str, str] = {}
+
+        def find(x: str) -> str:
+            while parent.get(x, x) != x:
+                x = parent[x]
+            return x
+
+        def union(a: str, b: str) -> None:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[rb] = ra
+
+        dtypes = _element_types(model)
+
+        def dtype_of(value: ir.Value) -> ir.DataType | None:
+            return value.dtype if value.dtype is not None else dtypes.get(value.name)
+
+        def is_activation(value: ir.Value | None) -> bool:
+            return (
+                value is not None
+                and dtype_of(value) in _FLOATS
+                and constant_array(value) is None
+                and not (value.is_initializer() and not value.is_graph_input())
+            )
+
+        def mark(value: ir.Value) -> None:
+            quantized.setdefault(value.name, None)
+
+        def output_of(node: ir.Node) -> ir.Value:
+            """The tensor that carries ``node``'s quantized output: a sole Relu/Clip reader folds in."""
+            out = node.outputs[0]
+            readers = out.uses()
+            if len(readers) == 1 and not out.is_graph_output():
+                reader = readers[0].node
+                if reader.op_type in _FOLDED and not self._excluded(reader) and _clip_is_static(reader):
+                    plan.folded[_label(reader)] = _label(node)
+                    return reader.outputs[0]
+            return out
+
+        name_of = _label
+        consumers_want: dict[str, bool] = {}
+        for node in graph:
+            op = node.op_type
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if self._excluded(node) and op in QUANTIZED_OPS:
+                plan.left[name_of(node)] = "excluded"
+                continue
+            if op in ("Conv", "ConvTranspose"):
+                if not is_activation(node.inputs[0]):
+                    plan.left[name_of(node)] = "input is not a float activation"
+                    continue
+                if len(node.inputs) < 2 or constant_array(node.inputs[1]) is None:
+                    plan.left[name_of(node)] = "weight is not a constant"
+                    continue
+                if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None:
+                    plan.left[name_of(node)] = "bias is not a constant"
+                    continue
+                mark(node.inputs[0])
+                mark(output_of(node))
+                plan.nodes[name_of(node)] = "weighted"
+            elif op == "Gemm":
+                reason = _gemm_refusal(node)
+                if reason is None and not is_activation(node.inputs[0]):
+                    reason = "input A is not a float activation"
+                if reason:
+                    plan.left[name_of(node)] = reason
+                    continue
+                mark(node.inputs[0])
+                consumers_want[node.outputs[0].name] = True
+                plan.nodes[name_of(node)] = "weighted"
+            elif op == "MatMul":
+                a, b = node.inputs[0], node.inputs[1]
+                if not is_activation(a):
+                    plan.left[name_of(node)] = "input A is not a float activation"
+                    continue
+                if constant_array(b) is None and not is_activation(b):
+                    plan.left[name_of(node)] = "input B is neither a constant nor a float activation"
+                    continue
+                mark(a)
+                if constant_array(b) is None:
+                    mark(b)
+                plan.nodes[name_of(node)] = "weighted"
+            elif op in _ELEMENTWISE:
+                if not all(is_activation(v) for v in node.inputs):
+                    if dtype_of(node.outputs[0]) in _FLOATS:
+                        plan.left[name_of(node)] = "an operand is a constant (bias or scale): kept in float for precision"
+                    continue
+                for v in node.inputs:
+                    mark(v)
+                mark(output_of(node))
+                plan.nodes[name_of(node)] = "elementwise"
+            elif op == "Concat":
+                if not all(is_activation(v) for v in node.inputs):
+                    if dtype_of(node.outputs[0]) in _FLOATS:
+                        plan.left[name_of(node)] = "an input is a constant: kept in float"
+                    continue
+                out = node.outputs[0]
+                for v in node.inputs:
+                    mark(v)
+                    union(out.name, v.name)
+                mark(out)
+                plan.nodes[name_of(node)] = "concat"
+            elif op in _POOLING:
+                if not is_activation(node.inputs[0]):
+                    plan.left[name_of(node)] = "input is not a float activation"
+                    continue
+                mark(node.inputs[0])
+                mark(node.outputs[0])
+                plan.nodes[name_of(node)] = "pooling"
+            elif op == "Gather" or op in _PASS_THROUGH:
+                # A float constant read only by shape ops or a Gather (an embedding table, a sliced
+                # projection weight) is stored as integers with its own range, and its scale
+                # passes through to what reads it.
+                table_value = node.inputs[0] if node.inputs else None
+                table = constant_array(table_value)
+                if (
+                    table is None or dtype_of(table_value) not in _FLOATS or table.size == 0
+                    or table_value.is_graph_output()
+                    or any(u.node.op_type not in _PASS_THROUGH | {"Gather"} or u.idx != 0 for u in table_value.uses())
+                ):
+                    continue
+                mark(table_value)
+                plan.fixed[table_value.name] = (float(min(table.min(), 0.0)), float(max(table.max(), 0.0)))
+                plan.tables.append(table_value.name) if table_value.name not in plan.tables else None
+                for out in node.outputs:
+                    mark(out)
+                    union(table_value.name, out.name)
+                plan.nodes[name_of(node)] = "pass-through"
+            elif op in _SENSITIVE:
+                plan.left[name_of(node)] = "numerically sensitive: stays float"
+
+        # Pass-through ops carry the scale of their data input forward (a fixed point over chains).
+        changed = True
+        while changed:
+            changed = False
+            for node in graph:
+                if node.op_type not in _PASS_THROUGH and not (
+                    node.op_type in _FOLDED and name_of(node) not in plan.folded
+                ):
+                    continue
+                if self._excluded(node) or not node.inputs or node.inputs[0] is None:
+                    continue
+                if node.inputs[0].name not in quantized or name_of(node) in plan.nodes:
+                    continue
+                for out in node.outputs:
+                    if dtype_of(out) in _FLOATS and not out.is_graph_output():
+                        mark(out)
+                        if node.op_type in _PASS_THROUGH:
+                            union(node.inputs[0].name, out.name)
+                plan.nodes[name_of(node)] = "pass-through" if node.op_type in _PASS_THROUGH else "activation"
+                changed = True
+
+        # MatMul/Gemm outputs: quantized only when a quantized op reads them.
+        for node in graph:
+            if plan.nodes.get(name_of(node)) != "weighted" or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            out = output_of(node)
+            if out is not node.outputs[0] or self.quantize_outputs:
+                mark(out)  # a folded Relu/Clip: quantize after it so that it fuses away
+                continue
+            if any(name_of(u.node) in plan.nodes and u.node.op_type not in _PASS_THROUGH for u in out.uses()):
+                mark(out)
+
+        plan.tensors = [t for t in quantized]
+        plan.dtypes = {t: dtypes[t] for t in plan.tensors if t in dtypes}
+        plan.groups = {t: find(t) for t in plan.tensors}
+        return plan
+
+    # ------------------------------------------------------------------ rewriting
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.ranges is None:
+            raise ValueError("QuantizeQDQ needs calibrated ranges: QuantizeQDQ(ranges=calibrate(...))")
+        self.details = {"left": {}, "quantized_nodes": [], "folded": {}, "tensor_map": {}}
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset < 13:
+            self.summary = f"opset {opset} < 13: per-axis DequantizeLinear needs opset 13; nothing quantized"
+            self.details["left"]["model"] = self.summary
+            return ir.passes.PassResult(model, modified=False)
+        marks = already_quantized(model)
+        if marks:
+            self.summary = f"already quantized ({marks[0]}, ...): nothing done"
+            self.details["left"]["model"] = self.summary
+            return ir.passes.PassResult(model, modified=False)
+
+        graph = model.graph
+        plan = self.plan(model)
+        names = NameScope(graph)
+        # Ranges per scale group: the union over members.
+        group_range: dict[str, tuple[float, float]] = {}
+        for tensor in plan.tensors:
+            r = plan.fixed.get(tensor) or self.ranges.get(tensor)
+            if r is None:
+                continue
+            g = plan.groups[tensor]
+            lo, hi = group_range.get(g, (r[0], r[1]))
+            group_range[g] = (min(lo, r[0]), max(hi, r[1]))
+        params: dict[str, tuple[float, int]] = {}
+        for tensor in plan.tensors:
+            g = plan.groups[tensor]
+            if g in group_range:
+                params[tensor] = _activation_params(*group_range[g], self.activations)
+        # Fixed (table) groups keep the table's exact range: the table is quantized with these params.
+        values = {v.name: v for v in _all_values(graph)}
+        for tensor, dtype in plan.dtypes.items():
+            if tensor in values and values[tensor].dtype is None:
+                values[tensor].dtype = dtype
+        quant_dtype = ir.DataType.UINT8 if self.activations == "uint8" else ir.DataType.INT8
+
+        left = dict(plan.left)
+        # A quantized op whose activation inputs lack a range stays float.
+        quantized_nodes: list[tuple[ir.Node, str, str]] = []  # labels before outputs are renamed
+        for node in list(graph):
+            role = plan.nodes.get(_label(node))
+            if role is None or role in ("pass-through", "activation"):
+                continue
+            needs = _activation_inputs(node, role)
+            missing = [v.name for v in needs if v.name not in params]
+            if missing:
+                left[_label(node)] = f"no calibrated range for {', '.join(missing)}"
+                continue
+            quantized_nodes.append((node, _label(node), role))
+
+        # Activations: Q → DQ right after the producer; every reader takes the DQ output, except a
+        # quantizable op left float: it reads the float tensor, or onnxruntime would quantize it
+        # anyway (it fuses DQ → Conv/MatMul → Q with float weights).
+        keep_float = {
+            id(node) for node in graph
+            if _label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}
+        }
+        dq_of: dict[str, ir.Value] = {}
+        initializers = graph.initializers
+        for tensor in plan.tables:
+            value = initializers.get(tensor)
+            if value is None or tensor not in params:
+                continue
+            scale, zp = params[tensor]
+            q = _quantize_array(constant_array(value), np.float32(scale), zp, quant_dtype)
+            dq_of[tensor] = self._table_dq(graph, value, q, np.float32(scale), np.array(zp, dtype=q.dtype), names)
+        for tensor in plan.tensors:
+            value = values.get(tensor)
+            if value is None or tensor not in params or tensor in dq_of:
+                continue
+            if not value.uses() and not value.is_graph_output():
+                continue
+            scale, zp = params[tensor]
+            dq_of[tensor] = self._insert_qdq(graph, value, scale, zp, quant_dtype, names, keep_float)
+            self.details["tensor_map"][tensor] = dq_of[tensor].name
+
+        # Weights and biases.
+        original = {dq.name: tensor for tensor, dq in dq_of.items()}
+        weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
+        for node, label, role in quantized_nodes:
+            if role == "weighted":
+                self._quantize_weights(graph, node, params, weight_cache, names, original)
+            self.details["quantized_nodes"].append(label)
+            logger.info("quantize: %s (%s) computes on integers", node.name, node.op_type)
+        graph.sort()
+        for what, reason in left.items():
+            logger.warning("quantize: %s stays float: %s", what, reason)
+        self.details["left"] = left
+        self.details["folded"] = dict(plan.folded)
+        self.details["activations"] = self.activations
+        self.details["per_channel"] = self.per_channel
+        count = len(quantized_nodes)
+        weighted_total = sum(1 for n in graph if n.op_type in _WEIGHTED)
+        weighted_done = sum(1 for n, _, _ in quantized_nodes if n.op_type in _WEIGHTED)
+        self.summary = (
+            f"quantized {count} nodes ({weighted_done} of {weighted_total} Conv/Gemm/MatMul), "
+            f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}); "
+            f"{len(left)} left float"
+        )
+        return ir.passes.PassResult(model, modified=bool(dq_of or quantized_nodes))
+
+    def _insert_qdq(self, graph, value, scale, zp, dtype, names, keep_float=frozenset()) -> ir.Value:
+        base = value.name
+        if value.is_graph_output():
+            # The graph output keeps its name, now on the dequantized tensor, so that the op fuses.
+            index = list(graph.outputs).index(value)
+            value.name = names.fresh(f"{base}_float")
+        s = _initializer(graph, names, f"{base}_s", np.array(scale, dtype=np.float32))
+        z = _initializer(graph, names, f"{base}_zp", np.array(zp, dtype=dtype.numpy()))
+        readers = [use for use in value.uses() if id(use.node) not in keep_float]
+        q = ir.node("QuantizeLinear", [value, s, z], name=names.fresh(f"{base}_Q"))
+        q.outputs[0].name = names.fresh(f"{base}_q")
+        q.outputs[0].dtype = dtype
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=names.fresh(f"{base}_DQ"))
+        dq.outputs[0].name = names.fresh(f"{base}_dq") if value.name == base else base
+        dq.outputs[0].dtype = value.dtype
+        dq.outputs[0].shape = value.shape if value.name != base else None
+        graph.extend([q, dq])
+        for use in readers:
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        if value.name != base:
+            graph.outputs[index] = dq.outputs[0]
+        return dq.outputs[0]
+
+    def _table_dq(self, graph, value, q, scale, zp, names) -> ir.Value:
+        """Every reader of the float constant ``value`` reads DequantizeLinear(q) instead; ``value`` goes."""
+        base = value.name
+        w = _initializer(graph, names, f"{base}_q", q)
+        s = _initializer(graph, names, f"{base}_s", scale)
+        z = _initializer(graph, names, f"{base}_zp", zp)
+        dq = ir.node("DequantizeLinear", [w, s, z], name=names.fresh(f"{base}_DQ"))
+        dq.outputs[0].name = names.fresh(f"{base}_dq")
+        dq.outputs[0].dtype = value.dtype
+        graph.append(dq)
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        drop_if_unused(graph, value)
+        return dq.outputs[0]
+
+    def _replace_with_dq(self, graph, node, index, q, scale, zp, axis, names, hint) -> None:
+        old = node.inputs[index]
+        base = (old.name if old is not None and old.name else None) or node.name or node.op_type
+        w = _initializer(graph, names, f"{base}_q", q)
+        s = _initializer(graph, names, f"{base}_s", scale)
+        z = _initializer(graph, names, f"{base}_zp", zp)
+        attrs = {"axis": int(axis)} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [w, s, z], attributes=attrs, name=names.fresh(f"{base}_DQ"))
+        dq.outputs[0].name = names.fresh(f"{base}_dq")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        graph.append(dq)
+        node.replace_input_with(index, dq.outputs[0])
+        if old is not None:
+            drop_if_unused(graph, old)
+
+    def _quantize_weights(self, graph, node, params, cache, names, original) -> None:
+        op = node.op_type
+        x_name = node.inputs[0].name
+        x_scale = params[original.get(x_name, x_name)][0]
+        if op == "MatMul" and constant_array(node.inputs[1]) is None:
+            return  # two activations: both already behind Q/DQ
+        w_value = node.inputs[1]
+        w = constant_array(w_value).astype(np.float32)
+        axis = _weight_axis(node, w)
+        if not self.per_channel:
+            axis = None
+        key = (id(w_value), axis)
+        if key in cache:
+            dq_out, w_scale = cache[key]
+            node.replace_input_with(1, dq_out)
+            drop_if_unused(graph, w_value)
+        else:
+            w_scale = _weight_scale(w, axis)
+            shape = [1] * w.ndim
+            if axis is not None:
+                shape[axis] = -1
+            q = np.clip(np.rint(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+            zp = np.zeros(w_scale.shape, dtype=np.int8)
+            scale = w_scale.astype(np.float32) if axis is not None else np.float32(w_scale.reshape(()))
+            self._replace_with_dq(graph, node, 1, q, scale, zp.reshape(scale.shape), axis, names, "weight")
+            cache[key] = (node.inputs[1], w_scale)
+        bias_index = 2
+        if len(node.inputs) > bias_index and node.inputs[bias_index] is not None:
+            b = constant_array(node.inputs[bias_index]).astype(np.float64).reshape(-1)
+            channels = b.shape[0]
+            b_scale = (np.float64(x_scale) * np.asarray(w_scale, dtype=np.float64)).reshape(-1)
+            if b_scale.size == 1 and channels > 1:
+                b_scale = np.full(channels, b_scale[0])
+            b_scale = np.maximum(b_scale, _MIN_SCALE).astype(np.float32)
+            q = np.clip(np.rint(b / b_scale.astype(np.float64)), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+            self._replace_with_dq(graph, node, bias_index, q, b_scale, np.zeros(channels, np.int32), 0, names, "bias")
+
+
+def _label(node: ir.Node) -> str:
+    """A node's name, or for an unnamed node its op type and first output (unique in a graph)."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else ""
+    return f"{node.op_type}({out})"
+
+
+def _clip_is_static(node: ir.Node) -> bool:
+    if node.op_type != "Clip":
+        return True
+    if node.attributes.get("min") is not None or node.attributes.get("max") is not None:
+        return True
+    return all(v is None or constant_array(v) is not None for v in node.inputs[1:])
+
+
+def _gemm_refusal(node: ir.Node) -> str | None:
+    attr = lambda k, d: node.attributes[k].value if k in node.attributes else d  # noqa: E731
+    if attr("transA", 0):
+        return "transA=1"
+    if constant_array(node.inputs[1]) is None:
+        return "B is not a constant"
+    b = constant_array(node.inputs[1])
+    if b.ndim != 2:
+        return "B is not 2-D"
+    n = b.shape[0] if attr("transB", 0) else b.shape[1]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = constant_array(node.inputs[2])
+        if c is None:
+            return "C is not a constant"
+        if c.size != n or (c.ndim == 2 and c.shape[0] != 1):
+            return f"C of shape {list(c.shape)} is not a bias of {n}"
+        if attr("alpha", 1.0) != 1.0 or attr("beta", 1.0) != 1.0:
+            return "alpha or beta is not 1"
+    return None
+
+
+def _weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
+    op = node.op_type
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        group = node.attributes["group"].value if "group" in node.attributes else 1
+        return 1 if group == 1 else None
+    if op == "Gemm":
+        trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
+        return 0 if trans_b else 1
+    if op == "MatMul":
+        return w.ndim - 1 if w.ndim == 2 else None
+    return None
+
+
+def _weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """max|W| / 127 per channel (or per tensor); an all-zero channel gets scale 1 (its values stay 0)."""
+    if w.size == 0:
+        return np.ones(w.shape[axis] if axis is not None else 1, dtype=np.float64)
+    if axis is None:
+        m = np.array([np.abs(w).max()], dtype=np.float64)
+    else:
+        m = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1).astype(np.float64)
+    return np.where(m > 0, m / 127.0, 1.0)
+
+
+def _activation_params(lo: float, hi: float, activations: str) -> tuple[float, int]:
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        lo, hi = max(lo, -3.0e38), min(hi, 3.0e38)
+    if activations == "int8":
+        scale = max(abs(lo), abs(hi)) / 127.0
+        return (scale if scale > _MIN_SCALE else 1.0), 0
+    scale = (hi - lo) / 255.0
+    if scale <= _MIN_SCALE:
+        return 1.0, 0
+    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return scale, zp
+
+
+def _quantize_array(x: np.ndarray, scale: np.float32, zp: int, dtype: ir.DataType) -> np.ndarray:
+    info = np.iinfo(dtype.numpy())
+    return np.clip(np.rint(x / scale) + zp, info.min, info.max).astype(dtype.numpy())
+
+
+def _activation_inputs(node: ir.Node, role: str) -> list[ir.Value]:
+    if role == "weighted":
+        if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
+            return [node.inputs[0], node.inputs[1]]
+        return [node.inputs[0]]
+    return [v for v in node.inputs if v is not None]
+
+
+def _element_types(model: ir.Model) -> dict[str, ir.DataType]:
+    """Element types of the main graph's values that the model does not record, by onnx type inference.
+
+    Exporters often write no value_info; a value of unknown type would otherwise never be quantized.
+    """
+    if all(v.dtype is not None for node in model.graph for v in node.outputs):
+        return {}
+    proto = ir.to_proto(model)
+    for tensor in proto.graph.initializer:  # types only: float weights' bytes are not needed
+        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                                    onnx.TensorProto.DOUBLE):
+            continue  # integer tensors may be shapes that inference reads
+        tensor.ClearField("raw_data")
+        for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(field_name)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception as exc:  # inference is best effort: unknown types stay unknown
+        logger.debug("type inference failed: %s", exc)
+        return {}
+    types = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
+        elem = info.type.tensor_type.elem_type
+        if elem:
+            types[info.name] = ir.DataType(elem)
+    return types
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    for node in graph:
+        yield from node.outputs
+
+
+def _initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
+    name = names.fresh(base)
+    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
+    value.dtype = value.const_value.dtype
+    value.shape = value.const_value.shape
+    graph.register_initializer(value)
+    return value

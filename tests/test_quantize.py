@@ -1,0 +1,252 @@
+"""QuantizeQDQ: placement that onnxruntime fuses (checked in its optimized graph), weights, biases, edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphs import build, random_feeds, run, snapshot
+from onnxopt.calibrate import calibrate
+from onnxopt.observe import optimized_ops
+from onnxopt.passes import REGISTRY, QuantizeQDQ
+
+OPSET = '<ir_version: 8, opset_import: ["" : 17]>'
+rng = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def quantize(model: ir.Model, dims=None, batches: int = 4, **options) -> QuantizeQDQ:
+    """Calibrate on random feeds (min-max) and run the pass; returns the pass for its details."""
+    feeds = [random_feeds(model, dims, seed=i) for i in range(batches)]
+    p = QuantizeQDQ(**options)
+    p.ranges = calibrate(model, p.plan(model).tensors, feeds)
+    p(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    return p
+
+
+def float_initializers(model: ir.Model, min_size: int = 16) -> list[str]:
+    return [
+        name for name, v in model.graph.initializers.items()
+        if v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= min_size
+    ]
+
+
+def initializer(model: ir.Model, name: str) -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+RESIDUAL_CNN = f"""{OPSET}
+g (float[N,4,8,8] x) => (float[N,10] y) {{
+    c1 = Conv <pads=[1,1,1,1]> (x, W1, B1)
+    r1 = Relu(c1)
+    c2 = Conv <pads=[1,1,1,1]> (r1, W2, B2)
+    a = Add(c2, r1)
+    r2 = Relu(a)
+    p = GlobalAveragePool(r2)
+    f = Flatten(p)
+    y = Gemm <transB=1> (f, FW, FB)
+}}"""
+
+
+def residual_cnn() -> ir.Model:
+    return build(RESIDUAL_CNN, {"W1": randn(8, 4, 3, 3), "B1": randn(8), "W2": randn(8, 8, 3, 3), "B2": randn(8),
+                                "FW": randn(10, 8), "FB": randn(10)})
+
+
+def test_registered_and_needs_ranges():
+    assert REGISTRY["quantize"] is QuantizeQDQ
+    with pytest.raises(ValueError, match="ranges"):
+        QuantizeQDQ()(residual_cnn())
+    with pytest.raises(ValueError, match="activations"):
+        QuantizeQDQ({}, activations="int4")
+
+
+def test_residual_cnn_fuses_into_integer_kernels_and_keeps_no_float_weights():
+    model = residual_cnn()
+    before = snapshot(model)
+    p = quantize(model)
+    ops = optimized_ops(model)
+    assert ops.get("QLinearConv") == 2 and ops.get("QLinearAdd") == 1, ops
+    assert ops.get("QLinearGlobalAveragePool") == 1 and ops.get("QGemm") == 1, ops
+    assert "Conv" not in ops and "Relu" not in ops and "Gemm" not in ops, ops
+    assert float_initializers(model) == []
+    assert p.details["folded"] == {"Relu(r1)": "Conv(c1)", "Relu(r2)": "Add(a)"}
+    assert p.details["left"] == {}
+    # Quality: the int8 model tracks the float one.
+    feed = random_feeds(model, seed=9)
+    ref, got = run(before, feed)[0], run(model, feed)[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
+
+
+def test_weights_per_channel_int8_and_bias_int32_with_product_scale():
+    model = residual_cnn()
+    w1 = model.graph.initializers["W1"].const_value.numpy().copy()
+    b1 = model.graph.initializers["B1"].const_value.numpy().copy()
+    quantize(model)
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    w_dq, b_dq, x_dq = conv.inputs[1].producer(), conv.inputs[2].producer(), conv.inputs[0].producer()
+    q, w_scale = w_dq.inputs[0].const_value.numpy(), w_dq.inputs[1].const_value.numpy()
+    assert q.dtype == np.int8 and w_dq.attributes["axis"].value == 0 and w_scale.shape == (8,)
+    np.testing.assert_allclose(w_scale, np.abs(w1).reshape(8, -1).max(axis=1) / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127
+    bias, b_scale = b_dq.inputs[0].const_value.numpy(), b_dq.inputs[1].const_value.numpy()
+    x_scale = x_dq.inputs[1].const_value.numpy()
+    assert bias.dtype == np.int32
+    np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-6)
+    np.testing.assert_allclose(bias * b_scale, b1, atol=float(b_scale.max()))
+
+
+def test_gemm_axis_follows_transB_and_per_tensor_option():
+    text = f"""{OPSET}
+    g (float[N,8] x) => (float[N,6] y) {{ h = Gemm (x, W, B) \n y = Gemm <transB=1> (h, V, C) }}"""
+    model = build(text, {"W": randn(8, 5), "B": randn(5), "V": randn(6, 5), "C": randn(6)})
+    quantize(model)
+    axes = [n.attributes["axis"].value for n in model.graph if n.op_type == "DequantizeLinear"
+            and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.INT8]
+    assert sorted(axes) == [0, 1]
+    model = build(text, {"W": randn(8, 5), "B": randn(5), "V": randn(6, 5), "C": randn(6)})
+    quantize(model, per_channel=False)
+    scales = [n.inputs[1].const_value.numpy() for n in model.graph if n.op_type == "DequantizeLinear"
+              and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.INT8]
+    assert all(s.ndim == 0 for s in scales) and len(scales) == 2
+
+
+def test_concat_inputs_share_one_scale_and_fuse():
+    text = f"""{OPSET}
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y) {{
+        a = Conv (x, Wa) \n b = Conv (x, Wb) \n c = Concat <axis=1> (a, b) \n y = Conv (c, Wc)
+    }}"""
+    model = build(text, {"Wa": randn(4, 3, 1, 1), "Wb": 5 * randn(4, 3, 1, 1), "Wc": randn(4, 8, 1, 1)})
+    quantize(model)
+    concat = next(n for n in model.graph if n.op_type == "Concat")
+    scales = {float(v.producer().inputs[1].const_value.numpy()) for v in concat.inputs}
+    out_q = concat.outputs[0].uses()[0].node
+    assert out_q.op_type == "QuantizeLinear"
+    assert scales == {float(out_q.inputs[1].const_value.numpy())}
+    ops = optimized_ops(model)
+    assert "Concat" not in ops or ops.get("QLinearConcat"), ops
+    assert ops.get("QLinearConv") == 3, ops
+
+
+def test_shape_ops_pass_the_scale_through():
+    text = f"""{OPSET}
+    g (float[N,4,4,4] x) => (float[N,6] y) {{
+        c = Conv (x, W) \n t = Transpose <perm=[0,2,3,1]> (c) \n r = Reshape (t, shape) \n y = MatMul (r, M)
+    }}"""
+    model = build(text, {"W": randn(4, 4, 1, 1), "shape": np.array([-1, 64], np.int64), "M": randn(64, 6)})
+    quantize(model)
+    qs = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    by_input = {n.inputs[0].name: float(n.inputs[1].const_value.numpy()) for n in qs}
+    assert by_input["c"] == by_input["t"] == by_input["r"]
+    ops = optimized_ops(model)
+    assert ops.get("QLinearConv") == 1 and ("MatMulIntegerToFloat" in ops or "QLinearMatMul" in ops), ops
+    assert "MatMul" not in ops and "Conv" not in ops, ops
+
+
+def test_activation_matmul_and_softmax_layernorm_stay_float():
+    text = f"""{OPSET}
+    g (float[N,5,8] x) => (float[N,5,8] y) {{
+        q = MatMul (x, Wq) \n k = MatMul (x, Wk) \n kt = Transpose <perm=[0,2,1]> (k)
+        s = MatMul (q, kt) \n p = Softmax <axis=-1> (s) \n v = MatMul (p, x)
+        y = LayerNormalization <axis=-1> (v, G, Bt)
+    }}"""
+    model = build(text, {"Wq": randn(8, 8), "Wk": randn(8, 8), "G": np.ones(8, np.float32), "Bt": np.zeros(8, np.float32)})
+    p = quantize(model, dims={"N": 2})
+    left = p.details["left"]
+    assert any("sensitive" in reason for reason in left.values())
+    ops = optimized_ops(model)
+    assert "Softmax" in ops and "LayerNormalization" in ops
+    assert ops.get("MatMul", 0) == 0, ops
+    assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 4, ops
+
+
+def test_exclude_by_name_op_type_and_pattern():
+    for exclude, float_convs in ((["c2"], 1), (["Conv"], 2), (["c*"], 2)):
+        model = residual_cnn()
+        for node in model.graph:
+            if node.op_type == "Conv":
+                node.name = node.outputs[0].name
+        p = quantize(model, exclude=exclude)
+        assert sum(1 for name, why in p.details["left"].items() if why == "excluded" and name.startswith("c")) == float_convs
+        ops = optimized_ops(model)
+        # An excluded Conv reads the float tensor, so onnxruntime cannot quantize it on its own.
+        assert ops.get("Conv", 0) + ops.get("FusedConv", 0) >= float_convs, ops
+
+
+def test_gather_table_stored_as_integers():
+    text = f"""{OPSET}
+    g (int64[N,5] ids) => (float[N,5,6] y) {{ e = Gather (table, ids) \n y = MatMul (e, W) }}"""
+    model = build(text, {"table": randn(50, 8), "W": randn(8, 6)})
+    feeds = [{"ids": rng.integers(0, 50, (2, 5)).astype(np.int64)} for _ in range(3)]
+    before = snapshot(model)
+    p = QuantizeQDQ()
+    p.ranges = calibrate(model, p.plan(model).tensors, feeds)
+    p(model)
+    assert float_initializers(model) == []
+    assert any(v.const_value.dtype == ir.DataType.UINT8 and v.const_value.size == 400 for v in model.graph.initializers.values())
+    ref, got = run(before, feeds[0])[0], run(model, feeds[0])[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+
+
+def test_conv_transpose_axis_one_and_grouped_per_tensor():
+    text = f"""{OPSET}
+    g (float[N,4,4,4] x) => (float[N,6,8,8] y) {{
+        a = ConvTranspose <strides=[2,2], kernel_shape=[2,2]> (x, W, B)
+        y = ConvTranspose <group=2, kernel_shape=[1,1]> (a, V)
+    }}"""
+    model = build(text, {"W": randn(4, 6, 2, 2), "B": randn(6), "V": randn(6, 3, 1, 1)})
+    quantize(model)
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+           and n.inputs[0].const_value.dtype == ir.DataType.INT8]
+    by_shape = {n.inputs[0].const_value.shape.dims: n for n in dqs}
+    assert by_shape[(4, 6, 2, 2)].attributes["axis"].value == 1
+    assert by_shape[(6, 3, 1, 1)].inputs[1].const_value.numpy().ndim == 0
+
+
+def test_zero_and_constant_channels():
+    w = randn(4, 2, 1, 1)
+    w[1] = 0.0
+    w[2] = 0.5
+    model = build(f"""{OPSET} g (float[N,2,4,4] x) => (float[N,4,4,4] y) {{ y = Conv (x, W) }}""", {"W": w})
+    before = snapshot(model)
+    quantize(model)
+    feed = random_feeds(model, seed=3)
+    ref, got = run(before, feed)[0], run(model, feed)[0]
+    assert np.all(got[:, 1] == run(model, feed)[0][:, 1])
+    assert np.isfinite(got).all()
+    scale = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+                 and n.inputs[0].const_value.dtype == ir.DataType.INT8).inputs[1].const_value.numpy()
+    assert scale[1] == 1.0 and scale[2] == pytest.approx(0.5 / 127)
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_int8_symmetric_activations():
+    model = residual_cnn()
+    quantize(model, activations="int8")
+    zps = [n.inputs[2].const_value for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == ir.DataType.INT8 and int(z.numpy()) == 0 for z in zps)
+
+
+def test_already_quantized_and_old_opset_are_left_alone():
+    model = residual_cnn()
+    quantize(model)
+    again = QuantizeQDQ({})
+    assert not again(model).modified and "already quantized" in again.summary
+    old = build(RESIDUAL_CNN.replace('"" : 17', '"" : 12'), {"W1": randn(8, 4, 3, 3), "B1": randn(8),
+                "W2": randn(8, 8, 3, 3), "B2": randn(8), "FW": randn(10, 8), "FB": randn(10)})
+    p = QuantizeQDQ({})
+    assert not p(old).modified and "opset 12" in p.summary
+
+
+def test_a_node_without_a_range_stays_float_and_says_so():
+    model = residual_cnn()
+    p = QuantizeQDQ({})
+    p(model)
+    assert all("no calibrated range" in why for why in p.details["left"].values())
+    assert len(p.details["left"]) == 5
