@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from onnxopt.passes._base import OnnxoptPass
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
+from onnxopt.passes.prune_channels import PruneChannels
 from onnxopt.passes.quantize import QuantizeQDQ
 from onnxopt.passes.share_initializers import ShareInitializers
 from onnxopt.passes.simplify import Simplify
 
-__all__ = ["OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "REGISTRY"]
+__all__ = ["OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "REGISTRY"]
 
-REGISTRY: dict[str, type[OnnxoptPass]] = {cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ)}
+REGISTRY: dict[str, type[OnnxoptPass]] = {cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels)}
