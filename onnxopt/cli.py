@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency comparison")
     parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
+    parser.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels by importance (lossy; 'prune' pass)")
+    parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation"), help="pruning criterion (default l1)")
+    parser.add_argument("--prune-scope", default="layer", choices=("layer", "global"), help="ratio per channel group (default) or over all groups")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N", help="keep pruned channel counts multiples of N")
+    parser.add_argument("--prune-first", dest="protect_first", action="store_false", help="let pruning touch the first layer")
+    parser.add_argument("--calibration", help="data for --importance activation (.npz, ...)")
+    parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
+    parser.add_argument("--explain", action="store_true", help="print the channel groups that 'prune' sees, and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log each rewrite (-v) and debug detail (-vv)")
     return parser
@@ -119,6 +127,17 @@ def _check_options(args) -> None:
 
 
 def _run(args) -> int:
+    if args.explain:
+        from onnxopt.pipeline import explain_channels
+
+        print(explain_channels(args.model))
+        return EXIT_OK
+    if args.eval:
+        if args.data and args.data != args.eval:
+            raise OptionError("--eval and --data name different files; give one")
+        args.data = args.eval
+    if args.prune is not None and not 0 <= args.prune < 1:
+        raise OptionError(f"--prune {args.prune}: must be in [0, 1)")
     output = args.output or (args.model if args.in_place else str(io.default_output_path(args.model)))
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
@@ -128,7 +147,8 @@ def _run(args) -> int:
         args.model, args.passes, data=args.data, dims=args.dim, providers=args.providers,
         validate=args.validate, latency=args.latency, rtol=args.rtol, atol=args.atol,
         batch_size=args.batch_size, threads=args.threads, latency_budget=args.latency_budget,
-        progress=progress,
+        progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
+        round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
     )
     report = result.report
     if result.ok:

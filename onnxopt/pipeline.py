@@ -16,9 +16,9 @@ import onnx_ir as ir
 
 from onnxopt import io
 from onnxopt.data import Dataset, load_data, parse_dims, synthetic_data
-from onnxopt.errors import ModelLoadError, OnnxoptError, UnknownPassError
+from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError
 from onnxopt.latency import compare_latency
-from onnxopt.passes import REGISTRY
+from onnxopt.passes import REGISTRY, PruneChannels
 from onnxopt.report import ModelStats, PassRecord, Report
 from onnxopt.runtime import ModelSnapshot, create_session
 from onnxopt.stats import model_stats
@@ -99,6 +99,12 @@ def optimize(
     latency_budget: float = 5.0,
     check: bool = False,
     progress: Progress | None = None,
+    prune: float | None = None,
+    importance: str = "l1",
+    prune_scope: str = "layer",
+    round_to: int = 1,
+    protect_first: bool = True,
+    calibration=None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -109,6 +115,8 @@ def optimize(
     ``check`` runs onnx.checker and creates an onnxruntime session after every pass.
     """
     pass_objects = resolve_passes(passes)
+    if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
+        pass_objects = with_pruning(pass_objects, prune, importance, prune_scope, round_to, protect_first)
     dims = parse_dims(dims)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     label = source or type(model).__name__
@@ -125,10 +133,13 @@ def optimize(
             raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
     before = model_stats(working, dims=dims)
     report = Report(model=label, output=None, before=before, after=before)
+    report.lossy = any(isinstance(p, PruneChannels) and p.mode != "zero" for p in pass_objects)
     for step, p in enumerate(pass_objects):
         name = _pass_name(p)
         if progress:
             progress(f"pass {name}", step, len(pass_objects))
+        if isinstance(p, PruneChannels) and p.importance == "activation" and p.ratio is not None and p.activation is None:
+            p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size, providers)
         start = time.perf_counter()
         result = p(working)
         seconds = time.perf_counter() - start
@@ -176,3 +187,55 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
 
 def _one_line(exc: BaseException) -> str:
     return " ".join((str(exc).strip() or type(exc).__name__).split())[:300]
+
+
+def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope: str = "layer", round_to: int = 1,
+                 protect_first: bool = True) -> list:
+    """The passes with an importance-pruning ``prune`` pass: replacing a ``prune`` already listed, else
+    inserted before ``fold-bn`` (BatchNorm scales are a criterion, and BN slices with its channels)."""
+    try:
+        pruner = PruneChannels(ratio=ratio, importance=importance, scope=scope, round_to=round_to,
+                               protect_first=protect_first, activation={} if importance == "activation" else None)
+    except ValueError as exc:
+        raise OptionError(f"--prune: {exc}") from None
+    pruner.activation = None
+    names = [_pass_name(p) for p in pass_objects]
+    if "prune" in names:
+        return [pruner if n == "prune" else p for p, n in zip(pass_objects, names)]
+    at = names.index("fold-bn") if "fold-bn" in names else (names.index("simplify") + 1 if "simplify" in names else 0)
+    return [*pass_objects[:at], pruner, *pass_objects[at:]]
+
+
+def activation_statistics(model: ir.Model, data, dims, batch_size, providers) -> dict[str, "np.ndarray"]:
+    """Mean |x| per channel of every tensor that a channel group's consumer reads, over ``data``
+    (the calibration set), streamed batch by batch through ``onnxopt.observe``."""
+    import numpy as np
+
+    from onnxopt.observe import observe
+    from onnxopt.passes.channel_groups import analyze
+
+    if data is None:
+        raise OptionError("--importance activation needs --calibration (or --data)")
+    axes = {p.value: p.axis for g in analyze(model).groups for p in g.probes}
+    dataset = load_data(data, model, batch_size=batch_size, dims=dims)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def update(name: str, array: np.ndarray) -> None:
+        a = np.moveaxis(np.abs(np.asarray(array, dtype=np.float64)), axes[name], 0)
+        a = a.reshape(a.shape[0], -1)
+        sums[name] = sums.get(name, 0) + a.sum(axis=1)
+        counts[name] = counts.get(name, 0) + a.shape[1]
+
+    observe(model, sorted(axes), dataset.batches, update, providers=providers)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def explain_channels(model) -> str:
+    """The channel groups of ``model`` (after ``simplify``, which folds constants): what ``prune`` would couple."""
+    from onnxopt.passes import Simplify
+    from onnxopt.passes.channel_groups import explain, find_channel_groups
+
+    working = io.load_model(model)
+    Simplify()(working)
+    return explain(find_channel_groups(working))
