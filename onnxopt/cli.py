@@ -12,7 +12,8 @@ import time
 
 from onnxopt import io
 from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
-from onnxopt.passes import REGISTRY
+from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
+from onnxopt.passes import REGISTRY, QuantizeQDQ
 from onnxopt.pipeline import DEFAULT_PASSES, optimize
 from onnxopt.report import render_table, write_json
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
@@ -82,7 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune-scope", default="layer", choices=("layer", "global"), help="ratio per channel group (default) or over all groups")
     parser.add_argument("--round-to", type=int, default=1, metavar="N", help="keep pruned channel counts multiples of N")
     parser.add_argument("--prune-first", dest="protect_first", action="store_false", help="let pruning touch the first layer")
-    parser.add_argument("--calibration", help="data for --importance activation (.npz, ...)")
+    parser.add_argument(
+        "--calibration",
+        help="calibration data for --quantize and --importance activation (.npz, folder of .npy, onnx test data, or 'synthetic')",
+    )
+    parser.add_argument("--quantize", choices=("int8",), help="static int8 QDQ quantization (adds the 'quantize' pass; needs --calibration)")
+    parser.add_argument("--calibrate", default="minmax", choices=METHODS, help="range method for --quantize (default minmax)")
+    parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help=f"for --calibrate percentile (default {DEFAULT_PERCENTILE})")
+    parser.add_argument(
+        "--activations", default="uint8", choices=("uint8", "int8"),
+        help="uint8 asymmetric (default: fastest on onnxruntime CPU) or int8 symmetric (TensorRT)",
+    )
+    parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
+    parser.add_argument("--max-drop", type=float, metavar="POINTS", help="quantize: accuracy points the --eval labels may lose (default 1.0); layers fall back to float until met")
+    parser.add_argument("--min-cosine", type=float, metavar="C", help="quantize: least output cosine to float without labels (default 0.99); layers fall back to float until met")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
     parser.add_argument("--explain", action="store_true", help="print the channel groups that 'prune' sees, and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -126,6 +141,20 @@ def _check_options(args) -> None:
             raise OptionError(f"--report {args.report}: folder '{folder}' does not exist")
 
 
+def _quantize_passes(args) -> list:
+    """--passes, with the 'quantize' preset for --quantize and its options in a QuantizeQDQ object."""
+    names = [n.strip() for n in args.passes.split(",") if n.strip()]
+    if args.quantize and "quantize" not in names:
+        names = ["simplify", "fold-bn", "share-init", "quantize"] if args.passes == ",".join(DEFAULT_PASSES) else [*names, "quantize"]
+    exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
+    if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None):
+        raise OptionError("--exclude, --max-drop and --min-cosine apply to --quantize int8")
+    return [
+        QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude) if n == "quantize" else n
+        for n in names
+    ]
+
+
 def _run(args) -> int:
     if args.explain:
         from onnxopt.pipeline import explain_channels
@@ -142,13 +171,15 @@ def _run(args) -> int:
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
     _check_options(args)
+    passes = _quantize_passes(args)
     progress = Progress(enabled=not args.quiet)
     result = optimize(
-        args.model, args.passes, data=args.data, dims=args.dim, providers=args.providers,
+        args.model, passes, data=args.data, dims=args.dim, providers=args.providers,
         validate=args.validate, latency=args.latency, rtol=args.rtol, atol=args.atol,
         batch_size=args.batch_size, threads=args.threads, latency_budget=args.latency_budget,
         progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
         round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
+        calibrate=args.calibrate, percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine,
     )
     report = result.report
     if result.ok:

@@ -18,7 +18,8 @@ from onnxopt import io
 from onnxopt.data import Dataset, load_data, parse_dims, synthetic_data
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError
 from onnxopt.latency import compare_latency
-from onnxopt.passes import REGISTRY, PruneChannels
+from onnxopt.passes import REGISTRY, PruneChannels, QuantizeQDQ
+from onnxopt.quantization import QuantizationStep
 from onnxopt.report import ModelStats, PassRecord, Report
 from onnxopt.runtime import ModelSnapshot, create_session
 from onnxopt.stats import model_stats
@@ -105,6 +106,10 @@ def optimize(
     round_to: int = 1,
     protect_first: bool = True,
     calibration=None,
+    calibrate: str = "minmax",
+    percentile: float = 99.99,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -113,6 +118,10 @@ def optimize(
     and with ``latency`` both are timed side by side. ``rtol=None`` judges each output by the
     default for its dtype (1e-5 for float32, 2e-3 for float16; see ``onnxopt.validate``).
     ``check`` runs onnx.checker and creates an onnxruntime session after every pass.
+
+    A ``quantize`` pass without ranges is calibrated on ``calibration`` (``calibrate`` names the
+    method) and judged as a lossy pass: ``max_drop`` accuracy points with labels, else ``min_cosine``
+    per output; see ``onnxopt.quantization``.
     """
     pass_objects = resolve_passes(passes)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
@@ -121,6 +130,15 @@ def optimize(
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     label = source or type(model).__name__
     working = io.load_model(model)
+    quantizing = [p for p in pass_objects if isinstance(p, QuantizeQDQ) and p.ranges is None]
+    quantization = None
+    if quantizing:
+        working, upgraded = QuantizationStep.upgrade_opset(working, label)
+        quantization = QuantizationStep(
+            working, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
+            min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers,
+        )
+        quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
         # Fail on bad data before spending time on passes.
         dataset = _dataset(data, working, dims, batch_size)
@@ -141,7 +159,10 @@ def optimize(
         if isinstance(p, PruneChannels) and p.importance == "activation" and p.ratio is not None and p.activation is None:
             p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size, providers)
         start = time.perf_counter()
-        result = p(working)
+        if quantization is not None and p in quantizing:
+            result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress)
+        else:
+            result = p(working)
         seconds = time.perf_counter() - start
         working = result.model
         if check:
@@ -170,8 +191,12 @@ def optimize(
                 budget_seconds=latency_budget,
                 progress=(lambda i, t: progress("latency", int(t), int(latency_budget))) if progress else None,
             )
+        if quantization is not None:
+            quantization.finish(report, candidate, original)
         candidate.close()
         original.close()
+    if quantization is not None and not (validate or latency):
+        quantization.finish(report, None, None)
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source)

@@ -76,6 +76,7 @@ class QuantPlan:
     folded: dict[str, str] = field(default_factory=dict)        # Relu/Clip name → producer folded into
     tables: list[str] = field(default_factory=list)             # float constants stored as integers
     dtypes: dict[str, ir.DataType] = field(default_factory=dict)  # inferred types the model does not record
+    outputs: dict[str, str] = field(default_factory=dict)       # node → the tensor carrying its result
 
 
 class QuantizeQDQ(OnnxoptPass):
@@ -120,7 +121,7 @@ class QuantizeQDQ(OnnxoptPass):
     def _excluded(self, node: ir.Node) -> bool:
         name = node.name or ""
         for pattern in self.exclude:
-            if pattern == node.op_type or pattern == name or (name and fnmatch.fnmatchcase(name, pattern)):
+            if pattern in (node.op_type, name, _label(node)) or (name and fnmatch.fnmatchcase(name, pattern)):
                 return True
         return False
 
@@ -293,6 +294,9 @@ class QuantizeQDQ(OnnxoptPass):
             if any(name_of(u.node) in plan.nodes and u.node.op_type not in _PASS_THROUGH for u in out.uses()):
                 mark(out)
 
+        for node in graph:
+            if plan.nodes.get(name_of(node)) in ("weighted", "elementwise", "concat", "pooling"):
+                plan.outputs[name_of(node)] = output_of(node).name
         plan.tensors = [t for t in quantized]
         plan.dtypes = {t: dtypes[t] for t in plan.tensors if t in dtypes}
         plan.groups = {t: find(t) for t in plan.tensors}
@@ -341,6 +345,7 @@ class QuantizeQDQ(OnnxoptPass):
         left = dict(plan.left)
         # A quantized op whose activation inputs lack a range stays float.
         quantized_nodes: list[tuple[ir.Node, str, str]] = []  # labels before outputs are renamed
+        io: dict[str, list] = {}  # node → [activation inputs, output] by their float names
         for node in list(graph):
             role = plan.nodes.get(_label(node))
             if role is None or role in ("pass-through", "activation"):
@@ -351,6 +356,8 @@ class QuantizeQDQ(OnnxoptPass):
                 left[_label(node)] = f"no calibrated range for {', '.join(missing)}"
                 continue
             quantized_nodes.append((node, _label(node), role))
+            if role != "pass-through":
+                io[_label(node)] = [[v.name for v in needs], plan.outputs.get(_label(node), node.outputs[0].name)]
 
         # Activations: Q → DQ right after the producer; every reader takes the DQ output, except a
         # quantizable op left float: it reads the float tensor, or onnxruntime would quantize it
@@ -393,9 +400,11 @@ class QuantizeQDQ(OnnxoptPass):
         self.details["folded"] = dict(plan.folded)
         self.details["activations"] = self.activations
         self.details["per_channel"] = self.per_channel
+        self.details["io"] = io
         count = len(quantized_nodes)
         weighted_total = sum(1 for n in graph if n.op_type in _WEIGHTED)
         weighted_done = sum(1 for n, _, _ in quantized_nodes if n.op_type in _WEIGHTED)
+        self.details["weighted"] = {"total": weighted_total, "float": weighted_total - weighted_done}
         self.summary = (
             f"quantized {count} nodes ({weighted_done} of {weighted_total} Conv/Gemm/MatMul), "
             f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}); "
