@@ -147,7 +147,7 @@ class QuantizationStep:
                 if met:
                     break
                 harm = self._harm(float_model, model, p, evaluation)
-                candidates = [(h, node) for node, h in harm if node not in p.exclude]
+                candidates = [(h, node) for node, h in harm if node not in p.exclude and h > 0]
                 if not candidates:
                     break
                 take = candidates[: 2 ** (round_ - 1)]

@@ -348,6 +348,8 @@ class QuantizeQDQ(OnnxoptPass):
         io: dict[str, list] = {}  # node → [activation inputs, output] by their float names
         for node in list(graph):
             role = plan.nodes.get(_label(node))
+            if role == "pass-through" and node.inputs[0] is not None and node.inputs[0].name in plan.tables:
+                io[_label(node)] = [[], node.outputs[0].name]  # a table read: its error is the table's
             if role is None or role in ("pass-through", "activation"):
                 continue
             needs = _activation_inputs(node, role)
@@ -356,8 +358,7 @@ class QuantizeQDQ(OnnxoptPass):
                 left[_label(node)] = f"no calibrated range for {', '.join(missing)}"
                 continue
             quantized_nodes.append((node, _label(node), role))
-            if role != "pass-through":
-                io[_label(node)] = [[v.name for v in needs], plan.outputs.get(_label(node), node.outputs[0].name)]
+            io[_label(node)] = [[v.name for v in needs], plan.outputs.get(_label(node), node.outputs[0].name)]
 
         # Activations: Q → DQ right after the producer; every reader takes the DQ output, except a
         # quantizable op left float: it reads the float tensor, or onnxruntime would quantize it

@@ -250,3 +250,135 @@ def test_a_node_without_a_range_stays_float_and_says_so():
     p(model)
     assert all("no calibrated range" in why for why in p.details["left"].values())
     assert len(p.details["left"]) == 5
+
+
+# ---------------------------------------------------------------------- the pipeline and the command line
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import onnxopt  # noqa: E402
+from onnxopt.cli import main  # noqa: E402
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
+
+
+@pytest.fixture
+def digits(tmp_path) -> Path:
+    for name in ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    return tmp_path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def refused(capsys, folder: Path, *args, words=()) -> str:
+    before = files(folder)
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxopt: error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert files(folder) == before
+    return lines[0]
+
+
+def test_digits_end_to_end_within_half_a_point_of_float(digits, capsys):
+    out = digits / "int8.onnx"
+    code = main([str(digits / "digits_cnn.onnx"), "--quantize", "int8", "--calibration", str(digits / "digits_calib.npz"),
+                 "--eval", str(digits / "digits_test.npz"), "-o", str(out), "--no-latency", "--report", str(digits / "r.json")])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((digits / "r.json").read_text())
+    v = report["validation"]
+    assert v["ok"] and v["accuracy_before"] - v["accuracy_after"] <= 0.005
+    details = next(p for p in report["passes"] if p["name"] == "quantize")["details"]
+    assert details["integer_nodes"] >= 10 and details["calibration"]["method"] == "minmax"
+    assert details["file_bytes"]["ratio"] < 0.6
+    assert min(details["sqnr_db"].values()) > 20
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+def test_no_calibration_is_a_clear_error(digits, capsys):
+    refused(capsys, digits, digits / "digits_cnn.onnx", "--quantize", "int8", words=("--calibration",))
+
+
+def test_calibration_that_does_not_fit_the_inputs(digits, capsys):
+    np.savez(digits / "bad.npz", input=np.zeros((4, 1, 8, 8), np.float64))
+    refused(capsys, digits, digits / "digits_cnn.onnx", "--quantize", "int8", "--calibration", digits / "bad.npz",
+            words=("bad.npz", "float64", "float32"))
+    np.savez(digits / "bad.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
+    refused(capsys, digits, digits / "digits_cnn.onnx", "--quantize", "int8", "--calibration", digits / "bad.npz",
+            words=("missing input(s) input", "pixels"))
+
+
+def test_already_quantized_model_is_refused(digits, capsys):
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", passes="simplify,quantize", calibration=digits / "digits_calib.npz",
+                              validate=False, latency=False)
+    result.save(digits / "q.onnx")
+    refused(capsys, digits, digits / "q.onnx", "--quantize", "int8", "--calibration", digits / "digits_calib.npz",
+            "-o", digits / "qq.onnx", words=("already quantized",))
+
+
+def test_bad_quantize_options(digits, capsys):
+    model = digits / "digits_cnn.onnx"
+    refused(capsys, digits, model, "--max-drop", "1", words=("--quantize",))
+    refused(capsys, digits, model, "--quantize", "int8", "--calibration", "synthetic", "--max-drop", "-1", words=("--max-drop",))
+    refused(capsys, digits, model, "--quantize", "int4", words=("--quantize",))
+
+
+def test_synthetic_calibration_is_flagged(digits):
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", passes="simplify,fold-bn,quantize", calibration="synthetic",
+                              data=digits / "digits_test.npz", latency=False)
+    assert any("SYNTHETIC" in note for note in result.report.notes)
+    assert result.report.passes[-1].details["calibration"]["synthetic"]
+
+
+def test_opset_12_is_upgraded():
+    model = build(RESIDUAL_CNN.replace('"" : 17', '"" : 12'), {"W1": randn(8, 4, 3, 3), "B1": randn(8),
+                  "W2": randn(8, 8, 3, 3), "B2": randn(8), "FW": randn(10, 8), "FB": randn(10)})
+    feeds = [random_feeds(model, {"N": 4}, seed=i) for i in range(3)]
+    result = onnxopt.optimize(model, passes=["quantize"], calibration=feeds, data=feeds, latency=False)
+    assert result.model.opset_imports[""] == 13
+    assert any("upgraded to 13" in note for note in result.report.notes)
+    assert result.report.passes[0].details["quantized_nodes"]
+
+
+def test_ragged_calibration_batches_on_the_transformer():
+    path = Path(__file__).resolve().parents[1] / "models" / "zoo" / "transformer_encoder.onnx"
+    feeds = [{"input": rng.integers(0, 100, (2, n)).astype(np.int64)} for n in (5, 16, 9)]
+    result = onnxopt.optimize(path, passes="simplify,quantize", calibration=feeds, data=feeds, latency=False)
+    assert result.ok
+    assert result.report.validation.outputs[0].cosine > 0.99
+    assert result.report.passes[-1].details["weighted"]["float"] == 0
+
+
+def test_fallback_keeps_the_most_harmful_layers_in_float_until_the_budget_is_met():
+    model = residual_cnn()
+    feeds = [random_feeds(model, {"N": 8}, seed=i) for i in range(3)]
+    strict = onnxopt.optimize(model, passes=["quantize"], calibration=feeds, data=feeds, latency=False, min_cosine=0.99999)
+    details = strict.report.passes[0].details
+    assert details["fallback"], details
+    assert all("dB SQNR" in item["reason"] for item in details["fallback"])
+    assert details["budget"]["met"]
+    loose = onnxopt.optimize(model, passes=["quantize"], calibration=feeds, data=feeds, latency=False, min_cosine=0.9)
+    assert loose.report.passes[0].details["fallback"] == [] and loose.ok
+
+
+def test_nothing_quantized_fails_loudly():
+    model = build(f"""{OPSET} g (float[N,8] x) => (float[N,8] y) {{ y = Softmax (x) }}""")
+    feeds = [random_feeds(model, {"N": 2})]
+    result = onnxopt.optimize(model, passes=["quantize"], calibration=feeds, data=feeds, latency=False)
+    assert not result.ok
+    assert any("nothing was quantized" in note for note in result.report.notes)
+    assert any("Softmax" in note and "sensitive" in note for note in result.report.notes)
+
+
+@pytest.mark.cuda
+def test_cuda_validation(digits):
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", passes="simplify,fold-bn,quantize", providers="cuda",
+                              calibration=digits / "digits_calib.npz", data=digits / "digits_test.npz", latency=False)
+    assert result.ok and "CUDAExecutionProvider" in result.report.validation.providers
