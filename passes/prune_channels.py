@@ -121,7 +121,7 @@ class PruneChannels(OnnxoptPass):
                 plan[gid] = np.asarray(sorted(channels))[1:] if self.mode != "importance" else channels[:-1]
             if len(plan[gid]) == 0:
                 del plan[gid]
-        removed_params = _surgery(model, analysis, plan, folds)
+        removed_params, bias_params = _surgery(model, analysis, plan, folds)
         removed = sum(len(c) for c in plan.values())
         total = sum(g.size for g in groups if g.prunable)
         self.details = {
@@ -131,6 +131,7 @@ class PruneChannels(OnnxoptPass):
             "channels_removed": int(removed),
             "prunable_channels": int(total),
             "params_removed": int(removed_params),
+            "bias_params_added": int(bias_params),
             "removed": {int(gid): [int(c) for c in chans] for gid, chans in plan.items()},
             "kept_zero_channels": int(kept_zero),
             "left": left,
@@ -511,8 +512,8 @@ def _fold(node: ir.Node, p: int, v: float, w: np.ndarray):
 
 # --- surgery
 
-def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndarray], folds) -> int:
-    """Remove the planned channels from every member; returns the number of parameters removed."""
+def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndarray], folds) -> tuple[int, int]:
+    """Remove the planned channels from every member: (parameters removed net, parameters of new biases)."""
     graph = model.graph
     deletions: dict[tuple[ir.Node, int], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
     nodes_by_key: dict[tuple[ir.Node, int], ir.Node] = {}
@@ -533,9 +534,10 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
                 if m.role == "dw" and m.index == 1:
                     dw_removed[m.node].update(pos.tolist())
     if not plan:
-        return 0
+        return 0, 0
     names = NameScope(graph)
     removed_params = 0
+    created: list[int] = []  # sizes of the biases that folded constants needed
     for node, index in dict.fromkeys(list(folds) + list(deletions)):
         old = node.inputs[index] if index < len(node.inputs) else None
         arr = constant_array(old) if old is not None else None
@@ -554,6 +556,8 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
             if positions:
                 new = np.delete(new, sorted(positions), axis=0)
         removed_params += (0 if arr is None else arr.size) - new.size
+        if arr is None:
+            created.append(new.size)
         replace_weight(graph, node, index, np.ascontiguousarray(new), "pruned", names)
     for node, positions in dw_removed.items():
         node.attributes["group"] = ir.AttrInt64("group", _attr(node, "group", 1) - len(positions))
@@ -567,7 +571,7 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
         value = _value(graph, name)
         if value is not None and not value.is_graph_output() and not value.is_graph_input():
             value.shape = None
-    return removed_params
+    return removed_params, sum(created)
 
 
 def _value(graph: ir.Graph, name: str) -> ir.Value | None:
