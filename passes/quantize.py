@@ -396,7 +396,9 @@ class QuantizeQDQ(OnnxoptPass):
             logger.info("quantize: %s (%s) computes on integers", node.name, node.op_type)
         graph.sort()
         for what, reason in left.items():
-            logger.warning("quantize: %s stays float: %s", what, reason)
+            # By design (Softmax, a constant operand) is information; a refused Conv/Gemm/MatMul is a skip.
+            weighted = any(what == _label(n) and n.op_type in _WEIGHTED for n in graph)
+            (logger.warning if weighted else logger.info)("quantize: %s stays float: %s", what, reason)
         self.details["left"] = left
         self.details["folded"] = dict(plan.folded)
         self.details["activations"] = self.activations

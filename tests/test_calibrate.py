@@ -88,3 +88,10 @@ def test_unknown_method_and_bad_percentile_are_option_errors():
         calibrate(model, ["y"], [], method="kl")
     with pytest.raises(OptionError, match="percentile"):
         calibrate(model, ["y"], [], method="percentile", percentile=20)
+
+
+def test_entropy_never_clips_below_the_floor_percentile():
+    # ReLU6-like: half the mass at zero, a sparse tail up to 6 that later layers need.
+    data = np.clip(np.maximum(rng.standard_normal(200_000), 0) * 1.5, 0, 6)
+    lo, hi = entropy_range(histogram(data))
+    assert hi >= 0.98 * np.percentile(np.abs(data), 99.99)
