@@ -203,3 +203,35 @@ def test_command_line_lossless_prune_in_the_pass_list(tmp_path):
     code = main([str(DIGITS / "digits_cnn.onnx"), "-o", str(out), "--passes", "simplify,fold-bn,prune,share-init",
                  "--data", str(DIGITS / "digits_test.npz"), "--no-latency", "-q"])
     assert code == 0
+
+
+def test_channels_zeroed_in_torch_leave_losslessly(tmp_path):
+    """torch.nn.utils.prune zeroes 30% of each block's first conv (and its BN); the export is pruned
+    by the default lossless ``prune``: those channels leave, outputs stay within tolerance."""
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils import prune as torch_prune
+
+    from models.digits.train import DigitsCNN
+    from models.zoo import export_module
+
+    torch.manual_seed(0)
+    net = DigitsCNN().eval()
+    zeroed = 0
+    for block in (net.features[1], net.features[2]):
+        conv, bn = block.body[0][0], block.body[0][1]
+        torch_prune.ln_structured(conv, "weight", amount=0.3, n=1, dim=0)
+        mask = conv.weight_mask[:, 0, 0, 0]
+        with torch.no_grad():  # network slimming zeroes the channel's BN too
+            bn.weight.mul_(mask)
+            bn.bias.mul_(mask)
+        torch_prune.remove(conv, "weight")
+        zeroed += int((mask == 0).sum())
+    source = tmp_path / "pruned.onnx"
+    source.write_bytes(export_module(net, torch.zeros(1, 1, 8, 8)))
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = main([str(source), "-o", str(out), "--passes", "simplify,fold-bn,prune,share-init",
+                 "--data", str(DIGITS / "digits_test.npz"), "--no-latency", "--report", str(report), "-q"])
+    data = json.loads(report.read_text())
+    assert code == 0 and data["ok"]
+    prune_record = next(p for p in data["passes"] if p["name"] == "prune")
+    assert prune_record["details"]["channels_removed"] == zeroed == 5 + 10
