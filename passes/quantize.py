@@ -170,7 +170,7 @@ class QuantizeQDQ(OnnxoptPass):
             return out
 
         name_of = _label
-        consumers_want: dict[str, bool] = {}
+        chain_candidates: list[ir.Node] = []
         for node in graph:
             op = node.op_type
             if node.domain not in ("", "ai.onnx"):
@@ -199,7 +199,6 @@ class QuantizeQDQ(OnnxoptPass):
                     plan.left[name_of(node)] = reason
                     continue
                 mark(node.inputs[0])
-                consumers_want[node.outputs[0].name] = True
                 plan.nodes[name_of(node)] = "weighted"
             elif op == "MatMul":
                 a, b = node.inputs[0], node.inputs[1]
@@ -209,19 +208,17 @@ class QuantizeQDQ(OnnxoptPass):
                 if constant_array(b) is None and not is_activation(b):
                     plan.left[name_of(node)] = "input B is neither a constant nor a float activation"
                     continue
-                mark(a)
                 if constant_array(b) is None:
-                    mark(b)
+                    chain_candidates.append(node)  # two activations: decided below
+                    continue
+                mark(a)
                 plan.nodes[name_of(node)] = "weighted"
             elif op in _ELEMENTWISE:
                 if not all(is_activation(v) for v in node.inputs):
                     if dtype_of(node.outputs[0]) in _FLOATS:
                         plan.left[name_of(node)] = "an operand is a constant (bias or scale): kept in float for precision"
                     continue
-                for v in node.inputs:
-                    mark(v)
-                mark(output_of(node))
-                plan.nodes[name_of(node)] = "elementwise"
+                chain_candidates.append(node)
             elif op == "Concat":
                 if not all(is_activation(v) for v in node.inputs):
                     if dtype_of(node.outputs[0]) in _FLOATS:
@@ -262,26 +259,69 @@ class QuantizeQDQ(OnnxoptPass):
             elif op in _SENSITIVE:
                 plan.left[name_of(node)] = "numerically sensitive: stays float"
 
-        # Pass-through ops carry the scale of their data input forward (a fixed point over chains).
+        def propagate() -> None:
+            """Pass-through ops carry the scale of their data input forward (a fixed point over chains)."""
+            changed = True
+            while changed:
+                changed = False
+                for node in graph:
+                    if node.op_type not in _PASS_THROUGH and not (
+                        node.op_type in _FOLDED and name_of(node) not in plan.folded
+                    ):
+                        continue
+                    if self._excluded(node) or not node.inputs or node.inputs[0] is None:
+                        continue
+                    if node.inputs[0].name not in quantized or name_of(node) in plan.nodes:
+                        continue
+                    for out in node.outputs:
+                        if dtype_of(out) in _FLOATS and not out.is_graph_output():
+                            mark(out)
+                            if node.op_type in _PASS_THROUGH:
+                                union(node.inputs[0].name, out.name)
+                    plan.nodes[name_of(node)] = "pass-through" if node.op_type in _PASS_THROUGH else "activation"
+                    changed = True
+
+        propagate()
+        # Add, Mul and activation × activation MatMul need a Q/DQ on every input: they pay off only
+        # inside an integer chain, when a quantized op reads their result (a residual Add before a
+        # Conv does; one before LayerNormalization only adds error and time). A fixed point, since
+        # such ops read each other.
+        def feeds_integer_op(value: ir.Value, seen: set) -> bool:
+            for use in value.uses():
+                reader = use.node
+                if id(reader) in seen:
+                    continue
+                seen.add(id(reader))
+                role = plan.nodes.get(name_of(reader))
+                if role in ("weighted", "elementwise", "concat", "pooling"):
+                    return True
+                if reader.op_type in _PASS_THROUGH and use.idx == 0 and not self._excluded(reader):
+                    if any(feeds_integer_op(out, seen) for out in reader.outputs):
+                        return True
+            return False
+
         changed = True
         while changed:
             changed = False
-            for node in graph:
-                if node.op_type not in _PASS_THROUGH and not (
-                    node.op_type in _FOLDED and name_of(node) not in plan.folded
-                ):
+            for node in chain_candidates:
+                if name_of(node) in plan.nodes:
                     continue
-                if self._excluded(node) or not node.inputs or node.inputs[0] is None:
+                b = node.inputs[1] if node.op_type == "MatMul" else None
+                from_table = b is not None and b.name in quantized and find(b.name) in plan.fixed
+                if not from_table and not feeds_integer_op(output_of(node), set()):
                     continue
-                if node.inputs[0].name not in quantized or name_of(node) in plan.nodes:
-                    continue
-                for out in node.outputs:
-                    if dtype_of(out) in _FLOATS and not out.is_graph_output():
-                        mark(out)
-                        if node.op_type in _PASS_THROUGH:
-                            union(node.inputs[0].name, out.name)
-                plan.nodes[name_of(node)] = "pass-through" if node.op_type in _PASS_THROUGH else "activation"
+                plan.nodes[name_of(node)] = "weighted" if node.op_type == "MatMul" else "elementwise"
                 changed = True
+        for node in chain_candidates:
+            if name_of(node) not in plan.nodes:
+                plan.folded = {k: v for k, v in plan.folded.items() if v != name_of(node)}
+                plan.left[name_of(node)] = "its result feeds no integer op: Q/DQ on its inputs would cost error and time"
+                continue
+            for v in node.inputs:
+                mark(v)
+            if node.op_type != "MatMul":
+                mark(output_of(node))
+        propagate()
 
         # MatMul/Gemm outputs: quantized only when a quantized op reads them.
         for node in graph:

@@ -1,0 +1,297 @@
+"""Benchmark: onnxopt's ``--quantize int8`` against onnxruntime.quantization and onnxsim's ``quantize_static``.
+
+    python -m benchmarks.quantize [--method minmax] [--models digits,mobilenet_dw,transformer_encoder]
+    python -m benchmarks.quantize --memory          # calibration peak RSS, 100 vs 2,000 samples
+
+Every tool gets the same float model file, the same calibration samples (batches of 32) and the
+same calibration method, and runs in a fresh subprocess (its wall time covers calibration and
+quantization, its peak memory is the subprocess's maximum RSS). Anchors: onnxruntime's
+``quantize_static`` (QDQ, per-channel int8 weights) with its default int8 activations (S8S8) and
+with uint8 activations (U8S8), and ``onnxsim.quantize_static`` (0.8) when it can be imported
+(``PYTHONPATH`` may point at a separate install). Quality on held-out inputs: accuracy on the
+digits test split, top-1 agreement and cosine to the float model otherwise. Latency: the int8
+model beside the fp32 one under onnxruntime CPU (all graph optimizations), interleaved blocks,
+best block per model, at 1 and 2 intra-op threads; ratios below 1 are faster than fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 32
+
+_ORT = """
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+t = time.perf_counter()
+class Reader(CalibrationDataReader):
+    def __init__(self): self.it = batches()
+    def get_next(self): return next(self.it, None)
+methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.%s,
+                weight_type=QuantType.QInt8, calibrate_method=methods[method])
+"""
+# Each tool's quantization, run in a subprocess: argv = model, calibration .npz, method, output.
+# The clock starts after the tool's imports.
+TOOLS = {
+    "onnxopt": """
+import onnxopt
+t = time.perf_counter()
+result = onnxopt.optimize(model, ["simplify", "fold-bn", "share-init", "quantize"], calibration=batches(),
+                          calibrate=method, validate=False, latency=False)
+result.save(out)
+""",
+    "ort-s8s8": _ORT % "QInt8",
+    "ort-u8s8": _ORT % "QUInt8",
+    "onnxsim": """
+import onnx, onnxsim
+t = time.perf_counter()
+onnx.save(onnxsim.quantize_static(model, calibration_data=list(batches()), method=method), out)
+""",
+}
+PRELUDE = """
+import json, resource, sys, time
+import numpy as np
+model, calib, method, out = sys.argv[1:5]
+def batches():
+    with np.load(calib) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    n = len(next(iter(arrays.values())))
+    for i in range(0, n, %d):
+        yield {k: v[i:i + %d] for k, v in arrays.items()}
+""" % (BATCH, BATCH)
+EPILOGUE = """
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+# The anchor the goals compare against on each figure: the best of them.
+ANCHORS = ("ort-s8s8", "ort-u8s8", "onnxsim")
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def model_data(name: str, folder: Path, samples: int | None = None) -> tuple[Path, Path, Path, str]:
+    """The float model, a calibration .npz, a test .npz and the quality measure for ``name``."""
+    if name == "digits":
+        d = ROOT / "models" / "digits"
+        return d / "digits_cnn.onnx", d / "digits_calib.npz", d / "digits_test.npz", "accuracy"
+    path = ROOT / "models" / "zoo" / f"{name}.onnx"
+    calib, test = folder / f"{name}_calib.npz", folder / f"{name}_test.npz"
+    n = samples or 256
+    if name == "transformer_encoder":
+        np.savez(calib, input=_rng(0).integers(0, 100, (n, 16)).astype(np.int64))
+        np.savez(test, input=_rng(1).integers(0, 100, (256, 16)).astype(np.int64))
+        return path, calib, test, "cosine"
+    shape = [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim[1:]]
+    np.savez(calib, input=_rng(0).standard_normal((n, *shape)).astype(np.float32))
+    np.savez(test, input=_rng(1).standard_normal((256, *shape)).astype(np.float32))
+    return path, calib, test, "top1"
+
+
+def quantize_with(tool: str, model: Path, calib: Path, method: str, out: Path) -> dict:
+    code = PRELUDE + TOOLS[tool] + EPILOGUE
+    proc = subprocess.run([sys.executable, "-c", code, str(model), str(calib), method, str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:90]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _session(path: Path | str, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def integer_nodes(path: Path) -> int:
+    """Nodes that compute on integers in onnxruntime's optimized graph of ``path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return sum(n.op_type.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger")) for n in graph.node)
+
+
+def quality(float_path: Path, int8_path: Path, test: Path, measure: str) -> dict:
+    with np.load(test) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    labels = arrays.pop("labels", None)
+    ref_s, q_s = _session(float_path), _session(int8_path)
+    ref, got = [], []
+    n = len(next(iter(arrays.values())))
+    for i in range(0, n, BATCH):
+        feed = {k: v[i:i + BATCH] for k, v in arrays.items()}
+        ref.append(ref_s.run(None, feed)[0])
+        got.append(q_s.run(None, feed)[0])
+    r, g = np.concatenate(ref), np.concatenate(got)
+    r2, g2 = r.reshape(-1, r.shape[-1]).astype(np.float64), g.reshape(-1, g.shape[-1]).astype(np.float64)
+    cos = float((r2 * g2).sum() / (np.linalg.norm(r2) * np.linalg.norm(g2)))
+    result = {"cosine": cos, "top1": float((r2.argmax(1) == g2.argmax(1)).mean())}
+    if labels is not None:
+        result["accuracy"] = float((g2.argmax(1) == labels).mean())
+        result["accuracy_float"] = float((r2.argmax(1) == labels).mean())
+    return result
+
+
+def latency(paths: dict[str, Path], feed: dict, threads: int, blocks: int = 7, budget: float = 0.1) -> dict[str, float]:
+    """Best per-run time (ms) of each model over interleaved blocks."""
+    sessions = {name: _session(p, threads) for name, p in paths.items()}
+    for s in sessions.values():
+        for _ in range(10):
+            s.run(None, feed)
+    first = next(iter(sessions.values()))
+    t = time.perf_counter()
+    for _ in range(10):
+        first.run(None, feed)
+    reps = max(5, int(budget / max((time.perf_counter() - t) / 10, 1e-6)))
+    best = {name: float("inf") for name in sessions}
+    for _ in range(blocks):
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                s.run(None, feed)
+            best[name] = min(best[name], (time.perf_counter() - t) / reps * 1e3)
+    return best
+
+
+def bench_model(name: str, method: str, tools: list[str], folder: Path, batches: tuple[int, ...]) -> list[dict]:
+    model, calib, test, measure = model_data(name, folder)
+    rows = []
+    outputs = {"fp32": model}
+    for tool in tools:
+        out = folder / f"{name}.{tool}.onnx"
+        run = quantize_with(tool, model, calib, method, out)
+        row = {"model": name, "tool": tool, **run}
+        if "error" not in run:
+            row.update(quality(model, out, test, measure))
+            row["file_kb"] = out.stat().st_size / 1e3
+            row["qdq_nodes"] = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(out).graph.node)
+            row["integer_nodes"] = integer_nodes(out)
+            row["file_ratio"] = out.stat().st_size / model.stat().st_size
+            outputs[tool] = out
+        rows.append(row)
+    with np.load(test) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "labels"}
+    for batch in batches:
+        feed = {k: v[:batch] for k, v in arrays.items()}
+        for threads in (1, 2):
+            times = latency(outputs, feed, threads)
+            for row in rows:
+                if row["tool"] in times:
+                    row[f"ms_b{batch}_t{threads}"] = times[row["tool"]]
+                    row[f"x_b{batch}_t{threads}"] = times[row["tool"]] / times["fp32"]
+    return rows
+
+
+def render(rows: list[dict], measure_of: dict[str, str], batches: tuple[int, ...]) -> str:
+    lat_cols = [f"b{b}t{t}" for b in batches for t in (1, 2)]
+    header = ["model", "tool", "quality", "cosine", "int nodes", "calib s", "peak MB", "file kB", *[f"x fp32 {c}" for c in lat_cols]]
+    lines = []
+    table = []
+    for row in rows:
+        if "error" in row:
+            table.append([row["model"], row["tool"], f"FAILED: {row['error']}"] + [""] * (len(header) - 3))
+            continue
+        m = measure_of[row["model"]]
+        q = f"acc {row['accuracy'] * 100:.2f}% (fp32 {row['accuracy_float'] * 100:.2f}%)" if m == "accuracy" else (
+            f"top-1 {row['top1'] * 100:.1f}%" if m == "top1" else f"cos {row['cosine']:.5f}")
+        table.append([row["model"], row["tool"], q, f"{row['cosine']:.5f}",
+                      f"{row['integer_nodes']}" + (" (no-op)" if row["qdq_nodes"] == 0 else ""), f"{row['seconds']:.2f}", f"{row['peak_mb']:.0f}",
+                      f"{row['file_kb']:.0f} ({row['file_ratio']:.2f}x)",
+                      *[f"{row.get('x_' + c.replace('b', 'b', 1).replace('t', '_t'), float('nan')):.2f}" for c in lat_cols]])
+    widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(len(header))]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in table]
+    # onnxopt / best anchor, per model and figure.
+    lines.append("")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours = next((r for r in rows if r["model"] == model and r["tool"] == "onnxopt" and "error" not in r), None)
+        # An anchor that left the model float (no integer node) is no quantization to compare with.
+        noops = [r["tool"] for r in rows if r["model"] == model and r["tool"] in ANCHORS and r.get("integer_nodes") == 0]
+        anchors = [r for r in rows if r["model"] == model and r["tool"] in ANCHORS and "error" not in r
+                   and r["tool"] not in noops]
+        if noops:
+            lines.append(f"{model}: {', '.join(noops)} left the model float (no integer node in onnxruntime's graph): not compared")
+        if not ours or not anchors:
+            continue
+        key = "accuracy" if measure_of[model] == "accuracy" else "cosine"
+        best_q = max(anchors, key=lambda r: r[key])
+        fastest = min(anchors, key=lambda r: r.get(f"ms_b{batches[0]}_t1", float("inf")))
+        lines.append(
+            f"{model}: {key} {ours[key]:.5f} vs best anchor {best_q[key]:.5f} ({best_q['tool']}); "
+            f"int8 latency b{batches[0]}t1 {ours[f'ms_b{batches[0]}_t1']:.3f} ms vs fastest anchor "
+            f"{fastest[f'ms_b{batches[0]}_t1']:.3f} ms ({fastest['tool']}, ratio {ours[f'ms_b{batches[0]}_t1'] / fastest[f'ms_b{batches[0]}_t1']:.2f}); "
+            f"file {ours['file_kb']:.0f} kB vs smallest {min(a['file_kb'] for a in anchors):.0f} kB; "
+            f"calibration {ours['seconds']:.2f} s / {min(a['seconds'] for a in anchors):.2f} s; "
+            f"peak {ours['peak_mb']:.0f} MB / {min(a['peak_mb'] for a in anchors):.0f} MB"
+        )
+    return "\n".join(lines)
+
+
+def memory(method: str, tools: list[str], folder: Path) -> str:
+    """Peak RSS of calibration + quantization on mobilenet_dw with 100 and with 2,000 samples."""
+    lines = [f"calibration memory, mobilenet_dw, method {method} (peak RSS MB of the whole subprocess)"]
+    for tool in tools:
+        figures = []
+        for n in (100, 2000):
+            model, calib, _, _ = model_data("mobilenet_dw", folder, samples=n)
+            run = quantize_with(tool, model, calib, method, folder / f"mem.{tool}.{n}.onnx")
+            figures.append("failed" if "error" in run else f"{run['peak_mb']:.0f} MB ({run['seconds']:.1f} s)")
+        lines.append(f"  {tool:9s} 100 samples: {figures[0]:>18s}   2000 samples: {figures[1]:>18s}")
+    return "\n".join(lines)
+
+
+def _onnxsim_available() -> bool:
+    proc = subprocess.run([sys.executable, "-c", "import onnxsim; onnxsim.quantize_static"], capture_output=True)
+    return proc.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quantize", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="digits,mobilenet_dw,transformer_encoder")
+    parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    parser.add_argument("--batches", default="1,32", help="batch sizes for latency (default 1,32)")
+    parser.add_argument("--memory", action="store_true", help="measure calibration memory at 100 vs 2,000 samples instead")
+    parser.add_argument("--json", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    tools = ["onnxopt", "ort-s8s8", "ort-u8s8"] + (["onnxsim"] if _onnxsim_available() else [])
+    if "onnxsim" not in tools:
+        print("note: onnxsim.quantize_static is not importable here: compared with onnxruntime.quantization only")
+    batches = tuple(int(b) for b in args.batches.split(","))
+    with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as tmp:
+        folder = Path(tmp)
+        if args.memory:
+            print(memory(args.method, tools, folder))
+            return 0
+        rows, measure_of = [], {}
+        for name in args.models.split(","):
+            measure_of[name] = model_data(name, folder)[3]
+            rows += bench_model(name, args.method, tools, folder, batches)
+            print(f"[{name} done]", file=sys.stderr)
+    print(f"method {args.method}; onnxruntime {ort.__version__}; {os.cpu_count()} cores; latency ratios int8/fp32 at batch b, t threads")
+    print(render(rows, measure_of, batches))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
