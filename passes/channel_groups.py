@@ -17,7 +17,10 @@ is unprunable, with the reason.
 
 from __future__ import annotations
 
-__all__ = ["ChannelGroup", "Member", "Probe", "ChannelAnalysis", "Seg", "Track", "analyze", "find_channel_groups", "explain"]
+__all__ = [
+    "ChannelGroup", "Member", "Probe", "ChannelAnalysis", "Seg", "Track", "analyze", "find_channel_groups", "explain",
+    "node_attr", "is_padded",
+]
 
 import logging
 import math
@@ -150,7 +153,8 @@ class _Fail(Exception):
     pass
 
 
-def _attr(node: ir.Node, name: str, default=None):
+def node_attr(node: ir.Node, name: str, default=None):
+    """The value of attribute ``name`` of ``node``, or ``default``."""
     a = node.attributes.get(name)
     if a is None:
         return default
@@ -162,11 +166,12 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return None if arr is None else [int(x) for x in np.asarray(arr).reshape(-1)]
 
 
-def _is_padded(node: ir.Node) -> bool:
-    auto_pad = _attr(node, "auto_pad", "NOTSET")
+def is_padded(node: ir.Node) -> bool:
+    """Whether a Conv (or pool) pads its input with zeros."""
+    auto_pad = node_attr(node, "auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
         return True
-    return any(p != 0 for p in (_attr(node, "pads", None) or []))
+    return any(p != 0 for p in (node_attr(node, "pads", None) or []))
 
 
 class _Analyzer:
@@ -383,11 +388,11 @@ class _Analyzer:
             self.tracks[out] = t0
             return
         if op == "Transpose":
-            perm = _attr(node, "perm") or list(reversed(range(t0.rank)))
+            perm = node_attr(node, "perm") or list(reversed(range(t0.rank)))
             self.tracks[out] = Track(list(perm).index(t0.axis), t0.rank, t0.segs)
             return
         if op in ("Squeeze", "Unsqueeze"):
-            axes = _attr(node, "axes")
+            axes = node_attr(node, "axes")
             if axes is None and len(node.inputs) > 1:
                 axes = _const_ints(node.inputs[1])
             if axes is None:
@@ -410,7 +415,7 @@ class _Analyzer:
             self.visit_flatten(node, t0)
             return
         if op in ("Softmax", "LogSoftmax", "Hardmax"):
-            axis = _attr(node, "axis", -1) % t0.rank
+            axis = node_attr(node, "axis", -1) % t0.rank
             if axis == t0.axis:
                 raise _Fail(f"{op} '{node.name}' normalizes over the channel axis")
             self.tracks[out] = t0
@@ -453,7 +458,7 @@ class _Analyzer:
                 raise _Fail(f"{op} '{node.name}' has a non-constant weight")
             return
         if op in ("Conv", "ConvTranspose"):
-            group = _attr(node, "group", 1)
+            group = node_attr(node, "group", 1)
             rank = w.ndim
             if op == "Conv" and group > 1:
                 c_in = w.shape[1] * group
@@ -492,7 +497,7 @@ class _Analyzer:
                 raise _Fail(f"{op} '{node.name}' has a {w.ndim}-D weight")
             return
         if op == "Gemm":
-            trans_a, trans_b = _attr(node, "transA", 0), _attr(node, "transB", 0)
+            trans_a, trans_b = node_attr(node, "transA", 0), node_attr(node, "transB", 0)
             in_axis, out_axis = (1, 0) if trans_b else (0, 1)
             rank = 2
             if t is not None:
@@ -565,7 +570,7 @@ class _Analyzer:
     def visit_concat(self, node: ir.Node, tracked) -> None:
         t0 = self.tracks[tracked[0][1]]
         rank = t0.rank
-        axis = _attr(node, "axis", 0) % rank
+        axis = node_attr(node, "axis", 0) % rank
         if axis != t0.axis:
             tracks = [self.tracks[v] for _, v in tracked]
             for t in tracks[1:]:
@@ -592,12 +597,12 @@ class _Analyzer:
         self.tracks[node.outputs[0]] = Track(axis, rank, tuple(segs))
 
     def visit_split(self, node: ir.Node, t0: Track) -> None:
-        axis = _attr(node, "axis", 0) % t0.rank
+        axis = node_attr(node, "axis", 0) % t0.rank
         if axis != t0.axis:
             for out in node.outputs:
                 self.tracks[out] = t0
             return
-        sizes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else _attr(node, "split")
+        sizes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else node_attr(node, "split")
         if sizes is None:
             n = len(node.outputs)
             if t0.size % n:
@@ -624,7 +629,7 @@ class _Analyzer:
         if t0.axis != 1 or any(s.stride != 1 for s in t0.segs):
             raise _Fail(f"{node.op_type} '{node.name}' reshapes channels that are not on axis 1")
         if node.op_type == "Flatten":
-            if _attr(node, "axis", 1) != 1:
+            if node_attr(node, "axis", 1) != 1:
                 raise _Fail(f"Flatten '{node.name}' does not flatten from axis 1")
         else:
             shape = _const_ints(node.inputs[1])

@@ -32,7 +32,6 @@ from __future__ import annotations
 __all__ = ["PruneChannels", "IMPORTANCE_CRITERIA"]
 
 import logging
-import math
 from collections import defaultdict
 
 import numpy as np
@@ -40,7 +39,7 @@ import onnx_ir as ir
 
 from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, replace_weight
 from onnxopt.passes.channel_groups import ChannelAnalysis, ChannelGroup, Track, analyze
-from onnxopt.passes.channel_groups import _attr, _is_padded
+from onnxopt.passes.channel_groups import is_padded, node_attr
 
 logger = logging.getLogger(__name__)
 
@@ -307,9 +306,9 @@ _UNARY = {
     "Abs": lambda v, n: np.abs(v),
     "Neg": lambda v, n: -v,
     "Exp": lambda v, n: np.exp(v),
-    "LeakyRelu": lambda v, n: np.where(v < 0, _attr(n, "alpha", 0.01) * v, v),
-    "Elu": lambda v, n: np.where(v < 0, _attr(n, "alpha", 1.0) * (np.exp(v) - 1), v),
-    "HardSigmoid": lambda v, n: np.clip(_attr(n, "alpha", 0.2) * v + _attr(n, "beta", 0.5), 0, 1),
+    "LeakyRelu": lambda v, n: np.where(v < 0, node_attr(n, "alpha", 0.01) * v, v),
+    "Elu": lambda v, n: np.where(v < 0, node_attr(n, "alpha", 1.0) * (np.exp(v) - 1), v),
+    "HardSigmoid": lambda v, n: np.clip(node_attr(n, "alpha", 0.2) * v + node_attr(n, "beta", 0.5), 0, 1),
     "HardSwish": lambda v, n: v * np.clip(v / 6 + 0.5, 0, 1),
 }
 _PASS_THROUGH = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "Slice", "Transpose",
@@ -334,7 +333,7 @@ def _propagate_constants(analysis: ChannelAnalysis, zero: dict[int, set[int]]):
         tx = tracks.get(x.name) if x is not None and x.name in tracks else None
         # consumers: where a zero channel's constant meets a weight
         if tx is not None and op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and not (
-            op == "Conv" and _attr(node, "group", 1) > 1
+            op == "Conv" and node_attr(node, "group", 1) > 1
         ):
             v = vals.get(x.name, np.full(tx.size, np.nan))
             w = constant_array(node.inputs[1])
@@ -351,7 +350,7 @@ def _propagate_constants(analysis: ChannelAnalysis, zero: dict[int, set[int]]):
         if out is None or out.name not in tracks:
             continue
         t = tracks[out.name]
-        depthwise = op == "Conv" and _attr(node, "group", 1) > 1 and tx is not None
+        depthwise = op == "Conv" and node_attr(node, "group", 1) > 1 and tx is not None
         if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and not depthwise:
             v = np.full(t.size, np.nan)
             bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -361,7 +360,7 @@ def _propagate_constants(analysis: ChannelAnalysis, zero: dict[int, set[int]]):
                         v[p] = 0.0
                     else:
                         b = np.asarray(bias, dtype=np.float64).reshape(-1)
-                        v[p] = (_attr(node, "beta", 1.0) if op == "Gemm" else 1.0) * (b[p] if b.size > 1 else b[0])
+                        v[p] = (node_attr(node, "beta", 1.0) if op == "Gemm" else 1.0) * (b[p] if b.size > 1 else b[0])
             vals[out.name] = v
             continue
         if op == "Split":
@@ -371,7 +370,7 @@ def _propagate_constants(analysis: ChannelAnalysis, zero: dict[int, set[int]]):
                 to = tracks.get(o.name)
                 if to is None:
                     continue
-                if to.axis == tx.axis and len(node.outputs) > 1 and _attr(node, "axis", 0) % tx.rank == tx.axis:
+                if to.axis == tx.axis and len(node.outputs) > 1 and node_attr(node, "axis", 0) % tx.rank == tx.axis:
                     vals[o.name] = v[lo:lo + to.size]
                     lo += to.size
                 else:
@@ -392,7 +391,7 @@ def _through(node: ir.Node, op: str, tracks, vals, t: Track) -> np.ndarray:
         b = np.zeros(t.size) if b is None else np.asarray(b, dtype=np.float64)
         if v is None:
             return nan
-        if _is_padded(node):
+        if is_padded(node):
             return np.where(v == 0, b, np.nan)
         return v * w.reshape(t.size, -1).sum(axis=1) + b
     if op in ("Concat", "Split") or op in _UNARY or op in _PASS_THROUGH or op in (
@@ -407,7 +406,7 @@ def _through(node: ir.Node, op: str, tracks, vals, t: Track) -> np.ndarray:
             (tracks[i.name].size if i.name in tracks else 0) for i in node.inputs
         ) and all(i.name in tracks for i in node.inputs):
             return np.concatenate([vals.get(i.name, np.full(tracks[i.name].size, np.nan)) for i in node.inputs])
-        if t.axis != _attr(node, "axis", 0) % t.rank:
+        if t.axis != node_attr(node, "axis", 0) % t.rank:
             return nan
         parts = []
         for i in node.inputs:
@@ -425,12 +424,12 @@ def _through(node: ir.Node, op: str, tracks, vals, t: Track) -> np.ndarray:
         stride = t.size // len(v) if len(v) else 1
         return np.repeat(v, stride)
     if op == "Clip":
-        lo = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else _attr(node, "min", -np.inf)
-        hi = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else _attr(node, "max", np.inf)
+        lo = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else node_attr(node, "min", -np.inf)
+        hi = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else node_attr(node, "max", np.inf)
         return np.clip(v, float(np.asarray(lo)), float(np.asarray(hi)))
     if op == "BatchNormalization":
         s, bias, mean, var = (np.asarray(constant_array(node.inputs[i]), dtype=np.float64) for i in range(1, 5))
-        scale = s / np.sqrt(var + _attr(node, "epsilon", 1e-5))
+        scale = s / np.sqrt(var + node_attr(node, "epsilon", 1e-5))
         return (v - mean) * scale + bias
     if op == "InstanceNormalization":
         return np.where(np.isnan(v), np.nan, np.asarray(constant_array(node.inputs[2]), dtype=np.float64))
@@ -438,11 +437,11 @@ def _through(node: ir.Node, op: str, tracks, vals, t: Track) -> np.ndarray:
         slope = _vector(node.inputs[1], t)
         return nan if slope is None else np.where(v < 0, slope * v, v)
     if op == "AveragePool":
-        if _is_padded(node) and _attr(node, "count_include_pad", 0):
+        if is_padded(node) and node_attr(node, "count_include_pad", 0):
             return np.where(v == 0, 0.0, np.nan)
         return v
     if op == "Pad":
-        mode = _attr(node, "mode", "constant")
+        mode = node_attr(node, "mode", "constant")
         if mode != "constant":
             return v
         fill = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -483,18 +482,18 @@ def _fold(node: ir.Node, p: int, v: float, w: np.ndarray):
     op = node.op_type
     w = w.astype(np.float64)
     if op == "Conv":
-        if _is_padded(node):
+        if is_padded(node):
             return None
         return node, 2, v * w[:, p].reshape(w.shape[0], -1).sum(axis=1)
     if op == "Gemm":
-        row = w[:, p] if _attr(node, "transB", 0) else w[p, :]
-        beta = _attr(node, "beta", 1.0)
+        row = w[:, p] if node_attr(node, "transB", 0) else w[p, :]
+        beta = node_attr(node, "beta", 1.0)
         if beta == 0:
             return None
         c = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if c is not None and c.size > 1 and c.ndim == 2 and c.shape[0] != 1:
             return None
-        return node, 2, _attr(node, "alpha", 1.0) * v * row / beta
+        return node, 2, node_attr(node, "alpha", 1.0) * v * row / beta
     if op == "MatMul":
         uses = node.outputs[0].uses()
         if len(uses) != 1 or node.outputs[0].is_graph_output():
@@ -551,7 +550,7 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
         for axis, positions in deletions.get((node, index), {}).items():
             new = np.delete(new, sorted(positions), axis=axis)
         if arr is None:  # a new bias: it loses the output channels the weight loses
-            out_axis = (0 if _attr(node, "transB", 0) else 1) if node.op_type == "Gemm" else 0
+            out_axis = (0 if node_attr(node, "transB", 0) else 1) if node.op_type == "Gemm" else 0
             positions = deletions.get((node, 1), {}).get(out_axis)
             if positions:
                 new = np.delete(new, sorted(positions), axis=0)
@@ -560,26 +559,19 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
             created.append(new.size)
         replace_weight(graph, node, index, np.ascontiguousarray(new), "pruned", names)
     for node, positions in dw_removed.items():
-        node.attributes["group"] = ir.AttrInt64("group", _attr(node, "group", 1) - len(positions))
+        node.attributes["group"] = ir.AttrInt64("group", node_attr(node, "group", 1) - len(positions))
     for node, positions in split_removed.items():
         _resplit(graph, node, positions, analysis, names)
     for node, positions in reshape_removed.items():
         target = [int(x) for x in constant_array(node.inputs[1]).reshape(-1)]
         target[1] -= len(positions)
         replace_weight(graph, node, 1, np.asarray(target, dtype=np.int64), "pruned", names)
+    produced = {out.name: out for node in graph for out in node.outputs}
     for name in analysis.tracks:
-        value = _value(graph, name)
-        if value is not None and not value.is_graph_output() and not value.is_graph_input():
-            value.shape = None
+        value = produced.get(name)
+        if value is not None and not value.is_graph_output():
+            value.shape = None  # stale: the channel count changed
     return removed_params, sum(created)
-
-
-def _value(graph: ir.Graph, name: str) -> ir.Value | None:
-    for node in graph:
-        for out in node.outputs:
-            if out.name == name:
-                return out
-    return None
 
 
 def _resplit(graph: ir.Graph, node: ir.Node, positions: set[int], analysis: ChannelAnalysis, names: NameScope) -> None:
