@@ -156,8 +156,9 @@ def optimize(
         name = _pass_name(p)
         if progress:
             progress(f"pass {name}", step, len(pass_objects))
-        if isinstance(p, PruneChannels) and p.importance == "activation" and p.ratio is not None and p.activation is None:
-            p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size, providers)
+        if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz") and p.ratio is not None and p.activation is None:
+            p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size,
+                                                 providers, nonzero=p.importance == "apoz")
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress)
@@ -220,7 +221,7 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     inserted before ``fold-bn`` (BatchNorm scales are a criterion, and BN slices with its channels)."""
     try:
         pruner = PruneChannels(ratio=ratio, importance=importance, scope=scope, round_to=round_to,
-                               protect_first=protect_first, activation={} if importance == "activation" else None)
+                               protect_first=protect_first, activation={} if importance in ("activation", "apoz") else None)
     except ValueError as exc:
         raise OptionError(f"--prune: {exc}") from None
     pruner.activation = None
@@ -231,16 +232,17 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     return [*pass_objects[:at], pruner, *pass_objects[at:]]
 
 
-def activation_statistics(model: ir.Model, data, dims, batch_size, providers) -> dict[str, "np.ndarray"]:
-    """Mean |x| per channel of every tensor that a channel group's consumer reads, over ``data``
-    (the calibration set), streamed batch by batch through ``onnxopt.observe``."""
+def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False) -> dict[str, "np.ndarray"]:
+    """Mean |x| per channel (``nonzero``: the fraction of non-zero values) of every tensor that a
+    channel group's consumer reads, over ``data`` (the calibration set), streamed batch by batch
+    through ``onnxopt.observe``."""
     import numpy as np
 
     from onnxopt.observe import observe
     from onnxopt.passes.channel_groups import analyze
 
     if data is None:
-        raise OptionError("--importance activation needs --calibration (or --data)")
+        raise OptionError("--importance activation/apoz needs --calibration (or --data)")
     axes = {p.value: p.axis for g in analyze(model).groups for p in g.probes}
     dataset = load_data(data, model, batch_size=batch_size, dims=dims)
     sums: dict[str, np.ndarray] = {}
@@ -248,6 +250,8 @@ def activation_statistics(model: ir.Model, data, dims, batch_size, providers) ->
 
     def update(name: str, array: np.ndarray) -> None:
         a = np.moveaxis(np.abs(np.asarray(array, dtype=np.float64)), axes[name], 0)
+        if nonzero:
+            a = (a != 0).astype(np.float64)
         a = a.reshape(a.shape[0], -1)
         sums[name] = sums.get(name, 0) + a.sum(axis=1)
         counts[name] = counts.get(name, 0) + a.shape[1]

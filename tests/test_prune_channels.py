@@ -185,10 +185,11 @@ def test_activation_importance_needs_statistics():
         PruneChannels(ratio=0.5, importance="activation")
 
 
-def test_command_line_prune_activation_with_calibration(tmp_path):
+@pytest.mark.parametrize("importance", ["activation", "apoz"])
+def test_command_line_prune_activation_with_calibration(tmp_path, importance):
     out, report = tmp_path / "p.onnx", tmp_path / "r.json"
     code = main([
-        str(DIGITS / "digits_cnn.onnx"), "-o", str(out), "--prune", "0.25", "--importance", "activation",
+        str(DIGITS / "digits_cnn.onnx"), "-o", str(out), "--prune", "0.25", "--importance", importance,
         "--calibration", str(DIGITS / "digits_calib.npz"), "--eval", str(DIGITS / "digits_test.npz"),
         "--no-latency", "--report", str(report), "-q",
     ])
