@@ -136,7 +136,7 @@ class ChannelGroup:
         state = "prunable" if self.prunable else f"UNPRUNABLE: {self.reason}"
         if self.prunable and self.first:
             state += " (first layer: protected by default)"
-        names = ", ".join(m.node.name or m.node.op_type for m in self.producers)
+        names = ", ".join(dict.fromkeys(m.node.name or m.node.op_type for m in self.producers))
         lines = [f"group {self.id}: {self.size} channels, {len(self.members)} members, {state}; producers: {names}"]
         lines += [f"    {m.describe()}" for m in self.members]
         return "\n".join(lines)
