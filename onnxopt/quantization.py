@@ -273,6 +273,10 @@ class QuantizationStep:
                     f"quantize: file {original.nbytes / 1e3:.1f} kB -> {candidate.nbytes / 1e3:.1f} kB "
                     f"({details['file_bytes']['ratio']:.2f}x)"
                 )
+        worst = [(t, db) for t, db in self.details.get("sqnr_db", {}).items() if isinstance(db, float)][:3]
+        if worst:
+            report.notes.append("quantize: lowest SQNR " + ", ".join(f"{t} {db:.1f} dB" for t, db in worst)
+                                + " (every tensor in the JSON report)")
         for item in self.details.get("fallback", []):
             report.notes.append(f"quantize: kept {item['node']} in float: {item['reason']}")
         failures = []
