@@ -63,17 +63,19 @@ onnx.save(onnxsim.quantize_static(model, calibration_data=list(batches()), metho
 PRELUDE = """
 import json, resource, sys, time
 import numpy as np
-model, calib, method, out = sys.argv[1:5]
+model, calib, method, out, batch = sys.argv[1:6]
+batch = int(batch)
 def batches():
     with np.load(calib) as npz:
         arrays = {k: npz[k] for k in npz.files}
     n = len(next(iter(arrays.values())))
-    for i in range(0, n, %d):
-        yield {k: v[i:i + %d] for k, v in arrays.items()}
-""" % (BATCH, BATCH)
+    for i in range(0, n, batch):
+        yield {k: v[i:i + batch] for k, v in arrays.items()}
+"""
 EPILOGUE = """
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+LIGHT = ("resnet50", "squeezenet", "shufflenet", "densenet121")
 # The anchor the goals compare against on each figure: the best of them.
 ANCHORS = ("ort-s8s8", "ort-u8s8", "onnxsim")
 
@@ -90,6 +92,18 @@ def model_data(name: str, folder: Path, samples: int | None = None) -> tuple[Pat
     path = ROOT / "models" / "zoo" / f"{name}.onnx"
     calib, test = folder / f"{name}_calib.npz", folder / f"{name}_test.npz"
     n = samples or 256
+    if name in LIGHT:  # the onnx package's real architectures with random weights (models/light.py)
+        from models.light import load_light
+
+        path = folder / f"{name}.onnx"
+        if not path.exists():
+            onnx.save(load_light(name), path)
+        proto = onnx.load(path, load_external_data=False)
+        spec = proto.graph.input[0]
+        shape = [d.dim_value or 1 for d in spec.type.tensor_type.shape.dim[1:]]
+        np.savez(calib, **{spec.name: _rng(0).standard_normal((samples or 64, *shape)).astype(np.float32)})
+        np.savez(test, **{spec.name: _rng(1).standard_normal((32, *shape)).astype(np.float32)})
+        return path, calib, test, "top1"
     if name == "transformer_encoder":
         np.savez(calib, input=_rng(0).integers(0, 100, (n, 16)).astype(np.int64))
         np.savez(test, input=_rng(1).integers(0, 100, (256, 16)).astype(np.int64))
@@ -100,9 +114,16 @@ def model_data(name: str, folder: Path, samples: int | None = None) -> tuple[Pat
     return path, calib, test, "top1"
 
 
+def fixed_batch(model: Path) -> int | None:
+    """The model's batch size when its first input fixes it (the onnx architectures: 1)."""
+    dim = onnx.load(model, load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value or None
+
+
 def quantize_with(tool: str, model: Path, calib: Path, method: str, out: Path) -> dict:
     code = PRELUDE + TOOLS[tool] + EPILOGUE
-    proc = subprocess.run([sys.executable, "-c", code, str(model), str(calib), method, str(out)],
+    batch = fixed_batch(model) or BATCH
+    proc = subprocess.run([sys.executable, "-c", code, str(model), str(calib), method, str(out), str(batch)],
                           capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -136,8 +157,9 @@ def quality(float_path: Path, int8_path: Path, test: Path, measure: str) -> dict
     ref_s, q_s = _session(float_path), _session(int8_path)
     ref, got = [], []
     n = len(next(iter(arrays.values())))
-    for i in range(0, n, BATCH):
-        feed = {k: v[i:i + BATCH] for k, v in arrays.items()}
+    batch = fixed_batch(float_path) or BATCH
+    for i in range(0, n, batch):
+        feed = {k: v[i:i + batch] for k, v in arrays.items()}
         ref.append(ref_s.run(None, feed)[0])
         got.append(q_s.run(None, feed)[0])
     r, g = np.concatenate(ref), np.concatenate(got)
@@ -190,6 +212,8 @@ def bench_model(name: str, method: str, tools: list[str], folder: Path, batches:
     with np.load(test) as npz:
         arrays = {k: npz[k] for k in npz.files if k != "labels"}
     for batch in batches:
+        if fixed_batch(model) not in (None, batch):
+            continue
         feed = {k: v[:batch] for k, v in arrays.items()}
         for threads in (1, 2):
             times = latency(outputs, feed, threads)
@@ -215,7 +239,7 @@ def render(rows: list[dict], measure_of: dict[str, str], batches: tuple[int, ...
         table.append([row["model"], row["tool"], q, f"{row['cosine']:.5f}",
                       f"{row['integer_nodes']}" + (" (no-op)" if row["qdq_nodes"] == 0 else ""), f"{row['seconds']:.2f}", f"{row['peak_mb']:.0f}",
                       f"{row['file_kb']:.0f} ({row['file_ratio']:.2f}x)",
-                      *[f"{row.get('x_' + c.replace('b', 'b', 1).replace('t', '_t'), float('nan')):.2f}" for c in lat_cols]])
+                      *[f"{row['x_' + c.replace('t', '_t')]:.2f}" if 'x_' + c.replace('t', '_t') in row else "-" for c in lat_cols]])
     widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(len(header))]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines.append("  ".join("-" * w for w in widths))
@@ -267,7 +291,8 @@ def _onnxsim_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quantize", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="digits,mobilenet_dw,transformer_encoder")
+    parser.add_argument("--models", default="digits,mobilenet_dw,transformer_encoder",
+                        help=f"comma-separated: digits, zoo names, or onnx architectures ({', '.join(LIGHT)})")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--batches", default="1,32", help="batch sizes for latency (default 1,32)")
     parser.add_argument("--memory", action="store_true", help="measure calibration memory at 128 vs 2,048 samples instead")

@@ -84,13 +84,15 @@ class QuantizeQDQ(OnnxoptPass):
 
     Rules:
     - Conv (weight axis 0), ConvTranspose (axis 1; per-tensor when grouped), Gemm (axis by ``transB``)
-      and MatMul (constant B of rank 2: per column) get per-channel int8 weights and an int32 bias;
-      MatMul of two activations quantizes both.
-    - Add and Mul of two activations (residuals), Concat (one scale for its inputs and output),
-      AveragePool and GlobalAveragePool compute on integers; Add or Mul with a constant stays float.
+      and MatMul (constant B of rank 2: per column) get per-channel int8 weights and an int32 bias.
+    - Concat (one scale for its inputs and output), AveragePool and GlobalAveragePool compute on
+      integers. Add and Mul of two activations (residuals) and MatMul of two activations do only
+      inside an integer chain: when a quantized op reads their result; Add or Mul with a constant
+      stays float.
     - Relu and Clip right after a quantized op (its only reader) are folded into its output range.
-    - Shape ops and MaxPool pass their input's scale through; Gather on a constant table reads an
-      integer table with the same scale as its output.
+    - Shape ops and MaxPool pass their input's scale through; a float constant read only by Gather
+      or shape ops (an embedding, a sliced projection weight) becomes an integer table whose scale
+      its readers keep.
     - Softmax, normalizations and every other op stay float; so do ``exclude``d nodes (by name, op type
       or fnmatch pattern on the name), subgraphs, and anything without a calibrated range.
     - Conv and elementwise outputs are always quantized (onnxruntime fuses only DQ → op → Q); MatMul

@@ -397,3 +397,16 @@ def test_cuda_validation(digits):
     result = onnxopt.optimize(digits / "digits_cnn.onnx", passes="simplify,fold-bn,quantize", providers="cuda",
                               calibration=digits / "digits_calib.npz", data=digits / "digits_test.npz", latency=False)
     assert result.ok and "CUDAExecutionProvider" in result.report.validation.providers
+
+
+ZOO = sorted((Path(__file__).resolve().parents[1] / "models" / "zoo").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", ZOO, ids=[p.stem for p in ZOO])
+def test_zoo_quantizes_validly_and_closely(path):
+    result = onnxopt.optimize(path, "simplify,fold-bn,share-init,quantize", calibration="synthetic", data="synthetic",
+                              latency=False, check=True)
+    details = result.report.passes[-1].details
+    assert result.ok, result.report.notes
+    assert details["integer_nodes"] >= 1 and details["weighted"]["float"] <= 2
+    assert min(o.cosine for o in result.report.validation.outputs) > 0.99
