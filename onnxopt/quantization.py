@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, load_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError
 from onnxopt.observe import ErrorObserver, expose, optimized_ops
-from onnxopt.passes.quantize import QuantizeQDQ, already_quantized
+from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
 from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 
@@ -39,8 +40,9 @@ DEFAULT_MAX_DROP = 1.0  # accuracy points
 DEFAULT_MIN_COSINE = 0.99
 MAX_FALLBACK_ROUNDS = 8
 SQNR_BATCHES = 4
-# A quantized model whose Conv/Gemm/MatMul weights stay float beyond this share is a failure.
+# A quantized model whose Conv/Gemm/MatMul MACs stay float beyond this share is a failure.
 MAX_FLOAT_SHARE = 0.5
+_LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
 
 
@@ -284,10 +286,16 @@ class QuantizationStep:
             quantized = p.details.get("quantized_nodes", [])
             weighted = p.details.get("weighted", {"float": 0, "total": 0})
             left = p.details.get("left", {})
+            share = float_mac_share(self.float_model, set(quantized))
+            details["float_mac_share"] = share
             if not quantized:
                 failures.append("nothing was quantized")
-            elif weighted["total"] and weighted["float"] / weighted["total"] > MAX_FLOAT_SHARE:
+            elif share is not None and share > MAX_FLOAT_SHARE:
+                failures.append(f"{share:.0%} of the Conv/Gemm/MatMul MACs stay float")
+            elif share is None and weighted["total"] and weighted["float"] / weighted["total"] > MAX_FLOAT_SHARE:
                 failures.append(f"{weighted['float']} of {weighted['total']} Conv/Gemm/MatMul stay float")
+            if share is not None:
+                report.notes.append(f"quantize: {1 - share:.1%} of the Conv/Gemm/MatMul MACs are quantized")
             if failures:
                 for node, why in list(left.items())[:10]:
                     report.notes.append(f"quantize: {node} stays float: {why}")
@@ -310,6 +318,46 @@ class QuantizationStep:
                 outputs=[], error=f"quantize: {'; '.join(failures)}",
             )
         self.failed = bool(failures)
+
+
+def float_mac_share(model: ir.Model, quantized: set[str]) -> float | None:
+    """Share of the Conv/ConvTranspose/Gemm/MatMul MACs of ``model`` (the float model) whose node is not
+    in ``quantized``; dynamic dims count 1. None when shapes are unknown."""
+    clone = model.clone()
+    for value in clone.graph.inputs:
+        if value.shape is not None:
+            value.shape = ir.Shape([d if isinstance(d, int) and d > 0 else 1 for d in value.shape])
+    for node in clone.graph:
+        for out in node.outputs:
+            out.shape = None
+    try:
+        ShapeInferencePass(strict_mode=False)(clone)
+    except Exception as exc:  # best effort
+        logger.debug("shape inference failed: %s", exc)
+        return None
+    total = left = 0
+    for node in clone.graph:
+        if node.op_type not in _LINEAR_OPS:
+            continue
+        macs = _macs(node)
+        if macs is None:
+            return None
+        total += macs
+        left += 0 if node_label(node) in quantized else macs
+    return left / total if total else None
+
+
+def _macs(node: ir.Node) -> int | None:
+    shapes = [v.shape if v is not None else None for v in (*node.inputs[:2], node.outputs[0])]
+    if any(s is None or not all(isinstance(d, int) for d in s) for s in shapes):
+        return None
+    x, w, y = (tuple(s) for s in shapes)
+    if node.op_type == "Conv":
+        return math.prod(y) * math.prod(w[1:])
+    if node.op_type == "ConvTranspose":
+        return math.prod(x) * w[1] * math.prod(w[2:])
+    trans_a = node.attributes["transA"].value if "transA" in node.attributes else 0
+    return math.prod(y) * (x[0] if node.op_type == "Gemm" and trans_a else x[-1])
 
 
 def optimized_ops_of(snapshot: ModelSnapshot, providers) -> dict[str, int]:

@@ -14,7 +14,7 @@ activations that need a range.
 
 from __future__ import annotations
 
-__all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized"]
+__all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized", "node_label"]
 
 import fnmatch
 import logging
@@ -123,7 +123,7 @@ class QuantizeQDQ(OnnxoptPass):
     def _excluded(self, node: ir.Node) -> bool:
         name = node.name or ""
         for pattern in self.exclude:
-            if pattern in (node.op_type, name, _label(node)) or (name and fnmatch.fnmatchcase(name, pattern)):
+            if pattern in (node.op_type, name, node_label(node)) or (name and fnmatch.fnmatchcase(name, pattern)):
                 return True
         return False
 
@@ -167,11 +167,11 @@ class QuantizeQDQ(OnnxoptPass):
             if len(readers) == 1 and not out.is_graph_output():
                 reader = readers[0].node
                 if reader.op_type in _FOLDED and not self._excluded(reader) and _clip_is_static(reader):
-                    plan.folded[_label(reader)] = _label(node)
+                    plan.folded[node_label(reader)] = node_label(node)
                     return reader.outputs[0]
             return out
 
-        name_of = _label
+        name_of = node_label
         chain_candidates: list[ir.Node] = []
         for node in graph:
             op = node.op_type
@@ -389,25 +389,25 @@ class QuantizeQDQ(OnnxoptPass):
         quantized_nodes: list[tuple[ir.Node, str, str]] = []  # labels before outputs are renamed
         io: dict[str, list] = {}  # node → [activation inputs, output] by their float names
         for node in list(graph):
-            role = plan.nodes.get(_label(node))
+            role = plan.nodes.get(node_label(node))
             if role == "pass-through" and node.inputs[0] is not None and node.inputs[0].name in plan.tables:
-                io[_label(node)] = [[], node.outputs[0].name]  # a table read: its error is the table's
+                io[node_label(node)] = [[], node.outputs[0].name]  # a table read: its error is the table's
             if role is None or role in ("pass-through", "activation"):
                 continue
             needs = _activation_inputs(node, role)
             missing = [v.name for v in needs if v.name not in params]
             if missing:
-                left[_label(node)] = f"no calibrated range for {', '.join(missing)}"
+                left[node_label(node)] = f"no calibrated range for {', '.join(missing)}"
                 continue
-            quantized_nodes.append((node, _label(node), role))
-            io[_label(node)] = [[v.name for v in needs], plan.outputs.get(_label(node), node.outputs[0].name)]
+            quantized_nodes.append((node, node_label(node), role))
+            io[node_label(node)] = [[v.name for v in needs], plan.outputs.get(node_label(node), node.outputs[0].name)]
 
         # Activations: Q → DQ right after the producer; every reader takes the DQ output, except a
         # quantizable op left float: it reads the float tensor, or onnxruntime would quantize it
         # anyway (it fuses DQ → Conv/MatMul → Q with float weights).
         keep_float = {
             id(node) for node in graph
-            if _label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}
+            if node_label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}
         }
         dq_of: dict[str, ir.Value] = {}
         initializers = graph.initializers
@@ -439,7 +439,7 @@ class QuantizeQDQ(OnnxoptPass):
         graph.sort()
         for what, reason in left.items():
             # By design (Softmax, a constant operand) is information; a refused Conv/Gemm/MatMul is a skip.
-            weighted = any(what == _label(n) and n.op_type in _WEIGHTED for n in graph)
+            weighted = any(what == node_label(n) and n.op_type in _WEIGHTED for n in graph)
             (logger.warning if weighted else logger.info)("quantize: %s stays float: %s", what, reason)
         self.details["left"] = left
         self.details["folded"] = dict(plan.folded)
@@ -548,7 +548,7 @@ class QuantizeQDQ(OnnxoptPass):
             self._replace_with_dq(graph, node, bias_index, q, b_scale, np.zeros(channels, np.int32), 0, names, "bias")
 
 
-def _label(node: ir.Node) -> str:
+def node_label(node: ir.Node) -> str:
     """A node's name, or for an unnamed node its op type and first output (unique in a graph)."""
     if node.name:
         return node.name
