@@ -410,3 +410,26 @@ def test_zoo_quantizes_validly_and_closely(path):
     assert result.ok, result.report.notes
     assert details["integer_nodes"] >= 1 and details["weighted"]["float"] <= 2
     assert min(o.cosine for o in result.report.validation.outputs) > 0.99
+
+
+def test_a_shared_weight_is_quantized_once_and_the_float_copy_goes():
+    text = f"""{OPSET}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{ a = Conv <pads=[1,1,1,1]> (x, W) \n y = Conv <pads=[1,1,1,1]> (a, W) }}"""
+    model = build(text, {"W": randn(4, 4, 3, 3)})
+    before = snapshot(model)
+    quantize(model)
+    int8 = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8 and v.const_value.size == 144]
+    assert len(int8) == 1 and "W" not in model.graph.initializers
+    assert optimized_ops(model).get("QLinearConv") == 2
+    feed = random_feeds(model, seed=4)
+    ref, got = run(before, feed)[0], run(model, feed)[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+
+
+def test_a_graph_input_weight_is_not_a_constant():
+    text = f"""{OPSET}
+    g (float[N,4,6,6] x, float[4,4,3,3] W) => (float[N,4,4,4] y) {{ y = Conv (x, W) }}"""
+    model = build(text, {"W": randn(4, 4, 3, 3)})
+    p = QuantizeQDQ({"x": (-3.0, 3.0)})
+    p(model)
+    assert p.details["left"]["Conv(y)"] == "weight is not a constant"
