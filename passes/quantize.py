@@ -50,6 +50,8 @@ _SENSITIVE = {"Softmax", "LayerNormalization", "BatchNormalization", "InstanceNo
 _QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                       "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
                       "MatMulIntegerToFloat"}
+_CHAIN_REASON = "its result feeds no integer op: Q/DQ on its inputs would cost error and time"
+_BY_DESIGN = ("numerically sensitive", "an operand is a constant", "an input is a constant", _CHAIN_REASON)
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 _MIN_SCALE = 1e-12
 
@@ -317,7 +319,7 @@ class QuantizeQDQ(OnnxoptPass):
         for node in chain_candidates:
             if name_of(node) not in plan.nodes:
                 plan.folded = {k: v for k, v in plan.folded.items() if v != name_of(node)}
-                plan.left[name_of(node)] = "its result feeds no integer op: Q/DQ on its inputs would cost error and time"
+                plan.left[name_of(node)] = _CHAIN_REASON
                 continue
             for v in node.inputs:
                 mark(v)
@@ -440,7 +442,8 @@ class QuantizeQDQ(OnnxoptPass):
         for what, reason in left.items():
             # By design (Softmax, a constant operand) is information; a refused Conv/Gemm/MatMul is a skip.
             weighted = any(what == node_label(n) and n.op_type in _WEIGHTED for n in graph)
-            (logger.warning if weighted else logger.info)("quantize: %s stays float: %s", what, reason)
+            by_design = reason.startswith(_BY_DESIGN)
+            (logger.warning if weighted and not by_design else logger.info)("quantize: %s stays float: %s", what, reason)
         self.details["left"] = left
         self.details["folded"] = dict(plan.folded)
         self.details["activations"] = self.activations
