@@ -27,7 +27,7 @@ from onnxopt.validate import DEFAULT_ATOL, compare_models
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PASSES = ("simplify", "fold-bn", "share-init")
+DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
 
 Progress = Callable[[str, int, int], None]
 

@@ -201,7 +201,7 @@ def test_default_run_writes_opt_onnx_and_report(capsys, model):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())  # rtol 1e-5 of max|ref|
 
     report = json.loads(report_path.read_text())
-    assert [p["name"] for p in report["passes"]] == ["simplify", "fold-bn", "share-init"]
+    assert [p["name"] for p in report["passes"]] == ["simplify", "fold-bn", "prune", "share-init"]
     for record in report["passes"]:
         assert {"name", "modified", "seconds", "summary"} <= set(record)
         assert isinstance(record["modified"], bool) and record["seconds"] >= 0

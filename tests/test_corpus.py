@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "models" / "zoo").glob("*.onnx"))
 DIGITS = ROOT / "models" / "digits" / "digits_cnn.onnx"
 DIGITS_TEST = ROOT / "models" / "digits" / "digits_test.npz"
-PASSES = ["simplify", "fold-bn", "share-init"]
+PASSES = list(onnxopt.DEFAULT_PASSES)  # simplify, fold-bn, prune (all-zero channels), share-init
 LINEAR = {"Conv", "ConvTranspose", "Gemm"}
 
 

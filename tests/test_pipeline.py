@@ -86,10 +86,11 @@ def test_report_figures_and_json(model_path, tmp_path):
     code = cli.main([str(model_path), "-o", str(out), "--report", str(report_path), "--latency-budget", "0.3", "-q"])
     assert code == 0 and out.exists()
     data = json.loads(report_path.read_text())
-    assert [p["name"] for p in data["passes"]] == ["simplify", "fold-bn", "share-init"]
+    assert [p["name"] for p in data["passes"]] == ["simplify", "fold-bn", "prune", "share-init"]
     fold = data["passes"][1]
     assert fold["modified"] is True and fold["summary"].startswith("folded 1 of 1")
-    share = data["passes"][2]
+    assert data["passes"][2]["modified"] is False  # no all-zero channel to remove
+    share = data["passes"][3]
     assert share["modified"] is True and share["details"]["bytes_saved"] == 4 * 3 * 3 * 3 * 4
     for key in ("nodes", "params", "bytes", "macs", "op_counts"):
         assert key in data["before"] and key in data["after"]
@@ -135,7 +136,7 @@ def test_data_with_labels_gives_accuracy(model_path, tmp_path):
 
 def test_check_after_every_pass(model_path):
     result = onnxopt.optimize(model_path, check=True, validate=False, latency=False)
-    assert [p.name for p in result.report.passes] == ["simplify", "fold-bn", "share-init"]
+    assert [p.name for p in result.report.passes] == ["simplify", "fold-bn", "prune", "share-init"]
     assert all(p.after is not None for p in result.report.passes)
 
 
