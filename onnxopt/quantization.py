@@ -302,7 +302,7 @@ class QuantizationStep:
         v = report.validation
         if v is not None:
             ok, figure = self.judge(v)
-            v.notes.append(f"lossy pass: judged by {figure}, not by the lossless tolerance")
+            v.criterion = f"{figure} (lossy pass, not the lossless tolerance)"
             max_drop, min_cosine = self._limits(v.accuracy_before is not None)
             for o in v.outputs:
                 o.ok = min_cosine is None or (not math.isnan(o.cosine) and o.cosine >= min_cosine)

@@ -84,6 +84,7 @@ class Validation:
     accuracy_after: float | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    criterion: str | None = None  # a lossy pass's verdict rule, shown instead of the lossless tolerance
 
 
 @dataclass
@@ -231,7 +232,7 @@ def render_table(report: Report) -> str:
         lines.append(
             f"validation {head} on {', '.join(p.replace('ExecutionProvider', '') for p in v.providers)}: "
             + (f"{v.samples} synthetic samples" if v.synthetic else f"{v.samples} samples from {v.data}")
-            + f"; tolerance |err| <= {v.atol:g} + {_rtols(v)}*max|ref|"
+            + (f"; judged by {v.criterion}" if v.criterion else f"; tolerance |err| <= {v.atol:g} + {_rtols(v)}*max|ref|")
         )
         if v.error:
             lines.append(f"  error: {v.error}")
