@@ -145,3 +145,8 @@ def test_shufflenet_shuffle_is_refused_not_broken():
     assert not result.modified
     check_model(model)
     np.testing.assert_array_equal(run(before, feeds)[0], run(model, feeds)[0])
+
+
+def test_lossless_removal_vgg19():
+    """VGG-19 (575 MB of weights, no BatchNormalization): one run, after fold-bn, which is a no-op."""
+    test_lossless_removal("vgg19", True)
