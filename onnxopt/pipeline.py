@@ -20,8 +20,8 @@ from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPas
 from onnxopt.latency import compare_latency
 from onnxopt.passes import REGISTRY, PruneChannels, QuantizeQDQ
 from onnxopt.quantization import QuantizationStep
-from onnxopt.report import ModelStats, PassRecord, Report
-from onnxopt.runtime import ModelSnapshot, create_session
+from onnxopt.report import PassRecord, Report
+from onnxopt.runtime import ModelSnapshot
 from onnxopt.stats import model_stats
 from onnxopt.validate import DEFAULT_ATOL, compare_models
 
@@ -232,7 +232,7 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     return [*pass_objects[:at], pruner, *pass_objects[at:]]
 
 
-def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False) -> dict[str, "np.ndarray"]:
+def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False) -> dict:
     """Mean |x| per channel (``nonzero``: the fraction of non-zero values) of every tensor that a
     channel group's consumer reads, over ``data`` (the calibration set), streamed batch by batch
     through ``onnxopt.observe``."""

@@ -516,7 +516,6 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
     """Remove the planned channels from every member: (parameters removed net, parameters of new biases)."""
     graph = model.graph
     deletions: dict[tuple[ir.Node, int], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    nodes_by_key: dict[tuple[ir.Node, int], ir.Node] = {}
     split_removed: dict[ir.Node, set[int]] = defaultdict(set)
     dw_removed: dict[ir.Node, set[int]] = defaultdict(set)
     reshape_removed: dict[ir.Node, set[int]] = defaultdict(set)

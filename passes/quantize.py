@@ -18,7 +18,7 @@ __all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized", "no
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
