@@ -50,6 +50,9 @@ _SENSITIVE = {"Softmax", "LayerNormalization", "BatchNormalization", "InstanceNo
 _QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                       "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
                       "MatMulIntegerToFloat"}
+# Readers that see only a tensor's shape: they read the integer tensor, so that no DequantizeLinear
+# runs just to feed them (exporters compute reshapes from activations' shapes).
+_SHAPE_READERS = {"Shape", "Size"}
 _CHAIN_REASON = "its result feeds no integer op: Q/DQ on its inputs would cost error and time"
 _BY_DESIGN = ("numerically sensitive", "an operand is a constant", "an input is a constant", _CHAIN_REASON)
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -478,7 +481,8 @@ class QuantizeQDQ(OnnxoptPass):
         dq.outputs[0].shape = value.shape if value.name != base else None
         graph.extend([q, dq])
         for use in readers:
-            use.node.replace_input_with(use.idx, dq.outputs[0])
+            shape_only = use.node.op_type in _SHAPE_READERS and use.node.domain in ("", "ai.onnx")
+            use.node.replace_input_with(use.idx, q.outputs[0] if shape_only else dq.outputs[0])
         if value.name != base:
             graph.outputs[index] = dq.outputs[0]
         return dq.outputs[0]

@@ -15,11 +15,38 @@ from onnxopt.passes._base import OnnxoptPass
 logger = logging.getLogger(__name__)
 
 
+# Ops that only move or select a weight's values: folding them never grows the model when every
+# reader of the weight is one of them (the weight itself then goes).
+_LAYOUT_OPS = frozenset({"Slice", "Split", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def fold_weight_layout(node: ir.Node) -> bool | None:
+    """Fold a layout op on a large constant when all the constant's readers are layout ops (else: default rules).
+
+    onnxscript skips inputs over 8,192 elements that have several readers, so an exporter's packed
+    attention weight (``in_proj_weight`` sliced into q, k, v, then transposed) stays a runtime
+    Slice → Transpose chain: onnxruntime folds it for float, but once the weight is int8 behind a
+    DequantizeLinear it runs on every call, and MatMul sees no constant weight to quantize per channel.
+    """
+    if node.op_type not in _LAYOUT_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    data = node.inputs[0]
+    if data is None or data.const_value is None:
+        return None
+    for use in data.uses():
+        reader = use.node
+        if reader.op_type not in _LAYOUT_OPS or use.idx != 0:
+            return None
+        if any(v is not None and v.const_value is None for v in reader.inputs):
+            return None
+    return True
+
+
 class _FoldConstants(ir.passes.InPlacePass):
-    """onnxscript's constant folder (it keeps QuantizeLinear/DequantizeLinear by design)."""
+    """onnxscript's constant folder (it keeps QuantizeLinear/DequantizeLinear by design), plus weight layout ops."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = fold_constants_ir(model, onnx_shape_inference=True)
+        result = fold_constants_ir(model, onnx_shape_inference=True, should_fold=fold_weight_layout)
         return ir.passes.PassResult(model, modified=bool(result.modified))
 
 
@@ -48,7 +75,8 @@ class Simplify(OnnxoptPass):
 
     Rules (all from onnxscript / onnx-ir, none hand-written):
     - functions are inlined, so that folding sees through them;
-    - nodes whose inputs are all constant are evaluated (QDQ nodes are kept);
+    - nodes whose inputs are all constant are evaluated (QDQ nodes are kept); a large weight is sliced,
+      split, transposed or reshaped ahead of time when only such layout ops read it;
     - Identity nodes, nodes no output depends on, unused functions and opset imports are removed;
     - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
     """

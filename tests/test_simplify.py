@@ -159,3 +159,45 @@ def test_if_branch_returning_an_outer_value_through_identity(outer_is_output):
     x = randn(2, 4)
     simplify(model, [{"x": x, "cond": np.array(c)} for c in (True, False)])
     assert sorted(op_types(model)) == ["Identity", "If", "Neg", "Relu"]
+
+
+def test_a_packed_weight_sliced_and_transposed_is_folded_ahead_of_time():
+    # An exporter's packed attention weight (12,288 elements, over onnxscript's 8,192 limit for a
+    # constant with several readers) sliced into three projections and transposed.
+    w = randn(192, 64)
+    model = build(
+        f"""{OPSET}
+        g (float[N,64] x) => (float[N,64] q, float[N,64] k, float[N,64] v) {{
+            wq = Slice(W, s0, s1, ax)
+            wk = Slice(W, s1, s2, ax)
+            wv = Slice(W, s2, s3, ax)
+            tq = Transpose <perm=[1,0]> (wq)
+            tk = Transpose <perm=[1,0]> (wk)
+            tv = Transpose <perm=[1,0]> (wv)
+            q = MatMul(x, tq)
+            k = MatMul(x, tk)
+            v = MatMul(x, tv)
+        }}""",
+        {"W": w, **{f"s{i}": np.array([64 * i], np.int64) for i in range(4)}, "ax": np.array([0], np.int64)},
+    )
+    simplify(model, random_feeds(model))
+    assert op_types(model) == ["MatMul", "MatMul", "MatMul"]
+    weights = [n.inputs[1].const_value.numpy() for n in model.graph]
+    for i, weight in enumerate(weights):
+        np.testing.assert_array_equal(weight, w[64 * i: 64 * (i + 1)].T)
+    assert "W" not in model.graph.initializers  # the packed copy went: the model did not grow
+
+
+def test_a_large_weight_also_read_directly_is_not_duplicated():
+    # Transposing a copy of a weight that a MatMul still reads would store it twice.
+    model = build(
+        f"""{OPSET}
+        g (float[N,128] x) => (float[N,128] y, float[N,128] z) {{
+            y = MatMul(x, W)
+            t = Transpose <perm=[1,0]> (W)
+            z = MatMul(x, t)
+        }}""",
+        {"W": randn(128, 128)},
+    )
+    simplify(model, random_feeds(model))
+    assert op_types(model) == ["MatMul", "Transpose", "MatMul"]
