@@ -240,6 +240,77 @@ def _concat_net() -> nn.Module:
     )
 
 
+class Bottleneck(nn.Module):
+    """YOLO-style residual bottleneck: 1x1 conv to half the channels, 3x3 conv back, SiLU, Add."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBNAct(channels, channels // 2, 1, act=nn.SiLU), ConvBNAct(channels // 2, channels, 3, act=nn.SiLU)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Detector(nn.Module):
+    """A YOLO-style single-stage detector, about 1.4 M parameters (5.5 MB in fp32).
+
+    SiLU Conv-BN backbone with residual bottlenecks down to strides 8, 16 and 32; a top-down neck
+    (1x1 conv, nearest 2x Upsample, Concat with the finer map, 3x3 conv); a 1x1 head per scale with
+    3 anchors of 4 box + 1 objectness + 20 class values, decoded the way YOLO exports are
+    (reshape, transpose, concat over scales, sigmoid) into one output [N, boxes, 25].
+    """
+
+    def __init__(self, classes: int = 20, anchors: int = 3):
+        super().__init__()
+        act = nn.SiLU
+        self.values = 5 + classes
+        self.anchors = anchors
+        self.stem = nn.Sequential(ConvBNAct(3, 16, 3, 2, act=act), ConvBNAct(16, 32, 3, 2, act=act), Bottleneck(32))
+        self.p3 = nn.Sequential(ConvBNAct(32, 64, 3, 2, act=act), Bottleneck(64), Bottleneck(64))
+        self.p4 = nn.Sequential(ConvBNAct(64, 128, 3, 2, act=act), Bottleneck(128), Bottleneck(128))
+        self.p5 = nn.Sequential(ConvBNAct(128, 256, 3, 2, act=act), Bottleneck(256))
+        self.lateral5 = ConvBNAct(256, 128, 1, act=act)
+        self.merge4 = ConvBNAct(256, 128, 3, act=act)
+        self.lateral4 = ConvBNAct(128, 64, 1, act=act)
+        self.merge3 = ConvBNAct(128, 64, 3, act=act)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.heads = nn.ModuleList(nn.Conv2d(c, anchors * self.values, 1, bias=True) for c in (64, 128, 256))
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Scales of a trained detector after the zoo's random BN draw: each bottleneck's branch
+        enters its residual at a quarter scale (as a zero-initialised residual trains to), and the
+        heads give logits of a few units with objectness and classes mostly negative, not the
+        +-100 that stacked random residuals reach (every output would saturate the sigmoid)."""
+        for block in self.modules():
+            if isinstance(block, Bottleneck):
+                last = block.body[-1][1]
+                last.weight.mul_(0.25)
+                last.bias.mul_(0.25)
+        for head in self.heads:
+            head.weight.mul_(2.0)
+            bias = head.bias.view(self.anchors, self.values)
+            bias[:, 4:] -= 4.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c3 = self.p3(self.stem(x))
+        c4 = self.p4(c3)
+        c5 = self.p5(c4)
+        top = self.lateral5(c5)
+        n4 = self.merge4(torch.cat([self.up(top), c4], dim=1))
+        side = self.lateral4(n4)
+        n3 = self.merge3(torch.cat([self.up(side), c3], dim=1))
+        outputs = []
+        for head, feature in zip(self.heads, (n3, n4, c5)):
+            y = head(feature)
+            n, _, h, w = y.shape
+            y = y.view(n, self.anchors, self.values, h * w).permute(0, 1, 3, 2).reshape(n, -1, self.values)
+            outputs.append(y)
+        return torch.cat(outputs, dim=1).sigmoid()
+
+
 @dataclass(frozen=True)
 class _Spec:
     builder: Callable[[], nn.Module]
@@ -258,6 +329,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "mobilenet_dw": _Spec(_mobilenet_dw, (1, 3, 32, 32)),
     "concat_net": _Spec(_concat_net, (1, 3, 32, 32)),
+    "detector": _Spec(Detector, (1, 3, 320, 320)),
 }
 
 NAMES = list(_SPECS)
@@ -281,6 +353,8 @@ def build(name: str) -> nn.Module:
     if any(isinstance(m, _BN_TYPES) for m in model.modules()):
         _calibrate_bn(model, spec)
         _randomize_bn(model)
+    if hasattr(model, "settle"):
+        model.settle()
     return model.eval()
 
 

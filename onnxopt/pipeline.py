@@ -184,6 +184,7 @@ def optimize(
         if validate:
             report.validation = compare_models(
                 original, candidate, dataset, providers=providers, rtol=rtol, atol=atol,
+                runtime_floor=quantization is None and not report.lossy,
                 progress=(lambda i, n: progress("validate", i, n)) if progress else None,
             )
         if latency and (report.validation is None or report.validation.error is None):

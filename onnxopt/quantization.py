@@ -183,7 +183,7 @@ class QuantizationStep:
 
         candidate = ModelSnapshot(model)
         try:
-            v = compare_models(original, candidate, evaluation, providers=self.providers)
+            v = compare_models(original, candidate, evaluation, providers=self.providers, runtime_floor=False)
         finally:
             candidate.close()
         return self.judge(v)

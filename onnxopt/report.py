@@ -67,6 +67,7 @@ class OutputComparison:
     top1_agreement: float | None
     ok: bool
     rtol: float | None = None  # the relative tolerance this output was judged by
+    runtime_floor: float | None = None  # max difference onnxruntime's own optimizations make on the original
 
 
 @dataclass

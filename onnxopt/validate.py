@@ -1,7 +1,10 @@
 """Compare two models on the same inputs under onnxruntime: per-output error, cosine, top-1, accuracy.
 
 The reference runs with graph optimizations disabled, so that onnxruntime's own fusions cannot
-hide or cause a difference; the candidate runs as it will ship (all optimizations on).
+hide or cause a difference; the candidate runs as it will ship (all optimizations on). Where the
+candidate misses the tolerance, the original is run as it would ship too: onnxruntime's own
+optimizations move some deep models' outputs beyond 1e-5 (a 24-conv SiLU detector: 3e-5), and a
+pass is not blamed for that noise (see ``RUNTIME_FLOOR_FACTOR``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ DEFAULT_ATOL = 1e-6
 # float16/bfloat16 outputs carry 10 (7) mantissa bits: one rounding is ~5e-4 (4e-3) of the value.
 # fold-bn on fp16 models moved outputs by up to 8.4e-4 of their range over 20 seeds.
 HALF_RTOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
+# A candidate within atol + rtol * max|ref| + this factor times the difference that onnxruntime's
+# own optimizations make on the unmodified original (its "runtime floor") passes: the pass's own
+# rounding and onnxruntime's add up, and a real bug is orders of magnitude above either.
+RUNTIME_FLOOR_FACTOR = 2.0
 
 
 def default_rtol(dtype: np.dtype) -> float:
@@ -75,7 +82,7 @@ class OutputAccumulator:
             self.agree += int((r.argmax(axis=1) == c.argmax(axis=1)).sum())
             self.rows += r.shape[0]
 
-    def result(self, rtol: float | None, atol: float) -> OutputComparison:
+    def result(self, rtol: float | None, atol: float, floor: float | None = None) -> OutputComparison:
         """The figures and the verdict; ``rtol=None`` takes the default for the output's dtype."""
         if rtol is None:
             rtol = default_rtol(self.dtype) if self.dtype is not None else DEFAULT_RTOL
@@ -87,9 +94,10 @@ class OutputAccumulator:
         else:
             cosine = 1.0 if self.ref_sq == self.cand_sq else 0.0
         max_rel = self.max_abs / self.ref_max if self.ref_max > 0 else (0.0 if self.max_abs == 0 else float("inf"))
-        ok = (not self.nonfinite) and self.max_abs <= atol + rtol * self.ref_max
+        allowed = atol + rtol * self.ref_max + RUNTIME_FLOOR_FACTOR * (floor or 0.0)
+        ok = (not self.nonfinite) and self.max_abs <= allowed
         top1 = self.agree / self.rows if self.rows else None
-        return OutputComparison(self.name, self.max_abs, max_rel, float(cosine), top1, bool(ok), rtol)
+        return OutputComparison(self.name, self.max_abs, max_rel, float(cosine), top1, bool(ok), rtol, floor)
 
 
 def compare_models(
@@ -101,12 +109,15 @@ def compare_models(
     rtol: float | None = None,
     atol: float = DEFAULT_ATOL,
     candidate_optimization: str = "all",
+    runtime_floor: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Validation:
     """Run both models on every batch of ``data`` and judge each output against the tolerance.
 
-    ``rtol=None`` uses the documented default per output dtype (``default_rtol``).
-    A candidate that onnxruntime refuses to load or run is a failed validation, not a crash.
+    ``rtol=None`` uses the documented default per output dtype (``default_rtol``). With
+    ``runtime_floor``, an output that misses the tolerance is judged again with onnxruntime's own
+    noise on the original added (``RUNTIME_FLOOR_FACTOR``); lossy callers, whose verdict is theirs,
+    turn it off. A candidate that onnxruntime refuses to load or run is a failed validation, not a crash.
     """
     resolved = resolve_providers(providers)
     common = dict(
@@ -138,11 +149,38 @@ def compare_models(
         if progress:
             progress(i + 1, len(data))
     outputs = [acc.result(rtol, atol) for acc in accumulators.values()]
+    if runtime_floor and candidate_optimization != "disabled" and not all(o.ok for o in outputs):
+        floors = _runtime_floor(reference, ref_session, resolved, candidate_optimization, data, ref_names)
+        outputs = [acc.result(rtol, atol, floors.get(name)) for name, acc in accumulators.items()]
+        worst = max(floors, key=floors.get, default=None)
+        if worst is not None and floors[worst] > 0:
+            common["notes"].append(
+                f"onnxruntime's own optimizations change the original's '{worst}' by up to {floors[worst]:.3g}; "
+                f"the tolerance adds {RUNTIME_FLOOR_FACTOR:g}x that per output"
+            )
     validation = Validation(**(common | {"ok": all(o.ok for o in outputs), "outputs": outputs}))
     if data.labels is not None:
         validation.accuracy_before = _accuracy(ref_logits, data.labels)
         validation.accuracy_after = _accuracy(cand_logits, data.labels)
     return validation
+
+
+def _runtime_floor(reference: ModelSnapshot, ref_session, providers, optimization: str, data: Dataset,
+                   names: list[str]) -> dict[str, float]:
+    """Per output, the largest difference onnxruntime's own ``optimization`` makes on the unmodified model."""
+    try:
+        shipped = reference.session(providers=providers, optimization=optimization)
+    except Exception:  # the original loads unoptimized; if it cannot load optimized, there is no floor
+        return {}
+    floors = dict.fromkeys(names, 0.0)
+    for feed in data:
+        plain, optimized = run_session(ref_session, feed), run_session(shipped, feed)
+        for name in names:
+            a, b = np.asarray(plain[name]), np.asarray(optimized[name])
+            if a.shape == b.shape and a.dtype.kind == "f" and a.size:
+                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                floors[name] = max(floors[name], float(np.nanmax(diff)))
+    return floors
 
 
 def _accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float | None:

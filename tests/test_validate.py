@@ -1,0 +1,78 @@
+"""compare_models: the lossless tolerance, and onnxruntime's own noise on the original as its floor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphs import build
+from onnxopt.data import synthetic_data
+from onnxopt.runtime import ModelSnapshot
+from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, RUNTIME_FLOOR_FACTOR, compare_models
+
+SATURATING = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,8,16,16] x) => (float[N,16,16,16] y) {
+    c1 = Conv <pads=[1,1,1,1]> (x, W1, B1)
+    b1 = BatchNormalization (c1, s1, o1, m1, v1)
+    r1 = Relu(b1)
+    c2 = Conv <pads=[1,1,1,1]> (r1, W2, B2)
+    b2 = BatchNormalization (c2, s2, o2, m2, v2)
+    r2 = Relu(b2)
+    c3 = Conv <pads=[1,1,1,1]> (r2, W3, B3)
+    y = Sigmoid(c3)
+}"""
+
+
+def saturating_model() -> ir.Model:
+    """Three convolutions whose logits reach the hundreds before a Sigmoid: onnxruntime's own fusions
+    (Conv+BN, NCHWc) move the outputs that sit on the sigmoid's slope by about 1e-4."""
+    rng = np.random.default_rng(0)
+    weights = {}
+    for i, cin in ((1, 8), (2, 16), (3, 16)):
+        weights[f"W{i}"] = rng.standard_normal((16, cin, 3, 3)).astype(np.float32)
+        weights[f"B{i}"] = rng.standard_normal(16).astype(np.float32)
+    for i in (1, 2):
+        weights |= {f"s{i}": rng.uniform(0.5, 1.5, 16).astype(np.float32), f"o{i}": rng.standard_normal(16).astype(np.float32),
+                    f"m{i}": rng.standard_normal(16).astype(np.float32), f"v{i}": rng.uniform(0.5, 1.5, 16).astype(np.float32)}
+    return build(SATURATING, weights)
+
+
+def _compare(reference: ir.Model, candidate: ir.Model, dims=None, **options):
+    data = synthetic_data(reference, dims=dims or {"N": 2})
+    ref, cand = ModelSnapshot(reference), ModelSnapshot(candidate)
+    try:
+        return compare_models(ref, cand, data, **options)
+    finally:
+        ref.close()
+        cand.close()
+
+
+def test_onnxruntime_noise_on_the_original_is_not_blamed_on_the_pass():
+    model = saturating_model()
+    strict = _compare(model, model, runtime_floor=False)
+    assert not strict.ok and strict.outputs[0].max_abs > DEFAULT_ATOL + DEFAULT_RTOL
+    v = _compare(model, model)
+    out = v.outputs[0]
+    assert v.ok and out.runtime_floor is not None and out.runtime_floor > DEFAULT_ATOL + DEFAULT_RTOL
+    assert out.max_abs <= DEFAULT_ATOL + DEFAULT_RTOL + RUNTIME_FLOOR_FACTOR * out.runtime_floor
+    assert any("onnxruntime's own optimizations" in note for note in v.notes)
+
+
+def test_a_real_difference_still_fails_above_the_floor():
+    model = saturating_model()
+    wrong = model.clone()
+    last = [n for n in wrong.graph if n.op_type == "Conv"][-1]
+    shifted = ir.Value(name="shifted_bias", const_value=ir.tensor(last.inputs[2].const_value.numpy() + np.float32(0.01)))
+    wrong.graph.register_initializer(shifted)
+    last.replace_input_with(2, shifted)
+    v = _compare(model, wrong)
+    out = v.outputs[0]
+    assert not v.ok and out.runtime_floor is not None and out.max_abs > 5 * out.runtime_floor
+
+
+def test_an_exact_candidate_needs_no_floor():
+    model = ir.load(Path(__file__).resolve().parents[1] / "models" / "zoo" / "mlp_bn.onnx")
+    v = _compare(model, model, dims={"batch": 2}, candidate_optimization="disabled")
+    assert v.ok and v.outputs[0].max_abs == 0 and v.outputs[0].runtime_floor is None
