@@ -138,9 +138,9 @@ class QuantizationStep:
         user_exclude = list(p.exclude)
         p.ranges = ranges
         result = p(model)
-        budgeted = evaluation is not None and original is not None and (
-            self.max_drop is not None or self.min_cosine is not None
-        )
+        # The verdict judges every validated run by the budget (the defaults when none is given), so
+        # the fallback works towards the same budget.
+        budgeted = evaluation is not None and original is not None
         fallback: list[dict[str, Any]] = []
         if budgeted:
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):

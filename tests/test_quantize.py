@@ -400,6 +400,16 @@ def test_fallback_keeps_the_most_harmful_layers_in_float_until_the_budget_is_met
     assert loose.report.passes[0].details["fallback"] == [] and loose.ok
 
 
+def test_the_default_budget_drives_the_fallback_too():
+    # No --min-cosine given: the verdict's default (0.99) is what the fallback works towards.
+    model = residual_cnn()
+    feeds = [random_feeds(model, {"N": 8}, seed=i) for i in range(3)]
+    result = onnxopt.optimize(model, passes=["quantize"], calibration=feeds[:1], data=feeds, latency=False)
+    details = result.report.passes[0].details
+    assert details["budget"]["figure"].endswith("(budget 0.99)"), details["budget"]
+    assert details["budget"]["met"] == result.ok
+
+
 def test_nothing_quantized_fails_loudly():
     model = build(f"""{OPSET} g (float[N,8] x) => (float[N,8] y) {{ y = Softmax (x) }}""")
     feeds = [random_feeds(model, {"N": 2})]
