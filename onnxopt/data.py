@@ -5,6 +5,10 @@ Accepted sources: an ``.npz`` file, a folder of ``<input>.npy`` files, onnx test
 (one batch each; their lengths may differ). Arrays whose first axis counts samples are cut into
 batches. Keys that are not model inputs and are named ``labels``/``label``/``y``/``targets`` are
 taken as labels. Synthetic data is produced only when asked for.
+
+``load_data`` holds every batch (validation data is read many times); ``stream_data`` reads an
+``.npz`` or a folder of ``.npy`` sequentially from disk, and consumes an iterator as it goes, so
+that calibration over thousands of samples holds one batch at a time.
 """
 
 from __future__ import annotations
@@ -14,14 +18,18 @@ __all__ = [
     "Dataset",
     "input_specs",
     "load_data",
+    "stream_data",
+    "DataStream",
     "synthetic_data",
     "parse_dims",
     "LABEL_KEYS",
 ]
 
+import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,6 +350,199 @@ def synthetic_data(
     if used_defaults:
         notes.append("dynamic dims set to 1: " + ", ".join(sorted(used_defaults)) + " (use --dim NAME=N)")
     return Dataset(feeds, None, "synthetic", synthetic=True, notes=notes)
+
+
+class DataStream:
+    """Feeds checked as they are read, one batch in memory at a time (see ``stream_data``).
+
+    ``num_batches`` and ``num_samples`` are known up front for files, and after the first full
+    read for an iterator (which can be read once only).
+    """
+
+    synthetic = False
+    labels = None
+
+    def __init__(self, read: Callable[[], Iterator[Mapping[str, np.ndarray]]], specs: list[InputSpec], source: str,
+                 *, batches: int | None = None, samples: int | None = None, once: bool = False) -> None:
+        self._read, self._specs, self.source = read, specs, source
+        self.num_batches, self.num_samples = batches, samples
+        self._once, self._used = once, False
+        self.notes: list[str] = []
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._once and self._used:
+            raise DataError(f"{self.source}: an iterator of batches can be read only once")
+        self._used = True
+        batches = samples = 0
+        for i, feed in enumerate(self._read()):
+            checked = _check_feed(feed, self._specs, f"{self.source} batch {i}")
+            batches += 1
+            samples += _batch_len(checked, self._specs) if self._specs else 1
+            yield checked
+        if not batches:
+            raise DataError(f"{self.source}: no batches")
+        self.num_batches, self.num_samples = batches, samples
+
+    def __len__(self) -> int:
+        return self.num_batches or 0
+
+
+def stream_data(
+    source,
+    model: ir.Model,
+    *,
+    batch_size: int | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> Dataset | DataStream:
+    """Like ``load_data``, but an ``.npz``, a folder of ``.npy`` or an iterator is read batch by batch.
+
+    Names, dtypes and shapes of the first batch are checked here, the rest as they are read.
+    Other sources (arrays already in memory, onnx test data, ``"synthetic"``) load as usual.
+    """
+    specs = input_specs(model)
+    stream = None
+    if isinstance(source, (str, os.PathLike)) and str(source) != "synthetic":
+        path = Path(source)
+        if path.is_file() and path.suffix == ".npz":
+            stream = _npz_stream(path, specs, batch_size)
+        elif path.is_dir() and not any(path.glob("input_*.pb")) and not any(path.glob("test_data_set*")):
+            stream = _npy_folder_stream(path, specs, batch_size)
+    elif isinstance(source, Iterator):
+        stream = _iterator_stream(source, specs)
+    if stream is None:
+        return load_data(source, model, batch_size=batch_size, dims=dims)
+    return stream
+
+
+class _RowReader:
+    """Reads an ``.npy`` byte stream (a file or a member of an ``.npz``) block of rows by block of rows."""
+
+    def __init__(self, open_stream: Callable[[], object], where: str) -> None:
+        self._open, self.where = open_stream, where
+        with self._open() as f:
+            self.shape, self.fortran, self.dtype = _npy_header(f, where)
+
+    def blocks(self, step: int) -> Iterator[np.ndarray]:
+        count = self.shape[0]
+        row = self.shape[1:]
+        row_bytes = math.prod(row) * self.dtype.itemsize
+        with self._open() as f:
+            _npy_header(f, self.where)
+            if self.fortran:  # column-major: rows are not contiguous on disk
+                whole = np.lib.format.read_array(f, allow_pickle=False).reshape(self.shape, order="F")
+                for i in range(0, count, step):
+                    yield np.ascontiguousarray(whole[i:i + step])
+                return
+            for i in range(0, count, step):
+                n = min(step, count - i)
+                buffer = bytearray(n * row_bytes)
+                if f.readinto(buffer) != len(buffer):
+                    raise DataError(f"{self.where}: the file ends before its {count} rows")
+                yield np.frombuffer(buffer, dtype=self.dtype).reshape((n, *row))
+
+
+def _npy_header(f, where: str):
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except ValueError as exc:
+        raise DataError(f"{where}: not a readable .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects; only numeric arrays are read")
+    return shape, fortran, dtype
+
+
+def _npz_stream(path: Path, specs: list[InputSpec], batch_size: int | None) -> DataStream | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+
+    def opener(member: str):
+        def open_member():
+            archive = zipfile.ZipFile(path)
+            return _Closing(archive.open(member), archive)
+        return open_member
+
+    readers = {m[:-4]: _RowReader(opener(m), f"{path}[{m[:-4]}]") for m in members}
+    return _rows_stream(readers, specs, batch_size, str(path))
+
+
+def _npy_folder_stream(path: Path, specs: list[InputSpec], batch_size: int | None) -> DataStream | None:
+    files = sorted(path.glob("*.npy"))
+    if not files:
+        return None
+    readers = {f.stem: _RowReader(lambda f=f: open(f, "rb"), str(f)) for f in files}
+    return _rows_stream(readers, specs, batch_size, str(path))
+
+
+class _Closing:
+    """A zip member whose archive closes with it."""
+
+    def __init__(self, handle, archive) -> None:
+        self._handle, self._archive = handle, archive
+
+    def __enter__(self):
+        return self._handle
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+        self._archive.close()
+
+
+def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
+                 where: str) -> DataStream | None:
+    """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
+    (labels, one feed per leading entry, scalars)."""
+    inputs = {s.name for s in specs}
+    if any(key in readers and key not in inputs for key in LABEL_KEYS):
+        return None  # labels: evaluation data, small, read whole
+    _check_names(readers.keys(), specs, where)
+    if not specs or any(s.shape is None or len(readers[s.name].shape) != len(s.shape) for s in specs):
+        return None
+    counts = {s.name: readers[s.name].shape[0] for s in specs}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise DataError(f"{where}: inputs disagree on the number of samples ({detail})")
+    count = next(iter(counts.values()))
+    if count == 0:
+        raise DataError(f"{where}: no samples (the arrays are empty along axis 0)")
+    lead = specs[0].shape[0]
+    if isinstance(lead, int) and lead > 0 and count % lead:
+        raise DataError(
+            f"{where}: input '{specs[0].name}' has {count} samples along axis 0, not a multiple of the model's fixed batch {lead}"
+        )
+    step = lead if isinstance(lead, int) and lead > 0 else (batch_size or DEFAULT_BATCH_SIZE)
+    # dtypes and fixed dims, before any pass runs: a zero-copy stand-in for the first batch
+    first = {s.name: np.broadcast_to(np.zeros((), readers[s.name].dtype), (min(step, count), *readers[s.name].shape[1:]))
+             for s in specs}
+    _check_feed(first, specs, f"{where} samples 0..{min(step, count) - 1}")
+
+    def read() -> Iterator[dict[str, np.ndarray]]:
+        blocks = {s.name: readers[s.name].blocks(step) for s in specs}
+        for _ in range(0, count, step):
+            yield {name: next(it) for name, it in blocks.items()}
+
+    return DataStream(read, specs, where, batches=math.ceil(count / step), samples=count)
+
+
+def _iterator_stream(source: Iterator, specs: list[InputSpec]) -> DataStream:
+    try:
+        first = next(source)
+    except StopIteration:
+        raise DataError("data: no batches") from None
+    first = dict(first)
+    if any(key in first and key not in {s.name for s in specs} for key in LABEL_KEYS):
+        raise DataError("data: an iterator of calibration batches cannot carry labels; pass them in --data")
+    _check_feed(first, specs, "data batch 0")
+
+    def read() -> Iterator[Mapping[str, np.ndarray]]:
+        yield first
+        yield from source
+
+    return DataStream(read, specs, "data", once=True)
 
 
 def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

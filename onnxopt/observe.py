@@ -1,19 +1,23 @@
-"""Stream a model's intermediate tensors to observers, batch by batch; memory bounded by one batch.
+"""Stream a model's intermediate tensors to observers, batch by batch; memory bounded by one run.
 
 The model is copied with the requested tensors added as graph outputs; each batch is run once,
-every observer is updated, and the batch's tensors are dropped before the next one. Batches may
-differ in shape (ragged sequence lengths): observers only see values.
+every observer is updated, and the batch's tensors are dropped before the next one. A batch whose
+exposed tensors would exceed ``max_bytes`` is run in slices along its batch axis (the first slice
+is one sample, which measures the bytes a sample costs), so a 320x320 detector calibrates in the
+same memory at batch 1 or 64. Batches may differ in shape (ragged sequence lengths): observers
+only see values.
 """
 
 from __future__ import annotations
 
-__all__ = ["MinMaxObserver", "HistogramObserver", "ErrorObserver", "observe", "expose", "optimized_ops"]
+__all__ = ["MinMaxObserver", "HistogramObserver", "ErrorObserver", "BatchSplitter", "observe", "expose", "optimized_ops",
+           "DEFAULT_MAX_BYTES"]
 
 import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -24,6 +28,8 @@ from onnxopt.runtime import ModelSnapshot, resolve_providers
 logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
+# Bytes of exposed tensors one run may return: onnxruntime holds as much again in its arena.
+DEFAULT_MAX_BYTES = 128 * 2**20
 
 
 class MinMaxObserver:
@@ -119,6 +125,47 @@ class ErrorObserver:
         return float(10.0 * np.log10(self.signal / self.noise))
 
 
+class BatchSplitter:
+    """Cuts feeds along the batch axis so that the tensors one run returns stay within ``max_bytes``.
+
+    Inputs whose first dim the model fixes are never cut. The cost of a sample is learned from the
+    runs as bytes returned per byte fed (the largest ratio seen, so a longer sequence is costed by
+    its length); before any run, the first slice is a single sample.
+    """
+
+    def __init__(self, model: ir.Model, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+        self.cuttable = bool(inputs) and all(
+            v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in inputs
+        )
+        self.max_bytes = max_bytes
+        self.ratio: float | None = None  # bytes returned per byte fed
+
+    def parts(self, feed: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        lengths = {np.shape(v)[0] if np.ndim(v) else None for v in feed.values()}
+        if not self.cuttable or len(lengths) != 1 or None in lengths or next(iter(lengths)) <= 1:
+            yield dict(feed)
+            return
+        count, start = next(iter(lengths)), 0
+        fed_per_sample = sum(np.asarray(v).nbytes for v in feed.values()) / count
+        while start < count:
+            if self.ratio is None:
+                rows = 1
+            else:
+                rows = max(1, int(self.max_bytes // max(self.ratio * fed_per_sample, 1.0)))
+                if start == 0 and rows >= count:
+                    yield dict(feed)
+                    return
+            yield {k: v[start:start + rows] for k, v in feed.items()}
+            start += rows
+
+    def learn(self, part: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        fed = sum(np.asarray(v).nbytes for v in part.values())
+        returned = sum(np.asarray(o).nbytes for o in outputs)
+        if fed > 0:
+            self.ratio = max(self.ratio or 0.0, returned / fed)
+
+
 def expose(model: ir.Model, names: Iterable[str]) -> tuple[ir.Model, list[str]]:
     """A copy of ``model`` whose graph outputs also include the named tensors (graph inputs excepted)."""
     copy = model.clone()
@@ -144,11 +191,12 @@ def observe(
     providers: str | Sequence[str] = "cpu",
     total: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> int:
     """Run ``model`` on each batch and call ``update(name, array)`` for every named tensor.
 
-    Named graph inputs are read from the feed. Returns the number of batches run. Only one batch's
-    tensors are alive at a time.
+    Named graph inputs are read from the feed. Returns the number of batches run. Only one run's
+    tensors are alive at a time, at most about ``max_bytes`` of them (see ``BatchSplitter``).
     """
     copy, exposed = expose(model, names)
     inputs = {v.name for v in model.graph.inputs}
@@ -157,14 +205,17 @@ def observe(
     del copy
     try:
         session = snapshot.session(providers=resolve_providers(providers), optimization="disabled")
+        splitter = BatchSplitter(model, max_bytes)
         count = 0
         for feed in batches:
-            outputs = session.run(exposed, dict(feed)) if exposed else []
-            for name, array in zip(exposed, outputs):
-                update(name, array)
-            for name in from_feed:
-                update(name, np.asarray(feed[name]))
-            del outputs
+            for part in splitter.parts(feed):
+                outputs = session.run(exposed, part) if exposed else []
+                splitter.learn(part, outputs)
+                for name, array in zip(exposed, outputs):
+                    update(name, array)
+                for name in from_feed:
+                    update(name, np.asarray(part[name]))
+                del outputs
             count += 1
             if progress:
                 progress(count, total or count)

@@ -26,9 +26,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
-from onnxopt.data import Dataset, load_data, synthetic_data
+from onnxopt.data import Dataset, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError
-from onnxopt.observe import ErrorObserver, expose, optimized_ops
+from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
 from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
@@ -93,7 +93,7 @@ class QuantizationStep:
             self.calibration = synthetic_data(model, dims=dims)
             self.notes.append("calibrated on SYNTHETIC random inputs (--calibration synthetic): ranges may not fit real data")
         else:
-            self.calibration = load_data(calibration, model, batch_size=batch_size, dims=dims)
+            self.calibration = stream_data(calibration, model, batch_size=batch_size, dims=dims)
         self.details: dict[str, Any] = {}
         self.verdict_failed: str | None = None
 
@@ -126,7 +126,7 @@ class QuantizationStep:
         start = time.perf_counter()
         ranges = calibrate(
             model, plan.tensors, self.calibration, method=self.method, percentile=self.percentile,
-            activations=p.activations, providers=self.providers, total=len(self.calibration),
+            activations=p.activations, providers=self.providers, total=len(self.calibration) or None,
             progress=(lambda i, n: progress("calibrate", i, n)) if progress else None,
         )
         self.details["calibration"] = {
@@ -218,14 +218,19 @@ class QuantizationStep:
             providers = resolve_providers(self.providers)
             ref = ref_snap.session(providers=providers, optimization="disabled")
             cand = cand_snap.session(providers=providers, optimization="disabled")
+            # Both models' tensors are alive at once: each run gets half the observation budget.
+            splitter = BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2)
             for feed in evaluation.batches[:SQNR_BATCHES]:
-                r_out = run_session(ref, feed)
-                c_out = run_session(cand, feed)
-                for t, qt in zip(names, quant_names):
-                    r = feed[t] if t in inputs else r_out.get(t)
-                    c = c_out.get(qt)
-                    if r is not None and c is not None:
-                        observers[t].update(r, c)
+                for part in splitter.parts(feed):
+                    r_out = run_session(ref, part)
+                    c_out = run_session(cand, part)
+                    splitter.learn(part, [*r_out.values(), *c_out.values()])
+                    for t, qt in zip(names, quant_names):
+                        r = part[t] if t in inputs else r_out.get(t)
+                        c = c_out.get(qt)
+                        if r is not None and c is not None:
+                            observers[t].update(r, c)
+                    del r_out, c_out
         finally:
             ref_snap.close()
             cand_snap.close()

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from graphs import build, small_cnn
-from onnxopt.data import input_specs, load_data, parse_dims, synthetic_data
+from onnxopt.data import DataStream, input_specs, load_data, parse_dims, stream_data, synthetic_data
 from onnxopt.errors import DataError, OnnxoptError, OptionError
 
 rng = np.random.default_rng(0)
@@ -253,3 +253,70 @@ def test_synthetic_data_unknown_dim_name():
 
 def test_errors_are_onnxopt_errors():
     assert issubclass(DataError, OnnxoptError) and issubclass(OptionError, OnnxoptError)
+
+
+# --- streaming (calibration) ------------------------------------------------------------------
+
+
+def test_stream_reads_an_npz_batch_by_batch_like_load(tmp_path):
+    x = images(70)
+    np.savez(tmp_path / "a.npz", x=x)
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    loaded = load_data(tmp_path / "a.npz", cnn(), batch_size=32)
+    for name in ("a.npz", "c.npz"):
+        stream = stream_data(tmp_path / name, cnn(), batch_size=32)
+        assert isinstance(stream, DataStream) and (len(stream), stream.num_samples) == (3, 70)
+        for got, want in zip(stream, loaded, strict=True):
+            np.testing.assert_array_equal(got["x"], want["x"])
+        assert [b["x"].shape[0] for b in stream] == [32, 32, 6]  # a file can be read again
+
+
+def test_stream_reads_a_folder_of_npy_and_an_iterator_once(tmp_path):
+    (tmp_path / "f").mkdir()
+    np.save(tmp_path / "f" / "x.npy", images(10))
+    assert batch_sizes(stream_data(tmp_path / "f", cnn(), batch_size=4)) == [4, 4, 2]
+    stream = stream_data(({"x": images(n)} for n in (2, 3)), cnn())
+    assert batch_sizes(stream) == [2, 3] and stream.num_samples == 5
+    with pytest.raises(DataError, match="read only once"):
+        list(stream)
+
+
+def test_stream_checks_the_first_batch_before_anything_runs(tmp_path):
+    np.savez(tmp_path / "d.npz", x=images(8).astype(np.float64))
+    with pytest.raises(DataError, match="dtype float64, the model expects float32"):
+        stream_data(tmp_path / "d.npz", cnn())
+    np.savez(tmp_path / "n.npz", image=images(8))
+    with pytest.raises(DataError, match="missing input"):
+        stream_data(tmp_path / "n.npz", cnn())
+    with pytest.raises(DataError, match="axis 2"):
+        stream_data(iter([{"x": np.zeros((1, 3, 9, 8), np.float32)}]), cnn())
+    # A later batch that does not fit is named when it is read.
+    stream = stream_data(iter([{"x": images(2)}, {"x": images(2).astype(np.float64)}]), cnn())
+    with pytest.raises(DataError, match="batch 1: input 'x' has dtype float64"):
+        list(stream)
+
+
+def test_stream_of_a_truncated_npz_is_a_data_error(tmp_path):
+    np.savez(tmp_path / "t.npz", x=images(64))
+    data = (tmp_path / "t.npz").read_bytes()
+    (tmp_path / "t.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="t.npz"):
+        list(stream_data(tmp_path / "t.npz", cnn()))
+
+
+def test_streaming_memory_is_one_batch_whatever_the_number_of_samples(tmp_path):
+    import tracemalloc
+
+    def peak(samples: int) -> int:
+        path = tmp_path / f"{samples}.npz"
+        np.savez(path, x=np.zeros((samples, 3, 8, 8), np.float32))
+        tracemalloc.start()
+        try:
+            for _ in stream_data(path, cnn(), batch_size=16):
+                pass
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(32), peak(4096)  # 4096 samples: 3 MB of data; one batch is 12 KB
+    assert large < 2 * small + 64 * 1024, (small, large)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from graphs import build
-from onnxopt.observe import ErrorObserver, HistogramObserver, MinMaxObserver, expose, observe
+from onnxopt.observe import BatchSplitter, ErrorObserver, HistogramObserver, MinMaxObserver, expose, observe
 
 RELU_MODEL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N, S] x) => (float[N, S] y) {
@@ -75,8 +76,27 @@ def test_observe_streams_each_batch_with_ragged_shapes():
     batches = [{"x": np.full((2, n), float(n), dtype=np.float32)} for n in (3, 7, 5)]
     count = observe(relu_model(), ["x", "m"], batches, lambda name, a: seen.setdefault(name, []).append(a.shape))
     assert count == 3
-    assert seen["m"] == [(2, 3), (2, 7), (2, 5)]
-    assert seen["x"] == [(2, 3), (2, 7), (2, 5)]
+    # The first run is one sample (it measures what a sample costs); then whole batches.
+    assert seen["m"] == [(1, 3), (1, 3), (2, 7), (2, 5)]
+    assert seen["x"] == seen["m"]
+
+
+def test_a_batch_is_cut_so_that_one_run_stays_within_the_byte_budget():
+    rows = []
+    batch = {"x": np.ones((64, 256), np.float32)}  # m and y: 2 KiB a sample together
+    observe(relu_model(), ["m", "y"], [batch, batch], lambda name, a: rows.append(a.shape[0]) if name == "m" else None,
+            max_bytes=16 * 1024)
+    assert sum(rows) == 128 and rows[0] == 1 and max(rows) == 8, rows  # 16 KiB / 2 KiB
+    whole = []
+    observe(relu_model(), ["m"], [batch, batch], lambda name, a: whole.append(a.shape[0]))
+    assert whole == [1, 63, 64]
+
+
+def test_a_fixed_batch_dim_is_never_cut():
+    model = relu_model()
+    model.graph.inputs[0].shape = ir.Shape([4, 256])
+    splitter = BatchSplitter(model, max_bytes=1)
+    assert [p["x"].shape for p in splitter.parts({"x": np.ones((4, 256), np.float32)})] == [(4, 256)]
 
 
 def _peak_bytes(samples: int) -> int:
