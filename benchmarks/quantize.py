@@ -1,7 +1,7 @@
 """Benchmark: onnxopt's ``--quantize int8`` against onnxruntime.quantization and onnxsim's ``quantize_static``.
 
     python -m benchmarks.quantize [--method minmax] [--models digits,mobilenet_dw,transformer_encoder]
-    python -m benchmarks.quantize --memory          # calibration peak RSS, 128 vs 2,048 samples
+    python -m benchmarks.quantize --memory --method entropy   # calibration peak RSS, detector, 128 vs 2,048 samples
 
 Every tool gets the same float model file, the same calibration samples (batches of 32) and the
 same calibration method, and runs in a fresh subprocess (its wall time covers calibration and
@@ -65,7 +65,16 @@ import json, resource, sys, time
 import numpy as np
 model, calib, method, out, batch = sys.argv[1:6]
 batch = int(batch)
+limit = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+if limit:  # address-space cap: a tool that needs more fails fast instead of swapping the machine
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 def batches():
+    if calib.startswith("random:"):  # random:NAME:SAMPLES:DIMS, made batch by batch (nothing held)
+        _, name, n, dims = calib.split(":")
+        shape, rng = [int(d) for d in dims.split(",")], np.random.default_rng(0)
+        for i in range(0, int(n), batch):
+            yield {name: rng.standard_normal((min(batch, int(n) - i), *shape)).astype(np.float32)}
+        return
     with np.load(calib) as npz:
         arrays = {k: npz[k] for k in npz.files}
     n = len(next(iter(arrays.values())))
@@ -120,13 +129,13 @@ def fixed_batch(model: Path) -> int | None:
     return dim.dim_value or None
 
 
-def quantize_with(tool: str, model: Path, calib: Path, method: str, out: Path) -> dict:
+def quantize_with(tool: str, model: Path, calib: Path | str, method: str, out: Path, limit: int = 0) -> dict:
     code = PRELUDE + TOOLS[tool] + EPILOGUE
     batch = fixed_batch(model) or BATCH
-    proc = subprocess.run([sys.executable, "-c", code, str(model), str(calib), method, str(out), str(batch)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    proc = subprocess.run([sys.executable, "-c", code, str(model), str(calib), method, str(out), str(batch), str(limit)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=3600)
     if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}, no output"])[-1]
         return {"error": tail[:90]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -270,17 +279,24 @@ def render(rows: list[dict], measure_of: dict[str, str], batches: tuple[int, ...
     return "\n".join(lines)
 
 
-def memory(method: str, tools: list[str], folder: Path) -> str:
-    """Peak RSS of calibration + quantization on mobilenet_dw with 128 and with 2,048 samples (whole batches:
-    onnxruntime's entropy calibrator crashes on a shorter last batch)."""
-    lines = [f"calibration memory, mobilenet_dw, method {method} (peak RSS MB of the whole subprocess)"]
+MEMORY_LIMIT = 16 * 2**30  # address space a tool may take in the memory runs
+
+
+def memory(method: str, tools: list[str], folder: Path, sizes: tuple[int, ...] = (128, 2048)) -> str:
+    """Peak RSS of calibration + quantization of the zoo's 5.5 MB detector (320x320) on ``sizes`` samples,
+    made batch by batch from a seed so that no tool holds the data set. Each run is capped at 16 GiB
+    of address space: a calibrator that keeps every activation fails instead of swapping."""
+    model = ROOT / "models" / "zoo" / "detector.onnx"
+    lines = [f"calibration memory, detector (5.5 MB, 1x3x320x320), method {method}, batches of {BATCH} "
+             f"(peak RSS of the whole subprocess; cap {MEMORY_LIMIT / 2**30:.0f} GiB)"]
     for tool in tools:
         figures = []
-        for n in (128, 2048):
-            model, calib, _, _ = model_data("mobilenet_dw", folder, samples=n)
-            run = quantize_with(tool, model, calib, method, folder / f"mem.{tool}.{n}.onnx")
-            figures.append("failed" if "error" in run else f"{run['peak_mb']:.0f} MB ({run['seconds']:.1f} s)")
-        lines.append(f"  {tool:9s} 128 samples: {figures[0]:>18s}   2048 samples: {figures[1]:>18s}")
+        for n in sizes:
+            run = quantize_with(tool, model, f"random:input:{n}:3,320,320", method, folder / f"mem.{tool}.{n}.onnx",
+                                limit=MEMORY_LIMIT)
+            figures.append(f"failed ({run['error'][:40]})" if "error" in run else f"{run['peak_mb']:.0f} MB ({run['seconds']:.0f} s)")
+            print(f"[{tool} {n} samples: {figures[-1]}]", file=sys.stderr)
+        lines.append(f"  {tool:9s} " + "   ".join(f"{n} samples: {f:>18s}" for n, f in zip(sizes, figures)))
     return "\n".join(lines)
 
 
@@ -295,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated: digits, zoo names, or onnx architectures ({', '.join(LIGHT)})")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--batches", default="1,32", help="batch sizes for latency (default 1,32)")
-    parser.add_argument("--memory", action="store_true", help="measure calibration memory at 128 vs 2,048 samples instead")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure calibration memory on the detector at --samples instead (default 128,2048)")
+    parser.add_argument("--samples", default="128,2048",
+                        help="sample counts for --memory (whole batches: onnxruntime's entropy calibrator crashes on a short last one)")
     parser.add_argument("--json", help="write the rows as JSON")
     args = parser.parse_args(argv)
     tools = ["onnxopt", "ort-s8s8", "ort-u8s8"] + (["onnxsim"] if _onnxsim_available() else [])
@@ -305,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as tmp:
         folder = Path(tmp)
         if args.memory:
-            print(memory(args.method, tools, folder))
+            tools = [t for t in tools if t != "ort-s8s8"]  # the same calibrator as ort-u8s8
+            print(memory(args.method, tools, folder, tuple(int(n) for n in args.samples.split(","))))
             return 0
         rows, measure_of = [], {}
         for name in args.models.split(","):
