@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # MatMulIntegerToFloat, QGemm, QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool, ...).
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _ELEMENTWISE = {"Add", "Mul"}
+# Unary ops onnxruntime runs as a 256-entry table on integers (QLinearSigmoid, QLinearLeakyRelu):
+# exact for a quantized input, so a SiLU (x * Sigmoid(x)) stays integer from end to end.
+_LOOKUP = {"Sigmoid", "LeakyRelu"}
 _POOLING = {"AveragePool", "GlobalAveragePool"}
 # Ops that move or select values: their output takes their input's scale (no requantization), so
 # onnxruntime drops the Q/DQ pair around them and runs them on integers.
@@ -42,11 +45,11 @@ _PASS_THROUGH = {
 }
 # Activations folded into the range of the op before them (Relu: zero point at the bottom of the range).
 _FOLDED = {"Relu", "Clip"}
-QUANTIZED_OPS = frozenset(_WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat", "Gather"} | _PASS_THROUGH | _FOLDED)
+QUANTIZED_OPS = frozenset(_WEIGHTED | _ELEMENTWISE | _LOOKUP | _POOLING | {"Concat", "Gather"} | _PASS_THROUGH | _FOLDED)
 # Never quantized: numerically sensitive, reported as such.
 _SENSITIVE = {"Softmax", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
               "GroupNormalization", "RMSNormalization", "Sqrt", "Div", "Pow", "Exp", "Log", "Erf", "Tanh",
-              "Sigmoid", "ReduceMean"}
+              "ReduceMean"}
 _QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                       "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
                       "MatMulIntegerToFloat"}
@@ -220,6 +223,9 @@ class QuantizeQDQ(OnnxoptPass):
                     continue
                 mark(a)
                 plan.nodes[name_of(node)] = "weighted"
+            elif op in _LOOKUP:
+                if is_activation(node.inputs[0]):
+                    chain_candidates.append(node)
             elif op in _ELEMENTWISE:
                 if not all(is_activation(v) for v in node.inputs):
                     if dtype_of(node.outputs[0]) in _FLOATS:
@@ -300,7 +306,7 @@ class QuantizeQDQ(OnnxoptPass):
                     continue
                 seen.add(id(reader))
                 role = plan.nodes.get(name_of(reader))
-                if role in ("weighted", "elementwise", "concat", "pooling"):
+                if role in ("weighted", "elementwise", "lookup", "concat", "pooling"):
                     return True
                 if reader.op_type in _PASS_THROUGH and use.idx == 0 and not self._excluded(reader):
                     if any(feeds_integer_op(out, seen) for out in reader.outputs):
@@ -317,7 +323,9 @@ class QuantizeQDQ(OnnxoptPass):
                 from_table = b is not None and b.name in quantized and find(b.name) in plan.fixed
                 if not from_table and not feeds_integer_op(output_of(node), set()):
                     continue
-                plan.nodes[name_of(node)] = "weighted" if node.op_type == "MatMul" else "elementwise"
+                plan.nodes[name_of(node)] = (
+                    "weighted" if node.op_type == "MatMul" else "lookup" if node.op_type in _LOOKUP else "elementwise"
+                )
                 changed = True
         for node in chain_candidates:
             if name_of(node) not in plan.nodes:
@@ -342,7 +350,7 @@ class QuantizeQDQ(OnnxoptPass):
                 mark(out)
 
         for node in graph:
-            if plan.nodes.get(name_of(node)) in ("weighted", "elementwise", "concat", "pooling"):
+            if plan.nodes.get(name_of(node)) in ("weighted", "elementwise", "lookup", "concat", "pooling"):
                 plan.outputs[name_of(node)] = output_of(node).name
         plan.tensors = [t for t in quantized]
         plan.dtypes = {t: dtypes[t] for t in plan.tensors if t in dtypes}
@@ -409,11 +417,14 @@ class QuantizeQDQ(OnnxoptPass):
 
         # Activations: Q → DQ right after the producer; every reader takes the DQ output, except a
         # quantizable op left float: it reads the float tensor, or onnxruntime would quantize it
-        # anyway (it fuses DQ → Conv/MatMul → Q with float weights).
-        keep_float = {
-            id(node) for node in graph
-            if node_label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}
-        }
+        # anyway (it fuses DQ → Conv/MatMul → Q with float weights). An op left float by design
+        # (its result feeds no integer op) reads the DQ output of an op that computes on integers:
+        # that op's float result does not exist, and reading it would undo the integer kernel.
+        kept = [node for node in graph
+                if node_label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}]
+        excluded = frozenset(id(node) for node in kept if left[node_label(node)] == "excluded")
+        by_design = frozenset(id(node) for node in kept) - excluded
+        integer_outputs = {plan.outputs[label] for _, label, _ in quantized_nodes if label in plan.outputs}
         dq_of: dict[str, ir.Value] = {}
         initializers = graph.initializers
         for tensor in plan.tables:
@@ -430,6 +441,7 @@ class QuantizeQDQ(OnnxoptPass):
             if not value.uses() and not value.is_graph_output():
                 continue
             scale, zp = params[tensor]
+            keep_float = excluded if tensor in integer_outputs else excluded | by_design
             dq_of[tensor] = self._insert_qdq(graph, value, scale, zp, quant_dtype, names, keep_float)
             self.details["tensor_map"][tensor] = dq_of[tensor].name
 

@@ -186,6 +186,30 @@ def test_activation_matmul_inside_an_integer_chain_and_softmax_layernorm_stay_fl
     assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 4, ops
 
 
+def test_silu_and_leaky_relu_compute_on_integer_tables():
+    # YOLO's SiLU (x * Sigmoid(x)) and LeakyRelu between convs; the detection output's Sigmoid after a
+    # Concat stays float without pulling the Concat back to float.
+    text = f"""{OPSET}
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
+        c1 = Conv <pads=[1,1,1,1]> (x, W1) \n s = Sigmoid (c1) \n m = Mul (c1, s)
+        c2 = Conv <pads=[1,1,1,1]> (m, W2) \n l = LeakyRelu <alpha=0.1> (c2)
+        c3 = Conv (l, W3) \n c4 = Conv (l, W4) \n cat = Concat <axis=1> (c3, c4) \n y = Sigmoid (cat)
+    }}"""
+    model = build(text, {"W1": randn(8, 4, 3, 3), "W2": randn(8, 8, 3, 3), "W3": randn(8, 8, 1, 1), "W4": randn(8, 8, 1, 1)})
+    before = snapshot(model)
+    p = quantize(model)
+    roles = p.plan(build(text, {"W1": randn(8, 4, 3, 3), "W2": randn(8, 8, 3, 3), "W3": randn(8, 8, 1, 1),
+                                "W4": randn(8, 8, 1, 1)})).nodes
+    assert roles["Sigmoid(s)"] == roles["LeakyRelu(l)"] == "lookup" and roles["Mul(m)"] == "elementwise"
+    assert list(p.details["left"]) == ["Sigmoid(y)"]
+    ops = optimized_ops(model)
+    assert ops.get("QLinearSigmoid") == 1 and ops.get("QLinearLeakyRelu") == 1 and ops.get("QLinearMul") == 1, ops
+    assert ops.get("QLinearConcat") == 1 and ops.get("Sigmoid") == 1 and "Concat" not in ops, ops
+    x = randn(2, 4, 8, 8)
+    ref, got = (run(m, {"x": x})[0].ravel().astype(np.float64) for m in (before, snapshot(model)))
+    assert ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)) > 0.99
+
+
 def test_residual_add_before_a_float_op_stays_float():
     text = f"""{OPSET}
     g (float[N,8] x) => (float[N,8] y) {{ h = MatMul (x, W) \n a = Add (h, x) \n y = LayerNormalization <axis=-1> (a, G, Bt) }}"""
