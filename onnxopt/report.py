@@ -258,11 +258,12 @@ def render_table(report: Report) -> str:
     lat = report.latency
     if lat is not None:
         lines.append("")
-        lines.append(
-            f"latency: {lat.median_a_ms:.3f} ms -> {lat.median_b_ms:.3f} ms median, "
-            f"ratio {lat.ratio:.3f} [{lat.ratio_low:.3f}, {lat.ratio_high:.3f}] "
-            f"({lat.confidence * 100:.0f}% CI, {lat.repetitions} interleaved pairs): {lat.verdict}"
-        )
+        if math.isinf(lat.ratio_high):  # too few pairs for a sign-test interval (fewer than 6 at 95%)
+            judged = f"only {lat.repetitions} interleaved pairs in the budget: no interval, no verdict (raise --latency-budget)"
+        else:
+            judged = (f"[{lat.ratio_low:.3f}, {lat.ratio_high:.3f}] ({lat.confidence * 100:.0f}% CI, "
+                      f"{lat.repetitions} interleaved pairs): {lat.verdict}")
+        lines.append(f"latency: {lat.median_a_ms:.3f} ms -> {lat.median_b_ms:.3f} ms median, ratio {lat.ratio:.3f} {judged}")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 

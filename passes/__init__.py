@@ -6,12 +6,18 @@
 from __future__ import annotations
 
 from onnxopt.passes._base import OnnxoptPass
+from onnxopt.passes.equalize import EqualizeCrossLayer
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 from onnxopt.passes.prune_channels import PruneChannels
 from onnxopt.passes.quantize import QuantizeQDQ
 from onnxopt.passes.share_initializers import ShareInitializers
 from onnxopt.passes.simplify import Simplify
 
-__all__ = ["OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "REGISTRY"]
+__all__ = [
+    "OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "EqualizeCrossLayer",
+    "REGISTRY",
+]
 
-REGISTRY: dict[str, type[OnnxoptPass]] = {cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels)}
+REGISTRY: dict[str, type[OnnxoptPass]] = {
+    cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer)
+}
