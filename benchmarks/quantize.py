@@ -9,9 +9,10 @@ quantization, its peak memory is the subprocess's maximum RSS). Anchors: onnxrun
 ``quantize_static`` (QDQ, per-channel int8 weights) with its default int8 activations (S8S8) and
 with uint8 activations (U8S8), and ``onnxsim.quantize_static`` (0.8) when it can be imported
 (``PYTHONPATH`` may point at a separate install). Quality on held-out inputs: accuracy on the
-digits test split, top-1 agreement and cosine to the float model otherwise. Latency: the int8
-model beside the fp32 one under onnxruntime CPU (all graph optimizations), interleaved blocks,
-best block per model, at 1 and 2 intra-op threads; ratios below 1 are faster than fp32.
+digits test split, top-1 agreement and cosine to the float model otherwise. Latency: each int8
+model against the fp32 one, and onnxopt's int8 against each anchor's, paired with ``onnxopt.bench``
+(interleaved blocks, median of per-block ratios; onnxruntime CPU, all graph optimizations, 1 and 2
+intra-op threads without spin-waiting); ratios below 1 are faster.
 """
 
 from __future__ import annotations
@@ -184,25 +185,23 @@ def quality(float_path: Path, int8_path: Path, test: Path, measure: str) -> dict
     return result
 
 
-def latency(paths: dict[str, Path], feed: dict, threads: int, blocks: int = 7, budget: float = 0.1) -> dict[str, float]:
-    """Best per-run time (ms) of each model over interleaved blocks."""
-    sessions = {name: _session(p, threads) for name, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, feed)
-    first = next(iter(sessions.values()))
-    t = time.perf_counter()
-    for _ in range(10):
-        first.run(None, feed)
-    reps = max(5, int(budget / max((time.perf_counter() - t) / 10, 1e-6)))
-    best = {name: float("inf") for name in sessions}
-    for _ in range(blocks):
-        for name, s in sessions.items():
-            t = time.perf_counter()
-            for _ in range(reps):
-                s.run(None, feed)
-            best[name] = min(best[name], (time.perf_counter() - t) / reps * 1e3)
-    return best
+def latency(paths: dict[str, Path], feed: dict, threads: int, budget: float = 4.0) -> dict[str, dict]:
+    """Each int8 model against the fp32 one, and onnxopt's against each anchor's, paired and interleaved
+    (``onnxopt.bench``: median of per-block ratios with its interval; one process, quiet threads)."""
+    from onnxopt.bench import bench
+
+    figures: dict[str, dict] = {}
+    for tool, path in paths.items():
+        if tool == "fp32":
+            continue
+        r = bench(str(path), str(paths["fp32"]), data=feed, threads=threads, budget_seconds=budget)
+        figures[tool] = {"ms": r.candidate.median_ms, "x_fp32": r.ratio, "fp32_ms": r.baseline.median_ms}
+    if "onnxopt" in figures:
+        for tool in figures:
+            if tool != "onnxopt":
+                r = bench(str(paths["onnxopt"]), str(paths[tool]), data=feed, threads=threads, budget_seconds=budget)
+                figures[tool]["onnxopt_x"] = r.ratio  # onnxopt's int8 time / this tool's int8 time
+    return figures
 
 
 def bench_model(name: str, method: str, tools: list[str], folder: Path, batches: tuple[int, ...]) -> list[dict]:
@@ -214,7 +213,11 @@ def bench_model(name: str, method: str, tools: list[str], folder: Path, batches:
         run = quantize_with(tool, model, calib, method, out)
         row = {"model": name, "tool": tool, **run}
         if "error" not in run:
-            row.update(quality(model, out, test, measure))
+            try:
+                row.update(quality(model, out, test, measure))
+            except Exception as exc:  # a tool wrote a model onnxruntime cannot run: that is its result
+                rows.append({**row, "error": "invalid model: " + " ".join(str(exc).split())[-80:]})
+                continue
             row["file_kb"] = out.stat().st_size / 1e3
             row["qdq_nodes"] = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(out).graph.node)
             row["integer_nodes"] = integer_nodes(out)
@@ -228,11 +231,14 @@ def bench_model(name: str, method: str, tools: list[str], folder: Path, batches:
             continue
         feed = {k: v[:batch] for k, v in arrays.items()}
         for threads in (1, 2):
-            times = latency(outputs, feed, threads)
+            figures = latency(outputs, feed, threads)
             for row in rows:
-                if row["tool"] in times:
-                    row[f"ms_b{batch}_t{threads}"] = times[row["tool"]]
-                    row[f"x_b{batch}_t{threads}"] = times[row["tool"]] / times["fp32"]
+                if row["tool"] in figures:
+                    f = figures[row["tool"]]
+                    row[f"ms_b{batch}_t{threads}"] = f["ms"]
+                    row[f"x_b{batch}_t{threads}"] = f["x_fp32"]
+                    if "onnxopt_x" in f:
+                        row[f"onnxopt_x_b{batch}_t{threads}"] = f["onnxopt_x"]
     return rows
 
 
@@ -266,15 +272,25 @@ def render(rows: list[dict], measure_of: dict[str, str], batches: tuple[int, ...
                    and r["tool"] not in noops]
         if noops:
             lines.append(f"{model}: {', '.join(noops)} left the model float (no integer node in onnxruntime's graph): not compared")
+        failed = [r["tool"] for r in rows if r["model"] == model and r["tool"] in ANCHORS and "error" in r]
+        if failed:
+            lines.append(f"{model}: {', '.join(failed)} failed (see the table)")
+        if ours and not anchors:
+            lines.append(f"{model}: no anchor produced a working integer model; onnxopt: {ours['cosine']:.5f} cosine, "
+                         f"int8 {ours.get(f'x_b{batches[0]}_t1', float('nan')):.2f}x fp32 (b{batches[0]}t1)")
         if not ours or not anchors:
             continue
         key = "accuracy" if measure_of[model] == "accuracy" else "cosine"
         best_q = max(anchors, key=lambda r: r[key])
-        fastest = min(anchors, key=lambda r: r.get(f"ms_b{batches[0]}_t1", float("inf")))
+        b = batches[0]
+        fastest = min(anchors, key=lambda r: r.get(f"x_b{b}_t1", float("inf")))
+        vs = "; ".join(
+            f"b{bb}t{t} {fastest[f'onnxopt_x_b{bb}_t{t}']:.2f}" for bb in batches for t in (1, 2)
+            if f"onnxopt_x_b{bb}_t{t}" in fastest
+        )
         lines.append(
             f"{model}: {key} {ours[key]:.5f} vs best anchor {best_q[key]:.5f} ({best_q['tool']}); "
-            f"int8 latency b{batches[0]}t1 {ours[f'ms_b{batches[0]}_t1']:.3f} ms vs fastest anchor "
-            f"{fastest[f'ms_b{batches[0]}_t1']:.3f} ms ({fastest['tool']}, ratio {ours[f'ms_b{batches[0]}_t1'] / fastest[f'ms_b{batches[0]}_t1']:.2f}); "
+            f"onnxopt int8 / fastest anchor's int8 ({fastest['tool']}, paired): {vs or '-'}; "
             f"file {ours['file_kb']:.0f} kB vs smallest {min(a['file_kb'] for a in anchors):.0f} kB; "
             f"calibration {ours['seconds']:.2f} s / {min(a['seconds'] for a in anchors):.2f} s; "
             f"peak {ours['peak_mb']:.0f} MB / {min(a['peak_mb'] for a in anchors):.0f} MB"
