@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import OptionError
-from onnxopt.observe import HistogramObserver, MinMaxObserver, observe
+from onnxopt.observe import ChannelMeanObserver, HistogramObserver, MinMaxObserver, observe
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,29 @@ def calibrate(
     providers: str | Sequence[str] = "cpu",
     total: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    channel_means: dict[str, ChannelMeanObserver] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Run ``model`` over ``batches`` once and return ``{tensor: (lo, hi)}`` by ``method``."""
+    """Run ``model`` over ``batches`` once and return ``{tensor: (lo, hi)}`` by ``method``.
+
+    ``channel_means`` (tensor → observer) are fed in the same pass: bias correction reads them.
+    """
     if method not in METHODS:
         raise OptionError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
     if not 50.0 < percentile <= 100.0:
         raise OptionError(f"percentile {percentile}: must be in (50, 100]")
     make = MinMaxObserver if method == "minmax" else (lambda: HistogramObserver(bins))
     observers = {name: make() for name in tensors}
+    means = channel_means or {}
+
+    def update(name: str, array: np.ndarray) -> None:
+        if name in observers:
+            observers[name].update(array)
+        if name in means:
+            means[name].update(array)
+
     start = time.perf_counter()
     count = observe(
-        model, list(tensors), batches, lambda name, array: observers[name].update(array),
+        model, list(dict.fromkeys([*tensors, *means])), batches, update,
         providers=providers, total=total, progress=progress,
     )
     logger.info("calibrate: %d tensors over %d batches in %.2fs", len(observers), count, time.perf_counter() - start)

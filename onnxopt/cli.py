@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="uint8 asymmetric (default: fastest on onnxruntime CPU) or int8 symmetric (TensorRT)",
     )
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    parser.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                        help="keep the float biases (default: each Conv/Gemm bias absorbs its weight rounding's mean output error)")
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
     parser.add_argument("--max-drop", type=float, metavar="POINTS", help="quantize: accuracy points the --eval labels may lose (default 1.0); layers fall back to float until met")
     parser.add_argument("--min-cosine", type=float, metavar="C", help="quantize: least output cosine to float without labels (default 0.99); layers fall back to float until met")
@@ -148,10 +150,11 @@ def _quantize_passes(args) -> list:
     if args.quantize and "quantize" not in names:
         names = ["simplify", "fold-bn", "share-init", "quantize"] if args.passes == ",".join(DEFAULT_PASSES) else [*names, "quantize"]
     exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
-    if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None):
-        raise OptionError("--exclude, --max-drop and --min-cosine apply to --quantize int8")
+    if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None or not args.bias_correction):
+        raise OptionError("--exclude, --max-drop, --min-cosine and --no-bias-correction apply to --quantize int8")
     return [
-        QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude) if n == "quantize" else n
+        QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
+                    bias_correction=args.bias_correction) if n == "quantize" else n
         for n in names
     ]
 

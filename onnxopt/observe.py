@@ -10,7 +10,7 @@ only see values.
 
 from __future__ import annotations
 
-__all__ = ["MinMaxObserver", "HistogramObserver", "ErrorObserver", "BatchSplitter", "observe", "expose", "optimized_ops",
+__all__ = ["MinMaxObserver", "HistogramObserver", "ChannelMeanObserver", "ErrorObserver", "BatchSplitter", "observe", "expose", "optimized_ops",
            "DEFAULT_MAX_BYTES"]
 
 import logging
@@ -99,6 +99,30 @@ class HistogramObserver(MinMaxObserver):
         # The old cumulative count, linear within each old bin, read at the new edges.
         self.counts = np.diff(np.interp(new_edges, old_edges, cumulative))
         self.lo, self.hi = lo, hi
+
+
+class ChannelMeanObserver:
+    """Running mean of a tensor per index of one axis (a channel), over every other axis."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 0 or x.size == 0:
+            return
+        axis = self.axis % x.ndim
+        sums = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).sum(axis=1)
+        if self.total is not None and self.total.shape != sums.shape:
+            return  # a ragged channel count: not a channel axis
+        self.total = sums if self.total is None else self.total + sums
+        self.count += x.size // x.shape[axis]
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        return None if self.total is None or not self.count else self.total / self.count
 
 
 class ErrorObserver:

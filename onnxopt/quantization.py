@@ -28,7 +28,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError
-from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ErrorObserver, expose, optimized_ops
+from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
 from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
@@ -124,11 +124,16 @@ class QuantizationStep:
     ) -> ir.passes.PassResult:
         plan = p.plan(model)
         start = time.perf_counter()
+        means = {}
+        if p.bias_correction and p.input_means is None:
+            means = {t: ChannelMeanObserver(axis) for t, axis in p.correctable_inputs(model).items()}
         ranges = calibrate(
             model, plan.tensors, self.calibration, method=self.method, percentile=self.percentile,
             activations=p.activations, providers=self.providers, total=len(self.calibration) or None,
-            progress=(lambda i, n: progress("calibrate", i, n)) if progress else None,
+            progress=(lambda i, n: progress("calibrate", i, n)) if progress else None, channel_means=means,
         )
+        if means:
+            p.input_means = {t: obs.mean for t, obs in means.items() if obs.mean is not None}
         self.details["calibration"] = {
             "method": self.method, "samples": self.calibration.num_samples, "batches": len(self.calibration),
             "tensors": len(ranges), "seconds": round(time.perf_counter() - start, 3), "synthetic": self.synthetic,
@@ -158,7 +163,8 @@ class QuantizationStep:
                 model = float_model.clone()
                 p = QuantizeQDQ(ranges, activations=p.activations, per_channel=p.per_channel,
                                 exclude=[*p.exclude, *(node for _, node in take)],
-                                quantize_outputs=p.quantize_outputs)
+                                quantize_outputs=p.quantize_outputs, bias_correction=p.bias_correction,
+                                input_means=p.input_means)
                 result = p(model)
             else:
                 met, figure = self._meets_budget(original, model, evaluation)

@@ -105,6 +105,8 @@ class QuantizeQDQ(OnnxoptPass):
       or fnmatch pattern on the name), subgraphs, and anything without a calibrated range.
     - Conv and elementwise outputs are always quantized (onnxruntime fuses only DQ → op → Q); MatMul
       and Gemm outputs only when a quantized op reads them (else they fuse into float-output kernels).
+    - With ``input_means`` (each Conv/Gemm input's per-channel mean; the pipeline measures them while
+      calibrating), each bias absorbs the mean output error of its weight's rounding (``bias_correction``).
     """
 
     name = "quantize"
@@ -117,6 +119,8 @@ class QuantizeQDQ(OnnxoptPass):
         per_channel: bool = True,
         exclude: Iterable[str] = (),
         quantize_outputs: bool = False,
+        bias_correction: bool = True,
+        input_means: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         if activations not in ("uint8", "int8"):
@@ -126,6 +130,8 @@ class QuantizeQDQ(OnnxoptPass):
         self.per_channel = per_channel
         self.exclude = tuple(exclude)
         self.quantize_outputs = quantize_outputs
+        self.bias_correction = bias_correction
+        self.input_means = None if input_means is None else {k: np.asarray(v, np.float64) for k, v in input_means.items()}
 
     # ------------------------------------------------------------------ planning
     def _excluded(self, node: ir.Node) -> bool:
@@ -358,9 +364,19 @@ class QuantizeQDQ(OnnxoptPass):
         return plan
 
     # ------------------------------------------------------------------ rewriting
+    def correctable_inputs(self, model: ir.Model) -> dict[str, int]:
+        """Tensors whose per-channel mean bias correction needs (Conv and Gemm inputs), with their channel axis."""
+        plan = self.plan(model)
+        return {
+            node.inputs[0].name: 1 for node in model.graph
+            if plan.nodes.get(node_label(node)) == "weighted" and node.op_type in ("Conv", "Gemm")
+        }
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.ranges is None:
             raise ValueError("QuantizeQDQ needs calibrated ranges: QuantizeQDQ(ranges=calibrate(...))")
+        if self.bias_correction and self.input_means is None:
+            logger.info("quantize: no bias correction: the inputs' channel means were not given (input_means=...)")
         self.details = {"left": {}, "quantized_nodes": [], "folded": {}, "tensor_map": {}}
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         if opset < 13:
@@ -450,7 +466,7 @@ class QuantizeQDQ(OnnxoptPass):
         weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
         for node, label, role in quantized_nodes:
             if role == "weighted":
-                self._quantize_weights(graph, node, params, weight_cache, names, original)
+                self._quantize_weights(graph, node, label, params, weight_cache, names, original)
             self.details["quantized_nodes"].append(label)
             logger.info("quantize: %s (%s) computes on integers", node.name, node.op_type)
         graph.sort()
@@ -470,7 +486,8 @@ class QuantizeQDQ(OnnxoptPass):
         self.details["weighted"] = {"total": weighted_total, "float": weighted_total - weighted_done}
         self.summary = (
             f"quantized {count} nodes ({weighted_done} of {weighted_total} Conv/Gemm/MatMul), "
-            f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}); "
+            f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}"
+            f"{', %d biases corrected' % len(self.details['bias_corrected']) if self.details.get('bias_corrected') else ''}); "
             f"{len(left)} left float"
         )
         return ir.passes.PassResult(model, modified=bool(dq_of or quantized_nodes))
@@ -529,10 +546,10 @@ class QuantizeQDQ(OnnxoptPass):
         if old is not None:
             drop_if_unused(graph, old)
 
-    def _quantize_weights(self, graph, node, params, cache, names, original) -> None:
+    def _quantize_weights(self, graph, node, label, params, cache, names, original) -> None:
         op = node.op_type
-        x_name = node.inputs[0].name
-        x_scale = params[original.get(x_name, x_name)][0]
+        x_name = original.get(node.inputs[0].name, node.inputs[0].name)
+        x_scale = params[x_name][0]
         if op == "MatMul" and constant_array(node.inputs[1]) is None:
             return  # two activations: both already behind Q/DQ
         w_value = node.inputs[1]
@@ -556,8 +573,17 @@ class QuantizeQDQ(OnnxoptPass):
             self._replace_with_dq(graph, node, 1, q, scale, zp.reshape(scale.shape), axis, names, "weight")
             cache[key] = (node.inputs[1], w_scale)
         bias_index = 2
-        if len(node.inputs) > bias_index and node.inputs[bias_index] is not None:
-            b = constant_array(node.inputs[bias_index]).astype(np.float64).reshape(-1)
+        shift = self._bias_shift(node, w, w_scale, axis, x_name)
+        has_bias = len(node.inputs) > bias_index and node.inputs[bias_index] is not None
+        if has_bias or shift is not None:
+            if has_bias:
+                b = constant_array(node.inputs[bias_index]).astype(np.float64).reshape(-1)
+            else:
+                b = np.zeros(shift.shape[0], np.float64)
+                node.resize_inputs(bias_index + 1)
+            if shift is not None:
+                b = b - shift
+                self.details.setdefault("bias_corrected", []).append(label)
             channels = b.shape[0]
             b_scale = (np.float64(x_scale) * np.asarray(w_scale, dtype=np.float64)).reshape(-1)
             if b_scale.size == 1 and channels > 1:
@@ -565,6 +591,36 @@ class QuantizeQDQ(OnnxoptPass):
             b_scale = np.maximum(b_scale, _MIN_SCALE).astype(np.float32)
             q = np.clip(np.rint(b / b_scale.astype(np.float64)), -(2**31) + 1, 2**31 - 1).astype(np.int32)
             self._replace_with_dq(graph, node, bias_index, q, b_scale, np.zeros(channels, np.int32), 0, names, "bias")
+
+    def _bias_shift(self, node, w, w_scale, axis, x_name) -> np.ndarray | None:
+        """The mean output error that rounding the weights causes, per output channel: (W_q - W) · E[x].
+
+        Only the weight's own error is corrected (with the float input's channel means), so each
+        layer's shift is independent of the others: correcting the whole measured output error at
+        every layer at once counts upstream errors again at each layer (measured: worse).
+        """
+        if not self.bias_correction or node.op_type not in ("Conv", "Gemm"):
+            return None
+        mean = (self.input_means or {}).get(x_name)
+        if mean is None:
+            return None
+        shape = [1] * w.ndim
+        if axis is not None:
+            shape[axis] = -1
+        scale = np.asarray(w_scale, np.float64).reshape(shape)
+        error = np.clip(np.rint(w / scale), -127, 127) * scale - w.astype(np.float64)
+        if node.op_type == "Gemm":
+            trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
+            if mean.shape[0] != w.shape[1 if trans_b else 0]:
+                return None
+            return error @ mean if trans_b else mean @ error
+        out_channels, group_in = w.shape[0], w.shape[1]
+        group = node.attributes["group"].value if "group" in node.attributes else 1
+        if mean.shape[0] != group_in * group or out_channels % group:
+            return None
+        per_input = error.reshape(out_channels, group_in, -1).sum(axis=2)  # [O, C/g]
+        group_of = np.arange(out_channels) // (out_channels // group)
+        return (per_input * mean.reshape(group, group_in)[group_of]).sum(axis=1)
 
 
 def node_label(node: ir.Node) -> str:

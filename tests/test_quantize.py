@@ -210,6 +210,35 @@ def test_silu_and_leaky_relu_compute_on_integer_tables():
     assert ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)) > 0.99
 
 
+def test_bias_correction_removes_the_mean_error_of_weight_rounding():
+    # An input far from zero on average turns each weight's rounding error into an output offset.
+    text = f"""{OPSET}
+    g (float[N,16,6,6] x) => (float[N,8,6,6] y) {{ y = Conv <pads=[1,1,1,1]> (x, W, B) }}"""
+    weights = {"W": randn(8, 16, 3, 3) * np.logspace(-2, 0, 16, dtype=np.float32)[None, :, None, None], "B": randn(8)}
+    feeds = [{"x": (4.0 + randn(8, 16, 6, 6)).astype(np.float32)} for _ in range(4)]
+    x = (4.0 + randn(16, 16, 6, 6)).astype(np.float32)
+    reference = run(snapshot(build(text, weights)), {"x": x})[0]
+    offsets = {}
+    for correct in (False, True):
+        model = build(text, weights)
+        means = {"x": np.concatenate([f["x"] for f in feeds]).mean(axis=(0, 2, 3))} if correct else None
+        p = QuantizeQDQ(per_channel=False, bias_correction=correct, input_means=means)
+        p.ranges = calibrate(model, p.plan(model).tensors, feeds)
+        p(model)
+        got = run(snapshot(model), {"x": x})[0]
+        # Mean error per output channel, away from the zero-padded border.
+        offsets[correct] = np.abs((got - reference)[:, :, 1:-1, 1:-1].mean(axis=(0, 2, 3))).mean()
+        assert p.details.get("bias_corrected", []) == (["Conv(y)"] if correct else [])
+    assert offsets[True] < offsets[False] / 3, offsets
+
+
+def test_without_channel_means_there_is_no_bias_correction_and_no_error():
+    model = residual_cnn()
+    p = quantize(model)  # the pass alone, given ranges only
+    assert p.bias_correction and "bias_corrected" not in p.details
+    assert "biases corrected" not in p.summary
+
+
 def test_residual_add_before_a_float_op_stays_float():
     text = f"""{OPSET}
     g (float[N,8] x) => (float[N,8] y) {{ h = MatMul (x, W) \n a = Add (h, x) \n y = LayerNormalization <axis=-1> (a, G, Bt) }}"""
