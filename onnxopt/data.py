@@ -286,31 +286,38 @@ def _split_samples(arrays: dict, specs: list[InputSpec], batch_size: int | None,
     stacked = [s for s in specs if s.shape is not None and np.ndim(arrays[s.name]) == len(s.shape) + 1]
     if stacked and len(stacked) == len(specs):
         # One extra leading axis: every entry along it is a whole feed.
-        count = _common_length(arrays, specs, where)
+        count = _common_length({s.name: np.shape(arrays[s.name]) for s in specs}, where)
         return [_check_feed({s.name: arrays[s.name][i] for s in specs}, specs, f"{where} sample {i}") for i in range(count)]
-    first = specs[0]
-    lead = first.shape[0] if first.shape else None
     scalar = any(np.ndim(arrays[s.name]) == 0 for s in specs)
     if scalar:
         return [_check_feed(arrays, specs, where)]
-    count = _common_length(arrays, specs, where)
-    step = lead if isinstance(lead, int) and lead > 0 else (batch_size or DEFAULT_BATCH_SIZE)
-    if isinstance(lead, int) and count % lead:
-        raise DataError(
-            f"{where}: input '{first.name}' has {count} samples along axis 0, not a multiple of the model's fixed batch {lead}"
-        )
+    count = _common_length({s.name: np.shape(arrays[s.name]) for s in specs}, where)
+    step = _batch_step(specs, count, batch_size, where)
     return [
         _check_feed({s.name: arrays[s.name][i : i + step] for s in specs}, specs, f"{where} samples {i}..{min(i + step, count) - 1}")
         for i in range(0, count, step)
     ]
 
 
-def _common_length(arrays: dict, specs: list[InputSpec], where: str) -> int:
-    lengths = {s.name: np.shape(arrays[s.name])[0] for s in specs}
+def _common_length(shapes: Mapping[str, tuple[int, ...]], where: str) -> int:
+    lengths = {name: shape[0] for name, shape in shapes.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in lengths.items())
         raise DataError(f"{where}: inputs disagree on the number of samples ({detail})")
     return next(iter(lengths.values()))
+
+
+def _batch_step(specs: list[InputSpec], count: int, batch_size: int | None, where: str) -> int:
+    """Samples per batch: the model's fixed batch dim (``count`` must be a multiple), else ``batch_size``."""
+    first = specs[0]
+    lead = first.shape[0] if first.shape else None
+    if isinstance(lead, int) and lead > 0:
+        if count % lead:
+            raise DataError(
+                f"{where}: input '{first.name}' has {count} samples along axis 0, not a multiple of the model's fixed batch {lead}"
+            )
+        return lead
+    return batch_size or DEFAULT_BATCH_SIZE
 
 
 def _fill_dim(dim, spec: InputSpec, axis: int, dims: Mapping[str, int], used_defaults: set) -> int:
@@ -502,19 +509,10 @@ def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_s
     _check_names(readers.keys(), specs, where)
     if not specs or any(s.shape is None or len(readers[s.name].shape) != len(s.shape) for s in specs):
         return None
-    counts = {s.name: readers[s.name].shape[0] for s in specs}
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        raise DataError(f"{where}: inputs disagree on the number of samples ({detail})")
-    count = next(iter(counts.values()))
+    count = _common_length({s.name: readers[s.name].shape for s in specs}, where)
     if count == 0:
         raise DataError(f"{where}: no samples (the arrays are empty along axis 0)")
-    lead = specs[0].shape[0]
-    if isinstance(lead, int) and lead > 0 and count % lead:
-        raise DataError(
-            f"{where}: input '{specs[0].name}' has {count} samples along axis 0, not a multiple of the model's fixed batch {lead}"
-        )
-    step = lead if isinstance(lead, int) and lead > 0 else (batch_size or DEFAULT_BATCH_SIZE)
+    step = _batch_step(specs, count, batch_size, where)
     # dtypes and fixed dims, before any pass runs: a zero-copy stand-in for the first batch
     first = {s.name: np.broadcast_to(np.zeros((), readers[s.name].dtype), (min(step, count), *readers[s.name].shape[1:]))
              for s in specs}
@@ -534,13 +532,15 @@ def _iterator_stream(source: Iterator, specs: list[InputSpec]) -> DataStream:
     except StopIteration:
         raise DataError("data: no batches") from None
     first = dict(first)
-    if any(key in first and key not in {s.name for s in specs} for key in LABEL_KEYS):
-        raise DataError("data: an iterator of calibration batches cannot carry labels; pass them in --data")
+    _pop_labels(first, specs, None)  # calibration needs no labels
     _check_feed(first, specs, "data batch 0")
 
     def read() -> Iterator[Mapping[str, np.ndarray]]:
         yield first
-        yield from source
+        for batch in source:
+            batch = dict(batch)
+            _pop_labels(batch, specs, None)
+            yield batch
 
     return DataStream(read, specs, "data", once=True)
 

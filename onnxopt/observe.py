@@ -2,8 +2,8 @@
 
 The model is copied with the requested tensors added as graph outputs; each batch is run once,
 every observer is updated, and the batch's tensors are dropped before the next one. A batch whose
-exposed tensors would exceed ``max_bytes`` is run in slices along its batch axis (the first slice
-is one sample, which measures the bytes a sample costs), so a 320x320 detector calibrates in the
+exposed tensors would exceed ``max_bytes`` is run in slices along its batch axis (the very first
+run is one sample, which measures what a sample costs), so a 320x320 detector calibrates in the
 same memory at batch 1 or 64. Batches may differ in shape (ragged sequence lengths): observers
 only see values.
 """

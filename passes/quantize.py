@@ -564,10 +564,7 @@ class QuantizeQDQ(OnnxoptPass):
             drop_if_unused(graph, w_value)
         else:
             w_scale = _weight_scale(w, axis)
-            shape = [1] * w.ndim
-            if axis is not None:
-                shape[axis] = -1
-            q = np.clip(np.rint(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+            q = _round_weight(w, w_scale, axis)
             zp = np.zeros(w_scale.shape, dtype=np.int8)
             scale = w_scale.astype(np.float32) if axis is not None else np.float32(w_scale.reshape(()))
             self._replace_with_dq(graph, node, 1, q, scale, zp.reshape(scale.shape), axis, names, "weight")
@@ -604,11 +601,7 @@ class QuantizeQDQ(OnnxoptPass):
         mean = (self.input_means or {}).get(x_name)
         if mean is None:
             return None
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        scale = np.asarray(w_scale, np.float64).reshape(shape)
-        error = np.clip(np.rint(w / scale), -127, 127) * scale - w.astype(np.float64)
+        error = _round_weight(w, w_scale, axis) * _channel_view(w_scale, w.ndim, axis) - w.astype(np.float64)
         if node.op_type == "Gemm":
             trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
             if mean.shape[0] != w.shape[1 if trans_b else 0]:
@@ -673,6 +666,19 @@ def _weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
     if op == "MatMul":
         return w.ndim - 1 if w.ndim == 2 else None
     return None
+
+
+def _channel_view(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """``scale`` (one per channel, or one) shaped to broadcast against a weight of rank ``ndim``."""
+    shape = [1] * ndim
+    if axis is not None:
+        shape[axis] = -1
+    return np.asarray(scale, np.float64).reshape(shape)
+
+
+def _round_weight(w: np.ndarray, w_scale: np.ndarray, axis: int | None) -> np.ndarray:
+    """Symmetric int8 weight values: round(W / scale) clipped to [-127, 127]."""
+    return np.clip(np.rint(w / _channel_view(w_scale, w.ndim, axis)), -127, 127).astype(np.int8)
 
 
 def _weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:

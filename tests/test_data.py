@@ -279,6 +279,8 @@ def test_stream_reads_a_folder_of_npy_and_an_iterator_once(tmp_path):
     assert batch_sizes(stream) == [2, 3] and stream.num_samples == 5
     with pytest.raises(DataError, match="read only once"):
         list(stream)
+    labelled = stream_data(({"x": images(2), "labels": np.zeros(2, np.int64)} for _ in range(2)), cnn())
+    assert [sorted(b) for b in labelled] == [["x"], ["x"]]  # calibration drops the labels
 
 
 def test_stream_checks_the_first_batch_before_anything_runs(tmp_path):
