@@ -381,7 +381,13 @@ def test_digits_end_to_end_within_half_a_point_of_float(digits, capsys):
     assert details["integer_nodes"] >= 10 and details["calibration"]["method"] == "minmax"
     assert details["file_bytes"]["ratio"] < 0.6
     assert min(details["sqnr_db"].values()) > 20
+    assert len(details["bias_corrected"]) == 7  # every Conv and the Gemm: channel means came with calibration
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
+    plain = digits / "plain.json"
+    code = main([str(digits / "digits_cnn.onnx"), "--quantize", "int8", "--calibration", str(digits / "digits_calib.npz"),
+                 "--no-bias-correction", "-o", str(digits / "plain.onnx"), "--no-validate", "--no-latency", "--report", str(plain)])
+    assert code == 0, capsys.readouterr()
+    assert "bias_corrected" not in next(p for p in json.loads(plain.read_text())["passes"] if p["name"] == "quantize")["details"]
 
 
 def test_no_calibration_is_a_clear_error(digits, capsys):
@@ -408,6 +414,7 @@ def test_already_quantized_model_is_refused(digits, capsys):
 def test_bad_quantize_options(digits, capsys):
     model = digits / "digits_cnn.onnx"
     refused(capsys, digits, model, "--max-drop", "1", words=("--quantize",))
+    refused(capsys, digits, model, "--no-bias-correction", words=("--quantize",))
     refused(capsys, digits, model, "--quantize", "int8", "--calibration", "synthetic", "--max-drop", "-1", words=("--max-drop",))
     refused(capsys, digits, model, "--quantize", "int4", words=("--quantize",))
 
