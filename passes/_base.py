@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["OnnxoptPass", "NameScope", "constant_array", "replace_weight", "drop_if_unused", "graphs_of"]
+__all__ = [
+    "OnnxoptPass", "NameScope", "constant_array", "replace_weight", "drop_if_unused", "graphs_of", "channel_abs_max",
+    "along_axis",
+]
 
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -27,6 +30,19 @@ def graphs_of(model: ir.Model) -> Iterator[ir.Graph]:
     """The main graph and every subgraph (If/Loop/Scan bodies), outermost first."""
     yield model.graph
     yield from model.graph.subgraphs()
+
+
+def channel_abs_max(w: np.ndarray, axis: int) -> np.ndarray:
+    """max|w| per index of ``axis`` (a weight's channel range)."""
+    return np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+
+
+def along_axis(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """Per-channel ``values`` (or one value when ``axis`` is None) shaped to broadcast along ``axis`` of a rank-``ndim`` array."""
+    shape = [1] * ndim
+    if axis is not None:
+        shape[axis] = -1
+    return np.asarray(values).reshape(shape)
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, replace_weight
+from onnxopt.passes._base import NameScope, OnnxoptPass, along_axis, channel_abs_max, constant_array, replace_weight
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,14 @@ class _Layer:
     weight: np.ndarray
     bias: np.ndarray | None
     out_axis: int  # weight axis of output channels
-    in_axis: int | None  # weight axis of input channels (None: depthwise, channel i is row i)
+    in_axis: int  # weight axis of input channels (depthwise: the output axis, channel i is row i)
     changed: bool = False
 
     def out_range(self) -> np.ndarray:
-        return _abs_max(self.weight, self.out_axis)
+        return channel_abs_max(self.weight, self.out_axis)
 
     def in_range(self) -> np.ndarray:
-        return _abs_max(self.weight, self.out_axis if self.in_axis is None else self.in_axis)
+        return channel_abs_max(self.weight, self.in_axis)
 
 
 class EqualizeCrossLayer(OnnxoptPass):
@@ -74,7 +74,7 @@ class EqualizeCrossLayer(OnnxoptPass):
         pairs: list[tuple[_Layer, _Layer]] = []
         refused: dict[str, str] = {}
         for node in graph:
-            producer = _layer(node, layers, as_producer=True)
+            producer = _layer(node, layers)
             if producer is None:
                 continue
             consumer_node, why = _follow(node.outputs[0])
@@ -82,11 +82,11 @@ class EqualizeCrossLayer(OnnxoptPass):
                 if why:
                     refused[node.name or node.op_type] = why
                 continue
-            consumer = _layer(consumer_node, layers, as_producer=False)
+            consumer = _layer(consumer_node, layers)
             if consumer is None:
                 refused[node.name or node.op_type] = f"{consumer_node.op_type} reads it without a constant weight"
                 continue
-            if producer.weight.shape[producer.out_axis] != _channels_in(consumer):
+            if producer.weight.shape[producer.out_axis] != consumer.weight.shape[consumer.in_axis]:
                 continue
             pairs.append((producer, consumer))
         sweeps = 0
@@ -99,11 +99,10 @@ class EqualizeCrossLayer(OnnxoptPass):
                 if np.allclose(s, 1.0):
                     continue
                 worst = max(worst, float(np.abs(np.log(s)).max()))
-                producer.weight = _scale(producer.weight, producer.out_axis, 1.0 / s)
+                producer.weight = producer.weight / along_axis(s, producer.weight.ndim, producer.out_axis)
                 if producer.bias is not None:
                     producer.bias = producer.bias / s
-                axis = consumer.out_axis if consumer.in_axis is None else consumer.in_axis
-                consumer.weight = _scale(consumer.weight, axis, s)
+                consumer.weight = consumer.weight * along_axis(s, consumer.weight.ndim, consumer.in_axis)
                 producer.changed = consumer.changed = True
             if worst < self.tolerance:
                 break
@@ -122,7 +121,7 @@ class EqualizeCrossLayer(OnnxoptPass):
         return ir.passes.PassResult(model, modified=bool(changed))
 
 
-def _layer(node: ir.Node, layers: dict[int, _Layer], *, as_producer: bool) -> _Layer | None:
+def _layer(node: ir.Node, layers: dict[int, _Layer]) -> _Layer | None:
     if id(node) in layers:
         return layers[id(node)]
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 2:
@@ -140,7 +139,7 @@ def _layer(node: ir.Node, layers: dict[int, _Layer], *, as_producer: bool) -> _L
         if group == 1:
             out_axis, in_axis = 0, 1
         elif weight.shape[1] == 1 and group == weight.shape[0]:
-            out_axis, in_axis = 0, None  # depthwise: channel i in and out
+            out_axis, in_axis = 0, 0  # depthwise: channel i in and out
         else:
             return None
     else:
@@ -189,17 +188,3 @@ def _zero_pad(node: ir.Node) -> bool:
         pad_value = constant_array(node.inputs[2])
         return pad_value is not None and not np.any(pad_value)
     return True
-
-
-def _channels_in(layer: _Layer) -> int:
-    return layer.weight.shape[layer.out_axis if layer.in_axis is None else layer.in_axis]
-
-
-def _abs_max(w: np.ndarray, axis: int) -> np.ndarray:
-    return np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
-
-
-def _scale(w: np.ndarray, axis: int, s: np.ndarray) -> np.ndarray:
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return w * s.reshape(shape)

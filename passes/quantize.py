@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused
+from onnxopt.passes._base import NameScope, OnnxoptPass, along_axis, channel_abs_max, constant_array, drop_if_unused
 
 logger = logging.getLogger(__name__)
 
@@ -601,7 +601,7 @@ class QuantizeQDQ(OnnxoptPass):
         mean = (self.input_means or {}).get(x_name)
         if mean is None:
             return None
-        error = _round_weight(w, w_scale, axis) * _channel_view(w_scale, w.ndim, axis) - w.astype(np.float64)
+        error = _round_weight(w, w_scale, axis) * along_axis(np.asarray(w_scale, np.float64), w.ndim, axis) - w.astype(np.float64)
         if node.op_type == "Gemm":
             trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
             if mean.shape[0] != w.shape[1 if trans_b else 0]:
@@ -668,17 +668,9 @@ def _weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
     return None
 
 
-def _channel_view(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    """``scale`` (one per channel, or one) shaped to broadcast against a weight of rank ``ndim``."""
-    shape = [1] * ndim
-    if axis is not None:
-        shape[axis] = -1
-    return np.asarray(scale, np.float64).reshape(shape)
-
-
 def _round_weight(w: np.ndarray, w_scale: np.ndarray, axis: int | None) -> np.ndarray:
     """Symmetric int8 weight values: round(W / scale) clipped to [-127, 127]."""
-    return np.clip(np.rint(w / _channel_view(w_scale, w.ndim, axis)), -127, 127).astype(np.int8)
+    return np.clip(np.rint(w / along_axis(np.asarray(w_scale, np.float64), w.ndim, axis)), -127, 127).astype(np.int8)
 
 
 def _weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
@@ -688,7 +680,7 @@ def _weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
     if axis is None:
         m = np.array([np.abs(w).max()], dtype=np.float64)
     else:
-        m = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1).astype(np.float64)
+        m = channel_abs_max(w, axis).astype(np.float64)
     return np.where(m > 0, m / 127.0, 1.0)
 
 
