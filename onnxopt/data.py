@@ -21,6 +21,7 @@ __all__ = [
     "stream_data",
     "DataStream",
     "synthetic_data",
+    "head",
     "parse_dims",
     "LABEL_KEYS",
 ]
@@ -392,6 +393,24 @@ class DataStream:
 
     def __len__(self) -> int:
         return self.num_batches or 0
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether the batches can be read again (files can; an iterator only once)."""
+        return not self._once
+
+
+def head(data: Dataset | DataStream, max_samples: int) -> Dataset | None:
+    """The first whole batches of ``data`` up to ``max_samples`` samples (at least one batch) in
+    memory, or None where reading them would use up a read-once iterator."""
+    if isinstance(data, DataStream) and not data.rereadable:
+        return None
+    taken = Dataset([], None, data.source, synthetic=bool(data.synthetic))
+    for batch in data:
+        taken.batches.append(batch)
+        if taken.num_samples >= max_samples:
+            break
+    return taken
 
 
 def stream_data(

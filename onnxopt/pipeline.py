@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.data import Dataset, load_data, parse_dims, synthetic_data
+from onnxopt.data import Dataset, head, load_data, parse_dims, synthetic_data
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError
 from onnxopt.latency import compare_latency
 from onnxopt.passes import REGISTRY, PruneChannels, QuantizeQDQ
@@ -28,6 +28,8 @@ from onnxopt.validate import DEFAULT_ATOL, compare_models
 logger = logging.getLogger(__name__)
 
 DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
+# Without --data, a quantized model is validated on this many calibration samples (not random inputs).
+CALIBRATION_VALIDATION_SAMPLES = 512
 
 Progress = Callable[[str, int, int], None]
 
@@ -141,7 +143,7 @@ def optimize(
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
         # Fail on bad data before spending time on passes.
-        dataset = _dataset(data, working, dims, batch_size)
+        dataset = _dataset(data, working, dims, batch_size, quantization)
         original = ModelSnapshot(working)
         try:
             original.session(optimization="disabled", providers=providers)
@@ -204,7 +206,15 @@ def optimize(
     return OptimizeResult(working, report, source)
 
 
-def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None) -> Dataset:
+def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None,
+             quantization: QuantizationStep | None = None) -> Dataset:
+    if data is None and quantization is not None and not quantization.synthetic:
+        # Random inputs fall outside the calibrated ranges and say nothing about a lossy result.
+        dataset = head(quantization.calibration, CALIBRATION_VALIDATION_SAMPLES)
+        if dataset is not None:
+            dataset.notes.insert(0, f"no --data given: validated on the first {dataset.num_samples} --calibration "
+                                    "samples (seen by calibration; pass --eval for held-out figures)")
+            return dataset
     if data is None:
         dataset = synthetic_data(model, dims=dims)
         dataset.notes.insert(0, "no --data given: validated on synthetic random inputs")

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from graphs import build, small_cnn
-from onnxopt.data import DataStream, input_specs, load_data, parse_dims, stream_data, synthetic_data
+from onnxopt.data import DataStream, head, input_specs, load_data, parse_dims, stream_data, synthetic_data
 from onnxopt.errors import DataError, OnnxoptError, OptionError
 
 rng = np.random.default_rng(0)
@@ -281,6 +281,15 @@ def test_stream_reads_a_folder_of_npy_and_an_iterator_once(tmp_path):
         list(stream)
     labelled = stream_data(({"x": images(2), "labels": np.zeros(2, np.int64)} for _ in range(2)), cnn())
     assert [sorted(b) for b in labelled] == [["x"], ["x"]]  # calibration drops the labels
+
+
+def test_head_takes_whole_batches_up_to_a_sample_count_and_spares_a_read_once_iterator(tmp_path):
+    np.savez(tmp_path / "a.npz", x=images(70))
+    stream = stream_data(tmp_path / "a.npz", cnn(), batch_size=32)
+    assert batch_sizes(head(stream, 40)) == [32, 32] and batch_sizes(head(stream, 1)) == [32]
+    assert batch_sizes(head(stream, 1000)) == [32, 32, 6] and batch_sizes(stream) == [32, 32, 6]
+    once = stream_data(({"x": images(2)} for _ in range(3)), cnn())
+    assert head(once, 4) is None and batch_sizes(once) == [2, 2, 2]
 
 
 def test_stream_checks_the_first_batch_before_anything_runs(tmp_path):

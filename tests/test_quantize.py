@@ -390,6 +390,19 @@ def test_digits_end_to_end_within_half_a_point_of_float(digits, capsys):
     assert "bias_corrected" not in next(p for p in json.loads(plain.read_text())["passes"] if p["name"] == "quantize")["details"]
 
 
+def test_without_data_the_quantized_model_is_judged_on_calibration_samples_not_random_inputs(digits, capsys):
+    # Random inputs fall outside every calibrated range: on them the fallback had kept all 7 layers float.
+    code = main([str(digits / "digits_cnn.onnx"), "--quantize", "int8", "--calibration", str(digits / "digits_calib.npz"),
+                 "-o", str(digits / "int8.onnx"), "--no-latency", "--report", str(digits / "r.json")])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((digits / "r.json").read_text())
+    samples = len(np.load(digits / "digits_calib.npz")["input"])
+    assert report["validation"]["samples"] == min(samples, 512) and not report["validation"]["synthetic"]
+    assert any("--calibration samples" in n for n in report["validation"]["notes"])
+    details = next(p for p in report["passes"] if p["name"] == "quantize")["details"]
+    assert details["fallback"] == [] and details["integer_nodes"] >= 10
+
+
 def test_no_calibration_is_a_clear_error(digits, capsys):
     refused(capsys, digits, digits / "digits_cnn.onnx", "--quantize", "int8", words=("--calibration",))
 
