@@ -302,10 +302,14 @@ class QuantizationStep:
                 failures.append("nothing was quantized")
             elif share is not None and share > MAX_FLOAT_SHARE:
                 failures.append(f"{share:.0%} of the Conv/Gemm/MatMul MACs stay float")
-            elif share is None and weighted["total"] and weighted["float"] / weighted["total"] > MAX_FLOAT_SHARE:
+            elif ((share is None or weighted.get("in_subgraphs")) and weighted["total"]
+                  and weighted["float"] / weighted["total"] > MAX_FLOAT_SHARE):
+                # Subgraph MACs are not in the share (no shapes there): count the nodes instead.
                 failures.append(f"{weighted['float']} of {weighted['total']} Conv/Gemm/MatMul stay float")
             if share is not None:
-                report.notes.append(f"quantize: {1 - share:.1%} of the Conv/Gemm/MatMul MACs are quantized")
+                elsewhere = weighted.get("in_subgraphs")
+                report.notes.append(f"quantize: {1 - share:.1%} of the Conv/Gemm/MatMul MACs are quantized"
+                                    + (f" (main graph; {elsewhere} more in subgraphs stay float)" if elsewhere else ""))
             if failures:
                 for node, why in list(left.items())[:10]:
                     report.notes.append(f"quantize: {node} stays float: {why}")

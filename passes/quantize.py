@@ -57,6 +57,9 @@ _QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLine
 # runs just to feed them (exporters compute reshapes from activations' shapes).
 _SHAPE_READERS = {"Shape", "Size"}
 _CHAIN_REASON = "its result feeds no integer op: Q/DQ on its inputs would cost error and time"
+_RECURRENT = {"LSTM", "GRU", "RNN"}
+_RECURRENT_REASON = "recurrent op: onnxruntime has no QDQ kernel for it (only dynamic quantization)"
+_SUBGRAPH_REASON = "inside a subgraph"
 _BY_DESIGN = ("numerically sensitive", "an operand is a constant", "an input is a constant", _CHAIN_REASON)
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 _MIN_SCALE = 1e-12
@@ -358,6 +361,8 @@ class QuantizeQDQ(OnnxoptPass):
         for node in graph:
             if plan.nodes.get(name_of(node)) in ("weighted", "elementwise", "lookup", "concat", "pooling"):
                 plan.outputs[name_of(node)] = output_of(node).name
+        for label, reason in out_of_reach(graph).items():
+            plan.left.setdefault(label, reason)
         plan.tensors = [t for t in quantized]
         plan.dtypes = {t: dtypes[t] for t in plan.tensors if t in dtypes}
         plan.groups = {t: find(t) for t in plan.tensors}
@@ -470,9 +475,11 @@ class QuantizeQDQ(OnnxoptPass):
             self.details["quantized_nodes"].append(label)
             logger.info("quantize: %s (%s) computes on integers", node.name, node.op_type)
         graph.sort()
+        weighted_labels = {node_label(n) for n in graph if n.op_type in _WEIGHTED | _RECURRENT}
+        unreachable = out_of_reach(graph)
         for what, reason in left.items():
             # By design (Softmax, a constant operand) is information; a refused Conv/Gemm/MatMul is a skip.
-            weighted = any(what == node_label(n) and n.op_type in _WEIGHTED for n in graph)
+            weighted = what in weighted_labels or what in unreachable
             by_design = reason.startswith(_BY_DESIGN)
             (logger.warning if weighted and not by_design else logger.info)("quantize: %s stays float: %s", what, reason)
         self.details["left"] = left
@@ -481,9 +488,12 @@ class QuantizeQDQ(OnnxoptPass):
         self.details["per_channel"] = self.per_channel
         self.details["io"] = io
         count = len(quantized_nodes)
-        weighted_total = sum(1 for n in graph if n.op_type in _WEIGHTED)
+        # Subgraph Conv/Gemm/MatMuls count too: a model whose weights sit in a Loop body is not quantized.
+        in_subgraphs = sum(1 for reason in unreachable.values() if reason.startswith(_SUBGRAPH_REASON))
+        weighted_total = sum(1 for n in graph if n.op_type in _WEIGHTED) + in_subgraphs
         weighted_done = sum(1 for n, _, _ in quantized_nodes if n.op_type in _WEIGHTED)
-        self.details["weighted"] = {"total": weighted_total, "float": weighted_total - weighted_done}
+        self.details["weighted"] = {"total": weighted_total, "float": weighted_total - weighted_done,
+                                    "in_subgraphs": in_subgraphs}
         self.summary = (
             f"quantized {count} nodes ({weighted_done} of {weighted_total} Conv/Gemm/MatMul), "
             f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}"
@@ -559,7 +569,7 @@ class QuantizeQDQ(OnnxoptPass):
             axis = None
         key = (id(w_value), axis)
         if key in cache:
-            dq_out, w_scale = cache[key]
+            dq_out, w_scale, q = cache[key]
             node.replace_input_with(1, dq_out)
             drop_if_unused(graph, w_value)
         else:
@@ -568,9 +578,9 @@ class QuantizeQDQ(OnnxoptPass):
             zp = np.zeros(w_scale.shape, dtype=np.int8)
             scale = w_scale.astype(np.float32) if axis is not None else np.float32(w_scale.reshape(()))
             self._replace_with_dq(graph, node, 1, q, scale, zp.reshape(scale.shape), axis, names, "weight")
-            cache[key] = (node.inputs[1], w_scale)
+            cache[key] = (node.inputs[1], w_scale, q)
         bias_index = 2
-        shift = self._bias_shift(node, w, w_scale, axis, x_name)
+        shift = self._bias_shift(node, w, q, w_scale, axis, x_name)
         has_bias = len(node.inputs) > bias_index and node.inputs[bias_index] is not None
         if has_bias or shift is not None:
             if has_bias:
@@ -589,8 +599,8 @@ class QuantizeQDQ(OnnxoptPass):
             q = np.clip(np.rint(b / b_scale.astype(np.float64)), -(2**31) + 1, 2**31 - 1).astype(np.int32)
             self._replace_with_dq(graph, node, bias_index, q, b_scale, np.zeros(channels, np.int32), 0, names, "bias")
 
-    def _bias_shift(self, node, w, w_scale, axis, x_name) -> np.ndarray | None:
-        """The mean output error that rounding the weights causes, per output channel: (W_q - W) · E[x].
+    def _bias_shift(self, node, w, q, w_scale, axis, x_name) -> np.ndarray | None:
+        """The mean output error that rounding ``w`` to ``q`` causes, per output channel: (W_q - W) · E[x].
 
         Only the weight's own error is corrected (with the float input's channel means), so each
         layer's shift is independent of the others: correcting the whole measured output error at
@@ -601,7 +611,7 @@ class QuantizeQDQ(OnnxoptPass):
         mean = (self.input_means or {}).get(x_name)
         if mean is None:
             return None
-        error = _round_weight(w, w_scale, axis) * along_axis(np.asarray(w_scale, np.float64), w.ndim, axis) - w.astype(np.float64)
+        error = q * along_axis(np.asarray(w_scale, np.float64), w.ndim, axis) - w.astype(np.float64)
         if node.op_type == "Gemm":
             trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
             if mean.shape[0] != w.shape[1 if trans_b else 0]:
@@ -616,11 +626,36 @@ class QuantizeQDQ(OnnxoptPass):
         return (per_input * mean.reshape(group, group_in)[group_of]).sum(axis=1)
 
 
+def out_of_reach(graph: ir.Graph) -> dict[str, str]:
+    """Compute nodes that stay float because of where or what they are, by label: a Conv/Gemm/MatMul
+    (or a recurrent op) inside an If/Loop/Scan body, whose tensors no calibration run can observe,
+    and a recurrent op, which onnxruntime runs in integers only by dynamic quantization."""
+    found: dict[str, str] = {}
+    for node in graph:
+        if node.op_type in _RECURRENT:
+            found[node_label(node)] = _RECURRENT_REASON
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                bodies = [attr.as_graph()]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                bodies = list(attr.as_graphs())
+            else:
+                continue
+            for body in bodies:
+                for inner in ir.traversal.RecursiveGraphIterator(body):
+                    if inner.op_type in _WEIGHTED | _RECURRENT:
+                        found[node_label(inner)] = (
+                            f"{_SUBGRAPH_REASON} ({attr.name} of {node.op_type} {node_label(node)}): "
+                            "its tensors cannot be observed for calibration"
+                        )
+    return found
+
+
 def node_label(node: ir.Node) -> str:
     """A node's name, or for an unnamed node its op type and first output (unique in a graph)."""
     if node.name:
         return node.name
-    out = node.outputs[0].name if node.outputs else ""
+    out = next((o.name for o in node.outputs if o.name), "")  # an LSTM may omit its first output
     return f"{node.op_type}({out})"
 
 

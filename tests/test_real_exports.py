@@ -154,3 +154,38 @@ def test_quantized_ops_and_qdq_are_kept():
     result = onnxopt.optimize(already_quantized(), latency=False)
     ops = result.report.after.op_counts
     assert ops.get("ConvInteger") == 1 and ops.get("DequantizeLinear") == 1 and ops.get("DynamicQuantizeLinear") == 1
+
+
+QUANTIZE = "simplify,fold-bn,share-init,quantize"
+
+
+def quantized(proto, **kw):
+    return onnxopt.optimize(proto, QUANTIZE, calibration="synthetic", data="synthetic", latency=False, check=True, **kw)
+
+
+def test_quantize_reads_constant_node_weights_of_an_opset_11_export():
+    result = quantized(paddle_style())
+    details = result.report.passes[-1].details
+    assert result.ok and details["weighted"] == {"total": 1, "float": 0, "in_subgraphs": 0}
+    assert details["integer_nodes"] >= 1 and result.report.validation.outputs[0].cosine > 0.999
+
+
+def test_quantize_names_the_subgraph_convs_it_cannot_reach_and_fails_loudly():
+    proto = control_flow()
+    proto.graph.node.append(helper.make_node("Conv", ["y", "head_w"], ["z"]))  # one Conv it can reach
+    proto.graph.initializer.append(numpy_helper.from_array(f32(4, 4, 1, 1), "head_w"))
+    proto.graph.output[0].name = "z"
+    result = quantized(proto)
+    details = result.report.passes[-1].details
+    assert details["weighted"] == {"total": 3, "float": 2, "in_subgraphs": 2}
+    reasons = [why for node, why in details["left"].items() if node in ("Conv(then_y)", "Conv(else_y)")]
+    assert len(reasons) == 2 and all("subgraph" in why and "If" in why for why in reasons)
+    # The main graph's MACs are all quantized; the subgraphs' still make the run fail, by count.
+    assert not result.ok and any("quantize FAILED: 2 of 3" in note for note in result.report.notes)
+
+
+def test_quantize_leaves_an_lstm_float_with_its_reason():
+    result = quantized(lstm(), dims={"seq": 4, "batch": 2})
+    details = result.report.passes[-1].details
+    assert result.ok, result.report.notes
+    assert any(node.startswith("LSTM(") and "recurrent" in why for node, why in details["left"].items())
