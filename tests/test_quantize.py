@@ -533,3 +533,23 @@ def test_a_graph_input_weight_is_not_a_constant():
     p = QuantizeQDQ({"x": (-3.0, 3.0)})
     p(model)
     assert p.details["left"]["Conv(y)"] == "weight is not a constant"
+
+
+# The onnx package's real architectures (random weights, opset 17: models/light.py). AlexNet and
+# ZFNet add nothing that VGG does not have, at a minute each.
+LIGHT = ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet", "vgg19"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIGHT)
+def test_real_architectures_quantize_every_weighted_layer_closely(name):
+    from models.light import load_light
+
+    result = onnxopt.optimize(load_light(name), "simplify,fold-bn,share-init,quantize", calibration="synthetic",
+                              data="synthetic", latency=False)
+    details = result.report.passes[-1].details
+    assert result.ok, result.report.notes
+    assert details["weighted"]["float"] == 0 and details["float_mac_share"] == 0.0
+    assert details["integer_nodes"] >= details["weighted"]["total"]
+    assert min(o.cosine for o in result.report.validation.outputs) > 0.999
+    assert details["file_bytes"]["ratio"] < 0.3  # weights dominate: int8 and no float copy
