@@ -32,7 +32,8 @@ _FLOAT_KINDS = "f"
 
 @dataclass
 class _Affine:
-    """The BatchNormalization as ``y = scale * x + shift`` per channel (float64)."""
+    """The BatchNormalization (or a constant Mul/Add/Sub/Div) as ``y = scale * x + shift`` per
+    channel (float64); a scalar Mul/Add has length 1 until ``_check_channels`` widens it."""
 
     scale: np.ndarray
     shift: np.ndarray
@@ -103,9 +104,62 @@ def _bias(node: ir.Node, index: int, channels: int, dtype) -> np.ndarray:
     return np.zeros(channels, dtype=np.float64)
 
 
-def _check_channels(affine: _Affine, channels: int, where: str) -> None:
+def _check_channels(affine: _Affine, channels: int, where: str) -> _Affine:
+    """``affine`` over ``channels`` channels (a scalar one widened), or a refusal."""
+    if len(affine.scale) == 1 and channels != 1:
+        return _Affine(np.full(channels, affine.scale[0]), np.full(channels, affine.shift[0]))
     if len(affine.scale) != channels:
-        raise _Refusal(f"{where} has {channels} channels, the BatchNormalization {len(affine.scale)}")
+        raise _Refusal(f"{where} has {channels} channels, the per-channel map {len(affine.scale)}")
+    return affine
+
+
+# Elementwise ops with a constant operand that are a per-channel affine map of their other input.
+_ELEMENTWISE = ("Mul", "Add", "Sub", "Div")
+
+
+def _data_index(node: ir.Node) -> int:
+    """The input that carries data: a BatchNormalization's first, an elementwise op's only non-constant one."""
+    if node.op_type == "BatchNormalization":
+        return 0
+    variable = [i for i, v in enumerate(node.inputs[:2]) if v is not None and constant_array(v) is None]
+    if len(node.inputs) != 2 or len(variable) != 1:
+        raise _Refusal("it has no constant operand")
+    if node.op_type in ("Sub", "Div") and variable[0] != 0:
+        raise _Refusal(f"{node.op_type} of a constant by the data is not affine in the data")
+    return variable[0]
+
+
+def _elementwise_affine(node: ir.Node, data_index: int, axis: int, rank: int | None) -> _Affine:
+    """``node`` (Mul/Add/Sub/Div by a constant) as a per-channel affine map along ``axis`` of a rank-``rank`` input."""
+    const = constant_array(node.inputs[1 - data_index])
+    if const.dtype.kind not in _FLOAT_KINDS:
+        raise _Refusal(f"its constant has dtype {const.dtype}")
+    if rank is None or const.ndim > rank:
+        raise _Refusal("its data rank is unknown or below its constant's")
+    shape = (1,) * (rank - const.ndim) + const.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis % rank):
+        raise _Refusal(f"its constant of shape {list(const.shape)} varies along more than the channel axis")
+    c = const.astype(np.float64).reshape(-1)
+    if node.op_type == "Div" and not np.all(c):
+        raise _Refusal("it divides by zero")
+    ones, zeros = np.ones_like(c), np.zeros_like(c)
+    return {"Mul": lambda: _Affine(c, zeros), "Div": lambda: _Affine(1.0 / c, zeros),
+            "Add": lambda: _Affine(ones, c), "Sub": lambda: _Affine(ones, -c)}[node.op_type]()
+
+
+def _output_layout(producer: ir.Node, value: ir.Value) -> tuple[int, int | None]:
+    """The channel axis of ``producer``'s output ``value`` and its rank (None when unknown)."""
+    rank = len(value.shape) if value.shape is not None else None
+    if rank is None and producer.inputs and producer.inputs[0] is not None and producer.inputs[0].shape is not None:
+        rank = len(producer.inputs[0].shape)  # BatchNormalization, Concat, Add keep their input's rank; MatMul too (2-D weight)
+    if producer.op_type in ("Conv", "ConvTranspose"):
+        weight = constant_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
+        return 1, rank if rank is not None else (weight.ndim if weight is not None else None)
+    if producer.op_type == "Gemm":
+        return 1, 2
+    if producer.op_type in ("MatMul", "Add"):
+        return -1, rank
+    return 1, rank  # BatchNormalization, Concat (of Convs)
 
 
 def _scaled(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -148,9 +202,16 @@ class FoldBatchNorm(OnnxoptPass):
         folded = 0
         left: dict[str, str] = {}
         into: Counter[str] = Counter()
+        affine_into: Counter[str] = Counter()
         self._names = NameScope(model.graph)
         for graph in graphs_of(model):
             for bn in list(graph):
+                if bn.op_type in _ELEMENTWISE and bn.domain in ("", "ai.onnx"):
+                    try:
+                        affine_into[self._fold_elementwise(model.graph, bn)] += 1
+                    except _Refusal as reason:  # most Adds and Muls are not affine maps of a layer: no news
+                        logger.debug("fold-bn: %s %s stays: %s", bn.op_type, bn.name, reason)
+                    continue
                 if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
                     continue
                 label = bn.name or bn.outputs[0].name
@@ -165,11 +226,15 @@ class FoldBatchNorm(OnnxoptPass):
                 into[target] += 1
                 logger.info("fold-bn: folded %s into %s", label, target)
         total = folded + len(left)
+        affine = sum(affine_into.values())
         self.summary = f"folded {folded} of {total} BatchNormalization" + (
             f" ({', '.join(f'{n} into {k}' for k, n in sorted(into.items()))})" if into else ""
-        ) + (f"; {len(left)} left" if left else "")
-        self.details = {"folded": folded, "total": total, "into": dict(into), "left": left}
-        return ir.passes.PassResult(model, modified=folded > 0)
+        ) + (f"; {len(left)} left" if left else "") + (
+            f"; {affine} constant Mul/Add/Sub/Div folded too" if affine else ""
+        )
+        self.details = {"folded": folded, "total": total, "into": dict(into), "left": left,
+                        "affine_folded": affine, "affine_into": dict(affine_into)}
+        return ir.passes.PassResult(model, modified=folded + affine > 0)
 
     def _replace(self, graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, hint: str) -> ir.Value:
         return replace_weight(graph, node, index, array, hint, names=self._names)
@@ -197,6 +262,34 @@ class FoldBatchNorm(OnnxoptPass):
             reasons.append("its output has several consumers or is a graph output")
         raise _Refusal("; ".join(reasons))
 
+    def _fold_elementwise(self, graph: ir.Graph, node: ir.Node) -> str:
+        """A Mul/Add/Sub/Div by a per-channel constant, folded like a BatchNormalization: into the
+        layer (or BatchNormalization) before it, else into an unpadded Conv or a Gemm after it."""
+        data_index = _data_index(node)
+        data = node.inputs[data_index]
+        reasons = []
+        producer = data.producer()
+        if producer is not None and not (node.op_type in ("Add", "Sub") and producer.op_type == "MatMul"):
+            try:
+                affine = _elementwise_affine(node, data_index, *_output_layout(producer, data))
+                return self._fold_into_producer(graph, node, producer, affine)
+            except _Refusal as reason:
+                reasons.append(f"after {producer.op_type}: {reason}")
+        consumer = _only_consumer(node.outputs[0])
+        if consumer is not None and consumer.op_type in ("Conv", "Gemm") and consumer.inputs[0] is node.outputs[0]:
+            weight = constant_array(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
+            rank = 2 if consumer.op_type == "Gemm" else (weight.ndim if weight is not None else None)
+            return self._fold_into_consumer(graph, node, consumer, _elementwise_affine(node, data_index, 1, rank))
+        raise _Refusal("; ".join(reasons) or "no layer to fold into")
+
+    def _merge_into_batchnorm(self, graph, bn: ir.Node, affine: _Affine) -> None:
+        """An affine map after a BatchNormalization that stays: it takes the map into its scale and bias."""
+        _batchnorm_affine(bn)  # refuses training mode and non-constant parameters
+        gamma, beta = (_weight(bn, i, role) for i, role in ((1, "scale"), (2, "bias")))
+        affine = _check_channels(affine, gamma.size, "BatchNormalization")
+        self._replace(graph, bn, 1, (gamma.astype(np.float64) * affine.scale).astype(gamma.dtype), "affine_scale")
+        self._replace(graph, bn, 2, (beta.astype(np.float64) * affine.scale + affine.shift).astype(beta.dtype), "affine_bias")
+
     def _fold_into_producer(self, graph, bn, producer: ir.Node, affine: _Affine) -> str:
         op = producer.op_type
         if producer.domain not in ("", "ai.onnx"):
@@ -207,8 +300,8 @@ class FoldBatchNorm(OnnxoptPass):
             op = "MatMul"
         elif op == "Concat":
             return self._fold_after_concat(graph, bn, producer, affine)
-        elif op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            raise _Refusal(f"{op} is not Conv, ConvTranspose, Gemm, MatMul or a Concat of Convs")
+        elif op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"):
+            raise _Refusal(f"{op} is not Conv, ConvTranspose, Gemm, MatMul, BatchNormalization or a Concat of Convs")
         if _only_consumer(producer.outputs[0]) is not (add or bn) or (
             add is not None and _only_consumer(add.outputs[0]) is not bn
         ):
@@ -218,6 +311,8 @@ class FoldBatchNorm(OnnxoptPass):
             raise _Refusal(f"the {op} is in an outer graph")
         if op == "Conv":
             self._scale_out_channels(graph, producer, affine, weight_axis=0, bias_index=2)
+        elif op == "BatchNormalization":
+            self._merge_into_batchnorm(graph, producer, affine)
         elif op == "ConvTranspose":
             self._fold_after_conv_transpose(graph, producer, affine)
         elif op == "Gemm":
@@ -245,7 +340,7 @@ class FoldBatchNorm(OnnxoptPass):
                 raise _Refusal(f"Concat axis {axis} is not the channel axis")
             channels = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * _attr_int(node, "group", 1)
             parts.append((node, channels))
-        _check_channels(affine, sum(c for _, c in parts), "Concat")
+        affine = _check_channels(affine, sum(c for _, c in parts), "Concat")
         offset = 0
         for node, channels in parts:
             part = _Affine(affine.scale[offset : offset + channels], affine.shift[offset : offset + channels])
@@ -266,8 +361,9 @@ class FoldBatchNorm(OnnxoptPass):
         raise _Refusal("Add is not MatMul plus a constant bias")
 
     def _bypass(self, graph: ir.Graph, bn: ir.Node) -> None:
-        """Remove ``bn``: its consumers (and graph outputs) read its input instead."""
-        source = bn.inputs[0]
+        """Remove ``bn`` (or a folded Mul/Add): its consumers (and graph outputs) read its data input instead."""
+        data_index = _data_index(bn)
+        source = bn.inputs[data_index]
         out = bn.outputs[0]
         if out.is_graph_output():
             # The graph output keeps its name, type and shape: the producer's value takes them over.
@@ -279,7 +375,7 @@ class FoldBatchNorm(OnnxoptPass):
             if out.shape is not None:
                 source.shape = out.shape
         ir.convenience.replace_all_uses_with(out, source, replace_graph_outputs=True)
-        params = list(bn.inputs[1:])
+        params = [v for i, v in enumerate(bn.inputs) if i != data_index]
         bn.graph.remove(bn, safe=True)
         for value in params:
             if value is not None:
@@ -288,7 +384,7 @@ class FoldBatchNorm(OnnxoptPass):
     def _scale_out_channels(self, graph, node: ir.Node, affine: _Affine, *, weight_axis: int, bias_index: int):
         weight = _weight(node, 1, "weight")
         channels = weight.shape[weight_axis]
-        _check_channels(affine, channels, node.op_type)
+        affine = _check_channels(affine, channels, node.op_type)
         bias = _bias(node, bias_index, channels, weight.dtype)
         shape = [1] * weight.ndim
         shape[weight_axis] = -1
@@ -304,7 +400,7 @@ class FoldBatchNorm(OnnxoptPass):
             raise _Refusal(f"input channels {weight.shape[0]} not divisible by group {group}")
         per_group = weight.shape[1]
         channels = per_group * group
-        _check_channels(affine, channels, "ConvTranspose")
+        affine = _check_channels(affine, channels, "ConvTranspose")
         bias = _bias(node, 2, channels, weight.dtype)
         kernel = weight.shape[2:]
         w = weight.astype(np.float64).reshape(group, weight.shape[0] // group, per_group, *kernel)
@@ -321,7 +417,7 @@ class FoldBatchNorm(OnnxoptPass):
         trans_b = _attr_int(node, "transB", 0)
         axis = 0 if trans_b else 1
         channels = weight.shape[axis]
-        _check_channels(affine, channels, "Gemm")
+        affine = _check_channels(affine, channels, "Gemm")
         beta = _attr_float(node, "beta", 1.0)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = _weight(node, 2, "bias").astype(np.float64) * beta
@@ -341,21 +437,25 @@ class FoldBatchNorm(OnnxoptPass):
         if weight.ndim != 2:
             raise _Refusal("MatMul weight is not 2-D")
         x = matmul.inputs[0]
-        if x.shape is None or len(x.shape) != 2:
+        batchnorm = bn.op_type == "BatchNormalization"  # else a Mul/Add along the last axis, checked already
+        if batchnorm and (x.shape is None or len(x.shape) != 2):
             # BatchNormalization's channel axis is 1: it is the weight's column axis only on 2-D input.
             raise _Refusal("MatMul input is not known to be 2-D")
         channels = weight.shape[1]
-        _check_channels(affine, channels, "MatMul")
+        affine = _check_channels(affine, channels, "MatMul")
         if add is not None:
             index = 1 if add.inputs[0].producer() is matmul else 0
             bias = constant_array(add.inputs[index]).astype(np.float64)
-            if bias.ndim > 2:
+            if batchnorm and bias.ndim > 2:
                 raise _Refusal(f"Add bias has rank {bias.ndim}: the output is not 2-D")
         new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
         self._replace(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
         if add is not None:
             new_b = bias * affine.scale + affine.shift
             self._replace(graph, add, index, new_b.astype(weight.dtype), "bnfold_bias")
+            self._bypass(graph, bn)
+            return
+        if not np.any(affine.shift):  # a Mul or Div: nothing to add
             self._bypass(graph, bn)
             return
         # No bias yet: the BatchNormalization becomes an Add of its shift.
@@ -393,7 +493,7 @@ class FoldBatchNorm(OnnxoptPass):
         weight = _weight(conv, 1, "weight")  # [C_out, C_in / group, *kernel]
         group = _attr_int(conv, "group", 1)
         c_out, per_group = weight.shape[0], weight.shape[1]
-        _check_channels(affine, per_group * group, "Conv input")
+        affine = _check_channels(affine, per_group * group, "Conv input")
         kernel = weight.shape[2:]
         w = weight.astype(np.float64).reshape(group, c_out // group, per_group, *kernel)
         s = affine.scale.reshape(group, 1, per_group, *([1] * len(kernel)))
@@ -413,7 +513,7 @@ class FoldBatchNorm(OnnxoptPass):
         trans_b = _attr_int(gemm, "transB", 0)
         w = weight.astype(np.float64)
         w_kn = w.T if trans_b else w  # [K, N]
-        _check_channels(affine, w_kn.shape[0], "Gemm input")
+        affine = _check_channels(affine, w_kn.shape[0], "Gemm input")
         alpha = _attr_float(gemm, "alpha", 1.0)
         beta = _attr_float(gemm, "beta", 1.0)
         if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:

@@ -100,3 +100,7 @@ def test_onnx_architecture(name: str):
     fold = result.report.passes[1].details
     assert fold["folded"] == before_bn - after_bn
     assert len(fold["left"]) == after_bn  # every BatchNormalization left standing has a reason
+    if name in ("densenet121", "inception_v2"):  # Caffe2 exports: BN, then Mul and Add of [C] constants
+        before, after = result.report.before.op_counts, result.report.after.op_counts
+        assert before["Mul"] == before["Add"] == before["BatchNormalization"] > 0
+        assert "Mul" not in after and "Add" not in after and fold["affine_folded"] == before["Mul"] * 2

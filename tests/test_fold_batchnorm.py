@@ -41,7 +41,7 @@ def fold(model: ir.Model, feeds, *, rtol=RTOL, expect_folded: int | None = None)
     assert not unused, unused
     if expect_folded is not None:
         assert p.details["folded"] == expect_folded, p.details
-        assert result.modified is (expect_folded > 0)
+        assert result.modified is (expect_folded > 0 or p.details["affine_folded"] > 0)
     return p
 
 
@@ -503,7 +503,7 @@ def test_nothing_to_fold_is_not_modified():
     result = p(model)
     assert result.modified is False
     assert snapshot(model) == before
-    assert p.details == {"folded": 0, "total": 0, "into": {}, "left": {}}
+    assert p.details == {"folded": 0, "total": 0, "into": {}, "left": {}, "affine_folded": 0, "affine_into": {}}
     assert p.summary == "folded 0 of 0 BatchNormalization"
 
 
@@ -566,3 +566,87 @@ def test_refuses_after_concat_on_a_spatial_axis():
         {"W1": randn(4, 4, 3, 3), "W2": randn(4, 4, 3, 3), **bn_params("bn", 4)},
     )
     assert_left(model, random_feeds(model), "not the channel axis")
+
+
+# -- constant per-channel Mul/Add/Sub/Div (Caffe2 exports: BatchNormalization then Mul and Add) ------
+
+
+def test_conv_bn_mul_add_folds_into_one_conv():
+    # inception_v2 / densenet121 from the onnx package: BN, then Mul and Add of Unsqueezed [C] constants.
+    weights = {"W": randn(8, 4, 3, 3), **bn_params("bn", 8), "S": randn(8, 1, 1), "T": randn(1, 8, 1, 1)}
+    model = build(f"""{OPSET}
+    g (float[N,4,6,6] x) => (float[N,8,6,6] y) {{
+        c = Conv <pads=[1, 1, 1, 1]> (x, W)
+        n = {BN} (c, {BN_INPUTS})
+        m = Mul (S, n)
+        a = Add (m, T)
+        y = Relu (a)
+    }}""", weights)
+    p = fold(model, random_feeds(model), expect_folded=1)
+    assert op_types(model) == ["Conv", "Relu"]
+    assert p.details["affine_folded"] == 2 and p.details["affine_into"] == {"Conv": 2}
+    assert p.summary.endswith("2 constant Mul/Add/Sub/Div folded too"), p.summary
+
+
+def test_mul_add_after_a_batchnorm_that_stays_merge_into_it():
+    # densenet121: Concat (read again later) → BN → Mul → Add → Relu → padded Conv: nothing folds the
+    # BN, but the Mul and Add become its scale and bias.
+    weights = {**bn_params("bn", 8), "S": randn(8, 1, 1), "T": randn(8, 1, 1), "W": randn(4, 8, 3, 3)}
+    model = build(f"""{OPSET}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y, float[N,8,6,6] cat) {{
+        cat = Concat <axis=1> (x, x)
+        n = {BN} (cat, {BN_INPUTS})
+        m = Mul (n, S)
+        a = Add (m, T)
+        r = Relu (a)
+        y = Conv <pads=[1, 1, 1, 1]> (r, W)
+    }}""", weights)
+    p = fold(model, random_feeds(model), expect_folded=0)
+    assert op_types(model) == ["Concat", "BatchNormalization", "Relu", "Conv"]
+    assert p.details["affine_into"] == {"BatchNormalization": 2} and len(p.details["left"]) == 1
+
+
+@pytest.mark.parametrize("op,const", [("Div", 2.5), ("Sub", 0.75), ("Mul", -1.5), ("Add", 3.0)])
+def test_scalar_affine_after_gemm_and_before_an_unpadded_conv(op, const):
+    weights = {"G": randn(6, 5), "GB": randn(5), "K": np.array(const, np.float32), "W": randn(8, 4, 1, 1),
+               "K2": np.array(const, np.float32)}
+    model = build(f"""{OPSET}
+    g (float[N,6] x, float[N,4,5,5] z) => (float[N,5] y, float[N,8,5,5] w) {{
+        h = Gemm <transB=0> (x, G, GB)
+        y = {op} (h, K)
+        e = {op} (z, K2)
+        w = Conv (e, W)
+    }}""", weights)
+    p = fold(model, random_feeds(model), expect_folded=0)
+    assert op_types(model) == ["Gemm", "Conv"]
+    assert p.details["affine_into"] == {"Gemm": 1, "following Conv": 1}
+
+
+def test_mul_along_the_last_axis_of_a_3d_matmul():
+    model = build(f"""{OPSET}
+    g (float[N,7,6] x) => (float[N,7,5] y) {{
+        h = MatMul (x, W)
+        y = Mul (h, S)
+    }}""", {"W": randn(6, 5), "S": randn(5)})
+    fold(model, random_feeds(model), expect_folded=0)
+    assert op_types(model) == ["MatMul"]
+
+
+def test_elementwise_ops_that_are_not_a_per_channel_map_stay():
+    weights = {"W": randn(8, 4, 3, 3), "SP": randn(1, 1, 6, 6), "C": randn(8, 1, 1), "M": randn(6, 5),
+               "MB": randn(5)}
+    model = build(f"""{OPSET}
+    g (float[N,4,6,6] x, float[N,6] v) => (float[N,8,6,6] a, float[N,8,6,6] b, float[N,8,6,6] r,
+                                          float[N,5] mb) {{
+        c = Conv <pads=[1, 1, 1, 1]> (x, W)
+        d = Conv <pads=[1, 1, 1, 1]> (x, W)
+        a = Mul (c, SP)
+        b = Sub (C, d)
+        r = Add (c, d)
+        m = MatMul (v, M)
+        mb = Add (m, MB)
+    }}""", weights)
+    before = snapshot(model)
+    p = FoldBatchNorm()
+    assert p(model).modified is False and snapshot(model) == before
+    assert p.details["affine_folded"] == 0 and p.details["left"] == {}
