@@ -14,7 +14,7 @@ The arithmetic is done in float64 and cast back to the weight's dtype (fp16 mode
 
 from __future__ import annotations
 
-__all__ = ["FoldBatchNorm"]
+__all__ = ["FoldBatchNorm", "batchnorm_scale_shift"]
 
 import logging
 from collections import Counter
@@ -82,6 +82,16 @@ def _batchnorm_affine(bn: ir.Node) -> _Affine:
     eps = _attr_float(bn, "epsilon", 1e-5)
     scale = gamma / np.sqrt(var + eps)
     return _Affine(scale, beta - mean * scale)
+
+
+def batchnorm_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """An inference BatchNormalization as per-channel ``(scale, shift)`` in float64, or None where
+    it is not a fixed affine map (training mode, parameters that are not constants)."""
+    try:
+        affine = _batchnorm_affine(bn)
+    except _Refusal:
+        return None
+    return affine.scale, affine.shift
 
 
 def _weight(node: ir.Node, index: int, role: str) -> np.ndarray:

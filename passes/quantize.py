@@ -26,6 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.passes._base import NameScope, OnnxoptPass, along_axis, channel_abs_max, constant_array, drop_if_unused
+from onnxopt.passes.fold_batchnorm import batchnorm_scale_shift
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class QuantPlan:
 
     tensors: list[str] = field(default_factory=list)            # activations that need a range, in order
     groups: dict[str, str] = field(default_factory=dict)        # tensor → representative of its scale group
+    chains: dict[str, str] = field(default_factory=dict)        # tensor → its pass-through chain (groups less Concats)
+    folded_outputs: list[str] = field(default_factory=list)     # outputs of folded Relu/Clip (non-negative ranges)
     fixed: dict[str, tuple[float, float]] = field(default_factory=dict)  # ranges known without data (Gather tables)
     nodes: dict[str, str] = field(default_factory=dict)         # node name → role ("weighted", "elementwise", ...)
     left: dict[str, str] = field(default_factory=dict)          # node name → why it stays float
@@ -144,22 +147,58 @@ class QuantizeQDQ(OnnxoptPass):
                 return True
         return False
 
+    def _batchnorm_as_conv(self, graph: ir.Graph, bn: ir.Node, names: NameScope | None = None) -> bool:
+        """Replace a BatchNormalization that fold-bn left standing by the 1x1 depthwise Conv it equals
+        (same name, same output), so that it runs as a QLinearConv inside the integer chain instead
+        of a float island behind DequantizeLinear/QuantizeLinear and NHWC Transposes (DenseNet-121:
+        62 of them). Only with per-channel weights: one weight per channel is then exact."""
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or not self.per_channel:
+            return False
+        x = bn.inputs[0]
+        params = batchnorm_scale_shift(bn) if not self._excluded(bn) else None
+        if params is None or x is None or x.shape is None or not 3 <= len(x.shape) <= 5:
+            return False
+        if constant_array(bn.inputs[1]).dtype != np.float32:
+            return False
+        if names is None:
+            return True
+        scale, shift = params
+        channels, rank = len(scale), len(x.shape)
+        label = node_label(bn)
+        weight = _initializer(graph, names, f"{label}_dw_weight", scale.reshape(channels, 1, *[1] * (rank - 2)).astype(np.float32))
+        bias = _initializer(graph, names, f"{label}_dw_bias", shift.astype(np.float32))
+        conv = ir.node("Conv", inputs=[x, weight, bias], attributes={"group": channels, "kernel_shape": [1] * (rank - 2)},
+                       name=bn.name or None)
+        old = list(bn.inputs[1:])
+        ir.convenience.replace_nodes_and_values(graph, bn, [bn], [conv], [bn.outputs[0]], [conv.outputs[0]])
+        for value in old:
+            if value is not None:
+                drop_if_unused(graph, value)
+        return True
+
     def plan(self, model: ir.Model) -> QuantPlan:
         """Decide placement on the main graph without changing it (ranges are not needed)."""
+        if any(self._batchnorm_as_conv(model.graph, node) for node in model.graph):
+            model = model.clone()  # plan the graph that ``call`` will quantize: standing BNs as Convs
+            names = NameScope(model.graph)
+            for node in list(model.graph):
+                self._batchnorm_as_conv(model.graph, node, names)
         graph = model.graph
         plan = QuantPlan()
         quantized: dict[str, None] = {}  # ordered set of tensor names
-        parent: dict[str, str] = {}
+        parent: dict[str, str] = {}  # scale groups: pass-through chains joined by Concats
+        chain_parent: dict[str, str] = {}  # pass-through chains alone
 
-        def find(x: str) -> str:
+        def find(x: str, parent: dict[str, str] = parent) -> str:
             while parent.get(x, x) != x:
                 x = parent[x]
             return x
 
-        def union(a: str, b: str) -> None:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[rb] = ra
+        def union(a: str, b: str, chain: bool = True) -> None:
+            for links in (parent, chain_parent) if chain else (parent,):
+                ra, rb = find(a, links), find(b, links)
+                if ra != rb:
+                    links[rb] = ra
 
         dtypes = _element_types(model)
 
@@ -185,6 +224,8 @@ class QuantizeQDQ(OnnxoptPass):
                 reader = readers[0].node
                 if reader.op_type in _FOLDED and not self._excluded(reader) and _clip_is_static(reader):
                     plan.folded[node_label(reader)] = node_label(node)
+                    if reader.outputs[0].name not in plan.folded_outputs:
+                        plan.folded_outputs.append(reader.outputs[0].name)
                     return reader.outputs[0]
             return out
 
@@ -249,7 +290,7 @@ class QuantizeQDQ(OnnxoptPass):
                 out = node.outputs[0]
                 for v in node.inputs:
                     mark(v)
-                    union(out.name, v.name)
+                    union(out.name, v.name, chain=False)
                 mark(out)
                 plan.nodes[name_of(node)] = "concat"
             elif op in _POOLING:
@@ -366,6 +407,7 @@ class QuantizeQDQ(OnnxoptPass):
         plan.tensors = [t for t in quantized]
         plan.dtypes = {t: dtypes[t] for t in plan.tensors if t in dtypes}
         plan.groups = {t: find(t) for t in plan.tensors}
+        plan.chains = {t: find(t, chain_parent) for t in plan.tensors}
         return plan
 
     # ------------------------------------------------------------------ rewriting
@@ -395,20 +437,17 @@ class QuantizeQDQ(OnnxoptPass):
             return ir.passes.PassResult(model, modified=False)
 
         graph = model.graph
-        plan = self.plan(model)
         names = NameScope(graph)
-        # Ranges per scale group: the union over members.
-        group_range: dict[str, tuple[float, float]] = {}
-        for tensor in plan.tensors:
-            r = plan.fixed.get(tensor) or self.ranges.get(tensor)
-            if r is None:
-                continue
-            g = plan.groups[tensor]
-            lo, hi = group_range.get(g, (r[0], r[1]))
-            group_range[g] = (min(lo, r[0]), max(hi, r[1]))
+        as_conv = [node_label(node) for node in list(graph) if self._batchnorm_as_conv(graph, node, names)]
+        if as_conv:
+            self.details["batchnorm_as_conv"] = as_conv
+            logger.info("quantize: %d BatchNormalizations run as 1x1 depthwise Convs", len(as_conv))
+        plan = self.plan(model)
+        groups = self._scale_groups(plan)
+        group_range = self._group_ranges(plan, groups)
         params: dict[str, tuple[float, int]] = {}
         for tensor in plan.tensors:
-            g = plan.groups[tensor]
+            g = groups[tensor]
             if g in group_range:
                 params[tensor] = _activation_params(*group_range[g], self.activations)
         # Fixed (table) groups keep the table's exact range: the table is quantized with these params.
@@ -497,10 +536,42 @@ class QuantizeQDQ(OnnxoptPass):
         self.summary = (
             f"quantized {count} nodes ({weighted_done} of {weighted_total} Conv/Gemm/MatMul), "
             f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}"
-            f"{', %d biases corrected' % len(self.details['bias_corrected']) if self.details.get('bias_corrected') else ''}); "
+            f"{', %d biases corrected' % len(self.details['bias_corrected']) if self.details.get('bias_corrected') else ''}"
+            f"{', %d BatchNormalizations as depthwise Conv' % len(as_conv) if as_conv else ''}); "
             f"{len(left)} left float"
         )
         return ir.passes.PassResult(model, modified=bool(dq_of or quantized_nodes))
+
+    def _group_ranges(self, plan: QuantPlan, groups: Mapping[str, str]) -> dict[str, tuple[float, float]]:
+        """The range of each scale group: the union of its members' calibrated (or fixed) ranges."""
+        group_range: dict[str, tuple[float, float]] = {}
+        for tensor in plan.tensors:
+            r = plan.fixed.get(tensor) or self.ranges.get(tensor)
+            if r is None:
+                continue
+            g = groups[tensor]
+            lo, hi = group_range.get(g, (r[0], r[1]))
+            group_range[g] = (min(lo, r[0]), max(hi, r[1]))
+        return group_range
+
+    def _scale_groups(self, plan: QuantPlan) -> dict[str, str]:
+        """``plan.groups``, less the non-negative chains (from a folded Relu) of a group that goes below
+        zero: there the zero point would sit above 0, onnxruntime would have to keep the Relu and could
+        not fuse the op before it (DenseNet-121's first Conv, whose pooled output joins a Concat of raw
+        conv outputs). Such a chain keeps its own scale; the QLinearConcat requantizes it."""
+        groups = dict(plan.groups)
+        group_range = self._group_ranges(plan, groups)
+        chain_range = self._group_ranges(plan, plan.chains)
+        for tensor in plan.folded_outputs:
+            chain = plan.chains.get(tensor)
+            g = groups.get(tensor)
+            if chain is None or g not in group_range or chain not in chain_range:
+                continue
+            if group_range[g][0] < 0 <= chain_range[chain][0]:
+                for member, c in plan.chains.items():
+                    if c == chain:
+                        groups[member] = f"chain:{chain}"
+        return groups
 
     def _insert_qdq(self, graph, value, scale, zp, dtype, names, keep_float=frozenset()) -> ir.Value:
         base = value.name
