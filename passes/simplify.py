@@ -9,6 +9,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants_ir
+from onnxscript.rewriter import pattern
 
 from onnxopt.passes._base import OnnxoptPass
 
@@ -50,6 +51,25 @@ class _FoldConstants(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(result.modified))
 
 
+def _sum_of_two(op, a, b):
+    return op.Sum(a, b)
+
+
+def _add(op, a, b):
+    return op.Add(a, b)
+
+
+class _SumToAdd(ir.passes.InPlacePass):
+    """A two-input Sum is an Add (same arithmetic, same broadcasting), and Add is what onnxruntime's
+    fusions and quantized kernels know: ResNet-50's 16 residual Sums (Caffe2 exports) ran as float
+    islands between integer convs, now they are QLinearAdds."""
+
+    _rules = pattern.RewriteRuleSet([pattern.RewriteRule(_sum_of_two, _add)])
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, modified=bool(self._rules.apply_to_model(model)))
+
+
 class _IdentityElimination(common.IdentityEliminationPass):
     """onnx-ir's Identity elimination, less two cases it gets wrong (onnx-ir 1.1).
 
@@ -73,11 +93,12 @@ class _IdentityElimination(common.IdentityEliminationPass):
 class Simplify(OnnxoptPass):
     """Fold constant subgraphs, drop Identity and unused nodes, functions and opsets.
 
-    Rules (all from onnxscript / onnx-ir, none hand-written):
+    Rules (all run by onnxscript / onnx-ir):
     - functions are inlined, so that folding sees through them;
     - nodes whose inputs are all constant are evaluated (QDQ nodes are kept); a large weight is sliced,
       split, transposed or reshaped ahead of time when only such layout ops read it;
     - Identity nodes, nodes no output depends on, unused functions and opset imports are removed;
+    - a two-input Sum becomes an Add (an onnxscript rewrite rule), which fusions and quantization know;
     - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
     """
 
@@ -90,6 +111,7 @@ class Simplify(OnnxoptPass):
             ir.passes.PassManager(
                 [
                     _FoldConstants(),
+                    _SumToAdd(),
                     _IdentityElimination(),
                     common.RemoveUnusedNodesPass(),
                     common.RemoveUnusedFunctionsPass(),

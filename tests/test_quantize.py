@@ -607,5 +607,7 @@ def test_real_architectures_quantize_every_weighted_layer_closely(name):
     assert details["weighted"]["float"] == 0 and details["float_mac_share"] == 0.0
     ops = details["onnxruntime_ops"]  # every weighted layer is an integer kernel in onnxruntime's graph
     assert ops.get("QLinearConv", 0) + ops.get("QGemm", 0) == details["weighted"]["total"], ops
+    if name == "resnet50":  # its residual Sums, as Adds, run on integers too
+        assert ops.get("QLinearAdd") == 16 and "Sum" not in ops, ops
     assert min(o.cosine for o in result.report.validation.outputs) > 0.999
     assert details["file_bytes"]["ratio"] < 0.3  # weights dominate: int8 and no float copy

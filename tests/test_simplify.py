@@ -201,3 +201,13 @@ def test_a_large_weight_also_read_directly_is_not_duplicated():
     )
     simplify(model, random_feeds(model))
     assert op_types(model) == ["MatMul", "Transpose", "MatMul"]
+
+
+def test_a_two_input_sum_becomes_an_add():
+    # ResNet-50 from the onnx package: residual Sums, which no fusion or quantized kernel knows.
+    model = build(f"""{OPSET}
+    g (float[N,4] x, float[N,4] z, float[4] b) => (float[N,4] y, float[N,4] w) {{
+        s = Sum (x, z) \n y = Relu (s) \n w = Sum (x, b, s)
+    }}""")
+    p, modified = simplify(model, random_feeds(model))
+    assert modified and sorted(op_types(model)) == ["Add", "Relu", "Sum"]  # three inputs: left as it is
