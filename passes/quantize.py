@@ -42,7 +42,7 @@ _POOLING = {"AveragePool", "GlobalAveragePool"}
 # onnxruntime drops the Q/DQ pair around them and runs them on integers.
 _PASS_THROUGH = {
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize", "Split",
-    "MaxPool", "GlobalMaxPool", "Identity",
+    "MaxPool", "GlobalMaxPool", "Identity", "Gather",
 }
 # Activations folded into the range of the op before them (Relu: zero point at the bottom of the range).
 _FOLDED = {"Relu", "Clip"}

@@ -204,6 +204,20 @@ def test_shape_ops_pass_the_scale_through():
     assert "MatMul" not in ops and "Conv" not in ops, ops
 
 
+def test_a_gather_of_channels_passes_the_scale_through():
+    # ShuffleNet's channel shuffle, as simplify writes it.
+    text = f"""{OPSET}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{
+        a = Conv <pads=[1,1,1,1]> (x, Wa) \n s = Gather <axis=1> (a, order) \n y = Conv <pads=[1,1,1,1]> (s, Wb)
+    }}"""
+    model = build(text, {"Wa": randn(4, 4, 3, 3), "Wb": randn(4, 4, 3, 3), "order": np.array([0, 2, 1, 3], np.int64)})
+    p = quantize(model)
+    assert p.plan(build(text, {"Wa": randn(4, 4, 3, 3), "Wb": randn(4, 4, 3, 3),
+                               "order": np.array([0, 2, 1, 3], np.int64)})).nodes["Gather(s)"] == "pass-through"
+    ops = optimized_ops(model)
+    assert ops.get("QLinearConv") == 2 and ops.get("Gather") == 1 and ops.get("DequantizeLinear", 0) <= 1, ops
+
+
 def test_shape_readers_read_the_integer_tensor():
     # Exporters compute reshapes from an activation's Shape: it must not keep a DequantizeLinear alive.
     text = f"""{OPSET}
