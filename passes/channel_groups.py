@@ -424,6 +424,9 @@ class _Analyzer:
             raise _Fail(f"Shape '{node.name}' reads the channel count")
         if op == "LRN":
             raise _Fail(f"LRN '{node.name}' mixes neighbouring channels")
+        if op == "Gather" and node.inputs[0] is not None and node.inputs[0] in self.tracks:
+            if node_attr(node, "axis", 0) % t0.rank == t0.axis:
+                raise _Fail(f"Gather '{node.name}' mixes channels (a channel shuffle or selection)")
         raise _Fail(f"{op} '{node.name}' is not understood")
 
     def param(self, node: ir.Node, track: Track, index: int, axis: int | None, rank_aligned: bool) -> None:

@@ -224,15 +224,18 @@ def test_shape_readers_read_the_integer_tensor():
     g (float[N,4,4,4] x) => (float[N,8,4,4] y) {{
         c = Conv (x, W) \n s = Shape (c) \n z = Conv (c, W2) \n y = Reshape (z, s8)
     }}"""
-    model = build(text, {"W": randn(8, 4, 1, 1), "W2": randn(8, 8, 1, 1), "s8": np.array([-1, 8, 4, 4], np.int64)})
+    r = np.random.default_rng(7)  # its own weights: what other tests draw first does not matter
+    weights = {"W": r.standard_normal((8, 4, 1, 1)), "W2": r.standard_normal((8, 8, 1, 1))}
+    model = build(text, {**{k: v.astype(np.float32) for k, v in weights.items()}, "s8": np.array([-1, 8, 4, 4], np.int64)})
     before = snapshot(model)
     quantize(model)
     shape = next(n for n in model.graph if n.op_type == "Shape")
     assert shape.inputs[0].producer().op_type == "QuantizeLinear"
     ops = optimized_ops(model)
     assert ops.get("QLinearConv") == 2 and "DequantizeLinear" in ops and ops["DequantizeLinear"] == 1, ops
-    x = randn(2, 4, 4, 4)
-    np.testing.assert_allclose(run(snapshot(model), {"x": x})[0], run(before, {"x": x})[0], atol=0.5)
+    feed = random_feeds(model, {"N": 2}, seed=11)
+    ref, got = run(before, feed)[0], run(snapshot(model), feed)[0]
+    assert ref.shape == got.shape and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
 
 
 def test_activation_matmul_inside_an_integer_chain_and_softmax_layernorm_stay_float():
