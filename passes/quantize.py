@@ -147,22 +147,27 @@ class QuantizeQDQ(OnnxoptPass):
                 return True
         return False
 
-    def _batchnorm_as_conv(self, graph: ir.Graph, bn: ir.Node, names: NameScope | None = None) -> bool:
+    def _standing_batchnorm(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+        """The per-channel (scale, shift) of a BatchNormalization that ``_batchnorm_as_conv`` replaces:
+        inference mode, float32, 1-3 spatial dims, not excluded, per-channel weights (one int8 weight
+        per channel is then exact; per-tensor, the BN stays float)."""
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or not self.per_channel:
+            return None
+        x = node.inputs[0]
+        if x is None or x.shape is None or not 3 <= len(x.shape) <= 5 or self._excluded(node):
+            return None
+        params = batchnorm_scale_shift(node)
+        if params is None or constant_array(node.inputs[1]).dtype != np.float32:
+            return None
+        return params
+
+    def _batchnorm_as_conv(self, graph: ir.Graph, bn: ir.Node, params, names: NameScope) -> None:
         """Replace a BatchNormalization that fold-bn left standing by the 1x1 depthwise Conv it equals
         (same name, same output), so that it runs as a QLinearConv inside the integer chain instead
         of a float island behind DequantizeLinear/QuantizeLinear and NHWC Transposes (DenseNet-121:
-        62 of them). Only with per-channel weights: one weight per channel is then exact."""
-        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or not self.per_channel:
-            return False
-        x = bn.inputs[0]
-        params = batchnorm_scale_shift(bn) if not self._excluded(bn) else None
-        if params is None or x is None or x.shape is None or not 3 <= len(x.shape) <= 5:
-            return False
-        if constant_array(bn.inputs[1]).dtype != np.float32:
-            return False
-        if names is None:
-            return True
+        62 of them)."""
         scale, shift = params
+        x = bn.inputs[0]
         channels, rank = len(scale), len(x.shape)
         label = node_label(bn)
         weight = _initializer(graph, names, f"{label}_dw_weight", scale.reshape(channels, 1, *[1] * (rank - 2)).astype(np.float32))
@@ -174,15 +179,22 @@ class QuantizeQDQ(OnnxoptPass):
         for value in old:
             if value is not None:
                 drop_if_unused(graph, value)
-        return True
+
+    def _batchnorms_as_convs(self, graph: ir.Graph) -> list[str]:
+        """Every standing BatchNormalization of ``graph`` as a depthwise Conv; their labels."""
+        names, done = NameScope(graph), []
+        for node in list(graph):
+            params = self._standing_batchnorm(node)
+            if params is not None:
+                done.append(node_label(node))
+                self._batchnorm_as_conv(graph, node, params, names)
+        return done
 
     def plan(self, model: ir.Model) -> QuantPlan:
         """Decide placement on the main graph without changing it (ranges are not needed)."""
-        if any(self._batchnorm_as_conv(model.graph, node) for node in model.graph):
+        if any(self._standing_batchnorm(node) is not None for node in model.graph):
             model = model.clone()  # plan the graph that ``call`` will quantize: standing BNs as Convs
-            names = NameScope(model.graph)
-            for node in list(model.graph):
-                self._batchnorm_as_conv(model.graph, node, names)
+            self._batchnorms_as_convs(model.graph)
         graph = model.graph
         plan = QuantPlan()
         quantized: dict[str, None] = {}  # ordered set of tensor names
@@ -437,8 +449,8 @@ class QuantizeQDQ(OnnxoptPass):
             return ir.passes.PassResult(model, modified=False)
 
         graph = model.graph
+        as_conv = self._batchnorms_as_convs(graph)
         names = NameScope(graph)
-        as_conv = [node_label(node) for node in list(graph) if self._batchnorm_as_conv(graph, node, names)]
         if as_conv:
             self.details["batchnorm_as_conv"] = as_conv
             logger.info("quantize: %d BatchNormalizations run as 1x1 depthwise Convs", len(as_conv))
