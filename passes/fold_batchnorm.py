@@ -491,7 +491,7 @@ class FoldBatchNorm(OnnxoptPass):
         if consumer.inputs[0] is not bn.outputs[0]:
             raise _Refusal(f"it feeds the {op} weight, not its input")
         if op == "Conv":
-            if _is_zero_padded(consumer):
+            if _is_zero_padded(consumer) and np.any(affine.shift):  # a pure scale keeps zeros zero
                 raise _Refusal("Conv pads with zeros, which BatchNormalization would have shifted")
             self._fold_before_conv(graph, consumer, affine)
         else:

@@ -650,3 +650,14 @@ def test_elementwise_ops_that_are_not_a_per_channel_map_stay():
     p = FoldBatchNorm()
     assert p(model).modified is False and snapshot(model) == before
     assert p.details["affine_folded"] == 0 and p.details["left"] == {}
+
+
+def test_a_pure_scale_folds_into_a_padded_conv_after_it_but_a_shift_does_not():
+    weights = {"S": randn(4, 1, 1), "T": randn(4, 1, 1), "W": randn(8, 4, 3, 3), "V": randn(8, 4, 3, 3)}
+    model = build(f"""{OPSET}
+    g (float[N,4,6,6] x) => (float[N,8,6,6] y, float[N,8,6,6] z) {{
+        s = Mul (x, S) \n y = Conv <pads=[1, 1, 1, 1]> (s, W)
+        t = Add (x, T) \n z = Conv <pads=[1, 1, 1, 1]> (t, V)
+    }}""", weights)
+    p = fold(model, random_feeds(model), expect_folded=0)
+    assert sorted(op_types(model)) == ["Add", "Conv", "Conv"] and p.details["affine_into"] == {"following Conv": 1}
