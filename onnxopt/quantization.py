@@ -313,6 +313,16 @@ class QuantizationStep:
             if failures:
                 for node, why in list(left.items())[:10]:
                     report.notes.append(f"quantize: {node} stays float: {why}")
+        lat = report.latency
+        if lat is not None and lat.verdict == "slower":
+            # Measured, not assumed: say so where the int8 model loses, and what to try.
+            details["int8_slower"] = round(lat.ratio, 3)
+            macs = f" at {report.before.macs / 1e6:.1f} M MACs per run" if report.before.macs else ""
+            report.notes.append(
+                f"quantize: the int8 model takes {lat.ratio:.2f}x the float model's time on {', '.join(lat.providers)}{macs}: "
+                "onnxruntime's integer kernels, the input QuantizeLinear and its layout Transposes cost more than "
+                "they save here; measure at the batch size and threads you deploy (--batch-size, --threads), or ship float"
+            )
         v = report.validation
         if v is not None:
             ok, figure = self.judge(v)

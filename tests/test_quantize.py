@@ -475,6 +475,22 @@ def test_without_data_the_quantized_model_is_judged_on_calibration_samples_not_r
     assert details["fallback"] == [] and details["integer_nodes"] >= 10
 
 
+def test_an_int8_model_measured_slower_than_float_says_so(digits, monkeypatch):
+    # The pipeline's own side-by-side timing decides; here it is stubbed so the test does not time.
+    import onnxopt.pipeline
+    from onnxopt.report import LatencyComparison
+
+    def slower(*args, **kwargs):
+        return LatencyComparison(median_a_ms=0.047, median_b_ms=0.058, p90_a_ms=0.05, p90_b_ms=0.06, ratio=1.24,
+                                 ratio_low=1.22, ratio_high=1.26, confidence=0.95, repetitions=65,
+                                 providers=["CPUExecutionProvider"], threads=1, verdict="slower")
+
+    monkeypatch.setattr(onnxopt.pipeline, "compare_latency", slower)
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz")
+    assert result.report.passes[-1].details["int8_slower"] == 1.24
+    assert any("int8 model takes 1.24x the float model's time" in n and "--batch-size" in n for n in result.report.notes)
+
+
 def test_no_calibration_is_a_clear_error(digits, capsys):
     refused(capsys, digits, digits / "digits_cnn.onnx", "--quantize", "int8", words=("--calibration",))
 
