@@ -84,7 +84,7 @@ def batches():
 EPILOGUE = """
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-LIGHT = ("resnet50", "squeezenet", "shufflenet", "densenet121", "inception_v2")
+LIGHT = ("resnet50", "squeezenet", "shufflenet", "densenet121", "inception_v1", "inception_v2")
 # The anchor the goals compare against on each figure: the best of them.
 ANCHORS = ("ort-s8s8", "ort-u8s8", "onnxsim")
 
