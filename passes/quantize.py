@@ -527,7 +527,9 @@ class QuantizeQDQ(OnnxoptPass):
             logger.info("quantize: %s (%s) computes on integers", node.name, node.op_type)
         graph.sort()
         weighted_labels = {node_label(n) for n in graph if n.op_type in _WEIGHTED | _RECURRENT}
-        unreachable = out_of_reach(graph)
+        # The plan already named them (``out_of_reach``): no second walk through the subgraphs.
+        unreachable = {what: why for what, why in left.items()
+                       if why.startswith(_SUBGRAPH_REASON) or why == _RECURRENT_REASON}
         for what, reason in left.items():
             # By design (Softmax, a constant operand) is information; a refused Conv/Gemm/MatMul is a skip.
             weighted = what in weighted_labels or what in unreachable
