@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     parser.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                         help="keep the float biases (default: each Conv/Gemm bias absorbs its weight rounding's mean output error)")
+    parser.add_argument("--no-speed-fallback", dest="speed_fallback", action="store_false",
+                        help="keep every layer int8 (default: layers whose int8 kernels run slower here stay float, "
+                             "when the model is then faster side by side; --no-latency skips this too)")
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
     parser.add_argument("--max-drop", type=float, metavar="POINTS", help="quantize: accuracy points the --eval labels may lose (default 1.0); layers fall back to float until met")
     parser.add_argument("--min-cosine", type=float, metavar="C", help="quantize: least output cosine to float without labels (default 0.99); layers fall back to float until met")
@@ -150,8 +153,10 @@ def _quantize_passes(args) -> list:
     if args.quantize and "quantize" not in names:
         names = ["simplify", "fold-bn", "share-init", "quantize"] if args.passes == ",".join(DEFAULT_PASSES) else [*names, "quantize"]
     exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
-    if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None or not args.bias_correction):
-        raise OptionError("--exclude, --max-drop, --min-cosine and --no-bias-correction apply to --quantize int8")
+    if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None
+                                    or not args.bias_correction or not args.speed_fallback):
+        raise OptionError("--exclude, --max-drop, --min-cosine, --no-bias-correction and --no-speed-fallback "
+                          "apply to --quantize int8")
     return [
         QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
                     bias_correction=args.bias_correction) if n == "quantize" else n
@@ -184,6 +189,7 @@ def _run(args) -> int:
         progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
         round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
         calibrate=args.calibrate, percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine,
+        speed_fallback=None if args.speed_fallback else False,
     )
     report = result.report
     if result.ok:

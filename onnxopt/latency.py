@@ -208,7 +208,7 @@ class _GcPaused:
             gc.enable()
 
 
-def _warm_up(runs: Sequence[Callable[[], object]], seconds: float) -> int:
+def warm_up(runs: Sequence[Callable[[], object]], seconds: float) -> int:
     """Run each callable in turn for ``seconds`` (at least 3 times each); return the inner count ``k``."""
     times: list[list[float]] = [[] for _ in runs]
     end = time.perf_counter() + seconds
@@ -247,7 +247,7 @@ def measure_pair(
     start = time.perf_counter()
     times = PairedTimes()
     with _GcPaused():
-        times.inner = k = _warm_up((run_a, run_b), min(warmup_seconds, budget_seconds / 10))
+        times.inner = k = warm_up((run_a, run_b), min(warmup_seconds, budget_seconds / 10))
         timing_start = time.perf_counter()
         next_check = min_pairs
         block_seconds = 0.0
@@ -303,7 +303,7 @@ def measure_single(
     start = time.perf_counter()
     times = SingleTimes()
     with _GcPaused():
-        times.inner = k = _warm_up((run,), min(warmup_seconds, budget_seconds / 10))
+        times.inner = k = warm_up((run,), min(warmup_seconds, budget_seconds / 10))
         timing_start = time.perf_counter()
         block_seconds = 0.0
         while True:
@@ -413,13 +413,18 @@ def timing_settings(
     return TimingSettings(tuple(resolve_providers(providers)), threads, inter_threads, optimization, bool(spinning))
 
 
-def timing_session(snapshot: ModelSnapshot, settings: TimingSettings, label: str) -> ort.InferenceSession:
-    """A session for timing; worker threads do not spin-wait unless ``settings.spinning``."""
+def timing_session(snapshot: ModelSnapshot, settings: TimingSettings, label: str,
+                   profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A session for timing; worker threads do not spin-wait unless ``settings.spinning``.
+    With ``profile_prefix``, onnxruntime's profiler writes its trace there (see ``onnxopt.profiling``)."""
     options = session_options(
         optimization=settings.optimization,
         intra_op_threads=settings.threads,
         inter_op_threads=settings.inter_threads,
     )
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if not settings.spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")

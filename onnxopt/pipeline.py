@@ -112,6 +112,7 @@ def optimize(
     percentile: float = 99.99,
     max_drop: float | None = None,
     min_cosine: float | None = None,
+    speed_fallback: bool | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -123,7 +124,9 @@ def optimize(
 
     A ``quantize`` pass without ranges is calibrated on ``calibration`` (``calibrate`` names the
     method) and judged as a lossy pass: ``max_drop`` accuracy points with labels, else ``min_cosine``
-    per output; see ``onnxopt.quantization``.
+    per output; then, with ``speed_fallback`` (None: when ``latency`` is measured), layers whose int8
+    kernels run slower than float (at the ``threads`` and the batch that latency is measured at) stay
+    float when that makes the model faster; see ``onnxopt.quantization``.
     """
     pass_objects = resolve_passes(passes)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
@@ -138,7 +141,8 @@ def optimize(
         working, upgraded = QuantizationStep.upgrade_opset(working, label)
         quantization = QuantizationStep(
             working, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
-            min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers,
+            min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers, threads=threads,
+            speed_fallback=latency if speed_fallback is None else speed_fallback,
         )
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
@@ -163,7 +167,9 @@ def optimize(
                                                  providers, nonzero=p.importance == "apoz")
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
-            result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress)
+            result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
+                                      timing_feed=dataset.batches[0] if validate or latency else None)
+            p = quantization.pass_  # the recipe it settled on: falling back builds a new pass object
         else:
             result = p(working)
         seconds = time.perf_counter() - start

@@ -9,6 +9,15 @@ accuracy budget is given, keeps the most harmful layers in float until the budge
 
 Harm is measured per quantized node as the signal-to-quantization-noise ratio (SQNR) it loses:
 the SQNR of its output against the float model, subtracted from the lowest SQNR of its inputs.
+
+Then, unless ``speed_fallback`` is off, the step chooses by measurement where integer kernels pay:
+onnxruntime's profiler times every layer's kernels in the float and the int8 model on one batch
+(``onnxopt.profiling``; an int8 layer's cost includes quantizing its input), the layers whose int8
+kernels run slower are kept float, and the mixed model is kept only if it runs faster than the
+all-int8 one side by side (``onnxopt.latency``) and still meets the accuracy budget. On two shared
+cores, the first conv of a three-channel image (im2col depth 27) and depthwise convs of 16 channels
+ran 2-3x slower as QLinearConv than as float NCHWc convs at batch 32, while every pointwise conv ran
+2-3x faster.
 """
 
 from __future__ import annotations
@@ -18,20 +27,23 @@ __all__ = ["QuantizationStep", "DEFAULT_MAX_DROP", "DEFAULT_MIN_COSINE", "intege
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError
+from onnxopt.latency import compare_latency, timing_settings
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
+from onnxopt.profiling import kernel_times, layer_times
 from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
+from onnxopt.stats import node_macs
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +53,12 @@ MAX_FALLBACK_ROUNDS = 8
 SQNR_BATCHES = 4
 # A quantized model whose Conv/Gemm/MatMul MACs stay float beyond this share is a failure.
 MAX_FLOAT_SHARE = 0.5
-_LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Speed fallback: an int8 layer counts as slower when its kernels take 10% and 1 µs (the profiler's
+# resolution) longer than float; the mixed model must then be 2% faster than the all-int8 one.
+SPEED_MARGIN = 0.10
+SPEED_MIN_MICROS = 1.0
+SPEED_MIN_GAIN = 0.02
+SPEED_BUDGET_SECONDS = 3.0
 _INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
 
 
@@ -66,6 +83,8 @@ class QuantizationStep:
         batch_size: int | None = None,
         dims: dict[str, int] | None = None,
         providers: str | Sequence[str] = "cpu",
+        threads: int | None = None,
+        speed_fallback: bool = True,
     ) -> None:
         if calibration is None:
             raise OptionError(
@@ -88,6 +107,7 @@ class QuantizationStep:
         self.method, self.percentile = method, percentile
         self.max_drop, self.min_cosine = max_drop, min_cosine
         self.providers = providers
+        self.threads, self.speed_fallback = threads, speed_fallback
         self.synthetic = isinstance(calibration, str) and calibration == "synthetic"
         if self.synthetic:
             self.calibration = synthetic_data(model, dims=dims)
@@ -121,14 +141,25 @@ class QuantizationStep:
         evaluation: Dataset | None,
         original: ModelSnapshot | None,
         progress: Callable[[str, int, int], None] | None = None,
+        timing_feed: Mapping[str, np.ndarray] | None = None,
     ) -> ir.passes.PassResult:
+        """Calibrate, quantize, fall back for accuracy (with ``evaluation`` and ``original``), then for
+        speed on ``timing_feed`` (else the first calibration batch)."""
         plan = p.plan(model)
         start = time.perf_counter()
         means = {}
         if p.bias_correction and p.input_means is None:
             means = {t: ChannelMeanObserver(axis) for t, axis in p.correctable_inputs(model).items()}
+        first: list[dict[str, np.ndarray]] = []
+
+        def remembering(batches):  # the first batch is kept for the speed fallback's timing
+            for feed in batches:
+                if not first:
+                    first.append(dict(feed))
+                yield feed
+
         ranges = calibrate(
-            model, plan.tensors, self.calibration, method=self.method, percentile=self.percentile,
+            model, plan.tensors, remembering(self.calibration), method=self.method, percentile=self.percentile,
             activations=p.activations, providers=self.providers, total=len(self.calibration) or None,
             progress=(lambda i, n: progress("calibrate", i, n)) if progress else None, channel_means=means,
         )
@@ -161,16 +192,19 @@ class QuantizationStep:
                     fallback.append({"node": node, "round": round_, "reason": f"loses {h:.1f} dB SQNR ({figure})"})
                     logger.info("quantize: keeping %s in float: loses %.1f dB SQNR", node, h)
                 model = float_model.clone()
-                p = QuantizeQDQ(ranges, activations=p.activations, per_channel=p.per_channel,
-                                exclude=[*p.exclude, *(node for _, node in take)],
-                                quantize_outputs=p.quantize_outputs, bias_correction=p.bias_correction,
-                                input_means=p.input_means)
+                p = p.excluding({item["node"]: f"kept float: {item['reason']}" for item in fallback[-len(take):]})
                 result = p(model)
             else:
                 met, figure = self._meets_budget(original, model, evaluation)
             self.details["budget"] = {"met": met, "figure": figure}
             if not met:
                 self.verdict_failed = f"accuracy budget not met after keeping {len(fallback)} layers in float: {figure}"
+        feed = timing_feed if timing_feed is not None else (first[0] if first else None)
+        if self.speed_fallback and feed is not None and result.modified:
+            model, p, result = self._speed_fallback(
+                float_model, model, p, result, feed,
+                evaluation if budgeted and self.details["budget"]["met"] else None, original, progress,
+            )
         self.details["fallback"] = fallback
         self.details["user_exclude"] = user_exclude
         if evaluation is not None:
@@ -178,6 +212,89 @@ class QuantizationStep:
         self.pass_ = p
         self.float_model = float_model
         return ir.passes.PassResult(model, modified=result.modified)
+
+    def _speed_fallback(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, result: ir.passes.PassResult,
+                        feed: Mapping[str, np.ndarray], evaluation: Dataset | None, original: ModelSnapshot | None,
+                        progress: Callable[[str, int, int], None] | None) -> tuple[ir.Model, QuantizeQDQ, ir.passes.PassResult]:
+        """Keep float the layers whose int8 kernels run slower than their float ones on ``feed``, as many
+        as make the model faster side by side (and, with ``evaluation``, keep the accuracy budget);
+        returns the model, pass and result to go on with.
+
+        The slower layers are tried worst first, in growing sets (1, 2, 4 … of them), each set timed
+        against the best model so far; two sets in a row that are not faster end the search (a float
+        layer among integer ones costs a QuantizeLinear, a DequantizeLinear and layout Transposes,
+        which only the whole-model timing sees)."""
+        start = time.perf_counter()
+        settings = timing_settings(self.providers, 1 if self.threads is None else self.threads)
+        quantized = list(p.details.get("quantized_nodes", []))
+        if progress:
+            progress("speed", 0, 1)
+        snapshots = [ModelSnapshot(float_model), ModelSnapshot(model)]
+        try:
+            k_float, k_int8 = kernel_times(snapshots, feed, settings)
+            t_float = layer_times(float_model, k_float, quantized)
+            t_int8 = layer_times(model, k_int8, quantized)
+            chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
+            info: dict[str, Any] = {
+                "providers": list(settings.providers), "threads": settings.threads, "batch": _batch_len(feed),
+                "timed": [n for n in quantized if n in t_float and n in t_int8],
+                "slower_in_int8": {n: [t_int8[n], t_float[n]] for n in chosen}, "kept_float": [], "tried": [],
+            }
+            self.details["speed"] = info
+            sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})
+            best, ratio, misses = snapshots[1], 1.0, 0
+            for step, size in enumerate(sizes, 1):
+                if progress:
+                    progress("speed", step, len(sizes) + 1)
+                attempt = chosen[:size]
+                variant = float_model.clone()
+                q = p.excluding({n: f"kept float for speed: int8 kernels {t_int8[n]:.0f} us, float {t_float[n]:.0f} us"
+                                 for n in attempt})
+                r = q(variant)
+                candidate = ModelSnapshot(variant)
+                snapshots.append(candidate)
+                figures = compare_latency(best, candidate, feed, providers=self.providers, threads=settings.threads,
+                                          budget_seconds=SPEED_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
+                tried = {"float": attempt, "ratio": round(figures.ratio, 3), "verdict": figures.verdict}
+                info["tried"].append(tried)
+                faster = figures.verdict == "faster"
+                if faster and evaluation is not None and original is not None:
+                    faster = self._meets_budget(original, variant, evaluation)[0]
+                    tried["verdict"] = "faster" if faster else "faster, but misses the accuracy budget"
+                if not faster:
+                    misses += 1
+                    if misses == 2:
+                        break
+                    continue
+                misses = 0
+                best, ratio = candidate, ratio * figures.ratio
+                model, p, result = variant, q, r
+                info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
+        finally:
+            for snapshot in snapshots:
+                snapshot.close()
+            if "speed" in self.details:
+                self.details["speed"]["seconds"] = round(time.perf_counter() - start, 2)
+        for node in self.details["speed"]["kept_float"]:
+            logger.info("quantize: keeping %s in float: its int8 kernels take %.0f us, float %.0f us",
+                        node, t_int8[node], t_float[node])
+        return model, p, result
+
+    @staticmethod
+    def _slower_layers(float_model: ir.Model, quantized: list[str], t_int8: dict[str, float],
+                       t_float: dict[str, float]) -> list[str]:
+        """Layers whose int8 kernels take longer than float, worst first, never so many that the float
+        share of MACs would fail the run."""
+        slower = sorted((n for n in quantized if n in t_float and n in t_int8
+                         and t_int8[n] > t_float[n] * (1 + SPEED_MARGIN) + SPEED_MIN_MICROS),
+                        key=lambda n: t_float[n] - t_int8[n])
+        macs = node_macs(float_model, key=node_label)
+        chosen: list[str] = []
+        for node in slower:
+            share = float_mac_share(float_model, set(quantized) - {*chosen, node}, macs)
+            if share is None or share <= MAX_FLOAT_SHARE:
+                chosen.append(node)
+        return chosen
 
     def _limits(self, labels: bool) -> tuple[float | None, float | None]:
         if labels:
@@ -289,8 +406,7 @@ class QuantizationStep:
         if worst:
             report.notes.append("quantize: lowest SQNR " + ", ".join(f"{t} {db:.1f} dB" for t, db in worst)
                                 + " (every tensor in the JSON report)")
-        for item in self.details.get("fallback", []):
-            report.notes.append(f"quantize: kept {item['node']} in float: {item['reason']}")
+        report.notes.extend(_speed_notes(self.details.get("speed")))
         failures = []
         if p is not None:
             quantized = p.details.get("quantized_nodes", [])
@@ -344,44 +460,16 @@ class QuantizationStep:
         self.failed = bool(failures)
 
 
-def float_mac_share(model: ir.Model, quantized: set[str]) -> float | None:
+def float_mac_share(model: ir.Model, quantized: set[str], macs: dict[str, int | None] | None = None) -> float | None:
     """Share of the Conv/ConvTranspose/Gemm/MatMul MACs of ``model`` (the float model) whose node is not
-    in ``quantized``; dynamic dims count 1. None when shapes are unknown."""
-    clone = model.clone()
-    for value in clone.graph.inputs:
-        if value.shape is not None:
-            value.shape = ir.Shape([d if isinstance(d, int) and d > 0 else 1 for d in value.shape])
-    for node in clone.graph:
-        for out in node.outputs:
-            out.shape = None
-    try:
-        ShapeInferencePass(strict_mode=False)(clone)
-    except Exception as exc:  # best effort
-        logger.debug("shape inference failed: %s", exc)
+    in ``quantized``; dynamic dims count 1. None when shapes are unknown. ``macs``: ``node_macs`` of
+    ``model`` by node label, when already counted."""
+    macs = node_macs(model, key=node_label) if macs is None else macs
+    if any(m is None for m in macs.values()):
         return None
-    total = left = 0
-    for node in clone.graph:
-        if node.op_type not in _LINEAR_OPS:
-            continue
-        macs = _macs(node)
-        if macs is None:
-            return None
-        total += macs
-        left += 0 if node_label(node) in quantized else macs
+    total = sum(macs.values())
+    left = sum(m for node, m in macs.items() if node not in quantized)
     return left / total if total else None
-
-
-def _macs(node: ir.Node) -> int | None:
-    shapes = [v.shape if v is not None else None for v in (*node.inputs[:2], node.outputs[0])]
-    if any(s is None or not all(isinstance(d, int) for d in s) for s in shapes):
-        return None
-    x, w, y = (tuple(s) for s in shapes)
-    if node.op_type == "Conv":
-        return math.prod(y) * math.prod(w[1:])
-    if node.op_type == "ConvTranspose":
-        return math.prod(x) * w[1] * math.prod(w[2:])
-    trans_a = node.attributes["transA"].value if "transA" in node.attributes else 0
-    return math.prod(y) * (x[0] if node.op_type == "Gemm" and trans_a else x[-1])
 
 
 def optimized_ops_of(snapshot: ModelSnapshot, providers) -> dict[str, int]:
@@ -389,3 +477,23 @@ def optimized_ops_of(snapshot: ModelSnapshot, providers) -> dict[str, int]:
     if snapshot.data is not None:
         return optimized_ops(ir.from_proto(onnx.load_from_string(snapshot.data)), providers=providers)
     return optimized_ops(ir.load(snapshot.path), providers=providers)
+
+
+def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
+    """What the speed fallback found and kept, for the report."""
+    if not speed or not speed["slower_in_int8"]:
+        return []
+    slow = speed["slower_in_int8"]  # the slower layers the float share allows
+    where = f"{', '.join(speed['providers'])}, batch {speed['batch']}, {speed['threads']} thread(s)"
+    kept = speed["kept_float"]
+    if not kept:
+        tried = ", ".join(f"{t['ratio']:.2f}x" for t in speed["tried"]) or "not tried: the float share would fail the run"
+        return [f"quantize: {len(slow)} layers run slower in int8 than in float ({where}), but the model was not "
+                f"faster with them float ({tried} of the all-int8 time); all stay int8"]
+    return [f"quantize: kept {len(kept)} layers float whose int8 kernels ran slower ({where}): the mixed model "
+            f"runs {speed['ratio']:.2f}x the all-int8 one's time (each layer in the JSON report)"]
+
+
+def _batch_len(feed: Mapping[str, np.ndarray]) -> int | None:
+    shapes = [np.shape(a) for a in feed.values()]
+    return int(shapes[0][0]) if shapes and shapes[0] else None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["model_stats", "count_macs"]
+__all__ = ["model_stats", "count_macs", "node_macs"]
 
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
@@ -74,6 +74,29 @@ def count_macs(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> int
     (``dims`` by name, else 1); the caller's model is not touched. ``None`` when shapes are unknown
     for a node that counts.
     """
+    total = 0
+    unknown = 0
+    for node in ir.traversal.RecursiveGraphIterator(_with_fixed_shapes(model, dims).graph):
+        macs = _node_macs(node)
+        if macs is None:
+            unknown += 1
+        else:
+            total += macs
+    if unknown:
+        logger.debug("MACs unknown for %d nodes", unknown)
+    return int(total)
+
+
+def node_macs(
+    model: ir.Model, *, dims: Mapping[str, int] | None = None, key: Callable[[ir.Node], str] = lambda node: node.name
+) -> dict[str, int | None]:
+    """MACs of each main-graph node that counts (see ``count_macs``), by ``key(node)``; None where
+    its shapes are unknown."""
+    return {key(node): _node_macs(node) for node in _with_fixed_shapes(model, dims).graph if _counts(node)}
+
+
+def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None) -> ir.Model:
+    """A structural copy with dynamic input dims fixed (``dims`` by name, else 1) and shapes inferred."""
     dims = dict(dims or {})
     clone = model.clone()
     for value in clone.graph.inputs:
@@ -88,17 +111,11 @@ def count_macs(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> int
         ShapeInferencePass(strict_mode=False)(clone)
     except Exception as exc:  # shape inference is best effort
         logger.debug("shape inference failed: %s", exc)
-    total = 0
-    unknown = 0
-    for node in ir.traversal.RecursiveGraphIterator(clone.graph):
-        macs = _node_macs(node)
-        if macs is None:
-            unknown += 1
-        else:
-            total += macs
-    if unknown:
-        logger.debug("MACs unknown for %d nodes", unknown)
-    return int(total)
+    return clone
+
+
+def _counts(node: ir.Node) -> bool:
+    return node.op_type in _CONV_OPS or node.op_type in _MATMUL_OPS or node.op_type in ("ConvTranspose", "Gemm")
 
 
 def _node_macs(node: ir.Node) -> int | None:

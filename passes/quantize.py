@@ -127,6 +127,7 @@ class QuantizeQDQ(OnnxoptPass):
         quantize_outputs: bool = False,
         bias_correction: bool = True,
         input_means: Mapping[str, np.ndarray] | None = None,
+        reasons: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if activations not in ("uint8", "int8"):
@@ -138,6 +139,15 @@ class QuantizeQDQ(OnnxoptPass):
         self.quantize_outputs = quantize_outputs
         self.bias_correction = bias_correction
         self.input_means = None if input_means is None else {k: np.asarray(v, np.float64) for k, v in input_means.items()}
+        self.reasons = dict(reasons or {})  # why an excluded node is, by its name: the report says it
+
+    def excluding(self, reasons: Mapping[str, str]) -> QuantizeQDQ:
+        """The same recipe (ranges, options, measured input means) with more nodes kept float: ``reasons``
+        maps each node name to why."""
+        return QuantizeQDQ(self.ranges, activations=self.activations, per_channel=self.per_channel,
+                           exclude=[*self.exclude, *reasons], quantize_outputs=self.quantize_outputs,
+                           bias_correction=self.bias_correction, input_means=self.input_means,
+                           reasons={**self.reasons, **reasons})
 
     # ------------------------------------------------------------------ planning
     def _excluded(self, node: ir.Node) -> bool:
@@ -248,7 +258,7 @@ class QuantizeQDQ(OnnxoptPass):
             if node.domain not in ("", "ai.onnx"):
                 continue
             if self._excluded(node) and op in QUANTIZED_OPS:
-                plan.left[name_of(node)] = "excluded"
+                plan.left[name_of(node)] = self.reasons.get(node.name, "excluded")
                 continue
             if op in ("Conv", "ConvTranspose"):
                 if not is_activation(node.inputs[0]):
@@ -494,7 +504,7 @@ class QuantizeQDQ(OnnxoptPass):
         # that op's float result does not exist, and reading it would undo the integer kernel.
         kept = [node for node in graph
                 if node_label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}]
-        excluded = frozenset(id(node) for node in kept if left[node_label(node)] == "excluded")
+        excluded = frozenset(id(node) for node in kept if self._excluded(node))
         by_design = frozenset(id(node) for node in kept) - excluded
         integer_outputs = {plan.outputs[label] for _, label, _ in quantized_nodes if label in plan.outputs}
         dq_of: dict[str, ir.Value] = {}

@@ -1,0 +1,194 @@
+"""Choosing by measurement where int8 pays: per-layer kernel times (``onnxopt.profiling``) and the
+quantization step's speed fallback (``onnxopt.quantization``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import onnxopt
+import onnxopt.quantization
+from graphs import build, random_feeds
+from onnxopt.calibrate import calibrate
+from onnxopt.cli import main
+from onnxopt.latency import timing_settings
+from onnxopt.observe import optimized_ops
+from onnxopt.passes import QuantizeQDQ
+from onnxopt.profiling import kernel_times, layer_times
+from onnxopt.report import LatencyComparison
+from onnxopt.runtime import ModelSnapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits"
+DIGITS_CONVS = 6  # and one Gemm
+
+CNN = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,16,16] x) => (float[N,10] y) {
+    c1 = Conv <pads=[1,1,1,1]> (x, W1, B1)
+    r1 = Relu(c1)
+    c2 = Conv <pads=[1,1,1,1]> (r1, W2, B2)
+    r2 = Relu(c2)
+    c3 = Conv (r2, W3, B3)
+    a = Add(c3, r2)
+    p = GlobalAveragePool(a)
+    f = Flatten(p)
+    y = Gemm <transB=1> (f, FW, FB)
+}"""
+
+
+def cnn() -> ir.Model:
+    """Every node named after its output, as exporters name them (onnxruntime reports node names)."""
+    r = np.random.default_rng(0)
+    shapes = {"W1": (16, 3, 3, 3), "B1": (16,), "W2": (16, 16, 3, 3), "B2": (16,), "W3": (16, 16, 1, 1), "B3": (16,),
+              "FW": (10, 16), "FB": (10,)}
+    model = build(CNN, {k: r.standard_normal(v).astype(np.float32) for k, v in shapes.items()})
+    for node in model.graph:
+        node.name = f"{node.outputs[0].name}_node"
+    return model
+
+
+def quantized(model: ir.Model) -> tuple[ir.Model, QuantizeQDQ]:
+    copy = model.clone()
+    p = QuantizeQDQ()
+    p.ranges = calibrate(copy, p.plan(copy).tensors, [random_feeds(copy, {"N": 4}, seed=i) for i in range(4)])
+    p(copy)
+    return copy, p
+
+
+def test_layer_times_follow_onnxruntime_names_back_to_the_layers():
+    model, p = quantized(cnn())
+    layers = p.details["quantized_nodes"]
+    assert {"c1_node", "c2_node", "c3_node", "y_node"} <= set(layers)
+    input_q = next(n.name for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x")
+    times = {
+        "c1_node_token_3": 10.0,  # a QLinearConv after the NHWC conversion
+        "c2_node": 7.0,  # fused, its name kept
+        input_q: 4.0,  # quantizing the input is the first conv's cost
+        "Transpose_token_9": 100.0,  # onnxruntime's own node: nobody's
+    }
+    assert layer_times(model, times, layers) == {"c1_node": 14.0, "c2_node": 7.0}
+    # A float NCHWc conv is named after the tensor its fused activations write.
+    float_model = cnn()
+    assert layer_times(float_model, {"r2_nchwc": 5.0, "c3_nchwc": 2.0}, ["c2_node", "c3_node"]) == {"c2_node": 5.0,
+                                                                                                     "c3_node": 2.0}
+
+
+def test_every_layer_is_timed_in_onnxruntimes_float_and_int8_graphs():
+    # onnxruntime's real names: NCHWc convs with fused Relu and Add, QLinearConv, QGemm.
+    float_model = cnn()
+    model, p = quantized(float_model)
+    layers = p.details["quantized_nodes"]
+    snapshots = [ModelSnapshot(float_model), ModelSnapshot(model)]
+    try:
+        k_float, k_int8 = kernel_times(snapshots, {"x": np.ones((4, 3, 16, 16), np.float32)}, timing_settings("cpu", 1),
+                                       seconds=0.2)
+    finally:
+        for s in snapshots:
+            s.close()
+    weighted = ["c1_node", "c2_node", "c3_node", "y_node"]
+    for times, graph in ((k_float, float_model), (k_int8, model)):
+        charged = layer_times(graph, times, layers)
+        assert set(weighted) <= set(charged), (sorted(times), charged)
+        assert all(charged[n] > 0 for n in weighted)
+
+
+@pytest.fixture
+def digits(tmp_path) -> Path:
+    for name in ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    return tmp_path
+
+
+def comparison(ratio: float, verdict: str) -> LatencyComparison:
+    return LatencyComparison(median_a_ms=1.0, median_b_ms=ratio, p90_a_ms=1.1, p90_b_ms=ratio * 1.1, ratio=ratio,
+                             ratio_low=ratio * 0.98, ratio_high=ratio * 1.02, confidence=0.95, repetitions=40,
+                             providers=["CPUExecutionProvider"], threads=1, verdict=verdict)
+
+
+def stub_timing(monkeypatch, slow: set[str] | None, verdict: str = "faster", ratio: float = 0.8) -> list:
+    """Kernel times where the ``slow`` layers (None: all) take 5x float in int8, the rest half; each
+    whole-model comparison answers ``verdict``. Returns the list of the sets compared."""
+    compared = []
+
+    def fake_kernel_times(snapshots, feed, settings, **kwargs):
+        graph = ir.from_proto(onnxopt.io.onnx.load_from_string(snapshots[1].data))
+        names = [n.name for n in graph.graph if n.op_type in ("Conv", "Gemm", "GlobalAveragePool")]
+        return [{n: 10.0 for n in names}, {n: 50.0 if slow is None or n in slow else 5.0 for n in names}]
+
+    def fake_compare(a, b, feed, **kwargs):
+        graph = ir.from_proto(onnxopt.io.onnx.load_from_string(b.data))
+        compared.append({n.name for n in graph.graph if n.op_type == "Conv"
+                         and (n.inputs[1].producer() is None or n.inputs[1].producer().op_type != "DequantizeLinear")})
+        return comparison(ratio, verdict)
+
+    monkeypatch.setattr(onnxopt.quantization, "kernel_times", fake_kernel_times)
+    monkeypatch.setattr(onnxopt.quantization, "compare_latency", fake_compare)
+    return compared
+
+
+def test_a_layer_slower_in_int8_stays_float_when_the_model_is_then_faster(digits, monkeypatch):
+    first = "/features/features.0/features.0.0/Conv"
+    compared = stub_timing(monkeypatch, {first})
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    details = result.report.passes[-1].details
+    assert details["speed"]["kept_float"] == [first] and details["speed"]["ratio"] == 0.8
+    assert compared == [{first}]  # the float Conv is the one left in the model timed
+    assert details["left"][first] == "kept float for speed: int8 kernels 50 us, float 10 us"
+    assert "4 of 7 Conv/Gemm/MatMul" not in result.report.passes[-1].summary
+    assert any("kept 1 layers float whose int8 kernels ran slower" in n and "0.80x" in n for n in result.report.notes)
+    ops = optimized_ops(result.model)
+    assert ops.get("QLinearConv", 0) == DIGITS_CONVS - 1 and ops.get("Conv", 0) + ops.get("FusedConv", 0) >= 1
+    assert result.ok
+
+
+def test_when_keeping_them_float_is_not_faster_every_layer_stays_int8(digits, monkeypatch):
+    compared = stub_timing(monkeypatch, {"/features/features.0/features.0.0/Conv", "/head/head.2/Gemm"},
+                           verdict="no difference", ratio=1.01)
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    details = result.report.passes[-1].details
+    assert details["speed"]["kept_float"] == [] and len(compared) == 2  # both sets, then two misses end it
+    assert not details["left"] and optimized_ops(result.model).get("QLinearConv", 0) == DIGITS_CONVS
+    assert any("not faster with them float" in n for n in result.report.notes)
+
+
+def test_the_speed_fallback_never_leaves_so_much_float_that_the_run_fails(digits, monkeypatch):
+    stub_timing(monkeypatch, None)  # every layer slower in int8
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    details = result.report.passes[-1].details
+    assert details["speed"]["kept_float"] and details["float_mac_share"] <= onnxopt.quantization.MAX_FLOAT_SHARE
+    assert len(details["speed"]["slower_in_int8"]) < DIGITS_CONVS + 2
+    assert result.ok
+
+
+def test_no_latency_means_no_speed_fallback_and_the_flag_needs_quantize(digits, capsys, monkeypatch):
+    calls = stub_timing(monkeypatch, None)
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False)
+    assert "speed" not in result.report.passes[-1].details and not calls
+    code = main([str(digits / "digits_cnn.onnx"), "--no-speed-fallback"])
+    assert code == 2 and "--no-speed-fallback" in capsys.readouterr().err
+
+
+def test_mobilenet_measured_for_real_every_layer_timed_and_only_a_faster_model_kept():
+    # No stubs: the zoo's depthwise CNN at batch 32. Which layers stay float depends on the CPU; that
+    # every quantized layer is timed in both graphs, and that a change is kept only when faster, does not.
+    zoo = ROOT / "models" / "zoo" / "mobilenet_dw.onnx"
+    rng = np.random.default_rng(0)
+    calibration = [{"input": rng.random((32, 3, 32, 32), dtype=np.float32)} for _ in range(4)]
+    result = onnxopt.optimize(zoo, "simplify,fold-bn,quantize", calibration=calibration, data=calibration[:1],
+                              validate=True, latency=True, latency_budget=1.0)
+    details = result.report.passes[-1].details
+    speed = details["speed"]
+    weighted = {n.name for n in onnxopt.io.load_model(zoo).graph if n.op_type in ("Conv", "Gemm")}
+    assert len(weighted) == 9 and weighted <= set(speed["timed"]) and speed["batch"] == 32
+    if speed["kept_float"]:
+        assert speed["ratio"] < 1 and all(details["left"][n].startswith("kept float for speed") for n in speed["kept_float"])
+    assert all(t["verdict"] in ("faster", "no difference", "slower") for t in speed["tried"])
+    assert result.ok
