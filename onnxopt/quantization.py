@@ -289,10 +289,13 @@ class QuantizationStep:
                          and t_int8[n] > t_float[n] * (1 + SPEED_MARGIN) + SPEED_MIN_MICROS),
                         key=lambda n: t_float[n] - t_int8[n])
         macs = node_macs(float_model, key=node_label)
+        weighted = set(macs)
         chosen: list[str] = []
         for node in slower:
             share = float_mac_share(float_model, set(quantized) - {*chosen, node}, macs)
-            if share is None or share <= MAX_FLOAT_SHARE:
+            if share is None:  # shapes unknown: count the layers instead, as ``finish`` does
+                share = len(weighted - set(quantized) | weighted & {*chosen, node}) / max(len(weighted), 1)
+            if share <= MAX_FLOAT_SHARE:
                 chosen.append(node)
         return chosen
 

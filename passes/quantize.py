@@ -541,10 +541,11 @@ class QuantizeQDQ(OnnxoptPass):
         unreachable = {what: why for what, why in left.items()
                        if why.startswith(_SUBGRAPH_REASON) or why == _RECURRENT_REASON}
         for what, reason in left.items():
-            # By design (Softmax, a constant operand) is information; a refused Conv/Gemm/MatMul is a skip.
+            # By design (Softmax, a constant operand) or by request (excluded) is information; a
+            # refused Conv/Gemm/MatMul is a skip.
             weighted = what in weighted_labels or what in unreachable
-            by_design = reason.startswith(_BY_DESIGN)
-            (logger.warning if weighted and not by_design else logger.info)("quantize: %s stays float: %s", what, reason)
+            chosen = reason.startswith(_BY_DESIGN) or reason == "excluded" or what in self.reasons
+            (logger.warning if weighted and not chosen else logger.info)("quantize: %s stays float: %s", what, reason)
         self.details["left"] = left
         self.details["folded"] = dict(plan.folded)
         self.details["activations"] = self.activations

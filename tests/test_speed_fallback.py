@@ -192,3 +192,14 @@ def test_mobilenet_measured_for_real_every_layer_timed_and_only_a_faster_model_k
         assert speed["ratio"] < 1 and all(details["left"][n].startswith("kept float for speed") for n in speed["kept_float"])
     assert all(t["verdict"] in ("faster", "no difference", "slower") for t in speed["tried"])
     assert result.ok
+
+
+def test_where_shapes_are_unknown_the_cap_counts_layers():
+    # The zoo transformer's MACs are unknown (Reshape to computed shapes): at most half its 17 layers go float.
+    model = onnxopt.optimize(ROOT / "models" / "zoo" / "transformer_encoder.onnx", "simplify", validate=False,
+                             latency=False).model
+    layers = [n.name for n in model.graph if n.op_type in ("MatMul", "Gemm")]
+    assert len(layers) == 17 and onnxopt.quantization.float_mac_share(model, set()) is None
+    chosen = onnxopt.quantization.QuantizationStep._slower_layers(model, layers, dict.fromkeys(layers, 10.0),
+                                                                  dict.fromkeys(layers, 1.0))
+    assert len(chosen) == 8
