@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, stream_data, synthetic_data
-from onnxopt.errors import ModelLoadError, OptionError
+from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError
 from onnxopt.latency import compare_latency, timing_settings
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
@@ -229,32 +229,45 @@ class QuantizationStep:
         quantized = list(p.details.get("quantized_nodes", []))
         if progress:
             progress("speed", 0, 1)
-        snapshots = [ModelSnapshot(float_model), ModelSnapshot(model)]
+        best = ModelSnapshot(model)  # the fastest model so far; only it and the one being timed are held
         try:
-            k_float, k_int8 = kernel_times(snapshots, feed, settings)
-            t_float = layer_times(float_model, k_float, quantized)
-            t_int8 = layer_times(model, k_int8, quantized)
-            chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
-            info: dict[str, Any] = {
-                "providers": list(settings.providers), "threads": settings.threads, "batch": _batch_len(feed),
-                "timed": [n for n in quantized if n in t_float and n in t_int8],
-                "slower_in_int8": {n: [t_int8[n], t_float[n]] for n in chosen}, "kept_float": [], "tried": [],
-            }
-            self.details["speed"] = info
-            sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})
-            best, ratio, misses = snapshots[1], 1.0, 0
+            float_snapshot = ModelSnapshot(float_model)
+            try:
+                k_float, k_int8 = kernel_times([float_snapshot, best], feed, settings)
+            finally:
+                float_snapshot.close()
+        except (OnnxoptError, RuntimeError, OSError) as exc:  # an optimization, not a condition of the run
+            best.close()
+            logger.warning("quantize: speed fallback skipped: %s", exc)
+            self.details["speed"] = {"error": " ".join(str(exc).split())[:200]}
+            return model, p, result
+        t_float = layer_times(float_model, k_float, quantized)
+        t_int8 = layer_times(model, k_int8, quantized)
+        chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
+        info: dict[str, Any] = {
+            "providers": list(settings.providers), "threads": settings.threads, "batch": _batch_len(feed),
+            "timed": [n for n in quantized if n in t_float and n in t_int8],
+            "slower_in_int8": {n: [t_int8[n], t_float[n]] for n in chosen}, "kept_float": [], "tried": [],
+        }
+        self.details["speed"] = info
+        sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})
+        ratio, misses = 1.0, 0
+        try:
             for step, size in enumerate(sizes, 1):
                 if progress:
-                    progress("speed", step, len(sizes) + 1)
+                    progress("speed", step, len(sizes))
                 attempt = chosen[:size]
                 variant = float_model.clone()
                 q = p.excluding({n: f"kept float for speed: int8 kernels {t_int8[n]:.0f} us, float {t_float[n]:.0f} us"
                                  for n in attempt})
                 r = q(variant)
                 candidate = ModelSnapshot(variant)
-                snapshots.append(candidate)
-                figures = compare_latency(best, candidate, feed, providers=self.providers, threads=settings.threads,
-                                          budget_seconds=SPEED_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
+                try:
+                    figures = compare_latency(best, candidate, feed, providers=self.providers, threads=settings.threads,
+                                              budget_seconds=SPEED_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
+                except BaseException:
+                    candidate.close()
+                    raise
                 tried = {"float": attempt, "ratio": round(figures.ratio, 3), "verdict": figures.verdict}
                 info["tried"].append(tried)
                 faster = figures.verdict == "faster"
@@ -262,20 +275,20 @@ class QuantizationStep:
                     faster = self._meets_budget(original, variant, evaluation)[0]
                     tried["verdict"] = "faster" if faster else "faster, but misses the accuracy budget"
                 if not faster:
+                    candidate.close()
                     misses += 1
                     if misses == 2:
                         break
                     continue
                 misses = 0
+                best.close()
                 best, ratio = candidate, ratio * figures.ratio
                 model, p, result = variant, q, r
                 info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
         finally:
-            for snapshot in snapshots:
-                snapshot.close()
-            if "speed" in self.details:
-                self.details["speed"]["seconds"] = round(time.perf_counter() - start, 2)
-        for node in self.details["speed"]["kept_float"]:
+            best.close()
+            info["seconds"] = round(time.perf_counter() - start, 2)
+        for node in info["kept_float"]:
             logger.info("quantize: keeping %s in float: its int8 kernels take %.0f us, float %.0f us",
                         node, t_int8[node], t_float[node])
         return model, p, result
@@ -484,6 +497,8 @@ def optimized_ops_of(snapshot: ModelSnapshot, providers) -> dict[str, int]:
 
 def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
     """What the speed fallback found and kept, for the report."""
+    if speed and "error" in speed:
+        return [f"quantize: speed fallback skipped: {speed['error']}"]
     if not speed or not speed["slower_in_int8"]:
         return []
     slow = speed["slower_in_int8"]  # the slower layers the float share allows

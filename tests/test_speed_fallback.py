@@ -203,3 +203,15 @@ def test_where_shapes_are_unknown_the_cap_counts_layers():
     chosen = onnxopt.quantization.QuantizationStep._slower_layers(model, layers, dict.fromkeys(layers, 10.0),
                                                                   dict.fromkeys(layers, 1.0))
     assert len(chosen) == 8
+
+
+def test_a_profiler_that_fails_skips_the_speed_fallback_and_says_so(digits, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("profiling is not supported by this execution provider")
+
+    monkeypatch.setattr(onnxopt.quantization, "kernel_times", broken)
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    assert "not supported" in result.report.passes[-1].details["speed"]["error"]
+    assert any(n.startswith("quantize: speed fallback skipped: profiling is not supported") for n in result.report.notes)
+    assert result.ok and optimized_ops(result.model).get("QLinearConv", 0) == DIGITS_CONVS
