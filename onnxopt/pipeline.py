@@ -184,7 +184,10 @@ def optimize(
                 after=after, details=dict(getattr(p, "details", {}) or {}),
             )
         )
-        for what, reason in list((getattr(p, "details", {}) or {}).get("left", {}).items())[:3]:
+        # Layers the quantization step kept float on purpose, it reports itself.
+        left = [(what, why) for what, why in (getattr(p, "details", {}) or {}).get("left", {}).items()
+                if not why.startswith("kept float")]
+        for what, reason in left[:3]:
             report.notes.append(f"{name}: {what} left: {reason}")
     report.after = report.passes[-1].after if report.passes else before
     if validate or latency:

@@ -3,8 +3,8 @@
 onnxruntime runs its own rewrite of the graph, so ``layer_times`` maps the names it reports back:
 
 - a node that onnxruntime fused or converted keeps the name of the node it replaced, sometimes
-  with ``_token_N`` suffixes (DQ → Conv → Q becomes a QLinearConv named like the Conv; the NHWC
-  layout conversion appends a token);
+  with a suffix (DQ → Conv → Q becomes a QLinearConv named like the Conv; the NHWC layout
+  conversion appends ``_token_N``; MatMul + Add fused into a Gemm appends ``/MatMulAddFusion``);
 - a CPU NCHWc convolution is named after its output tensor plus ``_nchwc``: that tensor's producer,
   followed back through the activations fused into it (Relu, Clip, BatchNormalization …), is the layer;
 - a QuantizeLinear is charged to the layers that read it through their DequantizeLinear (an int8
@@ -33,7 +33,8 @@ import onnx_ir as ir
 from onnxopt.latency import TimingSettings, check_runs, make_runner, timing_session, warm_up
 from onnxopt.runtime import ModelSnapshot
 
-_TOKEN_SUFFIX = re.compile(r"(_token_\d+)+$")
+# onnxruntime's suffixes on the nodes it rewrote: layout conversion tokens, a MatMul fused with its Add.
+_TOKEN_SUFFIX = re.compile(r"((_token_\d+)|(/MatMulAddFusion))+$")
 _KERNEL_SUFFIX = "_kernel_time"
 _WARMUP_SECONDS = 0.3
 # How far back from an NCHWc node's output tensor the layer may sit (Conv → BN → Relu → Clip).
@@ -52,8 +53,8 @@ def kernel_times(
     """Median kernel time (µs) of each node onnxruntime runs, by its name, for each model on ``feed``.
 
     The models run side by side in alternating blocks after a warm-up (as ``onnxopt.latency`` times
-    them, so that drift hits all alike), for about ``seconds``: at least ``min_runs``, at most
-    ``max_runs`` profiled runs each. Sessions use ``settings`` (threads, providers).
+    them, so that drift hits all alike), for about ``seconds``: at least ``min_runs`` and, in whole
+    blocks, about ``max_runs`` profiled runs each. Sessions use ``settings`` (threads, providers).
     """
     with tempfile.TemporaryDirectory(prefix="onnxopt-profile-") as folder:
         sessions, runs = [], []

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, stream_data, synthetic_data
-from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError
+from onnxopt.errors import ModelLoadError, OptionError
 from onnxopt.latency import compare_latency, timing_settings
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
@@ -54,7 +54,9 @@ SQNR_BATCHES = 4
 # A quantized model whose Conv/Gemm/MatMul MACs stay float beyond this share is a failure.
 MAX_FLOAT_SHARE = 0.5
 # Speed fallback: an int8 layer counts as slower when its kernels take 10% and 1 µs (the profiler's
-# resolution) longer than float; the mixed model must then be 2% faster than the all-int8 one.
+# resolution) longer than float; the mixed model must then be 2% faster than the all-int8 one. The
+# profiler adds a few µs to every node, and an int8 layer carries its input's QuantizeLinear: small
+# layers lean towards "slower", which costs a timing but never a slower model (the whole model decides).
 SPEED_MARGIN = 0.10
 SPEED_MIN_MICROS = 1.0
 SPEED_MIN_GAIN = 0.02
@@ -154,7 +156,7 @@ class QuantizationStep:
 
         def remembering(batches):  # the first batch is kept for the speed fallback's timing
             for feed in batches:
-                if not first:
+                if not first and timing_feed is None and self.speed_fallback:
                     first.append(dict(feed))
                 yield feed
 
@@ -223,10 +225,19 @@ class QuantizationStep:
         The slower layers are tried worst first, in growing sets (1, 2, 4 … of them), each set timed
         against the best model so far; two sets in a row that are not faster end the search (a float
         layer among integer ones costs a QuantizeLinear, a DequantizeLinear and layout Transposes,
-        which only the whole-model timing sees)."""
+        which only the whole-model timing sees). It is an optimization, not a condition of the run:
+        a failure while measuring keeps the best model so far and says why."""
         start = time.perf_counter()
         settings = timing_settings(self.providers, 1 if self.threads is None else self.threads)
+        if settings.providers[0] != "CPUExecutionProvider":
+            # CUDA's profiler reports kernel launches, not GPU time; TensorRT runs one engine node.
+            self.details["speed"] = {"skipped": f"per-layer times are CPU only, not {settings.providers[0]}"}
+            return model, p, result
         quantized = list(p.details.get("quantized_nodes", []))
+        info: dict[str, Any] = {"providers": list(settings.providers), "threads": settings.threads,
+                                "batch": _batch_len(feed), "timed": [], "slower_in_int8": {}, "kept_float": [],
+                                "tried": []}
+        self.details["speed"] = info
         if progress:
             progress("speed", 0, 1)
         best = ModelSnapshot(model)  # the fastest model so far; only it and the one being timed are held
@@ -236,23 +247,13 @@ class QuantizationStep:
                 k_float, k_int8 = kernel_times([float_snapshot, best], feed, settings)
             finally:
                 float_snapshot.close()
-        except (OnnxoptError, RuntimeError, OSError) as exc:  # an optimization, not a condition of the run
-            best.close()
-            logger.warning("quantize: speed fallback skipped: %s", exc)
-            self.details["speed"] = {"error": " ".join(str(exc).split())[:200]}
-            return model, p, result
-        t_float = layer_times(float_model, k_float, quantized)
-        t_int8 = layer_times(model, k_int8, quantized)
-        chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
-        info: dict[str, Any] = {
-            "providers": list(settings.providers), "threads": settings.threads, "batch": _batch_len(feed),
-            "timed": [n for n in quantized if n in t_float and n in t_int8],
-            "slower_in_int8": {n: [t_int8[n], t_float[n]] for n in chosen}, "kept_float": [], "tried": [],
-        }
-        self.details["speed"] = info
-        sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})
-        ratio, misses = 1.0, 0
-        try:
+            t_float = layer_times(float_model, k_float, quantized)
+            t_int8 = layer_times(model, k_int8, quantized)
+            info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
+            chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
+            info["slower_in_int8"] = {n: [t_int8[n], t_float[n]] for n in chosen}
+            sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})
+            ratio, misses = 1.0, 0
             for step, size in enumerate(sizes, 1):
                 if progress:
                     progress("speed", step, len(sizes))
@@ -265,15 +266,15 @@ class QuantizationStep:
                 try:
                     figures = compare_latency(best, candidate, feed, providers=self.providers, threads=settings.threads,
                                               budget_seconds=SPEED_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
+                    tried = {"float": attempt, "ratio": round(figures.ratio, 3), "verdict": figures.verdict}
+                    info["tried"].append(tried)
+                    faster, figure = figures.verdict == "faster", None
+                    if faster and evaluation is not None and original is not None:
+                        faster, figure = self._meets_budget(original, variant, evaluation)
+                        tried["verdict"] = "faster" if faster else "faster, but misses the accuracy budget"
                 except BaseException:
                     candidate.close()
                     raise
-                tried = {"float": attempt, "ratio": round(figures.ratio, 3), "verdict": figures.verdict}
-                info["tried"].append(tried)
-                faster = figures.verdict == "faster"
-                if faster and evaluation is not None and original is not None:
-                    faster = self._meets_budget(original, variant, evaluation)[0]
-                    tried["verdict"] = "faster" if faster else "faster, but misses the accuracy budget"
                 if not faster:
                     candidate.close()
                     misses += 1
@@ -285,6 +286,11 @@ class QuantizationStep:
                 best, ratio = candidate, ratio * figures.ratio
                 model, p, result = variant, q, r
                 info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
+                if figure is not None:
+                    self.details["budget"]["figure"] = figure
+        except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: any failure here skips the rest
+            logger.warning("quantize: speed fallback stopped: %s", exc)
+            info["error"] = " ".join(str(exc).split())[:200]
         finally:
             best.close()
             info["seconds"] = round(time.perf_counter() - start, 2)
@@ -422,6 +428,8 @@ class QuantizationStep:
         if worst:
             report.notes.append("quantize: lowest SQNR " + ", ".join(f"{t} {db:.1f} dB" for t, db in worst)
                                 + " (every tensor in the JSON report)")
+        for item in self.details.get("fallback", []):
+            report.notes.append(f"quantize: kept {item['node']} in float: {item['reason']}")
         report.notes.extend(_speed_notes(self.details.get("speed")))
         failures = []
         if p is not None:
@@ -496,20 +504,28 @@ def optimized_ops_of(snapshot: ModelSnapshot, providers) -> dict[str, int]:
 
 
 def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
-    """What the speed fallback found and kept, for the report."""
-    if speed and "error" in speed:
-        return [f"quantize: speed fallback skipped: {speed['error']}"]
-    if not speed or not speed["slower_in_int8"]:
+    """What the speed fallback found and kept (each kept layer with both times), for the report."""
+    if not speed:
         return []
-    slow = speed["slower_in_int8"]  # the slower layers the float share allows
+    if "skipped" in speed:
+        return [f"quantize: speed fallback skipped: {speed['skipped']}"]
+    notes = []
     where = f"{', '.join(speed['providers'])}, batch {speed['batch']}, {speed['threads']} thread(s)"
-    kept = speed["kept_float"]
-    if not kept:
-        tried = ", ".join(f"{t['ratio']:.2f}x" for t in speed["tried"]) or "not tried: the float share would fail the run"
-        return [f"quantize: {len(slow)} layers run slower in int8 than in float ({where}), but the model was not "
-                f"faster with them float ({tried} of the all-int8 time); all stay int8"]
-    return [f"quantize: kept {len(kept)} layers float whose int8 kernels ran slower ({where}): the mixed model "
-            f"runs {speed['ratio']:.2f}x the all-int8 one's time (each layer in the JSON report)"]
+    slow, kept = speed["slower_in_int8"], speed["kept_float"]
+    if kept:
+        notes.append(f"quantize: kept {len(kept)} layers float whose int8 kernels ran slower ({where}): the mixed "
+                     f"model runs {speed['ratio']:.2f}x the all-int8 one's time")
+        notes += [f"quantize: kept {n} float for speed: int8 kernels {slow[n][0]:.0f} us, float {slow[n][1]:.0f} us"
+                  for n in kept]
+    elif slow and speed["tried"]:
+        tried = ", ".join(f"{t['ratio']:.2f}x" for t in speed["tried"])
+        notes.append(f"quantize: {len(slow)} layers ran slower in int8 than in float ({where}), but the model was not "
+                     f"faster with them float ({tried} of the all-int8 time); they stay int8")
+    elif not speed["timed"] and "error" not in speed:
+        notes.append("quantize: speed fallback: no layer could be matched to onnxruntime's profile (unnamed nodes?)")
+    if "error" in speed:
+        notes.append(f"quantize: speed fallback stopped: {speed['error']}")
+    return notes
 
 
 def _batch_len(feed: Mapping[str, np.ndarray]) -> int | None:

@@ -258,7 +258,7 @@ class QuantizeQDQ(OnnxoptPass):
             if node.domain not in ("", "ai.onnx"):
                 continue
             if self._excluded(node) and op in QUANTIZED_OPS:
-                plan.left[name_of(node)] = self.reasons.get(node.name, "excluded")
+                plan.left[name_of(node)] = self.reasons.get(name_of(node), "excluded")
                 continue
             if op in ("Conv", "ConvTranspose"):
                 if not is_activation(node.inputs[0]):

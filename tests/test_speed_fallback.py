@@ -67,10 +67,11 @@ def test_layer_times_follow_onnxruntime_names_back_to_the_layers():
     times = {
         "c1_node_token_3": 10.0,  # a QLinearConv after the NHWC conversion
         "c2_node": 7.0,  # fused, its name kept
+        "y_node/MatMulAddFusion": 3.0,  # a MatMul and its Add fused into a Gemm
         input_q: 4.0,  # quantizing the input is the first conv's cost
         "Transpose_token_9": 100.0,  # onnxruntime's own node: nobody's
     }
-    assert layer_times(model, times, layers) == {"c1_node": 14.0, "c2_node": 7.0}
+    assert layer_times(model, times, layers) == {"c1_node": 14.0, "c2_node": 7.0, "y_node": 3.0}
     # A float NCHWc conv is named after the tensor its fused activations write.
     float_model = cnn()
     assert layer_times(float_model, {"r2_nchwc": 5.0, "c3_nchwc": 2.0}, ["c2_node", "c3_node"]) == {"c2_node": 5.0,
@@ -139,8 +140,10 @@ def test_a_layer_slower_in_int8_stays_float_when_the_model_is_then_faster(digits
     assert details["speed"]["kept_float"] == [first] and details["speed"]["ratio"] == 0.8
     assert compared == [{first}]  # the float Conv is the one left in the model timed
     assert details["left"][first] == "kept float for speed: int8 kernels 50 us, float 10 us"
-    assert "4 of 7 Conv/Gemm/MatMul" not in result.report.passes[-1].summary
+    assert "6 of 7 Conv/Gemm/MatMul" in result.report.passes[-1].summary
     assert any("kept 1 layers float whose int8 kernels ran slower" in n and "0.80x" in n for n in result.report.notes)
+    assert f"quantize: kept {first} float for speed: int8 kernels 50 us, float 10 us" in result.report.notes
+    assert not any(n.startswith(f"quantize: {first} left") for n in result.report.notes)  # said once
     ops = optimized_ops(result.model)
     assert ops.get("QLinearConv", 0) == DIGITS_CONVS - 1 and ops.get("Conv", 0) + ops.get("FusedConv", 0) >= 1
     assert result.ok
@@ -205,13 +208,47 @@ def test_where_shapes_are_unknown_the_cap_counts_layers():
     assert len(chosen) == 8
 
 
-def test_a_profiler_that_fails_skips_the_speed_fallback_and_says_so(digits, monkeypatch):
+def test_a_profiler_that_fails_stops_the_speed_fallback_and_says_so(digits, monkeypatch):
+    class Fail(Exception):  # onnxruntime's own errors derive from Exception, not RuntimeError
+        pass
+
     def broken(*args, **kwargs):
-        raise RuntimeError("profiling is not supported by this execution provider")
+        raise Fail("profiling is not supported here")
 
     monkeypatch.setattr(onnxopt.quantization, "kernel_times", broken)
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     assert "not supported" in result.report.passes[-1].details["speed"]["error"]
-    assert any(n.startswith("quantize: speed fallback skipped: profiling is not supported") for n in result.report.notes)
+    assert any(n.startswith("quantize: speed fallback stopped: profiling is not supported") for n in result.report.notes)
+    assert result.ok and optimized_ops(result.model).get("QLinearConv", 0) == DIGITS_CONVS
+
+
+def test_on_another_execution_provider_the_speed_fallback_says_it_is_cpu_only(digits, monkeypatch):
+    # CUDA's profiler times kernel launches, TensorRT one engine node: per-layer times are CPU only.
+    from onnxopt.latency import TimingSettings
+
+    calls = stub_timing(monkeypatch, None)
+    monkeypatch.setattr(onnxopt.quantization, "timing_settings",
+                        lambda *a, **k: TimingSettings(("CUDAExecutionProvider",), 1, 1, "all", False))
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    assert "CPU only" in result.report.passes[-1].details["speed"]["skipped"] and not calls
+    assert any("speed fallback skipped" in n for n in result.report.notes)
+
+
+def test_a_failure_while_trying_keeps_the_best_model_so_far(digits, monkeypatch):
+    stub_timing(monkeypatch, {"/features/features.0/features.0.0/Conv"})
+
+    class Fail(Exception):  # onnxruntime's own errors derive from Exception, not RuntimeError
+        pass
+
+    def failing(*args, **kwargs):
+        raise Fail("session creation failed")
+
+    monkeypatch.setattr(onnxopt.quantization, "compare_latency", failing)
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    speed = result.report.passes[-1].details["speed"]
+    assert speed["error"] == "session creation failed" and speed["kept_float"] == []
+    assert any("speed fallback stopped: session creation failed" in n for n in result.report.notes)
     assert result.ok and optimized_ops(result.model).get("QLinearConv", 0) == DIGITS_CONVS
