@@ -64,6 +64,7 @@ SPEED_MIN_GAIN = 0.02
 # decisive interval needs on a noisy machine), within these bounds.
 SPEED_BUDGET_SECONDS = (3.0, 30.0)
 SPEED_BUDGET_CALLS = 40
+ACTIVATIONS_BUDGET_SECONDS = 10.0  # uint8 against int8: the timing stops as soon as it is decisive
 _INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
 
 
@@ -159,13 +160,14 @@ class QuantizationStep:
 
         def remembering(batches):  # the first batch is kept for the speed fallback's timing
             for feed in batches:
-                if not first and timing_feed is None and self.speed_fallback:
+                if not first and timing_feed is None and self.speed_fallback:  # also what ``auto`` times
                     first.append(dict(feed))
                 yield feed
 
         ranges = calibrate(
             model, plan.tensors, remembering(self.calibration), method=self.method, percentile=self.percentile,
-            activations=p.activations, providers=self.providers, total=len(self.calibration) or None,
+            activations="uint8" if p.activations == "auto" else p.activations, providers=self.providers,
+            total=len(self.calibration) or None,
             progress=(lambda i, n: progress("calibrate", i, n)) if progress else None, channel_means=means,
         )
         if means:
@@ -178,6 +180,9 @@ class QuantizationStep:
         float_model = model.clone()
         user_exclude = list(p.exclude)
         p.ranges = ranges
+        if p.activations == "auto":
+            p = self._choose_activations(p, float_model, timing_feed if timing_feed is not None else
+                                         (first[0] if first else None), progress)
         result = p(model)
         # The verdict judges every validated run by the budget (the defaults when none is given), so
         # the fallback works towards the same budget.
@@ -303,6 +308,43 @@ class QuantizationStep:
             logger.info("quantize: keeping %s in float: its int8 kernels take %.0f us, float %.0f us",
                         node, t_int8[node], t_float[node])
         return model, p, result
+
+    def _choose_activations(self, p: QuantizeQDQ, float_model: ir.Model, feed: Mapping[str, np.ndarray] | None,
+                            progress: Callable[[str, int, int], None] | None) -> QuantizeQDQ:
+        """``--activations auto``: uint8 (asymmetric) or int8 (symmetric), whichever model runs faster
+        here, side by side; int8 only when decisively faster. TensorRT takes int8 without a timing (its
+        explicit quantization is symmetric); without timing in the run, uint8 (the CPU default)."""
+        uint8, int8 = p.with_activations("uint8"), p.with_activations("int8")
+        settings = timing_settings(self.providers, 1 if self.threads is None else self.threads)
+        choice: dict[str, Any] = {"providers": list(settings.providers), "threads": settings.threads}
+        self.details["activations_choice"] = choice
+        if settings.providers[0] == "TensorrtExecutionProvider":
+            choice.update(chosen="int8", why="TensorRT's explicit quantization takes symmetric int8")
+            return int8
+        if not self.speed_fallback or feed is None:
+            choice.update(chosen="uint8", why="not measured (no timing in this run): the CPU default")
+            return uint8
+        if progress:
+            progress("activations", 0, 1)
+        snapshots = []
+        try:
+            for q in (uint8, int8):
+                candidate = float_model.clone()
+                q(candidate)
+                snapshots.append(ModelSnapshot(candidate))
+            figures = compare_latency(*snapshots, feed, providers=self.providers, threads=settings.threads,
+                                      budget_seconds=ACTIVATIONS_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
+        except Exception as exc:  # a measurement, not a condition of the run
+            logger.warning("quantize: activations not measured: %s", exc)
+            choice.update(chosen="uint8", why=f"not measured ({' '.join(str(exc).split())[:120]}): the CPU default")
+            return uint8
+        finally:
+            for snapshot in snapshots:
+                snapshot.close()
+        chosen = "int8" if figures.verdict == "faster" else "uint8"
+        choice.update(chosen=chosen, batch=_batch_len(feed), int8_vs_uint8=round(figures.ratio, 3),
+                      why=f"the int8 (symmetric) model ran {figures.ratio:.2f}x the uint8 one's time")
+        return int8 if chosen == "int8" else uint8
 
     @staticmethod
     def _slower_layers(float_model: ir.Model, quantized: list[str], t_int8: dict[str, float],
@@ -435,6 +477,11 @@ class QuantizationStep:
                                 + " (every tensor in the JSON report)")
         for item in self.details.get("fallback", []):
             report.notes.append(f"quantize: kept {item['node']} in float: {item['reason']}")
+        choice = self.details.get("activations_choice")
+        if choice:
+            where = f"{', '.join(choice['providers'])}" + (f", batch {choice['batch']}, {choice['threads']} thread(s)"
+                                                           if "batch" in choice else "")
+            report.notes.append(f"quantize: activations {choice['chosen']} (--activations auto, {where}): {choice['why']}")
         report.notes.extend(_speed_notes(self.details.get("speed")))
         failures = []
         if p is not None:

@@ -130,8 +130,9 @@ class QuantizeQDQ(OnnxoptPass):
         reasons: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
-        if activations not in ("uint8", "int8"):
-            raise ValueError(f"activations must be 'uint8' (asymmetric) or 'int8' (symmetric), not {activations!r}")
+        if activations not in ("uint8", "int8", "auto"):
+            raise ValueError(f"activations must be 'uint8' (asymmetric), 'int8' (symmetric) or 'auto' "
+                             f"(chosen by onnxopt.optimize's measurement), not {activations!r}")
         self.ranges = None if ranges is None else {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
         self.activations = activations
         self.per_channel = per_channel
@@ -140,6 +141,12 @@ class QuantizeQDQ(OnnxoptPass):
         self.bias_correction = bias_correction
         self.input_means = None if input_means is None else {k: np.asarray(v, np.float64) for k, v in input_means.items()}
         self.reasons = dict(reasons or {})  # why an excluded node is, by its name: the report says it
+
+    def with_activations(self, activations: str) -> QuantizeQDQ:
+        """The same recipe with activations stored as ``activations`` (``uint8`` or ``int8``)."""
+        copy = self.excluding({})
+        copy.activations = activations
+        return copy
 
     def excluding(self, reasons: Mapping[str, str]) -> QuantizeQDQ:
         """The same recipe (ranges, options, measured input means) with more nodes kept float: ``reasons``
@@ -444,6 +451,9 @@ class QuantizeQDQ(OnnxoptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.ranges is None:
             raise ValueError("QuantizeQDQ needs calibrated ranges: QuantizeQDQ(ranges=calibrate(...))")
+        if self.activations == "auto":
+            raise ValueError("activations='auto' is chosen by measurement in onnxopt.optimize; "
+                             "to run the pass alone, give 'uint8' or 'int8'")
         if self.bias_correction and self.input_means is None:
             logger.info("quantize: no bias correction: the inputs' channel means were not given (input_means=...)")
         self.details = {"left": {}, "quantized_nodes": [], "folded": {}, "tensor_map": {}}

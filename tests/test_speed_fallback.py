@@ -252,3 +252,65 @@ def test_a_failure_while_trying_keeps_the_best_model_so_far(digits, monkeypatch)
     assert speed["error"] == "session creation failed" and speed["kept_float"] == []
     assert any("speed fallback stopped: session creation failed" in n for n in result.report.notes)
     assert result.ok and optimized_ops(result.model).get("QLinearConv", 0) == DIGITS_CONVS
+
+
+def stub_formats(monkeypatch, verdict: str, ratio: float) -> list:
+    """The uint8-against-int8 timing answers ``verdict``; no layer is slower in int8. Returns the
+    activation dtypes of each pair compared."""
+    compared = []
+
+    def fake_compare(a, b, feed, **kwargs):
+        dtypes = []
+        for snapshot in (a, b):
+            graph = ir.from_proto(onnxopt.io.onnx.load_from_string(snapshot.data))
+            dtypes.append(next(n.outputs[0].dtype for n in graph.graph if n.op_type == "QuantizeLinear").name)
+        compared.append(dtypes)
+        return comparison(ratio, verdict)
+
+    monkeypatch.setattr(onnxopt.quantization, "compare_latency", fake_compare)
+    monkeypatch.setattr(onnxopt.quantization, "kernel_times", lambda snapshots, *a, **k: [{} for _ in snapshots])
+    return compared
+
+
+@pytest.mark.parametrize("verdict, chosen", [("faster", "int8"), ("slower", "uint8"), ("no difference", "uint8")])
+def test_activations_auto_keeps_int8_only_when_measured_faster(digits, monkeypatch, verdict, chosen):
+    compared = stub_formats(monkeypatch, verdict, {"faster": 0.8, "slower": 3.0, "no difference": 1.0}[verdict])
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", ["simplify", "fold-bn", QuantizeQDQ(activations="auto")],
+                              calibration=digits / "digits_calib.npz", latency=False, speed_fallback=True)
+    details = result.report.passes[-1].details
+    assert compared == [["UINT8", "INT8"]]  # uint8 first, int8 second: the ratio is int8's time over uint8's
+    assert details["activations_choice"]["chosen"] == chosen and details["activations"] == chosen
+    q_types = {n.outputs[0].dtype.name for n in result.model.graph if n.op_type == "QuantizeLinear"}
+    assert q_types == {chosen.upper()}
+    assert any(n.startswith(f"quantize: activations {chosen} (--activations auto") for n in result.report.notes)
+    assert result.ok
+
+
+def test_activations_auto_without_timing_or_on_tensorrt_is_not_measured(digits, monkeypatch):
+    from onnxopt.latency import TimingSettings
+
+    compared = stub_formats(monkeypatch, "faster", 0.5)
+    plain = onnxopt.optimize(digits / "digits_cnn.onnx", ["simplify", "fold-bn", QuantizeQDQ(activations="auto")],
+                             calibration=digits / "digits_calib.npz", latency=False)
+    assert plain.report.passes[-1].details["activations_choice"]["chosen"] == "uint8" and not compared
+    monkeypatch.setattr(onnxopt.quantization, "timing_settings",
+                        lambda *a, **k: TimingSettings(("TensorrtExecutionProvider",), 1, 1, "all", False))
+    trt = onnxopt.optimize(digits / "digits_cnn.onnx", ["simplify", "fold-bn", QuantizeQDQ(activations="auto")],
+                           calibration=digits / "digits_calib.npz", latency=False, speed_fallback=True)
+    choice = trt.report.passes[-1].details["activations_choice"]
+    assert choice["chosen"] == "int8" and "TensorRT" in choice["why"] and not compared
+    with pytest.raises(ValueError, match="chosen by measurement"):
+        model, p = quantized(cnn())
+        QuantizeQDQ(p.ranges, activations="auto")(cnn())
+
+
+def test_activations_auto_from_the_command_line_measured_for_real(digits, capsys):
+    import json
+
+    code = main([str(digits / "digits_cnn.onnx"), "--quantize", "int8", "--activations", "auto", "--calibration",
+                 str(digits / "digits_calib.npz"), "--eval", str(digits / "digits_test.npz"), "-o", str(digits / "a.onnx"),
+                 "--latency-budget", "1", "--report", str(digits / "a.json"), "-q"])
+    assert code == 0, capsys.readouterr()
+    details = next(p for p in json.loads((digits / "a.json").read_text())["passes"] if p["name"] == "quantize")["details"]
+    choice = details["activations_choice"]
+    assert choice["batch"] == 32 and choice["int8_vs_uint8"] > 0 and details["activations"] == choice["chosen"]
