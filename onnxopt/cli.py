@@ -155,9 +155,10 @@ def _quantize_passes(args) -> list:
         names = ["simplify", "fold-bn", "share-init", "quantize"] if args.passes == ",".join(DEFAULT_PASSES) else [*names, "quantize"]
     exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
     if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None
-                                    or not args.bias_correction or not args.speed_fallback):
-        raise OptionError("--exclude, --max-drop, --min-cosine, --no-bias-correction and --no-speed-fallback "
-                          "apply to --quantize int8")
+                                    or not args.bias_correction or not args.speed_fallback
+                                    or args.activations != "uint8" or args.per_tensor):
+        raise OptionError("--activations, --per-tensor, --exclude, --max-drop, --min-cosine, --no-bias-correction and "
+                          "--no-speed-fallback apply to --quantize int8")
     return [
         QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
                     bias_correction=args.bias_correction) if n == "quantize" else n

@@ -175,8 +175,11 @@ def test_no_latency_means_no_speed_fallback_and_the_flag_needs_quantize(digits, 
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False)
     assert "speed" not in result.report.passes[-1].details and not calls
-    code = main([str(digits / "digits_cnn.onnx"), "--no-speed-fallback"])
-    assert code == 2 and "--no-speed-fallback" in capsys.readouterr().err
+    for option in (["--no-speed-fallback"], ["--activations", "auto"], ["--per-tensor"]):
+        code = main([str(digits / "digits_cnn.onnx"), *option])
+        err = capsys.readouterr().err
+        assert code == 2 and option[0] in err and "apply to --quantize int8" in err, err
+    assert not (digits / "digits_cnn.opt.onnx").exists()
 
 
 def test_mobilenet_measured_for_real_every_layer_timed_and_only_a_faster_model_kept():
