@@ -250,13 +250,17 @@ class QuantizationStep:
             progress("speed", 0, 1)
         best = ModelSnapshot(model)  # the fastest model so far; only it and the one being timed are held
         try:
-            float_snapshot = ModelSnapshot(float_model)
+            # onnxruntime reports node names: unnamed layers are profiled under their labels.
+            named_float, named_int8 = _named(float_model), _named(model)
+            profiled = [ModelSnapshot(named_float), best if named_int8 is model else ModelSnapshot(named_int8)]
             try:
-                k_float, k_int8 = kernel_times([float_snapshot, best], feed, settings)
+                k_float, k_int8 = kernel_times(profiled, feed, settings)
             finally:
-                float_snapshot.close()
-            t_float = layer_times(float_model, k_float, quantized)
-            t_int8 = layer_times(model, k_int8, quantized)
+                for snapshot in profiled:
+                    if snapshot is not best:
+                        snapshot.close()
+            t_float = layer_times(named_float, k_float, quantized)
+            t_int8 = layer_times(named_int8, k_int8, quantized)
             info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
             chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
             info["slower_in_int8"] = {n: [t_int8[n], t_float[n]] for n in chosen}
@@ -578,6 +582,17 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
     if "error" in speed:
         notes.append(f"quantize: speed fallback stopped: {speed['error']}")
     return notes
+
+
+def _named(model: ir.Model) -> ir.Model:
+    """``model``, or a copy whose unnamed nodes are named by their labels (``node_label``)."""
+    if all(node.name for node in model.graph):
+        return model
+    copy = model.clone()
+    for node in copy.graph:
+        if not node.name:
+            node.name = node_label(node)
+    return copy
 
 
 def _batch_len(feed: Mapping[str, np.ndarray]) -> int | None:

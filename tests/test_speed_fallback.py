@@ -317,3 +317,15 @@ def test_activations_auto_from_the_command_line_measured_for_real(digits, capsys
     details = next(p for p in json.loads((digits / "a.json").read_text())["passes"] if p["name"] == "quantize")["details"]
     choice = details["activations_choice"]
     assert choice["batch"] == 32 and choice["int8_vs_uint8"] > 0 and details["activations"] == choice["chosen"]
+
+
+def test_unnamed_layers_are_profiled_under_their_labels():
+    # Many exports leave node names empty; onnxruntime reports names, so the profiled copies carry labels.
+    model = cnn()
+    for node in model.graph:
+        node.name = ""
+    feed = [{"x": np.random.default_rng(i).standard_normal((4, 3, 16, 16)).astype(np.float32)} for i in range(2)]
+    result = onnxopt.optimize(model, "quantize", calibration=feed, data=feed[:1], latency=True, latency_budget=0.5)
+    speed = result.report.passes[-1].details["speed"]
+    assert {"Conv(c1)", "Conv(c2)", "Conv(c3)", "Gemm(y)"} <= set(speed["timed"]), speed
+    assert all(not node.name or node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in result.model.graph)
