@@ -181,9 +181,10 @@ class QuantizationStep:
         user_exclude = list(p.exclude)
         p.ranges = ranges
         if p.activations == "auto":
-            p = self._choose_activations(p, float_model, timing_feed if timing_feed is not None else
-                                         (first[0] if first else None), progress)
-        result = p(model)
+            p, model, result = self._choose_activations(
+                p, model, float_model, timing_feed if timing_feed is not None else (first[0] if first else None), progress)
+        else:
+            result = p(model)
         # The verdict judges every validated run by the budget (the defaults when none is given), so
         # the fallback works towards the same budget.
         budgeted = evaluation is not None and original is not None
@@ -248,19 +249,18 @@ class QuantizationStep:
         self.details["speed"] = info
         if progress:
             progress("speed", 0, 1)
-        best = ModelSnapshot(model)  # the fastest model so far; only it and the one being timed are held
+        best = None  # the fastest model so far; only it and the one being timed are held
         try:
             # onnxruntime reports node names: unnamed layers are profiled under their labels.
-            named_float, named_int8 = _named(float_model), _named(model)
-            profiled = [ModelSnapshot(named_float), best if named_int8 is model else ModelSnapshot(named_int8)]
+            named = [_named(float_model), _named(model)]
+            profiled = [ModelSnapshot(m) for m in named]
             try:
                 k_float, k_int8 = kernel_times(profiled, feed, settings)
             finally:
                 for snapshot in profiled:
-                    if snapshot is not best:
-                        snapshot.close()
-            t_float = layer_times(named_float, k_float, quantized)
-            t_int8 = layer_times(named_int8, k_int8, quantized)
+                    snapshot.close()
+            t_float = layer_times(named[0], k_float, quantized)
+            t_int8 = layer_times(named[1], k_int8, quantized)
             info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
             chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
             info["slower_in_int8"] = {n: [t_int8[n], t_float[n]] for n in chosen}
@@ -268,6 +268,7 @@ class QuantizationStep:
             call_seconds = sum(k_int8.values()) * 1e-6  # profiled: an overestimate, on the safe side
             budget = min(max(SPEED_BUDGET_CALLS * call_seconds, SPEED_BUDGET_SECONDS[0]), SPEED_BUDGET_SECONDS[1])
             ratio, misses = 1.0, 0
+            best = ModelSnapshot(model) if sizes else None
             for step, size in enumerate(sizes, 1):
                 if progress:
                     progress("speed", step, len(sizes))
@@ -306,49 +307,54 @@ class QuantizationStep:
             logger.warning("quantize: speed fallback stopped: %s", exc)
             info["error"] = " ".join(str(exc).split())[:200]
         finally:
-            best.close()
+            if best is not None:
+                best.close()
             info["seconds"] = round(time.perf_counter() - start, 2)
         for node in info["kept_float"]:
             logger.info("quantize: keeping %s in float: its int8 kernels take %.0f us, float %.0f us",
                         node, t_int8[node], t_float[node])
         return model, p, result
 
-    def _choose_activations(self, p: QuantizeQDQ, float_model: ir.Model, feed: Mapping[str, np.ndarray] | None,
-                            progress: Callable[[str, int, int], None] | None) -> QuantizeQDQ:
+    def _choose_activations(self, p: QuantizeQDQ, model: ir.Model, float_model: ir.Model,
+                            feed: Mapping[str, np.ndarray] | None, progress: Callable[[str, int, int], None] | None,
+                            ) -> tuple[QuantizeQDQ, ir.Model, ir.passes.PassResult]:
         """``--activations auto``: uint8 (asymmetric) or int8 (symmetric), whichever model runs faster
         here, side by side; int8 only when decisively faster. TensorRT takes int8 without a timing (its
-        explicit quantization is symmetric); without timing in the run, uint8 (the CPU default)."""
-        uint8, int8 = p.with_activations("uint8"), p.with_activations("int8")
+        explicit quantization is symmetric); without timing in the run, uint8 (the CPU default).
+        Returns the pass, the quantized model (``model``, quantized in place as uint8, or an int8
+        copy of ``float_model``) and the pass's result."""
+        uint8 = p.with_activations("uint8")
         settings = timing_settings(self.providers, 1 if self.threads is None else self.threads)
         choice: dict[str, Any] = {"providers": list(settings.providers), "threads": settings.threads}
         self.details["activations_choice"] = choice
         if settings.providers[0] == "TensorrtExecutionProvider":
             choice.update(chosen="int8", why="TensorRT's explicit quantization takes symmetric int8")
-            return int8
+            int8 = p.with_activations("int8")
+            return int8, model, int8(model)
+        result = uint8(model)
         if not self.speed_fallback or feed is None:
             choice.update(chosen="uint8", why="not measured (no timing in this run): the CPU default")
-            return uint8
+            return uint8, model, result
         if progress:
             progress("activations", 0, 1)
+        int8, candidate = p.with_activations("int8"), float_model.clone()
         snapshots = []
         try:
-            for q in (uint8, int8):
-                candidate = float_model.clone()
-                q(candidate)
-                snapshots.append(ModelSnapshot(candidate))
+            int8_result = int8(candidate)
+            snapshots = [ModelSnapshot(model), ModelSnapshot(candidate)]
             figures = compare_latency(*snapshots, feed, providers=self.providers, threads=settings.threads,
                                       budget_seconds=ACTIVATIONS_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
         except Exception as exc:  # a measurement, not a condition of the run
             logger.warning("quantize: activations not measured: %s", exc)
             choice.update(chosen="uint8", why=f"not measured ({' '.join(str(exc).split())[:120]}): the CPU default")
-            return uint8
+            return uint8, model, result
         finally:
             for snapshot in snapshots:
                 snapshot.close()
         chosen = "int8" if figures.verdict == "faster" else "uint8"
         choice.update(chosen=chosen, batch=_batch_len(feed), int8_vs_uint8=round(figures.ratio, 3),
                       why=f"the int8 (symmetric) model ran {figures.ratio:.2f}x the uint8 one's time")
-        return int8 if chosen == "int8" else uint8
+        return (int8, candidate, int8_result) if chosen == "int8" else (uint8, model, result)
 
     @staticmethod
     def _slower_layers(float_model: ir.Model, quantized: list[str], t_int8: dict[str, float],

@@ -131,6 +131,18 @@ def stub_timing(monkeypatch, slow: set[str] | None, verdict: str = "faster", rat
     return compared
 
 
+def onnxruntime_failure(message: str):
+    """A stand-in that fails as onnxruntime does: its errors derive from Exception, not RuntimeError."""
+
+    class Fail(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Fail(message)
+
+    return fail
+
+
 def test_a_layer_slower_in_int8_stays_float_when_the_model_is_then_faster(digits, monkeypatch):
     first = "/features/features.0/features.0.0/Conv"
     compared = stub_timing(monkeypatch, {first})
@@ -212,13 +224,7 @@ def test_where_shapes_are_unknown_the_cap_counts_layers():
 
 
 def test_a_profiler_that_fails_stops_the_speed_fallback_and_says_so(digits, monkeypatch):
-    class Fail(Exception):  # onnxruntime's own errors derive from Exception, not RuntimeError
-        pass
-
-    def broken(*args, **kwargs):
-        raise Fail("profiling is not supported here")
-
-    monkeypatch.setattr(onnxopt.quantization, "kernel_times", broken)
+    monkeypatch.setattr(onnxopt.quantization, "kernel_times", onnxruntime_failure("profiling is not supported here"))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     assert "not supported" in result.report.passes[-1].details["speed"]["error"]
@@ -242,13 +248,7 @@ def test_on_another_execution_provider_the_speed_fallback_says_it_is_cpu_only(di
 def test_a_failure_while_trying_keeps_the_best_model_so_far(digits, monkeypatch):
     stub_timing(monkeypatch, {"/features/features.0/features.0.0/Conv"})
 
-    class Fail(Exception):  # onnxruntime's own errors derive from Exception, not RuntimeError
-        pass
-
-    def failing(*args, **kwargs):
-        raise Fail("session creation failed")
-
-    monkeypatch.setattr(onnxopt.quantization, "compare_latency", failing)
+    monkeypatch.setattr(onnxopt.quantization, "compare_latency", onnxruntime_failure("session creation failed"))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     speed = result.report.passes[-1].details["speed"]
