@@ -180,9 +180,9 @@ class QuantizationStep:
         float_model = model.clone()
         user_exclude = list(p.exclude)
         p.ranges = ranges
+        feed = timing_feed if timing_feed is not None else (first[0] if first else None)  # what is timed
         if p.activations == "auto":
-            p, model, result = self._choose_activations(
-                p, model, float_model, timing_feed if timing_feed is not None else (first[0] if first else None), progress)
+            p, model, result = self._choose_activations(p, model, float_model, feed, progress)
         else:
             result = p(model)
         # The verdict judges every validated run by the budget (the defaults when none is given), so
@@ -210,7 +210,6 @@ class QuantizationStep:
             self.details["budget"] = {"met": met, "figure": figure}
             if not met:
                 self.verdict_failed = f"accuracy budget not met after keeping {len(fallback)} layers in float: {figure}"
-        feed = timing_feed if timing_feed is not None else (first[0] if first else None)
         if self.speed_fallback and feed is not None and result.modified:
             model, p, result = self._speed_fallback(
                 float_model, model, p, result, feed,
