@@ -144,17 +144,18 @@ class QuantizeQDQ(OnnxoptPass):
 
     def with_activations(self, activations: str) -> QuantizeQDQ:
         """The same recipe with activations stored as ``activations`` (``uint8`` or ``int8``)."""
-        copy = self.excluding({})
-        copy.activations = activations
-        return copy
+        return self._replace(activations=activations)
 
     def excluding(self, reasons: Mapping[str, str]) -> QuantizeQDQ:
         """The same recipe (ranges, options, measured input means) with more nodes kept float: ``reasons``
         maps each node name to why."""
-        return QuantizeQDQ(self.ranges, activations=self.activations, per_channel=self.per_channel,
-                           exclude=[*self.exclude, *reasons], quantize_outputs=self.quantize_outputs,
-                           bias_correction=self.bias_correction, input_means=self.input_means,
-                           reasons={**self.reasons, **reasons})
+        return self._replace(exclude=[*self.exclude, *reasons], reasons={**self.reasons, **reasons})
+
+    def _replace(self, **changes) -> QuantizeQDQ:
+        options = dict(activations=self.activations, per_channel=self.per_channel, exclude=self.exclude,
+                       quantize_outputs=self.quantize_outputs, bias_correction=self.bias_correction,
+                       input_means=self.input_means, reasons=self.reasons)
+        return QuantizeQDQ(self.ranges, **{**options, **changes})
 
     # ------------------------------------------------------------------ planning
     def _excluded(self, node: ir.Node) -> bool:
