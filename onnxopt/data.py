@@ -17,6 +17,7 @@ __all__ = [
     "InputSpec",
     "Dataset",
     "input_specs",
+    "feed_dims",
     "load_data",
     "stream_data",
     "DataStream",
@@ -80,6 +81,21 @@ class Dataset:
             first = next(iter(batch.values()), None)
             total += 1 if first is None or first.ndim == 0 else first.shape[0]
         return total
+
+
+def feed_dims(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, int]:
+    """The sizes that ``feed`` (one batch for ``model``) gives the named dynamic dims of the model's
+    inputs past the first (batch) axis: the sequence length or image size that the data really has."""
+    dims: dict[str, int] = {}
+    for value in model.graph.inputs:
+        array = (feed or {}).get(value.name)
+        if array is None or value.shape is None or np.ndim(array) != len(value.shape):
+            continue
+        for axis, dim in enumerate(value.shape):
+            name = getattr(dim, "value", None)
+            if axis > 0 and isinstance(name, str) and name:
+                dims.setdefault(name, int(np.shape(array)[axis]))
+    return dims
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:

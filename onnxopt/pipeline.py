@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.data import Dataset, head, load_data, parse_dims, synthetic_data
+from onnxopt.data import Dataset, feed_dims, head, load_data, parse_dims, synthetic_data
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError
 from onnxopt.latency import compare_latency
 from onnxopt.passes import REGISTRY, PruneChannels, QuantizeQDQ
@@ -155,7 +155,9 @@ def optimize(
             raise
         except Exception as exc:
             raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
-    before = model_stats(working, dims=dims)
+    # MACs per sample at the data's other dims (a transformer's sequence length), unless --dim says.
+    stat_dims = {**feed_dims(working, dataset.batches[0] if (validate or latency) and dataset.batches else None), **dims}
+    before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
     report.lossy = any(isinstance(p, PruneChannels) and p.mode != "zero" for p in pass_objects)
     for step, p in enumerate(pass_objects):
@@ -176,7 +178,7 @@ def optimize(
         working = result.model
         if check:
             check_model(working)
-        after = model_stats(working, dims=dims)
+        after = model_stats(working, dims=stat_dims)
         report.passes.append(
             PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,

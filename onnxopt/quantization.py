@@ -35,7 +35,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
-from onnxopt.data import Dataset, stream_data, synthetic_data
+from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError
 from onnxopt.latency import compare_latency, timing_settings
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
@@ -122,6 +122,8 @@ class QuantizationStep:
             self.calibration = stream_data(calibration, model, batch_size=batch_size, dims=dims)
         self.details: dict[str, Any] = {}
         self.verdict_failed: str | None = None
+        # Dims that MAC shares are counted at: --dim, else the calibration data's (set as it streams).
+        self.mac_dims: dict[str, int] = dict(dims or {})
 
     @staticmethod
     def upgrade_opset(model: ir.Model, label: str) -> tuple[ir.Model, str | None]:
@@ -159,7 +161,9 @@ class QuantizationStep:
         first: list[dict[str, np.ndarray]] = []
 
         def remembering(batches):  # the first batch is kept for the speed fallback's timing
-            for feed in batches:
+            for i, feed in enumerate(batches):
+                if i == 0:
+                    self.mac_dims = {**feed_dims(model, feed), **self.mac_dims}
                 if not first and timing_feed is None and self.speed_fallback:  # also what ``auto`` times
                     first.append(dict(feed))
                 yield feed
@@ -355,15 +359,14 @@ class QuantizationStep:
                       why=f"the int8 (symmetric) model ran {figures.ratio:.2f}x the uint8 one's time")
         return (int8, candidate, int8_result) if chosen == "int8" else (uint8, model, result)
 
-    @staticmethod
-    def _slower_layers(float_model: ir.Model, quantized: list[str], t_int8: dict[str, float],
+    def _slower_layers(self, float_model: ir.Model, quantized: list[str], t_int8: dict[str, float],
                        t_float: dict[str, float]) -> list[str]:
         """Layers whose int8 kernels take longer than float, worst first, never so many that the float
         share of MACs would fail the run."""
         slower = sorted((n for n in quantized if n in t_float and n in t_int8
                          and t_int8[n] > t_float[n] * (1 + SPEED_MARGIN) + SPEED_MIN_MICROS),
                         key=lambda n: t_float[n] - t_int8[n])
-        macs = node_macs(float_model, key=node_label)
+        macs = node_macs(float_model, dims=self.mac_dims, key=node_label)
         weighted = set(macs)
         chosen: list[str] = []
         for node in slower:
@@ -497,7 +500,7 @@ class QuantizationStep:
             quantized = p.details.get("quantized_nodes", [])
             weighted = p.details.get("weighted", {"float": 0, "total": 0})
             left = p.details.get("left", {})
-            share = float_mac_share(self.float_model, set(quantized))
+            share = float_mac_share(self.float_model, set(quantized), dims=self.mac_dims)
             details["float_mac_share"] = share
             if not quantized:
                 failures.append("nothing was quantized")
@@ -545,11 +548,12 @@ class QuantizationStep:
         self.failed = bool(failures)
 
 
-def float_mac_share(model: ir.Model, quantized: set[str], macs: dict[str, int | None] | None = None) -> float | None:
+def float_mac_share(model: ir.Model, quantized: set[str], macs: dict[str, int | None] | None = None,
+                    dims: Mapping[str, int] | None = None) -> float | None:
     """Share of the Conv/ConvTranspose/Gemm/MatMul MACs of ``model`` (the float model) whose node is not
-    in ``quantized``; dynamic dims count 1. None when shapes are unknown. ``macs``: ``node_macs`` of
-    ``model`` by node label, when already counted."""
-    macs = node_macs(model, key=node_label) if macs is None else macs
+    in ``quantized``; dynamic dims from ``dims`` by name, else 1. None when shapes are unknown.
+    ``macs``: ``node_macs`` of ``model`` by node label, when already counted."""
+    macs = node_macs(model, dims=dims, key=node_label) if macs is None else macs
     if any(m is None for m in macs.values()):
         return None
     total = sum(macs.values())

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
+from onnxscript.optimizer import fold_constants_ir
 
 from onnxopt.report import ModelStats
 
@@ -70,8 +71,8 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
 def count_macs(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> int | None:
     """MACs of Conv, ConvTranspose, Gemm and MatMul (and their quantized forms) for one batch.
 
-    Shapes come from onnx shape inference on a structural copy whose dynamic input dims are fixed
-    (``dims`` by name, else 1); the caller's model is not touched. ``None`` when shapes are unknown
+    Shapes are inferred on a structural copy whose dynamic input dims are fixed (``dims`` by name,
+    else 1; see ``_with_fixed_shapes``); the caller's model is not touched. ``None`` when shapes are unknown
     for a node that counts.
     """
     total = 0
@@ -84,6 +85,7 @@ def count_macs(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> int
             total += macs
     if unknown:
         logger.debug("MACs unknown for %d nodes", unknown)
+        return None
     return int(total)
 
 
@@ -96,7 +98,12 @@ def node_macs(
 
 
 def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None) -> ir.Model:
-    """A structural copy with dynamic input dims fixed (``dims`` by name, else 1) and shapes inferred."""
+    """A structural copy with dynamic input dims fixed (``dims`` by name, else 1) and shapes inferred.
+
+    Shapes are inferred by onnxscript's constant folder, which evaluates what the fixed dims make
+    constant as it goes: an exporter's Shape → Gather → Concat → Reshape chains (a transformer's
+    attention heads) otherwise leave every MatMul after them with unknown shapes.
+    """
     dims = dict(dims or {})
     clone = model.clone()
     for value in clone.graph.inputs:
@@ -108,9 +115,13 @@ def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None) -> ir.Mo
         for out in node.outputs:
             out.shape = None  # stale shapes recorded by the exporter would hide the fixed dims
     try:
-        ShapeInferencePass(strict_mode=False)(clone)
+        fold_constants_ir(clone, onnx_shape_inference=True)
     except Exception as exc:  # shape inference is best effort
-        logger.debug("shape inference failed: %s", exc)
+        logger.debug("constant folding failed: %s", exc)
+        try:
+            ShapeInferencePass(strict_mode=False)(clone)
+        except Exception as exc:
+            logger.debug("shape inference failed: %s", exc)
     return clone
 
 

@@ -18,6 +18,7 @@ from onnxopt.cli import main
 from onnxopt.latency import timing_settings
 from onnxopt.observe import optimized_ops
 from onnxopt.passes import QuantizeQDQ
+from onnxopt.passes.quantize import node_label
 from onnxopt.profiling import kernel_times, layer_times
 from onnxopt.report import LatencyComparison
 from onnxopt.runtime import ModelSnapshot
@@ -213,14 +214,45 @@ def test_mobilenet_measured_for_real_every_layer_timed_and_only_a_faster_model_k
 
 
 def test_where_shapes_are_unknown_the_cap_counts_layers():
-    # The zoo transformer's MACs are unknown (Reshape to computed shapes): at most half its 17 layers go float.
+    # A Reshape to a shape fed at run time: no MatMul after it has a known shape, so at most half the
+    # 4 layers go float.
+    weights = {f"w{i}": np.ones((8, 8), np.float32) for i in range(4)}
+    model = build(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x, int64[2] shape) => (float[M, 8] y) {
+            r = Reshape(x, shape)
+            a = MatMul(r, w0)
+            b = MatMul(a, w1)
+            c = MatMul(b, w2)
+            y = MatMul(c, w3)
+        }
+        """,
+        weights,
+    )
+    layers = [node_label(n) for n in model.graph if n.op_type == "MatMul"]
+    assert len(layers) == 4 and onnxopt.quantization.float_mac_share(model, set()) is None
+    step = object.__new__(onnxopt.quantization.QuantizationStep)
+    step.mac_dims = {}
+    chosen = step._slower_layers(model, layers, dict.fromkeys(layers, 10.0), dict.fromkeys(layers, 1.0))
+    assert len(chosen) == 2
+
+
+def test_the_cap_counts_macs_at_the_calibration_data_dims():
+    # The zoo transformer at 16 tokens: its 17 MatMul/Gemm layers have known MACs; making every layer
+    # float except the head (6% of the MACs) would leave 94% float, so the cap stops at half the MACs.
     model = onnxopt.optimize(ROOT / "models" / "zoo" / "transformer_encoder.onnx", "simplify", validate=False,
                              latency=False).model
     layers = [n.name for n in model.graph if n.op_type in ("MatMul", "Gemm")]
-    assert len(layers) == 17 and onnxopt.quantization.float_mac_share(model, set()) is None
-    chosen = onnxopt.quantization.QuantizationStep._slower_layers(model, layers, dict.fromkeys(layers, 10.0),
-                                                                  dict.fromkeys(layers, 1.0))
-    assert len(chosen) == 8
+    share = onnxopt.quantization.float_mac_share(model, set(), dims={"seq": 16})
+    assert len(layers) == 17 and share == 1.0
+    step = object.__new__(onnxopt.quantization.QuantizationStep)
+    step.mac_dims = {"seq": 16}
+    chosen = step._slower_layers(model, layers, dict.fromkeys(layers, 10.0), dict.fromkeys(layers, 1.0))
+    macs = onnxopt.stats.node_macs(model, dims={"seq": 16})
+    left = sum(macs[n] for n in chosen) / sum(macs.values())
+    assert chosen and left <= onnxopt.quantization.MAX_FLOAT_SHARE
+    assert all(left + macs[n] / sum(macs.values()) > onnxopt.quantization.MAX_FLOAT_SHARE for n in set(layers) - set(chosen))
 
 
 def test_a_profiler_that_fails_stops_the_speed_fallback_and_says_so(digits, monkeypatch):
