@@ -645,3 +645,56 @@ def test_real_architectures_quantize_every_weighted_layer_closely(name):
         assert ops.get("QLinearAdd") == 16 and "Sum" not in ops, ops
     assert min(o.cosine for o in result.report.validation.outputs) > 0.999
     assert details["file_bytes"]["ratio"] < 0.3  # weights dominate: int8 and no float copy
+
+
+def two_linear_layers(a_shape: str) -> ir.Model:
+    """MatMul + Add(bias) → Relu → MatMul + Add(bias) on an input of ``a_shape``, as TensorFlow and
+    torch (on 3-D inputs) export a Linear layer."""
+    return build(
+        f"""{OPSET}
+        g (float[{a_shape}] x) => (float[{a_shape.rsplit(",", 1)[0]},32] y) {{
+            m1 = MatMul(x, W1)
+            a1 = Add(m1, B1)
+            r1 = Relu(a1)
+            m2 = MatMul(r1, W2)
+            y = Add(B2, m2)
+        }}""",
+        {"W1": randn(64, 128) * 0.1, "B1": randn(128), "W2": randn(128, 32) * 0.1, "B2": randn(1, 32)},
+    )
+
+
+@pytest.mark.parametrize("a_shape, dims", [("N,64", {"N": 8}), ("4,64", None), ("1,16,64", None)])
+def test_a_matmul_bias_that_onnxruntime_fuses_into_a_gemm_is_int32(a_shape, dims):
+    # A of rank 2, or of a known shape: onnxruntime fuses MatMul + Add into a Gemm. With the bias in
+    # float that Gemm stayed float and dequantized its weights on every run; as int32 it is a QGemm.
+    model = two_linear_layers(a_shape)
+    reference = snapshot(model)
+    feeds = random_feeds(model, dims, seed=9)
+    p = quantize(model, dims)
+    assert p.details["matmul_biases"] == ["Add(a1)", "Add(y)"] and not p.details["left"]
+    for name in ("B1", "B2"):
+        assert name not in model.graph.initializers  # the float bias is gone
+    biases = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+              and n.inputs[0].const_value.dtype == ir.DataType.INT32]
+    assert len(biases) == 2
+    ops = optimized_ops(model)
+    assert ops.get("QGemm") == 2 and "Gemm" not in ops and "DequantizeLinear" not in ops, ops
+    want, got = run(reference, feeds)[0], run(model, feeds)[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_a_matmul_bias_stays_float_where_onnxruntime_does_not_fuse_it():
+    # A of rank 3 with dynamic dims: a MatMulIntegerToFloat and a float Add; an int32 bias there
+    # would be one more DequantizeLinear on every run.
+    model = two_linear_layers("N,S,64")
+    p = quantize(model, {"N": 2, "S": 5})
+    assert "matmul_biases" not in p.details
+    assert set(p.details["left"]) == {"Add(a1)", "Add(y)"} and "B1" in model.graph.initializers
+    ops = optimized_ops(model)
+    assert ops.get("MatMulIntegerToFloat") == 2 and "DequantizeLinear" not in ops, ops
+
+
+def test_an_excluded_bias_add_keeps_its_float_bias():
+    model = two_linear_layers("N,64")
+    p = quantize(model, {"N": 8}, exclude=["Add(y)"])
+    assert p.details["matmul_biases"] == ["Add(a1)"] and "B2" in model.graph.initializers
