@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", help="inputs for validation: .npz, folder of .npy, onnx test-data .pb, or 'synthetic'")
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="size of a named dynamic dim (repeatable)")
+    parser.add_argument("--fix-dim", action="append", default=[], metavar="NAME=N",
+                        help="fix a named dynamic input dim in the output (repeatable; adds the 'fix-shapes' pass "
+                             "first, so that simplify folds the shape arithmetic; the model then takes only that size)")
     parser.add_argument("--batch-size", type=int, help="samples per batch when cutting --data (default 32)")
     parser.add_argument("--providers", default="cpu", help="execution providers: cpu (default), cuda, ...")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the latency comparison (default 1)")
@@ -191,7 +194,7 @@ def _run(args) -> int:
         progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
         round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
         calibrate=args.calibrate, percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine,
-        speed_fallback=None if args.speed_fallback else False,
+        speed_fallback=None if args.speed_fallback else False, fix_dims=args.fix_dim,
     )
     report = result.report
     if result.ok:

@@ -122,8 +122,8 @@ def _normalize_dim(dim):
     return dim
 
 
-def parse_dims(items: Iterable[str] | Mapping[str, int] | None) -> dict[str, int]:
-    """``["batch=4", "seq=128"]`` → ``{"batch": 4, "seq": 128}``."""
+def parse_dims(items: Iterable[str] | Mapping[str, int] | None, flag: str = "--dim") -> dict[str, int]:
+    """``["batch=4", "seq=128"]`` → ``{"batch": 4, "seq": 128}``; errors name ``flag``."""
     if items is None:
         return {}
     if isinstance(items, Mapping):
@@ -133,7 +133,7 @@ def parse_dims(items: Iterable[str] | Mapping[str, int] | None) -> dict[str, int
         name, sep, value = str(item).rpartition("=")
         # isdecimal, not isdigit: int() refuses digits such as '²'.
         if not sep or not name.strip() or not value.strip().isdecimal() or int(value) <= 0:
-            raise OptionError(f"--dim {item!r}: expected NAME=POSITIVE_INT, e.g. batch=4")
+            raise OptionError(f"{flag} {item!r}: expected NAME=POSITIVE_INT, e.g. batch=4")
         dims[name.strip()] = int(value)
     return dims
 

@@ -18,7 +18,8 @@ from onnxopt import io
 from onnxopt.data import Dataset, feed_dims, head, load_data, parse_dims, synthetic_data
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError
 from onnxopt.latency import compare_latency
-from onnxopt.passes import REGISTRY, PruneChannels, QuantizeQDQ
+from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
+from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report
 from onnxopt.runtime import ModelSnapshot
@@ -113,6 +114,7 @@ def optimize(
     max_drop: float | None = None,
     min_cosine: float | None = None,
     speed_fallback: bool | None = None,
+    fix_dims: Mapping[str, int] | Sequence[str] | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -127,6 +129,9 @@ def optimize(
     per output; then, with ``speed_fallback`` (None: when ``latency`` is measured), layers whose int8
     kernels run slower than float (at the ``threads`` and the batch that latency is measured at) stay
     float when that makes the model faster; see ``onnxopt.quantization``.
+
+    ``fix_dims`` (``{"batch": 1, "seq": 128}``) fixes those input dims in the result (the
+    ``fix-shapes`` pass, first unless listed): data and calibration must then have those sizes.
     """
     pass_objects = resolve_passes(passes)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
@@ -135,19 +140,25 @@ def optimize(
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     label = source or type(model).__name__
     working = io.load_model(model)
+    pass_objects, fixed_dims = with_fixed_dims(pass_objects, parse_dims(fix_dims, "--fix-dim"), dims, working, label)
+    dims = {k: v for k, v in dims.items() if k not in fixed_dims}  # data meets those dims fixed
     quantizing = [p for p in pass_objects if isinstance(p, QuantizeQDQ) and p.ranges is None]
-    quantization = None
     if quantizing:
         working, upgraded = QuantizationStep.upgrade_opset(working, label)
+    # Data and calibration must fit the model as it will be: with its dims fixed, if they are.
+    fixer = next((p for p in pass_objects if isinstance(p, FixInputShapes)), None)
+    data_model = FixInputShapes(fixer.dims)(working.clone()).model if fixer is not None else working
+    quantization = None
+    if quantizing:
         quantization = QuantizationStep(
-            working, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
+            data_model, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
             min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers, threads=threads,
             speed_fallback=latency if speed_fallback is None else speed_fallback,
         )
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
         # Fail on bad data before spending time on passes.
-        dataset = _dataset(data, working, dims, batch_size, quantization)
+        dataset = _dataset(data, data_model, dims, batch_size, quantization)
         original = ModelSnapshot(working)
         try:
             original.session(optimization="disabled", providers=providers)
@@ -156,7 +167,8 @@ def optimize(
         except Exception as exc:
             raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
     # MACs per sample at the data's other dims (a transformer's sequence length), unless --dim says.
-    stat_dims = {**feed_dims(working, dataset.batches[0] if (validate or latency) and dataset.batches else None), **dims}
+    stat_dims = {**feed_dims(working, dataset.batches[0] if (validate or latency) and dataset.batches else None), **dims,
+                 **fixed_dims}
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
     report.lossy = any(isinstance(p, PruneChannels) and p.mode != "zero" for p in pass_objects)
@@ -235,6 +247,33 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
 
 def _one_line(exc: BaseException) -> str:
     return " ".join((str(exc).strip() or type(exc).__name__).split())[:300]
+
+
+def with_fixed_dims(pass_objects: list, fix_dims: dict[str, int], dims: dict[str, int], model: ir.Model,
+                    label: str) -> tuple[list, dict[str, int]]:
+    """The passes with a ``fix-shapes`` pass set to ``fix_dims`` (the one listed, else a new one first:
+    it must run before ``simplify`` folds), and the sizes it fixes; refuses a listed ``fix-shapes``
+    without sizes, a name no input dim of ``model`` has, and a size that ``dims`` contradicts."""
+    listed = [p for p in pass_objects if isinstance(p, FixInputShapes)]
+    if not fix_dims:
+        if any(not p.dims for p in listed):
+            raise OptionError("pass fix-shapes needs sizes: --fix-dim NAME=N (repeatable), e.g. --fix-dim batch=1")
+        fix_dims = {k: v for p in listed for k, v in p.dims.items()}
+        if not fix_dims:
+            return pass_objects, {}
+    for name, size in fix_dims.items():
+        if dims.get(name, size) != size:
+            raise OptionError(f"--fix-dim {name}={size} contradicts --dim {name}={dims[name]}")
+    fixer = FixInputShapes(fix_dims)
+    missing = fixer.missing(model)
+    if missing:
+        raise OptionError(f"--fix-dim {missing[0]}: {label} has no input dim of that name "
+                          f"(named dims: {', '.join(input_dim_names(model)) or 'none'})")
+    if listed:
+        pass_objects = [fixer if isinstance(p, FixInputShapes) else p for p in pass_objects]
+    else:
+        pass_objects = [fixer, *pass_objects]
+    return pass_objects, fix_dims
 
 
 def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope: str = "layer", round_to: int = 1,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from onnxopt.passes._base import OnnxoptPass
 from onnxopt.passes.equalize import EqualizeCrossLayer
+from onnxopt.passes.fix_shapes import FixInputShapes
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 from onnxopt.passes.prune_channels import PruneChannels
 from onnxopt.passes.quantize import QuantizeQDQ
@@ -15,9 +16,10 @@ from onnxopt.passes.simplify import Simplify
 
 __all__ = [
     "OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "EqualizeCrossLayer",
-    "REGISTRY",
+    "FixInputShapes", "REGISTRY",
 ]
 
 REGISTRY: dict[str, type[OnnxoptPass]] = {
-    cls.name: cls for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer)
+    cls.name: cls
+    for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer, FixInputShapes)
 }
