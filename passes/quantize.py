@@ -496,10 +496,12 @@ class QuantizeQDQ(OnnxoptPass):
         # A quantized op whose activation inputs lack a range stays float.
         quantized_nodes: list[tuple[ir.Node, str, str]] = []  # labels before outputs are renamed
         io: dict[str, list] = {}  # node → [activation inputs, output] by their float names
+        table_reads: set[str] = set()  # outputs of a Gather (or shape op) on an integer table
         for node in list(graph):
             role = plan.nodes.get(node_label(node))
             if role == "pass-through" and node.inputs[0] is not None and node.inputs[0].name in plan.tables:
                 io[node_label(node)] = [[], node.outputs[0].name]  # a table read: its error is the table's
+                table_reads.add(node.outputs[0].name)
             if role is None or role in ("pass-through", "activation"):
                 continue
             needs = _activation_inputs(node, role)
@@ -523,7 +525,11 @@ class QuantizeQDQ(OnnxoptPass):
                 if node_label(node) in left and node.op_type in _WEIGHTED | _ELEMENTWISE | _POOLING | {"Concat"}]
         excluded = frozenset(id(node) for node in kept if self._excluded(node))
         by_design = frozenset(id(node) for node in kept) - excluded
-        integer_outputs = {plan.outputs[label] for _, label, _ in quantized_nodes if label in plan.outputs}
+        # A table read is integer too: onnxruntime fuses DequantizeLinear → Gather → QuantizeLinear into
+        # a Gather on the table only when every reader takes the DQ output; a float reader of the Gather
+        # would make it dequantize the whole table on every run (2 µs for the zoo transformer's 100x64
+        # table, 10 ms for a 30k-token vocabulary), where reading the DQ output costs the same values.
+        integer_outputs = {plan.outputs[label] for _, label, _ in quantized_nodes if label in plan.outputs} | table_reads
         dq_of: dict[str, ir.Value] = {}
         initializers = graph.initializers
         for tensor in plan.tables:

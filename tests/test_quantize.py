@@ -348,6 +348,27 @@ def test_gather_table_stored_as_integers():
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
 
 
+def test_a_table_read_by_a_float_op_is_still_gathered_on_integers():
+    # The embedding plus a constant position table (an Add with a constant stays float): the Add reads
+    # the DequantizeLinear of the gathered rows, so that onnxruntime gathers from the integer table;
+    # reading the Gather's float output made it dequantize the whole table on every run.
+    text = f"""{OPSET}
+    g (int64[1,5] ids) => (float[1,5,6] y) {{ e = Gather (table, ids) \n p = Add (e, pos) \n y = MatMul (p, W) }}"""
+    model = build(text, {"table": randn(50, 8), "pos": randn(1, 5, 8), "W": randn(8, 6)})
+    feeds = [{"ids": rng.integers(0, 50, (1, 5)).astype(np.int64)} for _ in range(3)]
+    before = snapshot(model)
+    p = QuantizeQDQ()
+    p.ranges = calibrate(model, p.plan(model).tensors, feeds)
+    p(model)
+    add = next(n for n in model.graph if n.op_type == "Add")
+    assert add.inputs[0].producer().op_type == "DequantizeLinear"
+    ops = optimized_ops(model)
+    # One DequantizeLinear: the gathered rows' (before the float Add), none on the table.
+    assert ops.get("Gather") == 1 and ops.get("DequantizeLinear") == 1, ops
+    ref, got = run(before, feeds[0])[0], run(model, feeds[0])[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+
+
 def test_conv_transpose_axis_one_and_grouped_per_tensor():
     text = f"""{OPSET}
     g (float[N,4,4,4] x) => (float[N,6,8,8] y) {{
