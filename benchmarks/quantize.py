@@ -1,6 +1,6 @@
 """Benchmark: onnxopt's ``--quantize int8`` against onnxruntime.quantization and onnxsim's ``quantize_static``.
 
-    python -m benchmarks.quantize [--method minmax] [--models digits,mobilenet_dw,transformer_encoder]
+    python -m benchmarks.quantize [--method minmax] [--models digits,mobilenet_dw,transformer_encoder,transformer_fixed]
     python -m benchmarks.quantize --memory --method entropy   # calibration peak RSS, detector, 128 vs 2,048 samples
 
 Every tool gets the same float model file, the same calibration samples (batches of 32) and the
@@ -116,6 +116,16 @@ def model_data(name: str, folder: Path, samples: int | None = None) -> tuple[Pat
         np.savez(calib, **{spec.name: _rng(0).standard_normal((samples or 64, *shape)).astype(np.float32)})
         np.savez(test, **{spec.name: _rng(1).standard_normal((32, *shape)).astype(np.float32)})
         return path, calib, test, "top1"
+    if name == "transformer_fixed":  # the same export at static shapes (batch 1, 16 tokens), as many are shipped
+        import onnx_ir as ir
+
+        from onnxopt.passes import FixInputShapes
+
+        path = folder / f"{name}.onnx"
+        fixed = ir.load(ROOT / "models" / "zoo" / "transformer_encoder.onnx")
+        FixInputShapes({"batch": 1, "seq": 16})(fixed)
+        ir.save(fixed, path)
+        name = "transformer_encoder"
     if name == "transformer_encoder":
         np.savez(calib, input=_rng(0).integers(0, 100, (n, 16)).astype(np.int64))
         np.savez(test, input=_rng(1).integers(0, 100, (256, 16)).astype(np.int64))
@@ -350,8 +360,9 @@ def _onnxsim_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quantize", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="digits,mobilenet_dw,transformer_encoder",
-                        help=f"comma-separated: digits, zoo names, or onnx architectures ({', '.join(LIGHT)})")
+    parser.add_argument("--models", default="digits,mobilenet_dw,transformer_encoder,transformer_fixed",
+                        help=f"comma-separated: digits, zoo names, transformer_fixed (the zoo transformer at batch 1 "
+                             f"and 16 tokens), or onnx architectures ({', '.join(LIGHT)})")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--batches", default="1,32", help="batch sizes for latency (default 1,32)")
     parser.add_argument("--memory", action="store_true",
