@@ -88,13 +88,38 @@ class _ChannelShuffle(pattern.RewriteRuleClassBase):
         return op.Gather(x, op.Constant(value=ir.tensor(order)), axis=1)
 
 
+class _TransposeAsReshape(pattern.RewriteRuleClassBase):
+    """A Transpose that moves only size-1 axes leaves every element where it was: it is a Reshape, which
+    onnxruntime runs without copying (exact). Needs the input's static shape, as after ``fix-shapes``:
+    the transformer's [1, 16, 64] ↔ [16, 1, 64] Transposes at batch 1 (4 of its 6 in onnxruntime's graph)."""
+
+    def pattern(self, op, x, perm):
+        return op.Transpose(x, perm=perm)
+
+    def check(self, context, x, perm, **_) -> bool:
+        shape = x.shape
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+            return False
+        order = list(perm.as_ints())
+        if sorted(order) != list(range(len(shape))) or order == sorted(order):
+            return False  # invalid, or the identity (onnxscript's no-op rule)
+        moved = [axis for axis in order if shape[axis] != 1]
+        return moved == sorted(moved)
+
+    def rewrite(self, op, x, perm, **_):
+        target = np.array([x.shape[axis] for axis in perm.as_ints()], dtype=np.int64)
+        return op.Reshape(x, op.Constant(value=ir.tensor(target)))
+
+
 class _Canonicalize(ir.passes.InPlacePass):
     """Rewrites that change no value and help onnxruntime. A two-input Sum is an Add (same arithmetic,
     same broadcasting), and Add is what onnxruntime's fusions and quantized kernels know: ResNet-50's
     16 residual Sums (Caffe2 exports) ran as float islands between integer convs, now they are
-    QLinearAdds. A channel shuffle becomes a Gather (``_ChannelShuffle``)."""
+    QLinearAdds. A channel shuffle becomes a Gather (``_ChannelShuffle``), a Transpose of size-1 axes a
+    Reshape (``_TransposeAsReshape``)."""
 
-    _rules = pattern.RewriteRuleSet([pattern.RewriteRule(_sum_of_two, _add), _ChannelShuffle.rule()])
+    _rules = pattern.RewriteRuleSet([pattern.RewriteRule(_sum_of_two, _add), _ChannelShuffle.rule(),
+                                     _TransposeAsReshape.rule()])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         return ir.passes.PassResult(model, modified=bool(self._rules.apply_to_model(model)))
@@ -127,9 +152,12 @@ class Simplify(OnnxoptPass):
     - functions are inlined, so that folding sees through them;
     - nodes whose inputs are all constant are evaluated (QDQ nodes are kept); a large weight is sliced,
       split, transposed or reshaped ahead of time when only such layout ops read it;
+    - nodes that repeat another's computation (same op, attributes and inputs; not random ops) are
+      merged (onnx-ir's common subexpression elimination: an exporter's shape arithmetic repeats);
     - Identity nodes, nodes no output depends on, unused functions and opset imports are removed;
-    - a two-input Sum becomes an Add, a channel shuffle (Reshape, Transpose, Reshape) a Gather
-      (onnxscript rewrite rules): exact, and what onnxruntime's fusions and integer kernels run well;
+    - a two-input Sum becomes an Add, a channel shuffle (Reshape, Transpose, Reshape) a Gather, a
+      Transpose that moves only size-1 axes a Reshape (onnxscript rewrite rules): exact, and what
+      onnxruntime's fusions and integer kernels run well;
     - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
     """
 
@@ -142,6 +170,7 @@ class Simplify(OnnxoptPass):
             ir.passes.PassManager(
                 [
                     _FoldConstants(),
+                    common.CommonSubexpressionEliminationPass(),
                     _Canonicalize(),
                     _IdentityElimination(),
                     common.RemoveUnusedNodesPass(),

@@ -238,3 +238,36 @@ def test_other_reshape_transpose_reshapes_stay():
     model = build(text, {"split": np.array([0, 2, 4, 4, 4], np.int64), "merge": np.array([0, 8, 4, 4], np.int64)})
     simplify(model, random_feeds(model, {"N": 2}), rtol=0.0)
     assert op_types(model) == ["Reshape", "Transpose", "Reshape"]
+
+
+@pytest.mark.parametrize("shape, perm, becomes", [
+    ("1,16,8", [1, 0, 2], "Reshape"),      # the transformer's batch-first swap at batch 1
+    ("1,4,1,8", [0, 2, 1, 3], "Reshape"),  # only size-1 axes move
+    ("2,16,8", [1, 0, 2], "Transpose"),    # two axes of size > 1 swap: values move
+    ("1,4,1,8", [2, 0, 3, 1], "Transpose"),  # 8 before 4
+    ("N,16,8", [1, 0, 2], "Transpose"),    # N may be more than 1
+])
+def test_a_transpose_of_size_one_axes_becomes_a_reshape(shape, perm, becomes):
+    dims = shape.split(",")
+    out = ",".join(dims[p] for p in perm)
+    model = build(f"""{OPSET}
+    g (float[{shape}] x) => (float[{out}] y) {{ t = Transpose <perm={perm}> (x) \n y = Relu (t) }}""")
+    _, modified = simplify(model, random_feeds(model, {"N": 1}), rtol=0.0)  # exact: no value moves
+    assert op_types(model) == [becomes, "Relu"] and modified == (becomes == "Reshape")
+
+
+def test_repeated_shape_arithmetic_is_computed_once():
+    # Exporters compute a dim once per reader: three Shape → Gather chains of one tensor become one.
+    model = build(f"""{OPSET}
+    g (float[N,8] x) => (float[N,2,4] a, float[N,4,2] b, float[N,8] c) {{
+        s1 = Shape (x) \n n1 = Gather <axis=0> (s1, zero) \n u1 = Unsqueeze (n1, axes)
+        s2 = Shape (x) \n n2 = Gather <axis=0> (s2, zero) \n u2 = Unsqueeze (n2, axes)
+        s3 = Shape (x) \n n3 = Gather <axis=0> (s3, zero) \n u3 = Unsqueeze (n3, axes)
+        t1 = Concat <axis=0> (u1, two, four) \n a = Reshape (x, t1)
+        t2 = Concat <axis=0> (u2, four, two) \n b = Reshape (x, t2)
+        t3 = Concat <axis=0> (u3, eight) \n c = Reshape (x, t3)
+    }}""", {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "two": np.array([2], np.int64),
+            "four": np.array([4], np.int64), "eight": np.array([8], np.int64)})
+    simplify(model, random_feeds(model, {"N": 3}), rtol=0.0)
+    ops = op_types(model)
+    assert ops.count("Shape") == ops.count("Gather") == ops.count("Unsqueeze") == 1 and ops.count("Reshape") == 3
