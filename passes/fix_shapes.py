@@ -25,12 +25,13 @@ class FixInputShapes(OnnxoptPass):
     """Give named dynamic dims fixed sizes.
 
     Rules:
-    - a dim name stands for one size throughout a model, so each name in ``dims`` becomes its size
-      wherever a shape holds it: graph inputs and outputs, and every recorded intermediate shape,
-      subgraphs included;
+    - a dim name stands for one size throughout the main graph, so each name in ``dims`` becomes its
+      size wherever a shape there holds it: its inputs and outputs, and every recorded intermediate shape;
     - a recorded intermediate shape that still holds another dynamic dim is dropped: shape inference
       (``simplify``, next) works it out again from the fixed inputs, where a stale symbol would hide
       a size that is now known;
+    - in a subgraph (If, Loop, Scan bodies) a name may stand for a size per iteration: a shape there
+      that holds a fixed name is dropped, not rewritten, and inferred again;
     - a name that no graph input carries is skipped with a warning (``missing``; the pipeline refuses
       it as a typo before any pass runs);
     - input dims without a name (``?``, -1) stay dynamic, and the summary counts them.
@@ -61,11 +62,15 @@ class FixInputShapes(OnnxoptPass):
                 if value.shape is None:
                     continue
                 shape = self._fixed(value.shape)
-                if value in boundary or all(isinstance(d, int) for d in shape):
+                if graph is not model.graph:
+                    if shape != list(value.shape.dims):
+                        value.shape = None
+                        dropped += 1
+                elif value in boundary or all(isinstance(d, int) for d in shape):
                     if shape != list(value.shape.dims):
                         value.shape = ir.Shape(shape)
                         fixed += 1
-                        fixed_inputs += graph is model.graph and value in graph.inputs
+                        fixed_inputs += value in graph.inputs
                 elif any(not isinstance(d, int) for d in value.shape):
                     value.shape = None  # inferred again from the fixed inputs
                     dropped += 1
