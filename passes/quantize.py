@@ -920,7 +920,10 @@ def _inferred_types(model: ir.Model) -> tuple[dict[str, ir.DataType], dict[str, 
     Exporters often write no value_info; a value of unknown type would otherwise never be quantized,
     and a MatMul input of unknown rank hides whether onnxruntime fuses its bias (``_fused_bias``).
     """
-    if all(v.dtype is not None and v.shape is not None for node in model.graph for v in node.outputs):
+    untyped = any(v.dtype is None for node in model.graph for v in node.outputs)
+    unshaped = any(node.op_type == "MatMul" and node.inputs and node.inputs[0] is not None and node.inputs[0].shape is None
+                   for node in model.graph)
+    if not (untyped or unshaped):
         return {}, {}
     proto = ir.to_proto(model)
     for tensor in proto.graph.initializer:  # types only: float weights' bytes are not needed
