@@ -212,6 +212,8 @@ def optimize(
                 runtime_floor=quantization is None and not report.lossy,
                 progress=(lambda i, n: progress("validate", i, n)) if progress else None,
             )
+        if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:
+            report.notes.append(_fixed_dims_failure(fixed_dims, original, dataset, providers))
         if latency and (report.validation is None or report.validation.error is None):
             report.latency = compare_latency(
                 original, candidate, dataset.batches[0], providers=providers, threads=threads,
@@ -247,6 +249,17 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
 
 def _one_line(exc: BaseException) -> str:
     return " ".join((str(exc).strip() or type(exc).__name__).split())[:300]
+
+
+def _fixed_dims_failure(fixed_dims: dict[str, int], original: ModelSnapshot, dataset: Dataset, providers) -> str:
+    """What to tell a user whose model fails at the sizes ``--fix-dim`` fixed: whether the original
+    model runs at those sizes at all (a position table shorter than the sequence does not)."""
+    sizes = ", ".join(f"{k}={v}" for k, v in fixed_dims.items())
+    try:
+        original.session(optimization="disabled", providers=providers).run(None, dataset.batches[0])
+    except Exception as exc:
+        return f"fix-shapes: the original model fails on inputs of {sizes} too: {_one_line(exc)[:200]}"
+    return f"fix-shapes: the model fixed at {sizes} fails where the original runs: please report it"
 
 
 def with_fixed_dims(pass_objects: list, fix_dims: dict[str, int], dims: dict[str, int], model: ir.Model,

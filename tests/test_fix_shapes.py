@@ -174,3 +174,13 @@ def test_an_exporters_odd_dim_name_is_fixed_from_the_command_line(tmp_path):
     ir.save(model, path)
     assert main([str(path), "--fix-dim", "p2o.DynamicDimension.0=3", "--no-latency", "-o", str(out), "-q"]) == 0
     assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [3, 4]
+
+
+def test_sizes_the_model_cannot_run_are_explained(tmp_path):
+    # The zoo transformer's position table holds 64 positions: at 128 tokens neither model runs.
+    data = tmp_path / "tokens.npz"
+    np.savez(data, input=np.zeros((2, 128), np.int64))
+    result = onnxopt.optimize(TRANSFORMER, "simplify", data=data, fix_dims={"batch": 1, "seq": 128}, latency=False)
+    assert not result.ok and "cannot load the optimized model" in result.report.validation.error
+    assert any(n.startswith("fix-shapes: the original model fails on inputs of batch=1, seq=128 too: ")
+               for n in result.report.notes), result.report.notes
