@@ -13,6 +13,7 @@ from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import pattern
 
 from onnxopt.passes._base import OnnxoptPass
+from onnxopt.passes.shape_arithmetic import ResolveShapeArithmetic
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class Simplify(OnnxoptPass):
             ir.passes.PassManager(
                 [
                     _FoldConstants(),
+                    ResolveShapeArithmetic(),
                     common.CommonSubexpressionEliminationPass(),
                     _Canonicalize(),
                     _IdentityElimination(),

@@ -113,7 +113,9 @@ def test_the_transformer_fixed_loses_its_shape_arithmetic(tmp_path):
     dynamic = onnxopt.optimize(TRANSFORMER, "simplify", data=data, latency=False)
     fixed = onnxopt.optimize(TRANSFORMER, "simplify", data=data, fix_dims={"batch": 1, "seq": 16}, latency=False)
     assert fixed.ok and fixed.report.validation.batches == 8  # the fixed batch 1 cuts the data
-    assert fixed.report.after.nodes < 0.5 * dynamic.report.after.nodes
+    # Dynamic, the reshapes that move two dynamic dims ([N*4, S, 16] → [N, 4, S, 16]) keep a computed
+    # target (104 nodes); fixed, every target is constant (76).
+    assert "Shape" in optimized_ops(dynamic.model) and fixed.report.after.nodes < 0.8 * dynamic.report.after.nodes
     ops = optimized_ops(fixed.model)
     assert ops.get("Gather") == 1  # the embedding: the shape arithmetic's Gathers are gone
     for op in ("Shape", "Unsqueeze", "Concat", "Sqrt", "Div"):
