@@ -107,7 +107,9 @@ def _attr_int(node: ir.Node, name: str, default: int) -> int:
 def _product(dims: Sequence[Dim]) -> Dim:
     if any(d is None for d in dims):
         return None
-    return _int(sympy.Mul(*dims)) if dims else 1
+    if all(map(_is_static, dims)):
+        return int(np.prod(dims, dtype=np.int64))
+    return _int(sympy.Mul(*dims))
 
 
 def _divide(a: Dim, b: Dim) -> Dim:
@@ -270,7 +272,8 @@ class _Analysis:
                 return None
             axis = _attr_int(node, "axis", 0) % len(shapes[0])
             out = list(shapes[0])
-            out[axis] = _int(sympy.Add(*[s[axis] for s in shapes])) if all(s[axis] is not None for s in shapes) else None
+            sizes = [s[axis] for s in shapes]
+            out[axis] = None if None in sizes else sum(sizes) if all(map(_is_static, sizes)) else _int(sympy.Add(*sizes))
             return out
         if op == "Flatten":
             if first is None:
