@@ -11,6 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import reshape_reshape_rule
 
 from onnxopt.passes._base import OnnxoptPass
 from onnxopt.passes.shape_arithmetic import ResolveShapeArithmetic
@@ -112,15 +113,51 @@ class _TransposeAsReshape(pattern.RewriteRuleClassBase):
         return op.Reshape(x, op.Constant(value=ir.tensor(target)))
 
 
+class _MatMulAddAsGemm(pattern.RewriteRuleClassBase):
+    """A MatMul of a static [..., K] activation by a constant [K, N] weight plus a constant [N] bias is
+    Reshape [-1, K] → Gemm → Reshape [..., N] (exact: the same products and sums). onnxruntime does
+    this itself at static shapes, after which the Reshapes it adds sit next to the model's own and
+    stay; written in the file they merge (``reshape_reshape_rule``): the zoo transformer at fixed shapes
+    runs 28 → 22 Reshapes in onnxruntime's graph, 0.94–0.96× the time."""
+
+    def pattern(self, op, x, w, b):
+        return op.Add(op.MatMul(x, w), b)
+
+    def check(self, context, x, w, b, **_) -> bool:
+        shape, weight, bias = x.shape, w.const_value, b.const_value
+        if shape is None or len(shape) < 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+            return False
+        if weight is None or bias is None or len(weight.shape) != 2 or weight.shape[0] != shape[-1]:
+            return False
+        dims = list(bias.shape)
+        return bool(dims) and dims[-1] == weight.shape[1] and all(d == 1 for d in dims[:-1])
+
+    def rewrite(self, op, x, w, b, **_):
+        k, n = w.const_value.shape
+        flat = op.Reshape(x, op.Constant(value=ir.tensor(np.array([-1, k], np.int64))))
+        bias = b if len(b.const_value.shape) == 1 else op.Reshape(b, op.Constant(value=ir.tensor(np.array([n], np.int64))))
+        out = op.Gemm(flat, w, bias)
+        return op.Reshape(out, op.Constant(value=ir.tensor(np.array([*x.shape[:-1], n], np.int64))))
+
+
+class _BiasFirstMatMulAddAsGemm(_MatMulAddAsGemm):
+    """The same with the bias as the Add's first operand (PyTorch's packed attention projections)."""
+
+    def pattern(self, op, x, w, b):
+        return op.Add(b, op.MatMul(x, w))
+
+
 class _Canonicalize(ir.passes.InPlacePass):
     """Rewrites that change no value and help onnxruntime. A two-input Sum is an Add (same arithmetic,
     same broadcasting), and Add is what onnxruntime's fusions and quantized kernels know: ResNet-50's
     16 residual Sums (Caffe2 exports) ran as float islands between integer convs, now they are
     QLinearAdds. A channel shuffle becomes a Gather (``_ChannelShuffle``), a Transpose of size-1 axes a
-    Reshape (``_TransposeAsReshape``)."""
+    Reshape (``_TransposeAsReshape``), a static rank-3 MatMul + bias a Gemm between Reshapes
+    (``_MatMulAddAsGemm``), and two Reshapes in a row one (onnxscript's ``reshape_reshape_rule``)."""
 
     _rules = pattern.RewriteRuleSet([pattern.RewriteRule(_sum_of_two, _add), _ChannelShuffle.rule(),
-                                     _TransposeAsReshape.rule()])
+                                     _TransposeAsReshape.rule(), _MatMulAddAsGemm.rule(),
+                                     _BiasFirstMatMulAddAsGemm.rule(), reshape_reshape_rule])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         return ir.passes.PassResult(model, modified=bool(self._rules.apply_to_model(model)))
@@ -153,11 +190,15 @@ class Simplify(OnnxoptPass):
     - functions are inlined, so that folding sees through them;
     - nodes whose inputs are all constant are evaluated (QDQ nodes are kept); a large weight is sliced,
       split, transposed or reshaped ahead of time when only such layout ops read it;
+    - shape arithmetic is resolved with symbolic dims (``shape_arithmetic``): static shape values become
+      constants, a computed Reshape target a constant of sizes, 0 (copy) and -1, a Reshape to the
+      shape it already has goes;
     - nodes that repeat another's computation (same op, attributes and inputs; not random ops) are
       merged (onnx-ir's common subexpression elimination: an exporter's shape arithmetic repeats);
     - Identity nodes, nodes no output depends on, unused functions and opset imports are removed;
     - a two-input Sum becomes an Add, a channel shuffle (Reshape, Transpose, Reshape) a Gather, a
-      Transpose that moves only size-1 axes a Reshape (onnxscript rewrite rules): exact, and what
+      Transpose that moves only size-1 axes a Reshape, a MatMul + bias on a static [..., K] input a
+      Gemm between Reshapes, two Reshapes in a row one (onnxscript rewrite rules): exact, and what
       onnxruntime's fusions and integer kernels run well;
     - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
     """

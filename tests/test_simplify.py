@@ -273,3 +273,24 @@ def test_repeated_shape_arithmetic_is_computed_once():
     ops = op_types(model)
     assert ops.count("Shape") == ops.count("Gather") == ops.count("Unsqueeze") == 1, ops
     assert ops.count("ConstantOfShape") == 2 and ops.count("Reshape") == 0, ops  # [N, 8] → [N, 8]: no-op
+
+
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_a_static_rank3_matmul_plus_bias_becomes_a_gemm_between_reshapes(bias_first):
+    # What onnxruntime does at static shapes anyway; in the file, its Reshapes merge with the model's.
+    add = "y = Add (b, m)" if bias_first else "y = Add (m, b)"
+    model = build(f"""{OPSET}
+    g (float[2,1,16,8] x) => (float[16,2,4] y) {{
+        r = Reshape (x, s) \n m = MatMul (r, w) \n {add} }}""",
+                  {"s": np.array([16, 2, 8], np.int64), "w": randn(8, 4), "b": randn(4)})
+    simplify(model, random_feeds(model))
+    assert op_types(model) == ["Reshape", "Gemm", "Reshape"]  # [2,1,16,8] → [32, 8] directly
+
+
+def test_a_dynamic_matmul_plus_bias_stays():
+    # [N, 16, 8]: the Reshape back would need N at runtime; onnxruntime fuses MatMul + Add itself.
+    model = build(f"""{OPSET}
+    g (float[N,16,8] x) => (float[N,16,4] y) {{ m = MatMul (x, w) \n y = Add (m, b) }}""",
+                  {"w": randn(8, 4), "b": randn(4)})
+    simplify(model, random_feeds(model, {"N": 3}))
+    assert op_types(model) == ["MatMul", "Add"]
