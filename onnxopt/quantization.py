@@ -237,7 +237,9 @@ class QuantizationStep:
         The slower layers are tried worst first, in growing sets (1, 2, 4 … of them), each set timed
         against the best model so far; two sets in a row that are not faster end the search (a float
         layer among integer ones costs a QuantizeLinear, a DequantizeLinear and layout Transposes,
-        which only the whole-model timing sees). It is an optimization, not a condition of the run:
+        which only the whole-model timing sees). Last, the chosen model is timed against ``float_model``
+        (``vs_float``), so that the report can tell a speed-up of quantization from one of the passes
+        before it. It is an optimization, not a condition of the run:
         a failure while measuring keeps the best model so far and says why."""
         start = time.perf_counter()
         settings = timing_settings(self.providers, 1 if self.threads is None else self.threads)
@@ -306,6 +308,8 @@ class QuantizationStep:
                 info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
                 if figure is not None:
                     self.details["budget"]["figure"] = figure
+            info["vs_float"] = self._against_float(float_model, best if best is not None else model, feed,
+                                                   settings.threads, budget)
         except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: any failure here skips the rest
             logger.warning("quantize: speed fallback stopped: %s", exc)
             info["error"] = " ".join(str(exc).split())[:200]
@@ -317,6 +321,21 @@ class QuantizationStep:
             logger.info("quantize: keeping %s in float: its int8 kernels take %.0f us, float %.0f us",
                         node, t_int8[node], t_float[node])
         return model, p, result
+
+    def _against_float(self, float_model: ir.Model, final: ir.Model | ModelSnapshot, feed: Mapping[str, np.ndarray],
+                       threads: int, budget: float) -> dict[str, Any]:
+        """The quantized model timed against ``float_model``, the model the other passes made: what
+        quantization itself buys at this setting (a speed-up over the original may be theirs)."""
+        plain, chosen = ModelSnapshot(float_model), final if isinstance(final, ModelSnapshot) else ModelSnapshot(final)
+        try:
+            figures = compare_latency(plain, chosen, feed, providers=self.providers, threads=threads,
+                                      budget_seconds=budget, threshold=SPEED_MIN_GAIN)
+        finally:
+            plain.close()
+            if chosen is not final:
+                chosen.close()
+        return {"ratio": round(figures.ratio, 3), "low": round(figures.ratio_low, 3), "high": round(figures.ratio_high, 3),
+                "verdict": figures.verdict}
 
     def _choose_activations(self, p: QuantizeQDQ, model: ir.Model, float_model: ir.Model,
                             feed: Mapping[str, np.ndarray] | None, progress: Callable[[str, int, int], None] | None,
@@ -588,6 +607,11 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
                      f"faster with them float ({tried} of the all-int8 time); they stay int8")
     elif not speed["timed"] and "error" not in speed:
         notes.append("quantize: speed fallback: no layer could be matched to onnxruntime's profile (unnamed nodes?)")
+    versus = speed.get("vs_float")
+    if versus and versus["verdict"] == "slower":
+        notes.append(f"quantize: the int8 model takes {versus['ratio']:.2f}x the time of the float model the other "
+                     f"passes made ({where}): quantization itself costs time here; any speed-up over the original "
+                     "comes from those passes")
     if "error" in speed:
         notes.append(f"quantize: speed fallback stopped: {speed['error']}")
     return notes

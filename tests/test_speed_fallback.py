@@ -111,9 +111,11 @@ def comparison(ratio: float, verdict: str) -> LatencyComparison:
                              providers=["CPUExecutionProvider"], threads=1, verdict=verdict)
 
 
-def stub_timing(monkeypatch, slow: set[str] | None, verdict: str = "faster", ratio: float = 0.8) -> list:
+def stub_timing(monkeypatch, slow: set[str] | None, verdict: str = "faster", ratio: float = 0.8,
+                versus: tuple[str, float] = ("no difference", 1.0)) -> list:
     """Kernel times where the ``slow`` layers (None: all) take 5x float in int8, the rest half; each
-    whole-model comparison answers ``verdict``. Returns the list of the sets compared."""
+    whole-model comparison answers ``verdict``, the last one (the chosen model against the float
+    model before quantize) ``versus``. Returns the list of the sets compared, that last one left out."""
     compared = []
 
     def fake_kernel_times(snapshots, feed, settings, **kwargs):
@@ -122,6 +124,8 @@ def stub_timing(monkeypatch, slow: set[str] | None, verdict: str = "faster", rat
         return [{n: 10.0 for n in names}, {n: 50.0 if slow is None or n in slow else 5.0 for n in names}]
 
     def fake_compare(a, b, feed, **kwargs):
+        if not any(n.op_type == "QuantizeLinear" for n in ir.from_proto(onnxopt.io.onnx.load_from_string(a.data)).graph):
+            return comparison(versus[1], versus[0])  # against the float model
         graph = ir.from_proto(onnxopt.io.onnx.load_from_string(b.data))
         compared.append({n.name for n in graph.graph if n.op_type == "Conv"
                          and (n.inputs[1].producer() is None or n.inputs[1].producer().op_type != "DequantizeLinear")})
@@ -171,6 +175,22 @@ def test_when_keeping_them_float_is_not_faster_every_layer_stays_int8(digits, mo
     assert details["speed"]["kept_float"] == [] and len(compared) == 2  # both sets, then two misses end it
     assert not details["left"] and optimized_ops(result.model).get("QLinearConv", 0) == DIGITS_CONVS
     assert any("not faster with them float" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("verdict, ratio, noted", [("slower", 1.08, True), ("faster", 0.7, False),
+                                                    ("no difference", 1.01, False)])
+def test_the_chosen_model_is_timed_against_the_float_model_of_the_other_passes(digits, monkeypatch, verdict,
+                                                                               ratio, noted):
+    # A speed-up over the original can be simplify's alone (the zoo transformer: 0.79x the export,
+    # 1.08x the simplified float model); the report says when quantization itself costs time.
+    stub_timing(monkeypatch, {"/head/head.2/Gemm"}, versus=(verdict, ratio))
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    versus = result.report.passes[-1].details["speed"]["vs_float"]
+    assert versus["verdict"] == verdict and versus["ratio"] == ratio
+    said = [n for n in result.report.notes if "the time of the float model the other passes made" in n]
+    assert bool(said) == noted and (not said or f"{ratio:.2f}x" in said[0])
+    assert result.ok  # information, not a failure
 
 
 def test_the_speed_fallback_never_leaves_so_much_float_that_the_run_fails(digits, monkeypatch):
