@@ -34,6 +34,7 @@ Dim = int | sympy.Expr | None  # a size: static, symbolic, or unknown
 Shape = list[Dim] | None  # None: rank unknown
 
 _INT_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32})
+_RANGES = {ir.DataType.INT64: (-(2**63), 2**63 - 1), ir.DataType.INT32: (-(2**31), 2**31 - 1)}
 _MAX_VALUES = 16  # integer tensors tracked by value: shape-sized ones only
 _UNARY = frozenset({
     "Abs", "Cast", "CastLike", "Ceil", "Clip", "Cos", "DequantizeLinear", "Dropout", "Elu", "Erf", "Exp",
@@ -121,7 +122,7 @@ def _divide(a: Dim, b: Dim) -> Dim:
         return quotient if (a >= 0) == (b > 0) else -quotient
     ratio = sympy.sympify(a) / b
     if ratio.is_integer:
-        return _int(sympy.simplify(ratio))
+        return _int(ratio)
     if sympy.sympify(a).is_nonnegative and sympy.sympify(b).is_positive:
         return _int(sympy.floor(ratio))
     return None
@@ -147,7 +148,8 @@ class _Analysis:
         for value in graph.inputs:
             self.shapes[value] = self._recorded_shape(value)
         for value in graph.initializers.values():
-            self._constant(value)
+            if not value.is_graph_input():  # else only a default that the caller may override
+                self._constant(value)
         for node in graph:
             try:
                 self._visit(node)
@@ -205,8 +207,9 @@ class _Analysis:
         self.shapes[out] = shape
         if out.dtype in _INT_TYPES and shape is not None and len(shape) <= 1:
             value = self._value_of(node)
-            if value is not None:
-                self.values[out] = value
+            low, high = _RANGES[out.dtype]
+            if value is not None and all(not _is_static(e) or low <= e <= high for e in value[0]):
+                self.values[out] = value  # else onnxruntime wraps around: the value is not ours to know
 
     def _axes(self, node: ir.Node, index: int = 1) -> list[int] | None:
         attr = node.attributes.get("axes")
@@ -253,10 +256,11 @@ class _Analysis:
             rest = iter(first)
             return [1 if i in axes else next(rest) for i in range(rank)]
         if op == "Squeeze":
+            given = node.attributes.get("axes") is not None or (len(inputs) > 1 and inputs[1] is not None)
             axes = self._axes(node)
-            if first is None:
-                return None
-            if axes is None:
+            if first is None or (given and axes is None):
+                return None  # axes computed at runtime: any size-1 dim may go
+            if not axes:  # none given (or an empty list): every size-1 dim goes
                 return None if any(not _is_static(d) for d in first) else [d for d in first if d != 1]
             axes = {a % len(first) for a in axes}
             return [d for i, d in enumerate(first) if i not in axes]
@@ -278,7 +282,8 @@ class _Analysis:
         if op == "Flatten":
             if first is None:
                 return None
-            axis = _attr_int(node, "axis", 1) % (len(first) + 1) if first else 0
+            axis = _attr_int(node, "axis", 1)
+            axis = axis + len(first) if axis < 0 else axis
             return [_product(first[:axis]), _product(first[axis:])]
         if op == "Slice":
             return self._slice(node, first)
@@ -340,6 +345,8 @@ class _Analysis:
         steps = self.ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else None
         if len(inputs) > 3 and inputs[3] is not None and axes is None:
             return None  # the sliced axes are unknown: every dim may change
+        if len(inputs) > 4 and inputs[4] is not None and steps is None:
+            return None  # computed steps: no length is certain
         count = len(starts[0]) if starts is not None else (len(axes) if axes is not None else None)
         if count is None:
             return None
@@ -374,8 +381,11 @@ class _Analysis:
             dims = self.shape(inputs[0])
             return ([_product(dims)], 0) if dims is not None else None
         source = self.values.get(inputs[0]) if inputs and inputs[0] is not None else None
-        if op in ("Identity", "Cast") and source is not None:
+        if op == "Identity" and source is not None:
             return source
+        if op == "Cast" and source is not None:  # int64 keeps every value; int32 only those that fit
+            return source if node.outputs[0].dtype == ir.DataType.INT64 or all(
+                _is_static(e) for e in source[0]) else None
         if op == "Gather" and source is not None and source[1] == 1:
             indices = self.values.get(inputs[1])
             if indices is None or _attr_int(node, "axis", 0) != 0:
@@ -387,6 +397,13 @@ class _Analysis:
             return list(source[0]), 1
         if op == "Squeeze" and source is not None and source[1] == 1 and len(source[0]) == 1:
             return list(source[0]), 0
+        if op == "Reshape" and source is not None:  # a scalar to [1] and back (dynamo's exports)
+            target = self.ints(inputs[1])
+            if target == [] and len(source[0]) == 1:
+                return list(source[0]), 0
+            if target is not None and len(target) == 1 and target[0] in (-1, len(source[0])):
+                return list(source[0]), 1
+            return None
         if op == "Concat":
             parts = [self.values.get(v) for v in inputs]
             if any(p is None or p[1] != 1 for p in parts):
@@ -427,25 +444,32 @@ def _constant_like(graph: ir.Graph, like: ir.Value, entries: list[int], rank: in
     return value
 
 
-def _reshape_target(analysis: _Analysis, node: ir.Node) -> list[int] | None:
-    """A constant target for a Reshape with a computed one: fixed sizes, 0 (copy), at most one -1."""
+def _reshape_target(analysis: _Analysis, node: ir.Node) -> tuple[list[int], int] | None:
+    """A constant target for a Reshape with a computed one (fixed sizes, 0 copies, at most one -1) and
+    the ``allowzero`` to run it with.
+
+    An exporter's ``allowzero=1`` (PyTorch's dynamo) matters only for a literal 0 in the target; without
+    one, the new target may copy dims under ``allowzero=0`` (a copy is the input's own dim: the same
+    size, zero or not).
+    """
     target = analysis.values.get(node.inputs[1])
     if target is None or analysis.ints(node.inputs[1]) is not None:
         return None
     allow_zero = _attr_int(node, "allowzero", 0)
+    copies = not (allow_zero and any(_is_static(e) and e == 0 for e in target[0]))
     source = analysis.shape(node.inputs[0]) or []
     out: list[int | None] = []
     for i, entry in enumerate(target[0]):
-        if _is_static(entry) and not (entry == 0 and allow_zero):
+        if _is_static(entry):
             out.append(entry)
-        elif not allow_zero and entry is not None and i < len(source) and source[i] is not None \
-                and sympy.simplify(sympy.sympify(entry) - source[i]) == 0:
+        elif copies and entry is not None and i < len(source) and source[i] is not None \
+                and (entry == source[i] or sympy.expand(entry - source[i]) == 0):
             out.append(0)
         else:
             out.append(None)
     if out.count(None) + out.count(-1) > 1:
         return None
-    return [-1 if entry is None else entry for entry in out]
+    return [-1 if entry is None else entry for entry in out], (0 if copies and 0 in out else allow_zero)
 
 
 class ResolveShapeArithmetic(ir.passes.InPlacePass):
@@ -459,7 +483,7 @@ class ResolveShapeArithmetic(ir.passes.InPlacePass):
         analysis = _Analysis(graph)
         modified = False
         outputs = set(graph.outputs)
-        names = {v.name for v in graph.inputs} | set(graph.initializers) | {
+        names = {v.name for g in (graph, *graph.subgraphs()) for v in (*g.inputs, *g.initializers.values())} | {
             v.name for n in ir.traversal.RecursiveGraphIterator(graph) for v in n.outputs}
         for node in list(graph):
             if node.op_type == "Constant" or node.domain not in ("", "ai.onnx"):
@@ -478,9 +502,12 @@ class ResolveShapeArithmetic(ir.passes.InPlacePass):
                     ir.convenience.replace_all_uses_with(out, node.inputs[0])  # a no-op Reshape
                     modified = True
                     continue
-                target = _reshape_target(analysis, node)
-                if target is not None:
+                resolved = _reshape_target(analysis, node)
+                if resolved is not None:
+                    target, allow_zero = resolved
                     value = _constant_like(graph, node.inputs[1], target, 1, f"{node.outputs[0].name}_target", names)
                     node.replace_input_with(1, value)
+                    if allow_zero != _attr_int(node, "allowzero", 0):
+                        node.attributes["allowzero"] = ir.AttrInt64("allowzero", allow_zero)
                     modified = True
         return ir.passes.PassResult(model, modified=modified)
