@@ -63,7 +63,7 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None or value.shape is None:
         return None
     dims = value.shape.dims
-    if not all(isinstance(d, int) for d in dims):
+    if not all(isinstance(d, int) and d >= 0 for d in dims):  # -1: an exporter's "dynamic"
         return None
     return tuple(dims)
 
@@ -105,7 +105,7 @@ def _macs(model: ir.Model, dims: Mapping[str, int] | None, nodes: Callable) -> d
     ``_with_fixed_shapes`` (0.35 s for DenseNet-121): with dynamic inputs a recorded shape may be the
     exporter's trace size, which only re-inference at the fixed dims corrects.
     """
-    if all(v.shape is not None and all(isinstance(d, int) for d in v.shape) for v in model.graph.inputs):
+    if all(v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape) for v in model.graph.inputs):
         recorded = {node: _node_macs(node) for node in nodes(model.graph) if _counts(node)}
         if all(macs is not None for macs in recorded.values()):
             return recorded

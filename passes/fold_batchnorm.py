@@ -43,16 +43,6 @@ class _Refusal(Exception):
     """A reason, in words, why one BatchNormalization cannot be folded."""
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
-
-
 def _only_consumer(value: ir.Value) -> ir.Node | None:
     """The node that alone reads ``value`` (once), if the value is not also a graph output."""
     uses = value.uses()
@@ -62,11 +52,11 @@ def _only_consumer(value: ir.Value) -> ir.Node | None:
 
 
 def _batchnorm_affine(bn: ir.Node) -> _Affine:
-    if _attr_int(bn, "training_mode", 0):
+    if bn.attributes.get_int("training_mode", 0):
         raise _Refusal("training_mode=1 (batch statistics are computed at run time)")
     if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
         raise _Refusal("running mean/var outputs are used (training graph)")
-    if not _attr_int(bn, "spatial", 1):
+    if not bn.attributes.get_int("spatial", 1):
         raise _Refusal("spatial=0 (per-element statistics)")
     params = []
     for role, value in zip(("scale", "bias", "mean", "var"), bn.inputs[1:5]):
@@ -79,7 +69,7 @@ def _batchnorm_affine(bn: ir.Node) -> _Affine:
     gamma, beta, mean, var = params
     if not len(gamma) == len(beta) == len(mean) == len(var):
         raise _Refusal("its parameters disagree in length")
-    eps = _attr_float(bn, "epsilon", 1e-5)
+    eps = bn.attributes.get_float("epsilon", 1e-5)
     scale = gamma / np.sqrt(var + eps)
     return _Affine(scale, beta - mean * scale)
 
@@ -337,7 +327,7 @@ class FoldBatchNorm(OnnxoptPass):
         """A channel Concat of Conv/ConvTranspose outputs: each producer takes its slice of the BN."""
         if _only_consumer(concat.outputs[0]) is not bn or concat.graph is not bn.graph:
             raise _Refusal("the Concat output is also read elsewhere, or in an outer graph")
-        axis = _attr_int(concat, "axis", 0)
+        axis = concat.attributes.get_int("axis", 0)
         parts = []
         for value in concat.inputs:
             node = value.producer() if value is not None else None
@@ -348,7 +338,7 @@ class FoldBatchNorm(OnnxoptPass):
             weight = _weight(node, 1, "weight")
             if axis not in (1, 1 - weight.ndim):
                 raise _Refusal(f"Concat axis {axis} is not the channel axis")
-            channels = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * _attr_int(node, "group", 1)
+            channels = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * node.attributes.get_int("group", 1)
             parts.append((node, channels))
         affine = _check_channels(affine, sum(c for _, c in parts), "Concat")
         offset = 0
@@ -405,7 +395,7 @@ class FoldBatchNorm(OnnxoptPass):
 
     def _fold_after_conv_transpose(self, graph, node: ir.Node, affine: _Affine):
         weight = _weight(node, 1, "weight")  # [C_in, C_out / group, *kernel]
-        group = _attr_int(node, "group", 1)
+        group = node.attributes.get_int("group", 1)
         if weight.shape[0] % group:
             raise _Refusal(f"input channels {weight.shape[0]} not divisible by group {group}")
         per_group = weight.shape[1]
@@ -424,11 +414,11 @@ class FoldBatchNorm(OnnxoptPass):
         weight = _weight(node, 1, "weight")
         if weight.ndim != 2:
             raise _Refusal("Gemm weight is not 2-D")
-        trans_b = _attr_int(node, "transB", 0)
+        trans_b = node.attributes.get_int("transB", 0)
         axis = 0 if trans_b else 1
         channels = weight.shape[axis]
         affine = _check_channels(affine, channels, "Gemm")
-        beta = _attr_float(node, "beta", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = _weight(node, 2, "bias").astype(np.float64) * beta
         else:
@@ -501,7 +491,7 @@ class FoldBatchNorm(OnnxoptPass):
 
     def _fold_before_conv(self, graph, conv: ir.Node, affine: _Affine):
         weight = _weight(conv, 1, "weight")  # [C_out, C_in / group, *kernel]
-        group = _attr_int(conv, "group", 1)
+        group = conv.attributes.get_int("group", 1)
         c_out, per_group = weight.shape[0], weight.shape[1]
         affine = _check_channels(affine, per_group * group, "Conv input")
         kernel = weight.shape[2:]
@@ -515,17 +505,17 @@ class FoldBatchNorm(OnnxoptPass):
         self._replace(graph, conv, 2, new_b.astype(weight.dtype), "bnfold_bias")
 
     def _fold_before_gemm(self, graph, gemm: ir.Node, affine: _Affine):
-        if _attr_int(gemm, "transA", 0):
+        if gemm.attributes.get_int("transA", 0):
             raise _Refusal("Gemm has transA=1")
         weight = _weight(gemm, 1, "weight")
         if weight.ndim != 2:
             raise _Refusal("Gemm weight is not 2-D")
-        trans_b = _attr_int(gemm, "transB", 0)
+        trans_b = gemm.attributes.get_int("transB", 0)
         w = weight.astype(np.float64)
         w_kn = w.T if trans_b else w  # [K, N]
         affine = _check_channels(affine, w_kn.shape[0], "Gemm input")
-        alpha = _attr_float(gemm, "alpha", 1.0)
-        beta = _attr_float(gemm, "beta", 1.0)
+        alpha = gemm.attributes.get_float("alpha", 1.0)
+        beta = gemm.attributes.get_float("beta", 1.0)
         if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
             bias = _weight(gemm, 2, "bias").astype(np.float64) * beta
         else:

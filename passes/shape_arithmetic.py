@@ -100,11 +100,6 @@ def _broadcast(shapes: Sequence[Shape]) -> Shape:
     return out
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
-
-
 def _product(dims: Sequence[Dim]) -> Dim:
     if any(d is None for d in dims):
         return None
@@ -242,8 +237,8 @@ class _Analysis:
             b = self.shape(inputs[1])
             if first is None or b is None or len(first) != 2 or len(b) != 2:
                 return None
-            m = first[1] if _attr_int(node, "transA", 0) else first[0]
-            n = b[0] if _attr_int(node, "transB", 0) else b[1]
+            m = first[1] if node.attributes.get_int("transA", 0) else first[0]
+            n = b[0] if node.attributes.get_int("transB", 0) else b[1]
             return [m, n]
         if op == "Reshape":
             return self._reshape(node, first)
@@ -268,13 +263,13 @@ class _Analysis:
             indices = self.shape(inputs[1])
             if first is None or indices is None:
                 return None
-            axis = _attr_int(node, "axis", 0) % len(first)
+            axis = node.attributes.get_int("axis", 0) % len(first)
             return first[:axis] + indices + first[axis + 1:]
         if op == "Concat":
             shapes = [self.shape(v) for v in inputs]
             if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1:
                 return None
-            axis = _attr_int(node, "axis", 0) % len(shapes[0])
+            axis = node.attributes.get_int("axis", 0) % len(shapes[0])
             out = list(shapes[0])
             sizes = [s[axis] for s in shapes]
             out[axis] = None if None in sizes else sum(sizes) if all(map(_is_static, sizes)) else _int(sympy.Add(*sizes))
@@ -282,7 +277,7 @@ class _Analysis:
         if op == "Flatten":
             if first is None:
                 return None
-            axis = _attr_int(node, "axis", 1)
+            axis = node.attributes.get_int("axis", 1)
             axis = axis + len(first) if axis < 0 else axis
             return [_product(first[:axis]), _product(first[axis:])]
         if op == "Slice":
@@ -295,7 +290,7 @@ class _Analysis:
         return None
 
     def _shape_slice(self, node: ir.Node, dims: list[Dim]) -> list[Dim]:
-        start = _attr_int(node, "start", 0)
+        start = node.attributes.get_int("start", 0)
         end_attr = node.attributes.get("end")
         end = end_attr.as_int() if end_attr is not None else len(dims)
         return dims[start:end]
@@ -321,7 +316,7 @@ class _Analysis:
         if target is None:
             return None
         entries = list(target[0])
-        allow_zero = _attr_int(node, "allowzero", 0)
+        allow_zero = node.attributes.get_int("allowzero", 0)
         out: list[Dim] = []
         for i, entry in enumerate(entries):
             if entry == 0 and not allow_zero:
@@ -388,7 +383,7 @@ class _Analysis:
                 _is_static(e) for e in source[0]) else None
         if op == "Gather" and source is not None and source[1] == 1:
             indices = self.values.get(inputs[1])
-            if indices is None or _attr_int(node, "axis", 0) != 0:
+            if indices is None or node.attributes.get_int("axis", 0) != 0:
                 return None
             if not all(_is_static(i) for i in indices[0]):
                 return None
@@ -455,7 +450,7 @@ def _reshape_target(analysis: _Analysis, node: ir.Node) -> tuple[list[int], int]
     target = analysis.values.get(node.inputs[1])
     if target is None or analysis.ints(node.inputs[1]) is not None:
         return None
-    allow_zero = _attr_int(node, "allowzero", 0)
+    allow_zero = node.attributes.get_int("allowzero", 0)
     copies = not (allow_zero and any(_is_static(e) and e == 0 for e in target[0]))
     source = analysis.shape(node.inputs[0]) or []
     out: list[int | None] = []
@@ -507,7 +502,7 @@ class ResolveShapeArithmetic(ir.passes.InPlacePass):
                     target, allow_zero = resolved
                     value = _constant_like(graph, node.inputs[1], target, 1, f"{node.outputs[0].name}_target", names)
                     node.replace_input_with(1, value)
-                    if allow_zero != _attr_int(node, "allowzero", 0):
+                    if allow_zero != node.attributes.get_int("allowzero", 0):
                         node.attributes["allowzero"] = ir.AttrInt64("allowzero", allow_zero)
                     modified = True
         return ir.passes.PassResult(model, modified=modified)

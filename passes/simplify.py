@@ -113,9 +113,14 @@ class _TransposeAsReshape(pattern.RewriteRuleClassBase):
         return op.Reshape(x, op.Constant(value=ir.tensor(target)))
 
 
+# Gemm's types that onnxruntime's CPU kernels run (it has no integer Gemm).
+_GEMM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16})
+
+
 class _MatMulAddAsGemm(pattern.RewriteRuleClassBase):
     """A MatMul of a static [..., K] activation by a constant [K, N] weight plus a constant [N] bias is
-    Reshape [-1, K] → Gemm → Reshape [..., N] (exact: the same products and sums). onnxruntime does
+    Reshape [-1, K] → Gemm → Reshape [..., N] (the same products and sums; only their order may
+    differ, within float rounding). onnxruntime does
     this itself at static shapes, after which the Reshapes it adds sit next to the model's own and
     stay; written in the file they merge (``reshape_reshape_rule``): the zoo transformer at fixed shapes
     runs 28 → 22 Reshapes in onnxruntime's graph, 0.94–0.96× the time."""
@@ -127,10 +132,12 @@ class _MatMulAddAsGemm(pattern.RewriteRuleClassBase):
         shape, weight, bias = x.shape, w.const_value, b.const_value
         if shape is None or len(shape) < 3 or not all(isinstance(d, int) and d > 0 for d in shape):
             return False
+        if x.dtype not in _GEMM_TYPES or w.is_graph_input() or b.is_graph_input():  # an input: overridable
+            return False
         if weight is None or bias is None or len(weight.shape) != 2 or weight.shape[0] != shape[-1]:
             return False
-        dims = list(bias.shape)
-        return bool(dims) and dims[-1] == weight.shape[1] and all(d == 1 for d in dims[:-1])
+        dims = list(bias.shape)  # [N] or [1, ..., N], no more dims than x: the Add keeps x's shape
+        return 0 < len(dims) <= len(shape) and dims[-1] == weight.shape[1] and all(d == 1 for d in dims[:-1])
 
     def rewrite(self, op, x, w, b, **_):
         k, n = w.const_value.shape
@@ -155,12 +162,19 @@ class _Canonicalize(ir.passes.InPlacePass):
     Reshape (``_TransposeAsReshape``), a static rank-3 MatMul + bias a Gemm between Reshapes
     (``_MatMulAddAsGemm``), and two Reshapes in a row one (onnxscript's ``reshape_reshape_rule``)."""
 
-    _rules = pattern.RewriteRuleSet([pattern.RewriteRule(_sum_of_two, _add), _ChannelShuffle.rule(),
-                                     _TransposeAsReshape.rule(), _MatMulAddAsGemm.rule(),
-                                     _BiasFirstMatMulAddAsGemm.rule(), reshape_reshape_rule])
+    _rules = pattern.RewriteRuleSet([pattern.RewriteRule(_sum_of_two, _add), _ChannelShuffle.rule()])
+    # These trust recorded static shapes, which only static inputs make certain (an exporter may
+    # record its trace's size for a dynamic dim): after fix-shapes, or for a model exported at fixed
+    # sizes. They write a two-input Reshape (opset 5) and a Gemm with a broadcast [N] bias (opset 7).
+    _static = pattern.RewriteRuleSet([*_rules.rules, _TransposeAsReshape.rule(), _MatMulAddAsGemm.rule(),
+                                      _BiasFirstMatMulAddAsGemm.rule(), reshape_reshape_rule])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return ir.passes.PassResult(model, modified=bool(self._rules.apply_to_model(model)))
+        static = all(v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape)
+                     for v in model.graph.inputs)
+        recent = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= 7
+        rules = self._static if static and recent else self._rules
+        return ir.passes.PassResult(model, modified=bool(rules.apply_to_model(model)))
 
 
 class _IdentityElimination(common.IdentityEliminationPass):
@@ -196,10 +210,10 @@ class Simplify(OnnxoptPass):
     - nodes that repeat another's computation (same op, attributes and inputs; not random ops) are
       merged (onnx-ir's common subexpression elimination: an exporter's shape arithmetic repeats);
     - Identity nodes, nodes no output depends on, unused functions and opset imports are removed;
-    - a two-input Sum becomes an Add, a channel shuffle (Reshape, Transpose, Reshape) a Gather, a
-      Transpose that moves only size-1 axes a Reshape, a MatMul + bias on a static [..., K] input a
-      Gemm between Reshapes, two Reshapes in a row one (onnxscript rewrite rules): exact, and what
-      onnxruntime's fusions and integer kernels run well;
+    - a two-input Sum becomes an Add, a channel shuffle (Reshape, Transpose, Reshape) a Gather; with
+      static inputs, a Transpose that moves only size-1 axes a Reshape, a MatMul + bias a Gemm between
+      Reshapes, two Reshapes in a row one (onnxscript rewrite rules): exact (the Gemm within float
+      rounding), and what onnxruntime's fusions and integer kernels run well;
     - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
     """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from graphs import assert_equivalent, build, op_types, random_feeds, snapshot
@@ -294,3 +295,41 @@ def test_a_dynamic_matmul_plus_bias_stays():
                   {"w": randn(8, 4), "b": randn(4)})
     simplify(model, random_feeds(model, {"N": 3}))
     assert op_types(model) == ["MatMul", "Add"]
+
+
+@pytest.mark.parametrize("case", ["bias-of-higher-rank", "integer", "weight-is-an-input", "dynamic-input",
+                                  "opset-6"])
+def test_a_matmul_plus_bias_that_a_gemm_would_change_stays(case):
+    # Cases a review found: the Gemm form would change the output's rank, run no kernel (onnxruntime
+    # has no integer Gemm), bake in a weight the caller may override, trust a shape recorded at the
+    # trace's batch (only static inputs make recorded shapes certain), or need opset 7.
+    dtype, x_type, bias_shape, opset = np.float32, "float[2,3,4]", (5,), 17
+    if case == "bias-of-higher-rank":
+        bias_shape = (1, 1, 1, 5)
+    if case == "integer":
+        dtype, x_type = np.int64, "int64[2,3,4]"
+    if case == "dynamic-input":
+        x_type = "float[N,3,4]"
+    if case == "opset-6":
+        opset = 6
+    inputs = f"{x_type} x, float[4,5] w" if case == "weight-is-an-input" else f"{x_type} x"
+    value_info = "<float[1,3,4] r>" if case == "dynamic-input" else ""  # the trace's batch, recorded
+    proto = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : {opset}]>
+    g ({inputs}) => (y) {value_info} {{ r = Relu (x) \n m = MatMul (r, w) \n y = Add (m, b) }}""")
+    rng = np.random.default_rng(0)
+    for name, shape in (("w", (4, 5)), ("b", bias_shape)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array((rng.standard_normal(shape) * 3).astype(dtype), name))
+    model = ir.serde.deserialize_model(proto)
+    Simplify()(model)
+    assert op_types(model) == ["Relu", "MatMul", "Add"]
+
+
+def test_macs_of_an_input_recorded_with_minus_one_are_counted_at_batch_one():
+    # "-1" for a dynamic dim (as some exporters write it) is not a size: the count re-infers at 1.
+    from onnxopt.stats import count_macs
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,8,8] x) => (float[1,4,8,8] y) { y = Conv <pads=[1,1,1,1]> (x, w) }""")
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w"))
+    assert count_macs(ir.serde.deserialize_model(proto)) == 8 * 8 * 4 * 3 * 9
