@@ -546,6 +546,15 @@ class QuantizationStep:
                 "onnxruntime's integer kernels, the input QuantizeLinear and its layout Transposes cost more than "
                 "they save here; measure at the batch size and threads you deploy (--batch-size, --threads), or ship float"
             )
+        else:
+            speed = self.details.get("speed") or {}
+            versus = speed.get("vs_float")
+            if versus and versus["verdict"] == "slower":  # faster than the original, but not by quantizing
+                report.notes.append(
+                    f"quantize: the int8 model takes {versus['ratio']:.2f}x the time of the float model the other "
+                    f"passes made (batch {speed['batch']}, {speed['threads']} thread(s)): quantization itself "
+                    "costs time here; the speed-up over the original comes from those passes"
+                )
         v = report.validation
         if v is not None:
             ok, figure = self.judge(v)
@@ -607,11 +616,6 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
                      f"faster with them float ({tried} of the all-int8 time); they stay int8")
     elif not speed["timed"] and "error" not in speed:
         notes.append("quantize: speed fallback: no layer could be matched to onnxruntime's profile (unnamed nodes?)")
-    versus = speed.get("vs_float")
-    if versus and versus["verdict"] == "slower":
-        notes.append(f"quantize: the int8 model takes {versus['ratio']:.2f}x the time of the float model the other "
-                     f"passes made ({where}): quantization itself costs time here; any speed-up over the original "
-                     "comes from those passes")
     if "error" in speed:
         notes.append(f"quantize: speed fallback stopped: {speed['error']}")
     return notes

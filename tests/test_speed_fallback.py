@@ -193,6 +193,18 @@ def test_the_chosen_model_is_timed_against_the_float_model_of_the_other_passes(d
     assert result.ok  # information, not a failure
 
 
+def test_when_int8_is_slower_than_the_original_one_note_says_so(digits, monkeypatch):
+    # Slower than the original and than the float model of the other passes: the int8_slower note
+    # alone (there is no speed-up to attribute).
+    stub_timing(monkeypatch, {"/head/head.2/Gemm"}, versus=("slower", 1.18))
+    monkeypatch.setattr(onnxopt.pipeline, "compare_latency", lambda *a, **k: comparison(1.19, "slower"))
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=True, speed_fallback=True)
+    notes = [n for n in result.report.notes if "x the float model's time" in n or "the other passes made" in n]
+    assert len(notes) == 1 and "1.19x the float model's time" in notes[0], notes
+    assert result.report.passes[-1].details["int8_slower"] == 1.19
+
+
 def test_the_speed_fallback_never_leaves_so_much_float_that_the_run_fails(digits, monkeypatch):
     stub_timing(monkeypatch, None)  # every layer slower in int8
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
