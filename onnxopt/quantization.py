@@ -254,16 +254,15 @@ class QuantizationStep:
         self.details["speed"] = info
         if progress:
             progress("speed", 0, 1)
-        best = None  # the fastest model so far; only it and the one being timed are held
+        # The float model and the fastest so far are held, serialized once: the profiled snapshots
+        # are timed again below (names aside, they are the same models).
+        plain = best = None
         try:
             # onnxruntime reports node names: unnamed layers are profiled under their labels.
             named = [_named(float_model), _named(model)]
-            profiled = [ModelSnapshot(m) for m in named]
-            try:
-                k_float, k_int8 = kernel_times(profiled, feed, settings)
-            finally:
-                for snapshot in profiled:
-                    snapshot.close()
+            plain = ModelSnapshot(named[0])
+            best = ModelSnapshot(named[1])
+            k_float, k_int8 = kernel_times([plain, best], feed, settings)
             t_float = layer_times(named[0], k_float, quantized)
             t_int8 = layer_times(named[1], k_int8, quantized)
             info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
@@ -273,7 +272,6 @@ class QuantizationStep:
             call_seconds = sum(k_int8.values()) * 1e-6  # profiled: an overestimate, on the safe side
             budget = min(max(SPEED_BUDGET_CALLS * call_seconds, SPEED_BUDGET_SECONDS[0]), SPEED_BUDGET_SECONDS[1])
             ratio, misses = 1.0, 0
-            best = ModelSnapshot(model) if sizes else None
             for step, size in enumerate(sizes, 1):
                 if progress:
                     progress("speed", step, len(sizes))
@@ -308,32 +306,26 @@ class QuantizationStep:
                 info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
                 if figure is not None:
                     self.details["budget"]["figure"] = figure
-            info["vs_float"] = self._against_float(float_model, best if best is not None else model, feed,
-                                                   settings.threads, budget)
+            info["vs_float"] = self._against_float(plain, best, feed, settings.threads, budget)
         except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: any failure here skips the rest
             logger.warning("quantize: speed fallback stopped: %s", exc)
             info["error"] = " ".join(str(exc).split())[:200]
         finally:
-            if best is not None:
-                best.close()
+            for snapshot in (plain, best):
+                if snapshot is not None:
+                    snapshot.close()
             info["seconds"] = round(time.perf_counter() - start, 2)
         for node in info["kept_float"]:
             logger.info("quantize: keeping %s in float: its int8 kernels take %.0f us, float %.0f us",
                         node, t_int8[node], t_float[node])
         return model, p, result
 
-    def _against_float(self, float_model: ir.Model, final: ir.Model | ModelSnapshot, feed: Mapping[str, np.ndarray],
+    def _against_float(self, plain: ModelSnapshot, chosen: ModelSnapshot, feed: Mapping[str, np.ndarray],
                        threads: int, budget: float) -> dict[str, Any]:
-        """The quantized model timed against ``float_model``, the model the other passes made: what
-        quantization itself buys at this setting (a speed-up over the original may be theirs)."""
-        plain, chosen = ModelSnapshot(float_model), final if isinstance(final, ModelSnapshot) else ModelSnapshot(final)
-        try:
-            figures = compare_latency(plain, chosen, feed, providers=self.providers, threads=threads,
-                                      budget_seconds=budget, threshold=SPEED_MIN_GAIN)
-        finally:
-            plain.close()
-            if chosen is not final:
-                chosen.close()
+        """The chosen quantized model timed against ``plain``, the float model the other passes made:
+        what quantization itself buys at this setting (a speed-up over the original may be theirs)."""
+        figures = compare_latency(plain, chosen, feed, providers=self.providers, threads=threads,
+                                  budget_seconds=budget, threshold=SPEED_MIN_GAIN)
         return {"ratio": round(figures.ratio, 3), "low": round(figures.ratio_low, 3), "high": round(figures.ratio_high, 3),
                 "verdict": figures.verdict}
 
