@@ -108,6 +108,30 @@ def _set_base_dir(model: ir.Model, base_dir: Path) -> None:
             tensor.base_dir = str(base_dir)
 
 
+@contextlib.contextmanager
+def _initializer_types_hidden(model: ir.Model):
+    """Hide each initializer's type and shape while saving, restored after.
+
+    onnx-ir writes a value_info for every initializer, repeating the dtype and dims that its tensor
+    already holds: 8 % of the bundled digits model's int8 file, 5 % of the zoo transformer's.
+    """
+    hidden = []
+    for graph in (model.graph, *model.graph.subgraphs()):
+        inputs = set(graph.inputs)
+        for value in graph.initializers.values():
+            if value.const_value is None or value in inputs:
+                continue  # no tensor to carry the type, or a graph input: it keeps its declaration
+            hidden.append((value, value.type, value.shape))
+            value.type = None
+            value.shape = None
+    try:
+        yield
+    finally:
+        for value, type_, shape in hidden:
+            value.type = type_
+            value.shape = shape
+
+
 def check_external_data(model: ir.Model) -> None:
     """Refuse external data that is absolute, escapes its folder (``..``), is missing or too short."""
     for name, tensor in _iter_tensors(model):
@@ -186,7 +210,8 @@ def save_model(
     try:
         tmp_model = tmp_dir / path.name
         # Lazy external tensors are read while writing, so they must still point at their source.
-        ir.save(model, tmp_model, external_data=data_name)
+        with _initializer_types_hidden(model):
+            ir.save(model, tmp_model, external_data=data_name)
         if data_name:
             os.replace(tmp_dir / data_name, folder / data_name)
         os.replace(tmp_model, path)

@@ -250,3 +250,45 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(model_path, tmp_pat
 
     result = onnxopt.optimize(out, ["fold-bn"], latency=False)
     assert result.ok
+
+
+def test_saved_initializers_carry_no_repeated_value_info(tmp_path):
+    """onnx-ir repeats every initializer's dtype and dims as a value_info; the saved file has none of
+    those, in subgraphs too, while an initializer that is also a graph input keeps its declaration,
+    the model in memory keeps its types, and the saved model runs the same."""
+    model = ir.from_proto(small_cnn())
+    const = model.graph.initializers[next(iter(model.graph.initializers))]
+    model.graph.inputs.append(const)  # an overridable weight: declared as an input
+    def weight(name, array):
+        tensor = ir.tensor(array)
+        return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+
+    then_w = weight("then_w", np.ones((1,), np.float32))
+    then_graph = ir.Graph([], [then_w], nodes=[], initializers=[then_w], name="then")
+    else_w = weight("else_w", np.zeros((1,), np.float32))
+    else_graph = ir.Graph([], [else_w], nodes=[], initializers=[else_w], name="else")
+    flag = weight("flag", np.array(True))
+    model.graph.register_initializer(flag)
+    branch = ir.node("If", [flag], attributes={"then_branch": then_graph, "else_branch": else_graph})
+    model.graph.append(branch)
+    branch.outputs[0].name = "branch"
+    branch.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    branch.outputs[0].shape = ir.Shape([1])
+    model.graph.outputs.append(branch.outputs[0])
+    typed = {v.name: (v.type, v.shape) for g in (model.graph, then_graph, else_graph) for v in g.initializers.values()}
+
+    out = save_model(model, tmp_path / "m.onnx")
+
+    proto = onnx.load(out)
+    graphs = [proto.graph, *(a.g for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)]
+    assert len(graphs) == 3
+    for graph in graphs:
+        assert graph.initializer
+        assert not {i.name for i in graph.initializer} & {v.name for v in graph.value_info}
+    assert const.name in {i.name for i in proto.graph.input}
+    onnx.checker.check_model(proto, full_check=True)
+    assert {v.name: (v.type, v.shape) for g in (model.graph, then_graph, else_graph)
+            for v in g.initializers.values()} == typed
+    assert all(t is not None for t, _ in typed.values())
+    feeds = {"x": X}
+    np.testing.assert_array_equal(run(small_cnn(), feeds)[0], run(proto, feeds)[0])
