@@ -70,7 +70,7 @@ def calibrate(
     start = time.perf_counter()
     count = observe(
         model, list(dict.fromkeys([*tensors, *means])), batches, update,
-        providers=providers, total=total, progress=progress,
+        providers=providers, total=total, progress=progress, where="calibration batch",
     )
     logger.info("calibrate: %d tensors over %d batches in %.2fs", len(observers), count, time.perf_counter() - start)
     ranges = {}
@@ -95,24 +95,39 @@ def range_of(observer: MinMaxObserver, method: str, *, percentile: float = DEFAU
 
 
 def _cdf_at(observer: HistogramObserver, q: float) -> float:
+    """The value below which a fraction ``q`` of the observed values lie (linear within a bin).
+
+    In the first and last occupied bins the values are known to start at the observed minimum and
+    end at the maximum: a quantile there is that extreme (a ReLU output's lower bound is its 0, not
+    a point inside the bin of zeros)."""
     cumulative = np.concatenate([[0.0], np.cumsum(observer.counts)])
     cumulative /= cumulative[-1]
+    occupied = np.flatnonzero(observer.counts)
+    if q <= cumulative[occupied[0] + 1]:
+        return observer.min
+    if q >= cumulative[occupied[-1]]:
+        return observer.max
     return float(np.interp(q, cumulative, observer.edges))
 
 
 def percentile_range(observer: HistogramObserver, p: float) -> tuple[float, float]:
-    lo = _cdf_at(observer, (100.0 - p) / 100.0)
-    hi = _cdf_at(observer, p / 100.0)
-    return (max(lo, observer.min), min(hi, observer.max))
+    hi = min(_cdf_at(observer, p / 100.0), observer.max)
+    lo = min(max(_cdf_at(observer, (100.0 - p) / 100.0), observer.min), hi)
+    return (lo, hi)
 
 
 def _magnitude_histogram(observer: HistogramObserver, bins: int) -> tuple[np.ndarray, float]:
-    """Counts of |x| over [0, max|x|] in ``bins`` bins, from the signed histogram."""
+    """Counts of |x| over [0, max|x|] in ``bins`` bins, from the signed histogram.
+
+    The signed cumulative count (linear within each bin) is folded at 0: the mass with
+    ``|x| <= t`` is ``F(t) - F(-t)``, read at the ``bins + 1`` edges of the magnitude grid.
+    """
     top = max(abs(observer.min), abs(observer.max))
-    edges = observer.edges
-    centers = (edges[:-1] + edges[1:]) / 2
-    counts, _ = np.histogram(np.abs(centers), bins=bins, range=(0.0, top), weights=observer.counts)
-    return counts, top
+    cumulative = np.concatenate([[0.0], np.cumsum(observer.counts)])
+    t = np.linspace(0.0, top, bins + 1)
+    inside = np.interp(t, observer.edges, cumulative) - np.interp(-t, observer.edges, cumulative)
+    inside[-1] = cumulative[-1]  # every value lies within max|x|
+    return np.maximum(np.diff(inside), 0.0), top
 
 
 def entropy_range(observer: HistogramObserver, bins: int = 2048) -> tuple[float, float]:

@@ -20,6 +20,7 @@ __all__ = [
     "feed_dims",
     "load_data",
     "stream_data",
+    "dim_conflicts",
     "DataStream",
     "synthetic_data",
     "head",
@@ -27,6 +28,7 @@ __all__ = [
     "LABEL_KEYS",
 ]
 
+import itertools
 import math
 import os
 import re
@@ -42,6 +44,9 @@ import onnx_ir as ir
 from onnxopt.errors import DataError, OptionError
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
+# What a read-once iterator of batches keeps of its first batches, to validate on (see DataStream).
+RETAINED_SAMPLES = 512
+RETAINED_BYTES = 64 * 2**20
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -290,6 +295,23 @@ def _check_feed(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: s
     return checked
 
 
+def dim_conflicts(feed: Mapping[str, np.ndarray], specs: list[InputSpec]) -> str:
+    """Named dims that take different sizes across a feed's inputs ("dim 'S' is 5 in ids[1], 6 in
+    mask[1]"), or "". onnxruntime does not require one size per name, so this is a hint for an error
+    it raises, not a check of its own."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for spec in specs:
+        array = feed.get(spec.name)
+        if spec.shape is None or array is None or np.ndim(array) != len(spec.shape):
+            continue
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str):
+                seen.setdefault(dim, []).append((np.shape(array)[axis], f"{spec.name}[{axis}]"))
+    parts = [f"dim '{dim}' is " + ", ".join(f"{size} in {where}" for size, where in uses)
+             for dim, uses in seen.items() if len({size for size, _ in uses}) > 1]
+    return "; ".join(parts)
+
+
 def _batch_len(batch: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:
     array = batch[specs[0].name]
     return array.shape[0] if array.ndim else 1
@@ -380,7 +402,10 @@ class DataStream:
     """Feeds checked as they are read, one batch in memory at a time (see ``stream_data``).
 
     ``num_batches`` and ``num_samples`` are known up front for files, and after the first full
-    read for an iterator (which can be read once only).
+    read for an iterator (which can be read once only). An iterator's first batches, up to
+    ``RETAINED_SAMPLES`` samples and ``RETAINED_BYTES``, can be read ahead and kept (``head``), so
+    that a run calibrated from an iterator still validates on real inputs; the read that follows
+    starts with them.
     """
 
     synthetic = False
@@ -391,14 +416,37 @@ class DataStream:
         self._read, self._specs, self.source = read, specs, source
         self.num_batches, self.num_samples = batches, samples
         self._once, self._used = once, False
+        self._pending: Iterator[Mapping[str, np.ndarray]] | None = None  # an iterator's unread rest
+        self.retained: list[dict[str, np.ndarray]] = []  # an iterator's first batches, read ahead
         self.notes: list[str] = []
+
+    def read_ahead(self) -> list[dict[str, np.ndarray]]:
+        """An iterator's first batches (up to ``RETAINED_SAMPLES`` and ``RETAINED_BYTES``, at least
+        one), read now and kept; a file's are read again when needed, so none are kept."""
+        if not self._once or self._used or self.retained:
+            return self.retained
+        self._pending = self._read()
+        samples = kept_bytes = 0
+        while samples < RETAINED_SAMPLES:
+            feed = next(self._pending, None)
+            if feed is None:
+                break
+            # copied: a generator may refill one buffer for every batch
+            checked = {k: np.array(v) for k, v in _check_feed(feed, self._specs, f"{self.source} batch {len(self.retained)}").items()}
+            self.retained.append(checked)
+            samples += _batch_len(checked, self._specs) if self._specs else 1
+            kept_bytes += sum(v.nbytes for v in checked.values())
+            if kept_bytes > RETAINED_BYTES:
+                break
+        return self.retained
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self._once and self._used:
             raise DataError(f"{self.source}: an iterator of batches can be read only once")
         self._used = True
+        rest = self._pending if self._pending is not None else self._read()
         batches = samples = 0
-        for i, feed in enumerate(self._read()):
+        for i, feed in enumerate(itertools.chain(self.retained, rest)):
             checked = _check_feed(feed, self._specs, f"{self.source} batch {i}")
             batches += 1
             samples += _batch_len(checked, self._specs) if self._specs else 1
@@ -418,11 +466,15 @@ class DataStream:
 
 def head(data: Dataset | DataStream, max_samples: int) -> Dataset | None:
     """The first whole batches of ``data`` up to ``max_samples`` samples (at least one batch) in
-    memory, or None where reading them would use up a read-once iterator."""
+    memory. Of a read-once iterator: the batches it read ahead (before its own read), or None
+    once it has been read without that."""
+    source = data
     if isinstance(data, DataStream) and not data.rereadable:
-        return None
+        source = data.read_ahead()
+        if not source:
+            return None
     taken = Dataset([], None, data.source, synthetic=bool(data.synthetic))
-    for batch in data:
+    for batch in source:
         taken.batches.append(batch)
         if taken.num_samples >= max_samples:
             break
@@ -469,12 +521,12 @@ class _RowReader:
         row = self.shape[1:]
         row_bytes = math.prod(row) * self.dtype.itemsize
         with self._open() as f:
-            _npy_header(f, self.where)
-            if self.fortran:  # column-major: rows are not contiguous on disk
-                whole = np.lib.format.read_array(f, allow_pickle=False).reshape(self.shape, order="F")
+            if self.fortran:  # column-major: rows are not contiguous on disk, so it is read whole
+                whole = np.lib.format.read_array(f, allow_pickle=False)  # reads its own header
                 for i in range(0, count, step):
                     yield np.ascontiguousarray(whole[i:i + step])
                 return
+            _npy_header(f, self.where)
             for i in range(0, count, step):
                 n = min(step, count - i)
                 buffer = bytearray(n * row_bytes)
@@ -537,10 +589,9 @@ class _Closing:
 def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
                  where: str) -> DataStream | None:
     """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
-    (labels, one feed per leading entry, scalars)."""
+    (one feed per leading entry, scalars). Labels are skipped: calibration reads no labels."""
     inputs = {s.name for s in specs}
-    if any(key in readers and key not in inputs for key in LABEL_KEYS):
-        return None  # labels: evaluation data, small, read whole
+    readers = {name: r for name, r in readers.items() if name in inputs or name not in LABEL_KEYS}
     _check_names(readers.keys(), specs, where)
     if not specs or any(s.shape is None or len(readers[s.name].shape) != len(s.shape) for s in specs):
         return None

@@ -22,12 +22,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
+from onnxopt.data import dim_conflicts, input_specs
+from onnxopt.errors import DataError
 from onnxopt.runtime import ModelSnapshot, resolve_providers
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
+# Past this magnitude a histogram is binned in float64: x - lo of two float32s could overflow.
+_FLOAT32_SAFE = 1e37
 # Bytes of exposed tensors one run may return: onnxruntime holds as much again in its arena.
 DEFAULT_MAX_BYTES = 128 * 2**20
 
@@ -79,6 +84,8 @@ class HistogramObserver(MinMaxObserver):
             return
         super().update(x)
         lo, hi = float(x.min()), float(x.max())
+        if max(abs(lo), abs(hi), abs(self.lo), abs(self.hi)) > _FLOAT32_SAFE:
+            x = x.astype(np.float64)  # bin arithmetic (x - lo) would overflow float32
         if self.counts is None:
             if hi <= lo:
                 lo, hi = lo - 0.5 * max(abs(lo), 1e-6), hi + 0.5 * max(abs(hi), 1e-6)
@@ -107,22 +114,30 @@ class ChannelMeanObserver:
     def __init__(self, axis: int) -> None:
         self.axis = axis
         self.total: np.ndarray | None = None
-        self.count = 0
+        self.count: np.ndarray | None = None  # finite values seen per channel
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 0 or x.size == 0:
             return
         axis = self.axis % x.ndim
-        sums = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).sum(axis=1)
-        if self.total is not None and self.total.shape != sums.shape:
+        rows = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+        if self.total is not None and self.total.shape[0] != rows.shape[0]:
             return  # a ragged channel count: not a channel axis
+        finite = np.isfinite(rows)
+        if finite.all():
+            sums, counts = rows.sum(axis=1), np.full(rows.shape[0], rows.shape[1], np.int64)
+        else:  # NaN or inf in a batch: the mean is of the finite values (as the range observers see them)
+            sums, counts = np.where(finite, rows, 0.0).sum(axis=1), finite.sum(axis=1)
         self.total = sums if self.total is None else self.total + sums
-        self.count += x.size // x.shape[axis]
+        self.count = counts if self.count is None else self.count + counts
 
     @property
     def mean(self) -> np.ndarray | None:
-        return None if self.total is None or not self.count else self.total / self.count
+        """Per-channel mean; None before any value, and for a channel with no finite value."""
+        if self.total is None or not (self.count > 0).all():
+            return None
+        return self.total / self.count
 
 
 class ErrorObserver:
@@ -152,14 +167,21 @@ class ErrorObserver:
 class BatchSplitter:
     """Cuts feeds along the batch axis so that the tensors one run returns stay within ``max_bytes``.
 
-    Inputs whose first dim the model fixes are never cut. The cost of a sample is learned from the
-    runs as bytes returned per byte fed (the largest ratio seen, so a longer sequence is costed by
-    its length); before any run, the first slice is a single sample.
+    Cutting assumes that axis 0 is the batch axis (as ``--batch-size`` does): only inputs whose first
+    dim is dynamic, and one named dim for all of them, are cut; a feed that fits is never cut. The
+    cost of a sample is learned from the runs as bytes returned per byte fed (the largest ratio
+    seen, so a longer sequence is costed by its length). Before any run, a feed of at most
+    ``max_bytes / UNMEASURED_EXPANSION`` bytes runs whole, a larger one as a single sample first.
     """
+
+    # Bytes returned per byte fed assumed before the first run: a transformer's token ids (8 bytes)
+    # come back as thousands of bytes of activations.
+    UNMEASURED_EXPANSION = 4096
 
     def __init__(self, model: ir.Model, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-        self.cuttable = bool(inputs) and all(
+        first_dims = {str(v.shape[0]) for v in inputs if v.shape is not None and len(v.shape) > 0}
+        self.cuttable = bool(inputs) and len(first_dims) == 1 and all(
             v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in inputs
         )
         self.max_bytes = max_bytes
@@ -171,7 +193,11 @@ class BatchSplitter:
             yield dict(feed)
             return
         count, start = next(iter(lengths)), 0
-        fed_per_sample = sum(np.asarray(v).nbytes for v in feed.values()) / count
+        fed = sum(np.asarray(v).nbytes for v in feed.values())
+        if self.ratio is None and fed * self.UNMEASURED_EXPANSION <= self.max_bytes:
+            yield dict(feed)
+            return
+        fed_per_sample = fed / count
         while start < count:
             if self.ratio is None:
                 rows = 1
@@ -216,10 +242,12 @@ def observe(
     total: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    where: str = "batch",
 ) -> int:
     """Run ``model`` on each batch and call ``update(name, array)`` for every named tensor.
 
-    Named graph inputs are read from the feed. Returns the number of batches run. Only one run's
+    Named graph inputs are read from the feed. Returns the number of batches run; a batch that
+    onnxruntime cannot run raises a one-line ``DataError`` naming ``where`` and the batch's index. Only one run's
     tensors are alive at a time, at most about ``max_bytes`` of them (see ``BatchSplitter``).
     """
     copy, exposed = expose(model, names)
@@ -230,15 +258,25 @@ def observe(
     try:
         session = snapshot.session(providers=resolve_providers(providers), optimization="disabled")
         splitter = BatchSplitter(model, max_bytes)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a failing run is raised as one DataError, not logged as well
         count = 0
         for feed in batches:
             for part in splitter.parts(feed):
-                outputs = session.run(exposed, part) if exposed else []
+                try:
+                    outputs = session.run(exposed, part, quiet) if exposed else []
+                except Exception as exc:  # inputs that pass every check and still do not fit the model
+                    conflicts = dim_conflicts(part, input_specs(model))
+                    raise DataError(
+                        f"{where} {count}: onnxruntime cannot run the model on it"
+                        f"{' (' + conflicts + ')' if conflicts else ''}: {' '.join(str(exc).split())[:300]}"
+                    ) from None
                 splitter.learn(part, outputs)
                 for name, array in zip(exposed, outputs):
                     update(name, array)
                 for name in from_feed:
-                    update(name, np.asarray(part[name]))
+                    if name in part:  # an input with a default (an initializer) may be left out
+                        update(name, np.asarray(part[name]))
                 del outputs
             count += 1
             if progress:

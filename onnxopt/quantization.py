@@ -193,12 +193,18 @@ class QuantizationStep:
         # the fallback works towards the same budget.
         budgeted = evaluation is not None and original is not None
         fallback: list[dict[str, Any]] = []
+        runnable = True
         if budgeted:
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):
                 met, figure = self._meets_budget(original, model, evaluation)
                 if met:
                     break
-                harm = self._harm(float_model, model, p, evaluation)
+                try:
+                    harm = self._harm(float_model, model, p, evaluation)
+                except Exception as exc:  # onnxruntime refuses the quantized model: say so, don't crash
+                    figure = f"onnxruntime cannot run the quantized model: {' '.join(str(exc).split())[:300]}"
+                    runnable = False
+                    break
                 candidates = [(h, node) for node, h in harm if node not in p.exclude and h > 0]
                 if not candidates:
                     break
@@ -214,7 +220,7 @@ class QuantizationStep:
             self.details["budget"] = {"met": met, "figure": figure}
             if not met:
                 self.verdict_failed = f"accuracy budget not met after keeping {len(fallback)} layers in float: {figure}"
-        if self.speed_fallback and feed is not None and result.modified:
+        if self.speed_fallback and feed is not None and result.modified and runnable:
             model, p, result = self._speed_fallback(
                 float_model, model, p, result, feed,
                 evaluation if budgeted and self.details["budget"]["met"] else None, original, progress,
@@ -222,7 +228,11 @@ class QuantizationStep:
         self.details["fallback"] = fallback
         self.details["user_exclude"] = user_exclude
         if evaluation is not None:
-            self.details["sqnr_db"] = self._sqnr(float_model, model, p, evaluation)
+            try:
+                self.details["sqnr_db"] = self._sqnr(float_model, model, p, evaluation)
+            except Exception as exc:  # the validation that follows reports the failure itself
+                logger.warning("quantize: no SQNR report: %s", " ".join(str(exc).split())[:300])
+                self.details["sqnr_db"] = {}
         self.pass_ = p
         self.float_model = float_model
         return ir.passes.PassResult(model, modified=result.modified)
@@ -441,7 +451,7 @@ class QuantizationStep:
                     c_out = run_session(cand, part)
                     splitter.learn(part, [*r_out.values(), *c_out.values()])
                     for t, qt in zip(names, quant_names):
-                        r = part[t] if t in inputs else r_out.get(t)
+                        r = part.get(t) if t in inputs else r_out.get(t)
                         c = c_out.get(qt)
                         if r is not None and c is not None:
                             observers[t].update(r, c)

@@ -109,18 +109,24 @@ def _macs(model: ir.Model, dims: Mapping[str, int] | None, nodes: Callable) -> d
         recorded = {node: _node_macs(node) for node in nodes(model.graph) if _counts(node)}
         if all(macs is not None for macs in recorded.values()):
             return recorded
-    return {node: _node_macs(node) for node in nodes(_with_fixed_shapes(model, dims).graph) if _counts(node)}
+    clone = model.clone()
+    # The folder names unnamed nodes as it goes: each counted node is reported as the caller's own.
+    original = {id(c): n for c, n in zip(ir.traversal.RecursiveGraphIterator(clone.graph),
+                                         ir.traversal.RecursiveGraphIterator(model.graph))}
+    return {original.get(id(node), node): _node_macs(node)
+            for node in nodes(_with_fixed_shapes(clone, dims, copy=False).graph) if _counts(node)}
 
 
-def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None) -> ir.Model:
-    """A structural copy with dynamic input dims fixed (``dims`` by name, else 1) and shapes inferred.
+def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None, *, copy: bool = True) -> ir.Model:
+    """A structural copy (``model`` itself when not ``copy``) with dynamic input dims fixed (``dims`` by
+    name, else 1) and shapes inferred.
 
     Shapes are inferred by onnxscript's constant folder, which evaluates what the fixed dims make
     constant as it goes: an exporter's Shape → Gather → Concat → Reshape chains (a transformer's
     attention heads) otherwise leave every MatMul after them with unknown shapes.
     """
     dims = dict(dims or {})
-    clone = model.clone()
+    clone = model.clone() if copy else model
     for value in clone.graph.inputs:
         if value.shape is None:
             continue

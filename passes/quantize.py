@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized", "node_label"]
 
 import fnmatch
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ _PASS_THROUGH = {
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Resize", "Split",
     "MaxPool", "GlobalMaxPool", "Identity", "Gather",
 }
+# Float inputs that are parameters, not data: a quantized value there would be a rounded scale or
+# pad value (a Resize scale of 1.0 read back as 0.996 drops a row: onnxruntime.quantization's bug).
+_PARAMETER_INPUTS = {"Resize": {1, 2, 3}, "Upsample": {1}, "Pad": {1, 2, 3}, "Clip": {1, 2}}
 # Activations folded into the range of the op before them (Relu: zero point at the bottom of the range).
 _FOLDED = {"Relu", "Clip"}
 QUANTIZED_OPS = frozenset(_WEIGHTED | _ELEMENTWISE | _LOOKUP | _POOLING | {"Concat", "Gather"} | _PASS_THROUGH | _FOLDED)
@@ -62,8 +66,98 @@ _RECURRENT = {"LSTM", "GRU", "RNN"}
 _RECURRENT_REASON = "recurrent op: onnxruntime has no QDQ kernel for it (only dynamic quantization)"
 _SUBGRAPH_REASON = "inside a subgraph"
 _BY_DESIGN = ("numerically sensitive", "an operand is a constant", "an input is a constant", _CHAIN_REASON)
-_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+# Only float32 is quantized: scales are float32, and QuantizeLinear takes no double (nor fp16 before
+# opset 19). fp16, bf16 and double tensors stay as they are, with that reason.
+_FLOATS = {ir.DataType.FLOAT}
+_OTHER_FLOATS = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 _MIN_SCALE = 1e-12
+# The largest int32 bias written: half of int32, leaving the accumulator room for the products.
+_BIAS_LIMIT = 2**30
+
+
+def _passes_through(node: ir.Node) -> bool:
+    """Whether ``node`` moves or selects its input's values, so that its output keeps the input's scale."""
+    return node.op_type in _PASS_THROUGH
+
+
+def _feeds_parameter(value: ir.Value, seen: set[int] | None = None) -> bool:
+    """Whether ``value`` reaches a parameter input (``_PARAMETER_INPUTS``), directly or through
+    ops that pass it through."""
+    seen = set() if seen is None else seen
+    for use in value.uses():
+        node = use.node
+        if use.idx in _PARAMETER_INPUTS.get(node.op_type, ()):
+            return True
+        if use.idx == 0 and _passes_through(node) and id(node) not in seen:
+            seen.add(id(node))
+            if any(_feeds_parameter(out, seen) for out in node.outputs):
+                return True
+    return False
+
+
+def _resize_axes_to_full_rank(graph: ir.Graph, names: NameScope,
+                              inferred: Callable[[], Mapping[str, ir.Shape]]) -> list[str]:
+    """Each Resize with opset 18's ``axes`` attribute rewritten to full-rank roi, scales or sizes (the
+    same result): onnxruntime 1.32's layout transform of a QDQ Resize with ``axes`` fails (its
+    'sizes' no longer match the axes; with scales, a Gather out of bounds). Where an input is not a
+    constant, or ``sizes`` with other dims unknown or an aspect-ratio policy, the Resize is left as
+    it is. ``inferred`` gives shapes the model does not record. Returns the labels of those rewritten."""
+    done = []
+    for node in list(graph):
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or "axes" not in node.attributes:
+            continue
+        x = node.inputs[0]
+        shape = None if x is None else x.shape if x.shape is not None else inferred().get(x.name)
+        if shape is None:
+            continue
+        rank = len(shape)
+        axes = [a % rank for a in node.attributes["axes"].as_ints()]
+        given = {i: node.inputs[i] for i in (1, 2, 3) if len(node.inputs) > i and node.inputs[i] is not None}
+        arrays = {i: constant_array(v) for i, v in given.items()}
+        if any(a is None for a in arrays.values()):
+            continue
+        full: dict[int, np.ndarray] = {}
+        if 1 in arrays and arrays[1].size:
+            roi = np.concatenate([np.zeros(rank), np.ones(rank)]).astype(arrays[1].dtype)
+            for j, a in enumerate(axes):
+                roi[a], roi[rank + a] = arrays[1][j], arrays[1][len(axes) + j]
+            full[1] = roi
+        if 2 in arrays and arrays[2].size:
+            scales = np.ones(rank, np.float32)
+            scales[axes] = arrays[2]
+            full[2] = scales
+        if 3 in arrays and arrays[3].size:
+            policy = node.attributes["keep_aspect_ratio_policy"].as_string() if "keep_aspect_ratio_policy" in node.attributes else "stretch"
+            if policy != "stretch":
+                continue
+            dims = [shape[i] if isinstance(shape[i], int) else None for i in range(rank)]
+            if all(dims[i] is not None for i in range(rank) if i not in axes):
+                sizes = np.array([d or 0 for d in dims], np.int64)
+                sizes[axes] = arrays[3]
+                full[3] = sizes
+            else:  # a dynamic batch: as scales (the spec's own size / input), where they give the sizes exactly
+                scales = np.ones(rank, np.float32)
+                for a, size in zip(axes, arrays[3]):
+                    if not dims[a]:
+                        break
+                    scales[a] = np.float32(int(size) / dims[a])
+                    if int(np.floor(np.float32(dims[a]) * scales[a])) != int(size):
+                        break
+                else:
+                    node.replace_input_with(3, None)
+                    drop_if_unused(graph, given[3])
+                    full[2] = scales
+                if 2 not in full:
+                    continue
+        label = node_label(node)
+        for i, array in full.items():
+            old = node.inputs[i]
+            node.replace_input_with(i, _initializer(graph, names, f"{label}_{('roi', 'scales', 'sizes')[i - 1]}", array))
+            if old is not None:
+                drop_if_unused(graph, old)
+        node.attributes.pop("axes")
+        done.append(label)
+    return done
 
 
 def already_quantized(model: ir.Model) -> list[str]:
@@ -241,8 +335,17 @@ class QuantizeQDQ(OnnxoptPass):
                 value is not None
                 and dtype_of(value) in _FLOATS
                 and constant_array(value) is None
-                and not (value.is_initializer() and not value.is_graph_input())
+                and not value.is_initializer()  # with a default that callers may override: not calibrated
             )
+
+        def not_activation(value: ir.Value | None, what: str = "input") -> str:
+            """Why ``value`` is not quantized as an activation."""
+            dtype = dtype_of(value) if value is not None else None
+            if dtype in _OTHER_FLOATS:
+                return f"{what} is {dtype.name.lower()}: only float32 tensors are quantized"
+            if value is not None and value.is_initializer() and value.is_graph_input():
+                return f"{what} is a graph input with a default (an initializer callers may override)"
+            return f"{what} is not a float activation"
 
         def mark(value: ir.Value) -> None:
             quantized.setdefault(value.name, None)
@@ -271,7 +374,7 @@ class QuantizeQDQ(OnnxoptPass):
                 continue
             if op in ("Conv", "ConvTranspose"):
                 if not is_activation(node.inputs[0]):
-                    plan.left[name_of(node)] = "input is not a float activation"
+                    plan.left[name_of(node)] = not_activation(node.inputs[0])
                     continue
                 if len(node.inputs) < 2 or constant_array(node.inputs[1]) is None:
                     plan.left[name_of(node)] = "weight is not a constant"
@@ -285,7 +388,7 @@ class QuantizeQDQ(OnnxoptPass):
             elif op == "Gemm":
                 reason = _gemm_refusal(node)
                 if reason is None and not is_activation(node.inputs[0]):
-                    reason = "input A is not a float activation"
+                    reason = not_activation(node.inputs[0], "input A")
                 if reason:
                     plan.left[name_of(node)] = reason
                     continue
@@ -294,7 +397,7 @@ class QuantizeQDQ(OnnxoptPass):
             elif op == "MatMul":
                 a, b = node.inputs[0], node.inputs[1]
                 if not is_activation(a):
-                    plan.left[name_of(node)] = "input A is not a float activation"
+                    plan.left[name_of(node)] = not_activation(a, "input A")
                     continue
                 if constant_array(b) is None and not is_activation(b):
                     plan.left[name_of(node)] = "input B is neither a constant nor a float activation"
@@ -318,6 +421,9 @@ class QuantizeQDQ(OnnxoptPass):
                     if dtype_of(node.outputs[0]) in _FLOATS:
                         plan.left[name_of(node)] = "an input is a constant: kept in float"
                     continue
+                if _feeds_parameter(node.outputs[0]):
+                    plan.left[name_of(node)] = "computes a parameter (Resize scales, Pad value, Clip bound): kept in float"
+                    continue
                 out = node.outputs[0]
                 for v in node.inputs:
                     mark(v)
@@ -326,12 +432,12 @@ class QuantizeQDQ(OnnxoptPass):
                 plan.nodes[name_of(node)] = "concat"
             elif op in _POOLING:
                 if not is_activation(node.inputs[0]):
-                    plan.left[name_of(node)] = "input is not a float activation"
+                    plan.left[name_of(node)] = not_activation(node.inputs[0])
                     continue
                 mark(node.inputs[0])
                 mark(node.outputs[0])
                 plan.nodes[name_of(node)] = "pooling"
-            elif op == "Gather" or op in _PASS_THROUGH:
+            elif op == "Gather" or _passes_through(node):
                 # A float constant read only by shape ops or a Gather (an embedding table, a sliced
                 # projection weight) is stored as integers with its own range, and its scale
                 # passes through to what reads it.
@@ -340,7 +446,8 @@ class QuantizeQDQ(OnnxoptPass):
                 if (
                     table is None or dtype_of(table_value) not in _FLOATS or table.size == 0
                     or table_value.is_graph_output()
-                    or any(u.node.op_type not in _PASS_THROUGH | {"Gather"} or u.idx != 0 for u in table_value.uses())
+                    or any(not (_passes_through(u.node) or u.node.op_type == "Gather") or u.idx != 0
+                           for u in table_value.uses())
                 ):
                     continue
                 mark(table_value)
@@ -359,20 +466,19 @@ class QuantizeQDQ(OnnxoptPass):
             while changed:
                 changed = False
                 for node in graph:
-                    if node.op_type not in _PASS_THROUGH and not (
-                        node.op_type in _FOLDED and name_of(node) not in plan.folded
-                    ):
+                    through = _passes_through(node)
+                    if not through and not (node.op_type in _FOLDED and name_of(node) not in plan.folded):
                         continue
                     if self._excluded(node) or not node.inputs or node.inputs[0] is None:
                         continue
                     if node.inputs[0].name not in quantized or name_of(node) in plan.nodes:
                         continue
                     for out in node.outputs:
-                        if dtype_of(out) in _FLOATS and not out.is_graph_output():
+                        if dtype_of(out) in _FLOATS and not out.is_graph_output() and not _feeds_parameter(out):
                             mark(out)
-                            if node.op_type in _PASS_THROUGH:
+                            if through:
                                 union(node.inputs[0].name, out.name)
-                    plan.nodes[name_of(node)] = "pass-through" if node.op_type in _PASS_THROUGH else "activation"
+                    plan.nodes[name_of(node)] = "pass-through" if through else "activation"
                     changed = True
 
         propagate()
@@ -389,7 +495,7 @@ class QuantizeQDQ(OnnxoptPass):
                 role = plan.nodes.get(name_of(reader))
                 if role in ("weighted", "elementwise", "lookup", "concat", "pooling"):
                     return True
-                if reader.op_type in _PASS_THROUGH and use.idx == 0 and not self._excluded(reader):
+                if _passes_through(reader) and use.idx == 0 and not self._excluded(reader):
                     if any(feeds_integer_op(out, seen) for out in reader.outputs):
                         return True
             return False
@@ -474,6 +580,9 @@ class QuantizeQDQ(OnnxoptPass):
         graph = model.graph
         as_conv = self._batchnorms_as_convs(graph)
         names = NameScope(graph)
+        full_rank = _resize_axes_to_full_rank(graph, names, functools.cache(lambda: _inferred_types(model)[1]))
+        if full_rank:
+            self.details["resize_axes_expanded"] = full_rank
         if as_conv:
             self.details["batchnorm_as_conv"] = as_conv
             logger.info("quantize: %d BatchNormalizations run as 1x1 depthwise Convs", len(as_conv))
@@ -627,13 +736,15 @@ class QuantizeQDQ(OnnxoptPass):
 
     def _insert_qdq(self, graph, value, scale, zp, dtype, names, keep_float=frozenset()) -> ir.Value:
         base = value.name
-        if value.is_graph_output():
+        indices = []
+        if value.is_graph_output() and not value.is_graph_input():  # a graph input keeps its name
             # The graph output keeps its name, now on the dequantized tensor, so that the op fuses.
-            index = list(graph.outputs).index(value)
+            indices = [i for i, output in enumerate(graph.outputs) if output is value]
             value.name = names.fresh(f"{base}_float")
         s = _initializer(graph, names, f"{base}_s", np.array(scale, dtype=np.float32))
         z = _initializer(graph, names, f"{base}_zp", np.array(zp, dtype=dtype.numpy()))
-        readers = [use for use in value.uses() if id(use.node) not in keep_float]
+        readers = [use for use in value.uses() if id(use.node) not in keep_float
+                   and use.idx not in _PARAMETER_INPUTS.get(use.node.op_type, ())]  # parameters read the float
         q = ir.node("QuantizeLinear", [value, s, z], name=names.fresh(f"{base}_Q"))
         q.outputs[0].name = names.fresh(f"{base}_q")
         q.outputs[0].dtype = dtype
@@ -645,7 +756,7 @@ class QuantizeQDQ(OnnxoptPass):
         for use in readers:
             shape_only = use.node.op_type in _SHAPE_READERS and use.node.domain in ("", "ai.onnx")
             use.node.replace_input_with(use.idx, q.outputs[0] if shape_only else dq.outputs[0])
-        if value.name != base:
+        for index in indices:  # every place the output is listed (a model may list it twice)
             graph.outputs[index] = dq.outputs[0]
         return dq.outputs[0]
 
@@ -700,6 +811,9 @@ class QuantizeQDQ(OnnxoptPass):
             drop_if_unused(graph, w_value)
         else:
             w_scale = _weight_scale(w, axis)
+            bias = self._bias_of(node, bias_add)
+            if bias is not None:
+                w_scale = _widened_for_bias(w_scale, bias, x_scale)
             q = _round_weight(w, w_scale, axis)
             zp = np.zeros(w_scale.shape, dtype=np.int8)
             scale = w_scale.astype(np.float32) if axis is not None else np.float32(w_scale.reshape(()))
@@ -724,6 +838,18 @@ class QuantizeQDQ(OnnxoptPass):
                 self.details.setdefault("bias_corrected", []).append(label)
             self._int32_bias(graph, node, bias_index, b, x_scale, w_scale, names)
 
+    @staticmethod
+    def _bias_of(node, bias_add) -> np.ndarray | None:
+        """The constant bias ``node``'s int32 bias will hold (float64, flat), or None."""
+        if bias_add is not None:
+            add, index = bias_add
+            b = constant_array(add.inputs[index])
+        elif node.op_type in ("Conv", "Gemm", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = constant_array(node.inputs[2])
+        else:
+            return None
+        return None if b is None else np.asarray(b, np.float64).reshape(-1)
+
     def _int32_bias(self, graph, node, index, b, x_scale, w_scale, names) -> None:
         """Input ``index`` of ``node`` becomes DequantizeLinear of ``b`` (float64, one value per output
         channel) as int32 with scale input scale × weight scale, zero point 0."""
@@ -732,7 +858,8 @@ class QuantizeQDQ(OnnxoptPass):
         if b_scale.size == 1 and channels > 1:
             b_scale = np.full(channels, b_scale[0])
         b_scale = np.maximum(b_scale, _MIN_SCALE).astype(np.float32)
-        q = np.clip(np.rint(b / b_scale.astype(np.float64)), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+        b = np.nan_to_num(b, nan=0.0, posinf=_BIAS_LIMIT * b_scale, neginf=-_BIAS_LIMIT * b_scale)
+        q = np.clip(np.rint(b / b_scale.astype(np.float64)), -_BIAS_LIMIT, _BIAS_LIMIT).astype(np.int32)
         self._replace_with_dq(graph, node, index, q, b_scale, np.zeros(channels, np.int32), 0, names, "bias")
 
     def _bias_shift(self, node, w, q, w_scale, axis, x_name) -> np.ndarray | None:
@@ -744,8 +871,12 @@ class QuantizeQDQ(OnnxoptPass):
         """
         if not self.bias_correction or node.op_type not in ("Conv", "Gemm"):
             return None
+        if node.op_type == "Gemm" and any(
+            a in node.attributes and node.attributes[a].value != 1.0 for a in ("alpha", "beta")
+        ):
+            return None  # the weight's error is scaled by alpha, a bias by beta
         mean = (self.input_means or {}).get(x_name)
-        if mean is None:
+        if mean is None or not np.isfinite(mean).all():
             return None
         error = q * along_axis(np.asarray(w_scale, np.float64), w.ndim, axis) - w.astype(np.float64)
         if node.op_type == "Gemm":
@@ -760,6 +891,19 @@ class QuantizeQDQ(OnnxoptPass):
         per_input = error.reshape(out_channels, group_in, -1).sum(axis=2)  # [O, C/g]
         group_of = np.arange(out_channels) // (out_channels // group)
         return (per_input * mean.reshape(group, group_in)[group_of]).sum(axis=1)
+
+
+def _widened_for_bias(w_scale: np.ndarray, bias: np.ndarray, x_scale: float) -> np.ndarray:
+    """``w_scale``, widened where the int32 bias (scale: input scale × weight scale) would pass
+    ``_BIAS_LIMIT``: a bias far larger than the products it is added to (tiny inputs, a large
+    bias) would saturate, and a saturated bias overflows onnxruntime's int32 accumulator."""
+    bias = np.nan_to_num(np.abs(bias), nan=0.0, posinf=0.0)
+    needed = bias / (max(float(x_scale), _MIN_SCALE) * _BIAS_LIMIT)
+    if w_scale.size == 1:
+        return np.maximum(w_scale, needed.max(initial=0.0))
+    if needed.size != w_scale.size:
+        return w_scale
+    return np.maximum(w_scale, needed.reshape(w_scale.shape))
 
 
 def _fused_bias(node: ir.Node, excluded: Callable[[ir.Node], bool],

@@ -95,3 +95,27 @@ def test_entropy_never_clips_below_the_floor_percentile():
     data = np.clip(np.maximum(rng.standard_normal(200_000), 0) * 1.5, 0, 6)
     lo, hi = entropy_range(histogram(data))
     assert hi >= 0.98 * np.percentile(np.abs(data), 99.99)
+
+
+def test_the_magnitude_histogram_keeps_every_value_where_it_lies():
+    """|x| counts come from folding the signed cumulative count at 0: none lost past the top bin,
+    no empty bins from aliasing two signed bins onto one magnitude bin."""
+    from onnxopt.calibrate import _magnitude_histogram
+
+    data = np.concatenate([rng.standard_normal(100_000), [9.0]]).astype(np.float32)
+    obs = histogram(data)
+    counts, top = _magnitude_histogram(obs, 2048)
+    assert counts.sum() == pytest.approx(data.size) and top == pytest.approx(9.0)
+    reference, _ = np.histogram(np.abs(data), bins=2048, range=(0, top))
+    bulk = slice(0, 512)  # |x| < 2.25: the bins are well filled
+    assert np.count_nonzero(counts[bulk] == 0) == 0
+    assert np.abs(np.cumsum(counts) - np.cumsum(reference)).max() < 0.002 * data.size
+
+
+def test_percentile_keeps_lo_below_hi_and_a_relu_floor_at_zero():
+    for value in (5.0, 0.0, -2.0):
+        lo, hi = percentile_range(histogram(np.full(1000, value)), 99.99)
+        assert lo <= hi and lo == pytest.approx(value, abs=1e-6) and hi == pytest.approx(value, abs=1e-6)
+    relu = np.maximum(rng.standard_normal(100_000), 0)
+    lo, hi = percentile_range(histogram(relu), 99.99)
+    assert lo == 0.0 and hi == pytest.approx(np.percentile(relu, 99.99), rel=0.02)

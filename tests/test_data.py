@@ -288,8 +288,51 @@ def test_head_takes_whole_batches_up_to_a_sample_count_and_spares_a_read_once_it
     stream = stream_data(tmp_path / "a.npz", cnn(), batch_size=32)
     assert batch_sizes(head(stream, 40)) == [32, 32] and batch_sizes(head(stream, 1)) == [32]
     assert batch_sizes(head(stream, 1000)) == [32, 32, 6] and batch_sizes(stream) == [32, 32, 6]
-    once = stream_data(({"x": images(2)} for _ in range(3)), cnn())
-    assert head(once, 4) is None and batch_sizes(once) == [2, 2, 2]
+    # A read-once iterator's first batches are read ahead and kept; its read starts with them.
+    batches = [images(2) for _ in range(3)]
+    once = stream_data(({"x": b} for b in batches), cnn())
+    taken = head(once, 4)
+    assert batch_sizes(taken) == [2, 2]
+    np.testing.assert_array_equal(taken.batches[1]["x"], batches[1])
+    read = list(once)
+    assert [b["x"].shape[0] for b in read] == [2, 2, 2] and once.num_samples == 6
+    for got, want in zip(read, batches, strict=True):
+        np.testing.assert_array_equal(got["x"], want)
+    spent = stream_data(({"x": images(2)} for _ in range(3)), cnn())
+    assert batch_sizes(spent) == [2, 2, 2] and head(spent, 4) is None  # read before: nothing kept
+
+
+def test_head_copies_what_a_generator_refills():
+    buffer = np.zeros((2, 3, 8, 8), np.float32)
+
+    def refilling():
+        for i in range(3):
+            buffer[:] = i
+            yield {"x": buffer}
+
+    once = stream_data(refilling(), cnn())
+    assert [float(b["x"].max()) for b in head(once, 100)] == [0.0, 1.0, 2.0]
+
+
+def test_stream_reads_fortran_ordered_arrays(tmp_path):
+    x = np.asfortranarray(images(10))
+    np.savez(tmp_path / "f.npz", x=x)
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "x.npy", x)
+    for source in (tmp_path / "f.npz", tmp_path / "d"):
+        stream = stream_data(source, cnn(), batch_size=4)
+        assert isinstance(stream, DataStream)
+        np.testing.assert_array_equal(np.concatenate([b["x"] for b in stream]), x)
+
+
+def test_stream_skips_labels_and_still_streams(tmp_path):
+    """Calibration reads no labels: a file that has them (the same file as --eval) is streamed, not
+    loaded whole."""
+    x = images(10)
+    np.savez(tmp_path / "l.npz", x=x, labels=np.arange(10))
+    stream = stream_data(tmp_path / "l.npz", cnn(), batch_size=4)
+    assert isinstance(stream, DataStream) and batch_sizes(stream) == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in stream]), x)
 
 
 def test_stream_checks_the_first_batch_before_anything_runs(tmp_path):

@@ -76,8 +76,8 @@ def test_observe_streams_each_batch_with_ragged_shapes():
     batches = [{"x": np.full((2, n), float(n), dtype=np.float32)} for n in (3, 7, 5)]
     count = observe(relu_model(), ["x", "m"], batches, lambda name, a: seen.setdefault(name, []).append(a.shape))
     assert count == 3
-    # The first run is one sample (it measures what a sample costs); then whole batches.
-    assert seen["m"] == [(1, 3), (1, 3), (2, 7), (2, 5)]
+    # Small batches run whole (a large first one would run one sample first, to measure its cost).
+    assert seen["m"] == [(2, 3), (2, 7), (2, 5)]
     assert seen["x"] == seen["m"]
 
 
@@ -120,3 +120,73 @@ def test_memory_does_not_grow_with_the_number_of_samples():
     small, large = _peak_bytes(100), _peak_bytes(2000)
     # 2,000 samples are 20 times the data of 100; the peak stays that of one batch (+ noise).
     assert large < 1.5 * small + 256 * 1024, (small, large)
+
+
+def test_a_small_feed_runs_whole_so_that_axis_0_may_be_anything():
+    """A sequence-first model ([S, N, D], Softmax over axis 0) fed one small feed: cutting it into
+    single rows would make every Softmax 1.0; a feed that fits is never cut."""
+    model = build("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[S, N, D] x) => (float[S, N, D] y) {
+        y = Softmax <axis=0> (x)
+    }""")
+    x = np.random.default_rng(0).standard_normal((10, 2, 4)).astype(np.float32)
+    seen = []
+    observe(model, ["y"], [{"x": x}], lambda name, a: seen.append(a))
+    assert len(seen) == 1 and seen[0].shape == x.shape
+    e = np.exp(x - x.max(axis=0))
+    np.testing.assert_allclose(seen[0], e / e.sum(axis=0), rtol=1e-5)
+
+
+def test_inputs_with_different_first_dims_are_never_cut():
+    model = build("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, D] x, float[M, D] z) => (float[N, D] y) {
+        y = Relu(x)
+    }""")
+    splitter = BatchSplitter(model, max_bytes=1)
+    feed = {"x": np.ones((4, 8), np.float32), "z": np.ones((4, 8), np.float32)}
+    assert [p["x"].shape for p in splitter.parts(feed)] == [(4, 8)]
+
+
+def test_a_batch_that_onnxruntime_refuses_is_one_data_error_naming_the_dims():
+    from onnxopt.errors import DataError
+
+    model = build("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, S] a, float[N, S] b) => (float[N, S] y) {
+        y = Mul(a, b)
+    }""")
+    feed = {"a": np.ones((2, 5), np.float32), "b": np.ones((2, 6), np.float32)}
+    with pytest.raises(DataError) as exc:
+        observe(model, ["y"], [feed], lambda name, a: None, where="calibration batch")
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith("calibration batch 0: onnxruntime cannot run the model")
+    assert "dim 'S' is 5 in a[1], 6 in b[1]" in message
+
+
+def test_an_initializer_listed_as_an_input_need_not_be_fed():
+    model = build("""<ir_version: 4, opset_import: ["" : 17]>
+    g (float[N, 4] x, float[4] w) => (float[N, 4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}> {
+        y = Mul(x, w)
+    }""")
+    seen = {}
+    observe(model, ["y", "w"], [{"x": np.ones((2, 4), np.float32)}], lambda name, a: seen.setdefault(name, a))
+    np.testing.assert_array_equal(seen["y"], np.tile(np.arange(1, 5, dtype=np.float32), (2, 1)))
+    assert "w" not in seen
+
+
+def test_channel_means_skip_nonfinite_values():
+    from onnxopt.observe import ChannelMeanObserver
+
+    obs = ChannelMeanObserver(axis=1)
+    x = np.array([[[1.0, np.nan], [2.0, 4.0]], [[3.0, np.inf], [6.0, 8.0]]], np.float32)  # [2, 2, 2]
+    obs.update(x)
+    np.testing.assert_allclose(obs.mean, [2.0, 5.0])
+    empty = ChannelMeanObserver(axis=0)
+    empty.update(np.array([[np.nan], [1.0]], np.float32))
+    assert empty.mean is None  # channel 0 had no finite value
+
+
+def test_histogram_of_values_past_the_float32_range_of_differences():
+    obs = HistogramObserver()
+    obs.update(np.array([-3e38, 0.0, 3e38], np.float32))
+    obs.update(np.full(4, 3.4e38, np.float32))
+    assert obs.counts.sum() == 7 and obs.min == pytest.approx(-3e38, rel=1e-6)

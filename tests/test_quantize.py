@@ -719,3 +719,175 @@ def test_an_excluded_bias_add_keeps_its_float_bias():
     model = two_linear_layers("N,64")
     p = quantize(model, {"N": 8}, exclude=["Add(y)"])
     assert p.details["matmul_biases"] == ["Add(a1)"] and "B2" in model.graph.initializers
+
+
+# --- edge cases found in review: each produced a wrong or invalid model, or a crash ---------------
+
+
+def _run_optimized(model: ir.Model, feed) -> list[np.ndarray]:
+    """Outputs under onnxruntime with every graph optimization on (its QDQ fusions and layout)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(snapshot(model), providers=["CPUExecutionProvider"]).run(None, dict(feed))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+CONV_CONV = f"""{OPSET}
+g (float[N,3,8,8] x) => (float[N,4,8,8] y) {{
+    c = Conv <pads=[1,1,1,1]> (x, W1, B1)
+    r = Relu(c)
+    y = Conv <pads=[1,1,1,1]> (r, W2, B2)
+}}"""
+
+
+def test_a_nan_in_the_calibration_data_leaves_the_corrected_biases_sane():
+    weights = {"W1": randn(8, 3, 3, 3), "B1": randn(8), "W2": randn(4, 8, 3, 3), "B2": randn(4)}
+    feeds = [{"x": randn(8, 3, 8, 8)} for _ in range(3)]
+    feeds[1]["x"][0, 0, 0, 0] = np.nan
+    result = onnxopt.optimize(build(CONV_CONV, weights), ["quantize"], calibration=feeds, latency=False, validate=False)
+    clean = {"x": randn(8, 3, 8, 8)}
+    assert result.report.passes[-1].details.get("bias_corrected")
+    assert _cosine(run(build(CONV_CONV, weights), clean)[0], _run_optimized(result.model, clean)[0]) > 0.999
+
+
+def test_a_bias_far_larger_than_its_products_widens_the_weight_scale_instead_of_saturating():
+    text = f"""{OPSET}
+    g (float[N,16] x) => (float[N,8] y) {{ y = Gemm <transB=1> (x, W, B) }}"""
+    weights = {"W": randn(8, 16) * 1e-2, "B": np.full(8, 40.0, np.float32)}
+    model = build(text, weights)
+    feed = {"x": randn(64, 16) * 1e-3}
+    p = QuantizeQDQ(bias_correction=False)
+    p.ranges = calibrate(model, p.plan(model).tensors, [feed])
+    p(model)
+    bias = [initializer(model, n) for n in model.graph.initializers if initializer(model, n).dtype == np.int32]
+    assert bias and np.abs(bias[0]).max() <= 2**30
+    ref = run(build(text, weights), feed)[0]
+    for got in (run(model, feed)[0], _run_optimized(model, feed)[0]):
+        assert np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
+
+
+def test_gemm_alpha_or_beta_turns_bias_correction_off():
+    """Without C a Gemm with alpha or beta is quantized; a correction C would be scaled by beta while
+    the weight's error is scaled by alpha."""
+    for attrs, corrected in (("<transB=1>", True), ("<transB=1, alpha=2.0>", False), ("<transB=1, beta=0.5>", False)):
+        text = f"""{OPSET}
+        g (float[N,16] x) => (float[N,8] y) {{ y = Gemm {attrs} (x, W) }}"""
+        model = build(text, {"W": randn(8, 16)})
+        p = QuantizeQDQ({"x": (-3.0, 3.0)}, input_means={"x": np.ones(16)})
+        p(model)
+        assert p.details["quantized_nodes"] == ["Gemm(y)"], attrs
+        assert bool(p.details.get("bias_corrected")) == corrected, attrs
+
+
+def test_a_graph_input_that_is_also_an_output_keeps_its_name_and_duplicate_outputs_both_change():
+    text = f"""{OPSET}
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,3,8,8] x, float[N,8,8,8] r, float[N,8,8,8] r2) {{
+        c = Conv <pads=[1,1,1,1]> (x, W1, B1)
+        r = Relu(c)
+        r2 = Identity(r)
+        y = Conv <pads=[1,1,1,1]> (r, W2, B2)
+    }}"""
+    weights = {"W1": randn(8, 3, 3, 3), "B1": randn(8), "W2": randn(4, 8, 3, 3), "B2": randn(4)}
+    model = build(text, weights)
+    model.graph.outputs[3] = model.graph.outputs[2]  # r listed twice
+    quantize(model)
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    assert [v.name for v in model.graph.outputs] == ["y", "x", "r", "r"]
+    assert model.graph.outputs[2] is model.graph.outputs[3]
+    feed = {"x": randn(2, 3, 8, 8)}
+    y, x, r, r_again = _run_optimized(model, feed)
+    np.testing.assert_array_equal(x, feed["x"])
+    np.testing.assert_array_equal(r, r_again)
+
+
+@pytest.mark.parametrize("dtype, opset", [("float16", 21), ("double", 17)])
+def test_fp16_and_double_stay_float_with_their_reason(dtype, opset):
+    text = f"""<ir_version: 10, opset_import: ["" : {opset}]>
+    g ({dtype}[N,16] x) => ({dtype}[N,8] y) {{ h = MatMul(x, W) \n y = Relu(h) }}"""
+    model = build(text, {"W": randn(16, 8).astype(np.float16 if dtype == "float16" else np.float64)})
+    p = QuantizeQDQ({"x": (-3.0, 3.0)})
+    p(model)
+    assert p.details["left"]["MatMul(h)"] == f"input A is {dtype}: only float32 tensors are quantized"
+    assert not p.details.get("quantized_nodes")
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_resize_scales_computed_by_a_concat_stay_float():
+    """onnxruntime.quantization's failure on the detector: the scales 1.0 quantized came back 0.996
+    and the upsampled map lost a channel. Here the scales are computed (Cast of Shape, a Concat)."""
+    text = f"""{OPSET}
+    g (float[N,3,8,8] x) => (float[N,4,16,16] y) {{
+        c = Conv <pads=[1,1,1,1]> (x, W1)
+        s = Shape <start=0, end=2> (c)
+        f = Cast <to=1> (s)
+        ones = Div(f, f)
+        twos = Add(ones, ones)
+        scales = Concat <axis=0> (ones, twos)
+        u = Resize <mode="nearest"> (c, , scales)
+        y = Conv (u, W2)
+    }}"""
+    weights = {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 1, 1)}
+    model = build(text, weights)
+    p = quantize(model)
+    assert p.details["left"]["Concat(scales)"].startswith("computes a parameter")
+    assert sorted(p.details["quantized_nodes"]) == ["Conv(c)", "Conv(y)"]
+    feed = {"x": randn(2, 3, 8, 8)}
+    ref = run(build(text, weights), feed)[0]
+    got = _run_optimized(model, feed)[0]
+    assert got.shape == ref.shape == (2, 4, 16, 16) and _cosine(ref, got) > 0.999
+
+
+def test_an_overridable_initializer_is_not_calibrated_as_an_activation():
+    text = """<ir_version: 4, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x, float[1,8,1,1] shift) => (float[N,4,8,8] y) {
+        c = Conv <pads=[1,1,1,1]> (x, W1)
+        a = Add(c, shift)
+        y = Conv <pads=[1,1,1,1]> (a, W2)
+    }"""
+    model = build(text, {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 3, 3), "shift": randn(1, 8, 1, 1)})
+    assert "shift" not in QuantizeQDQ().plan(model).tensors
+    result = onnxopt.optimize(model, ["quantize"], calibration=[{"x": randn(4, 3, 8, 8)}], latency=False)
+    assert result.report.ok and "Add(a)" in result.report.passes[-1].details["left"]
+
+
+@pytest.mark.parametrize("resize, extra", [
+    ('u = Resize <mode="nearest", axes=[2, 3]> (c, , , sizes)', {"sizes": np.array([16, 16], np.int64)}),
+    ('u = Resize <mode="linear", axes=[3, 2]> (c, , scales)', {"scales": np.array([2.0, 2.0], np.float32)}),
+    ('u = Resize <mode="nearest", axes=[-2, -1]> (c, roi, scales)',
+     {"roi": np.array([0, 0, 1, 1], np.float32), "scales": np.array([2.0, 2.0], np.float32)}),
+])
+def test_a_resize_with_axes_is_written_at_full_rank_so_that_onnxruntime_can_run_it(resize, extra):
+    """onnxruntime 1.32's layout transform of a QDQ Resize with opset 18's axes fails (sizes: the
+    session cannot load; scales: a Gather out of bounds at run time)."""
+    text = f"""<ir_version: 8, opset_import: ["" : 18]>
+    g (float[N,3,8,8] x) => (float[N,4,16,16] y) {{
+        c = Conv <pads=[1,1,1,1]> (x, W1)
+        {resize}
+        y = Conv (u, W2)
+    }}"""
+    weights = {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 1, 1), **extra}
+    model = build(text, weights)
+    p = quantize(model)
+    assert p.details["resize_axes_expanded"] == ["Resize(u)"]
+    resize_node = next(n for n in model.graph if n.op_type == "Resize")
+    assert "axes" not in resize_node.attributes
+    feed = {"x": randn(2, 3, 8, 8)}
+    ref = run(build(text, weights), feed)[0]
+    got = _run_optimized(model, feed)[0]
+    assert got.shape == ref.shape and _cosine(ref, got) > 0.999
+
+
+def test_a_resize_with_axes_and_an_aspect_ratio_policy_is_left_as_it_is():
+    text = """<ir_version: 8, opset_import: ["" : 18]>
+    g (float[N,3,8,8] x) => (float[N,3,16,16] y) {
+        y = Resize <mode="nearest", axes=[2, 3], keep_aspect_ratio_policy="not_larger"> (x, , , sizes)
+    }"""
+    model = build(text, {"sizes": np.array([16, 20], np.int64)})
+    p = QuantizeQDQ({"x": (-3.0, 3.0)})
+    p(model)
+    assert "resize_axes_expanded" not in p.details
+    assert "axes" in next(iter(model.graph)).attributes

@@ -73,10 +73,33 @@ def test_a_static_model_with_recorded_shapes_is_counted_without_reinference(monk
     weights = {"w": np.zeros((8, 3, 3, 3), np.float32), "fw": np.zeros((10, 8), np.float32)}
     copies = []
     original = onnxopt.stats._with_fixed_shapes
-    monkeypatch.setattr(onnxopt.stats, "_with_fixed_shapes", lambda m, d: copies.append(1) or original(m, d))
+    monkeypatch.setattr(onnxopt.stats, "_with_fixed_shapes", lambda m, d, **kw: copies.append(1) or original(m, d, **kw))
     static = build(text.format(b=2), weights)
     onnxopt.passes.Simplify()(static)  # records every shape
     assert count_macs(static) == 2 * (8 * 8 * 8 * 3 * 9 + 10 * 8) and not copies
     dynamic = build(text.format(b="N"), weights)
     onnxopt.passes.Simplify()(dynamic)
     assert count_macs(dynamic, dims={"N": 2}) == 2 * (8 * 8 * 8 * 3 * 9 + 10 * 8) and copies
+
+
+def test_macs_of_unnamed_nodes_are_keyed_as_the_callers_nodes():
+    """Counting re-infers shapes on a copy whose folder names unnamed nodes: the counts still come back
+    under the caller's own nodes (the quantize report's MAC share matched none of them: 100% float)."""
+    from onnxopt.passes.quantize import node_label
+    from onnxopt.stats import node_macs
+
+    model = build("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,8,16,16] y) {
+        c = Conv <pads=[1,1,1,1]> (x, w)
+        s = Shape <start=0, end=2> (c)
+        f = Cast <to=1> (s)
+        ones = Div(f, f)
+        twos = Add(ones, ones)
+        scales = Concat <axis=0> (ones, twos)
+        u = Resize <mode="nearest"> (c, , scales)
+        y = Conv (u, w2)
+    }""", {"w": np.zeros((8, 3, 3, 3), np.float32), "w2": np.zeros((8, 8, 1, 1), np.float32)})
+    assert all(not node.name for node in model.graph)
+    macs = node_macs(model, dims={"N": 2}, key=node_label)  # the folder evaluates the computed scales
+    assert macs == {"Conv(c)": 2 * 8 * 8 * 8 * 3 * 9, "Conv(y)": 2 * 16 * 16 * 8 * 8}
+    assert all(not node.name for node in model.graph)  # the caller's model is not touched
