@@ -153,3 +153,18 @@ def assert_equivalent(
             bound = atol + rtol * float(np.abs(r64).max())
             err = float(np.abs(r64 - g64).max())
             assert err <= bound, f"output {i}: max |diff| {err:.3g} > {bound:.3g}"
+
+
+# Two unnamed Convs around a Resize whose scales are computed from a Shape (Cast, Div, Add, Concat):
+# the scales must stay float when quantizing, and counting MACs folds them. Weights: W1 [C,3,3,3], W2.
+COMPUTED_RESIZE = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,?,16,16] y) {
+    c = Conv <pads=[1,1,1,1]> (x, W1)
+    s = Shape <start=0, end=2> (c)
+    f = Cast <to=1> (s)
+    ones = Div(f, f)
+    twos = Add(ones, ones)
+    scales = Concat <axis=0> (ones, twos)
+    u = Resize <mode="nearest"> (c, , scales)
+    y = Conv (u, W2)
+}"""

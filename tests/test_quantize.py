@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphs import build, random_feeds, run, snapshot
+from graphs import COMPUTED_RESIZE, build, random_feeds, run, snapshot
 from onnxopt.calibrate import calibrate
 from onnxopt.observe import optimized_ops
 from onnxopt.passes import REGISTRY, QuantizeQDQ
@@ -819,17 +819,7 @@ def test_fp16_and_double_stay_float_with_their_reason(dtype, opset):
 def test_resize_scales_computed_by_a_concat_stay_float():
     """onnxruntime.quantization's failure on the detector: the scales 1.0 quantized came back 0.996
     and the upsampled map lost a channel. Here the scales are computed (Cast of Shape, a Concat)."""
-    text = f"""{OPSET}
-    g (float[N,3,8,8] x) => (float[N,4,16,16] y) {{
-        c = Conv <pads=[1,1,1,1]> (x, W1)
-        s = Shape <start=0, end=2> (c)
-        f = Cast <to=1> (s)
-        ones = Div(f, f)
-        twos = Add(ones, ones)
-        scales = Concat <axis=0> (ones, twos)
-        u = Resize <mode="nearest"> (c, , scales)
-        y = Conv (u, W2)
-    }}"""
+    text = COMPUTED_RESIZE
     weights = {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 1, 1)}
     model = build(text, weights)
     p = quantize(model)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 import onnxopt
-from graphs import build
+from graphs import COMPUTED_RESIZE, build
 from onnxopt.stats import count_macs, node_macs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,17 +88,7 @@ def test_macs_of_unnamed_nodes_are_keyed_as_the_callers_nodes():
     from onnxopt.passes.quantize import node_label
     from onnxopt.stats import node_macs
 
-    model = build("""<ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,3,8,8] x) => (float[N,8,16,16] y) {
-        c = Conv <pads=[1,1,1,1]> (x, w)
-        s = Shape <start=0, end=2> (c)
-        f = Cast <to=1> (s)
-        ones = Div(f, f)
-        twos = Add(ones, ones)
-        scales = Concat <axis=0> (ones, twos)
-        u = Resize <mode="nearest"> (c, , scales)
-        y = Conv (u, w2)
-    }""", {"w": np.zeros((8, 3, 3, 3), np.float32), "w2": np.zeros((8, 8, 1, 1), np.float32)})
+    model = build(COMPUTED_RESIZE, {"W1": np.zeros((8, 3, 3, 3), np.float32), "W2": np.zeros((8, 8, 1, 1), np.float32)})
     assert all(not node.name for node in model.graph)
     macs = node_macs(model, dims={"N": 2}, key=node_label)  # the folder evaluates the computed scales
     assert macs == {"Conv(c)": 2 * 8 * 8 * 8 * 3 * 9, "Conv(y)": 2 * 16 * 16 * 8 * 8}
