@@ -94,25 +94,25 @@ def range_of(observer: MinMaxObserver, method: str, *, percentile: float = DEFAU
     return mse_range(observer, activations)
 
 
-def _cdf_at(observer: HistogramObserver, q: float) -> float:
+def _cdf_at(observer: HistogramObserver, q: float, *, lower: bool) -> float:
     """The value below which a fraction ``q`` of the observed values lie (linear within a bin).
 
-    In the first and last occupied bins the values are known to start at the observed minimum and
-    end at the maximum: a quantile there is that extreme (a ReLU output's lower bound is its 0, not
-    a point inside the bin of zeros)."""
+    A lower quantile that falls in the first occupied bin is the observed minimum, an upper one in
+    the last occupied bin the maximum: the values there are known to start and end at those extremes
+    (a ReLU output's lower bound is its 0, not a point inside the bin of zeros)."""
     cumulative = np.concatenate([[0.0], np.cumsum(observer.counts)])
     cumulative /= cumulative[-1]
     occupied = np.flatnonzero(observer.counts)
-    if q <= cumulative[occupied[0] + 1]:
+    if lower and q <= cumulative[occupied[0] + 1]:
         return observer.min
-    if q >= cumulative[occupied[-1]]:
+    if not lower and q >= cumulative[occupied[-1]]:
         return observer.max
     return float(np.interp(q, cumulative, observer.edges))
 
 
 def percentile_range(observer: HistogramObserver, p: float) -> tuple[float, float]:
-    hi = min(_cdf_at(observer, p / 100.0), observer.max)
-    lo = min(max(_cdf_at(observer, (100.0 - p) / 100.0), observer.min), hi)
+    hi = min(_cdf_at(observer, p / 100.0, lower=False), observer.max)
+    lo = min(max(_cdf_at(observer, (100.0 - p) / 100.0, lower=True), observer.min), hi)
     return (lo, hi)
 
 

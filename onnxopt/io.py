@@ -119,8 +119,8 @@ def _initializer_types_hidden(model: ir.Model):
     for graph in (model.graph, *model.graph.subgraphs()):
         inputs = set(graph.inputs)
         for value in graph.initializers.values():
-            if value.const_value is None or value in inputs:
-                continue  # no tensor to carry the type, or a graph input: it keeps its declaration
+            if value.const_value is None or value in inputs or value.is_graph_output():
+                continue  # no tensor to carry the type, or a graph input or output: it keeps its declaration
             hidden.append((value, value.type, value.shape))
             value.type = None
             value.shape = None

@@ -96,6 +96,8 @@ class HistogramObserver(MinMaxObserver):
             new_lo = min(self.lo, lo - 0.25 * width) if lo < self.lo else self.lo
             new_hi = max(self.hi, hi + 0.25 * width) if hi > self.hi else self.hi
             self._rebin(new_lo, new_hi)
+        if x.dtype == np.float32 and (self.hi - self.lo) / self.bins < 4 * np.finfo(np.float32).eps * max(abs(self.lo), abs(self.hi)):
+            x = x.astype(np.float64)  # bins narrower than float32 resolves there (a near-constant tensor)
         counts, _ = np.histogram(x, bins=self.bins, range=(self.lo, self.hi))
         self.counts += counts
 
@@ -167,37 +169,32 @@ class ErrorObserver:
 class BatchSplitter:
     """Cuts feeds along the batch axis so that the tensors one run returns stay within ``max_bytes``.
 
-    Cutting assumes that axis 0 is the batch axis (as ``--batch-size`` does): only inputs whose first
-    dim is dynamic, and one named dim for all of them, are cut; a feed that fits is never cut. The
-    cost of a sample is learned from the runs as bytes returned per byte fed (the largest ratio
-    seen, so a longer sequence is costed by its length). Before any run, a feed of at most
-    ``max_bytes / UNMEASURED_EXPANSION`` bytes runs whole, a larger one as a single sample first.
+    Cutting assumes that axis 0 is the batch axis (as ``--batch-size`` does): inputs whose first dim
+    the model fixes are never cut, and a feed that fits runs whole. The cost of a sample is learned
+    from the runs as bytes returned per byte fed (the largest ratio seen, so a longer sequence is
+    costed by its length). Before any run, ``parts`` runs ``probe`` on the feed's first sample to
+    measure it (its outputs are dropped: a model whose axis 0 is not a batch, a sequence-first
+    Softmax, is then still observed on whole feeds); without a probe the first slice is one sample.
     """
-
-    # Bytes returned per byte fed assumed before the first run: a transformer's token ids (8 bytes)
-    # come back as thousands of bytes of activations.
-    UNMEASURED_EXPANSION = 4096
 
     def __init__(self, model: ir.Model, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-        first_dims = {str(v.shape[0]) for v in inputs if v.shape is not None and len(v.shape) > 0}
-        self.cuttable = bool(inputs) and len(first_dims) == 1 and all(
+        self.cuttable = bool(inputs) and all(
             v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in inputs
         )
         self.max_bytes = max_bytes
         self.ratio: float | None = None  # bytes returned per byte fed
 
-    def parts(self, feed: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    def parts(self, feed: Mapping[str, np.ndarray],
+              probe: Callable[[dict[str, np.ndarray]], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
         lengths = {np.shape(v)[0] if np.ndim(v) else None for v in feed.values()}
         if not self.cuttable or len(lengths) != 1 or None in lengths or next(iter(lengths)) <= 1:
             yield dict(feed)
             return
         count, start = next(iter(lengths)), 0
-        fed = sum(np.asarray(v).nbytes for v in feed.values())
-        if self.ratio is None and fed * self.UNMEASURED_EXPANSION <= self.max_bytes:
-            yield dict(feed)
-            return
-        fed_per_sample = fed / count
+        fed_per_sample = sum(np.asarray(v).nbytes for v in feed.values()) / count
+        if self.ratio is None and probe is not None:
+            probe({k: v[:1] for k, v in feed.items()})
         while start < count:
             if self.ratio is None:
                 rows = 1
@@ -261,16 +258,19 @@ def observe(
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a failing run is raised as one DataError, not logged as well
         count = 0
+        def run(part: dict[str, np.ndarray]) -> list[np.ndarray]:
+            try:
+                return session.run(exposed, part, quiet) if exposed else []
+            except Exception as exc:  # inputs that pass every check and still do not fit the model
+                conflicts = dim_conflicts(part, input_specs(model))
+                raise DataError(
+                    f"{where} {count}: onnxruntime cannot run the model on it"
+                    f"{' (' + conflicts + ')' if conflicts else ''}: {' '.join(str(exc).split())[:300]}"
+                ) from None
+
         for feed in batches:
-            for part in splitter.parts(feed):
-                try:
-                    outputs = session.run(exposed, part, quiet) if exposed else []
-                except Exception as exc:  # inputs that pass every check and still do not fit the model
-                    conflicts = dim_conflicts(part, input_specs(model))
-                    raise DataError(
-                        f"{where} {count}: onnxruntime cannot run the model on it"
-                        f"{' (' + conflicts + ')' if conflicts else ''}: {' '.join(str(exc).split())[:300]}"
-                    ) from None
+            for part in splitter.parts(feed, probe=lambda first: splitter.learn(first, run(first))):
+                outputs = run(part)
                 splitter.learn(part, outputs)
                 for name, array in zip(exposed, outputs):
                     update(name, array)

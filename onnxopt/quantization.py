@@ -446,7 +446,10 @@ class QuantizationStep:
             # Both models' tensors are alive at once: each run gets half the observation budget.
             splitter = BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2)
             for feed in evaluation.batches[:SQNR_BATCHES]:
-                for part in splitter.parts(feed):
+                def probe(first: dict[str, np.ndarray]) -> None:
+                    splitter.learn(first, [*run_session(ref, first).values(), *run_session(cand, first).values()])
+
+                for part in splitter.parts(feed, probe=probe):
                     r_out = run_session(ref, part)
                     c_out = run_session(cand, part)
                     splitter.learn(part, [*r_out.values(), *c_out.values()])

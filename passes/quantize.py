@@ -19,6 +19,7 @@ __all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized", "no
 import fnmatch
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -80,18 +81,18 @@ def _passes_through(node: ir.Node) -> bool:
     return node.op_type in _PASS_THROUGH
 
 
-def _feeds_parameter(value: ir.Value, seen: set[int] | None = None) -> bool:
+def _feeds_parameter(value: ir.Value) -> bool:
     """Whether ``value`` reaches a parameter input (``_PARAMETER_INPUTS``), directly or through
     ops that pass it through."""
-    seen = set() if seen is None else seen
-    for use in value.uses():
-        node = use.node
-        if use.idx in _PARAMETER_INPUTS.get(node.op_type, ()):
-            return True
-        if use.idx == 0 and _passes_through(node) and id(node) not in seen:
-            seen.add(id(node))
-            if any(_feeds_parameter(out, seen) for out in node.outputs):
+    todo, seen = [value], set()
+    while todo:
+        for use in todo.pop().uses():
+            node = use.node
+            if use.idx in _PARAMETER_INPUTS.get(node.op_type, ()):
                 return True
+            if use.idx == 0 and _passes_through(node) and id(node) not in seen:
+                seen.add(id(node))
+                todo.extend(node.outputs)
     return False
 
 
@@ -103,6 +104,11 @@ def _resize_axes_to_full_rank(graph: ir.Graph, names: NameScope,
     constant, or ``sizes`` with other dims unknown or an aspect-ratio policy, the Resize is left as
     it is. ``inferred`` gives shapes the model does not record. Returns the labels of those rewritten."""
     done = []
+    # Recorded dims are certain only when the inputs are static (else they may be an export's trace
+    # sizes): only then are other axes' sizes written from them.
+    static_inputs = all(v.shape is not None and all(isinstance(d, int) for d in v.shape) for v in graph.inputs)
+    # With only a dynamic batch, the spatial dims recorded are certain too (a CNN's H and W).
+    static_but_batch = all(v.shape is not None and all(isinstance(d, int) for d in v.shape[1:]) for v in graph.inputs)
     for node in list(graph):
         if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or "axes" not in node.attributes:
             continue
@@ -131,11 +137,11 @@ def _resize_axes_to_full_rank(graph: ir.Graph, names: NameScope,
             if policy != "stretch":
                 continue
             dims = [shape[i] if isinstance(shape[i], int) else None for i in range(rank)]
-            if all(dims[i] is not None for i in range(rank) if i not in axes):
+            if static_inputs and all(dims[i] is not None for i in range(rank) if i not in axes):
                 sizes = np.array([d or 0 for d in dims], np.int64)
                 sizes[axes] = arrays[3]
                 full[3] = sizes
-            else:  # a dynamic batch: as scales (the spec's own size / input), where they give the sizes exactly
+            elif static_but_batch:  # as scales (the spec's own size / input), where they give the sizes exactly
                 scales = np.ones(rank, np.float32)
                 for a, size in zip(axes, arrays[3]):
                     if not dims[a]:
@@ -149,6 +155,8 @@ def _resize_axes_to_full_rank(graph: ir.Graph, names: NameScope,
                     full[2] = scales
                 if 2 not in full:
                     continue
+            else:
+                continue  # dims not certain: left as it is
         label = node_label(node)
         for i, array in full.items():
             old = node.inputs[i]
@@ -445,7 +453,7 @@ class QuantizeQDQ(OnnxoptPass):
                 table = constant_array(table_value)
                 if (
                     table is None or dtype_of(table_value) not in _FLOATS or table.size == 0
-                    or table_value.is_graph_output()
+                    or table_value.is_graph_output() or _feeds_parameter(table_value)
                     or any(not (_passes_through(u.node) or u.node.op_type == "Gather") or u.idx != 0
                            for u in table_value.uses())
                 ):
@@ -743,8 +751,11 @@ class QuantizeQDQ(OnnxoptPass):
             value.name = names.fresh(f"{base}_float")
         s = _initializer(graph, names, f"{base}_s", np.array(scale, dtype=np.float32))
         z = _initializer(graph, names, f"{base}_zp", np.array(zp, dtype=dtype.numpy()))
+        # Parameters (a Resize's scales), directly or through a pass-through op, read the float value.
         readers = [use for use in value.uses() if id(use.node) not in keep_float
-                   and use.idx not in _PARAMETER_INPUTS.get(use.node.op_type, ())]  # parameters read the float
+                   and use.idx not in _PARAMETER_INPUTS.get(use.node.op_type, ())
+                   and not (use.idx == 0 and _passes_through(use.node)
+                            and any(_feeds_parameter(out) for out in use.node.outputs))]
         q = ir.node("QuantizeLinear", [value, s, z], name=names.fresh(f"{base}_Q"))
         q.outputs[0].name = names.fresh(f"{base}_q")
         q.outputs[0].dtype = dtype
@@ -805,13 +816,17 @@ class QuantizeQDQ(OnnxoptPass):
         if not self.per_channel:
             axis = None
         key = (id(w_value), axis)
+        bias = self._bias_of(node, bias_add)
+        if key in cache and bias is not None:
+            cached_scale = cache[key][1]
+            if not np.array_equal(_widened_for_bias(cached_scale, bias, x_scale), cached_scale):
+                key = (id(w_value), axis, id(node))  # this node's bias needs a wider scale: its own copy
         if key in cache:
             dq_out, w_scale, q = cache[key]
             node.replace_input_with(1, dq_out)
             drop_if_unused(graph, w_value)
         else:
             w_scale = _weight_scale(w, axis)
-            bias = self._bias_of(node, bias_add)
             if bias is not None:
                 w_scale = _widened_for_bias(w_scale, bias, x_scale)
             q = _round_weight(w, w_scale, axis)
@@ -1074,6 +1089,8 @@ def _inferred_types(model: ir.Model) -> tuple[dict[str, ir.DataType], dict[str, 
         if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                                     onnx.TensorProto.DOUBLE):
             continue  # integer tensors may be shapes that inference reads
+        if len(tensor.dims) <= 1 and math.prod(tensor.dims) <= 8:
+            continue  # small float vectors may be too: a Resize's scales
         tensor.ClearField("raw_data")
         for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(field_name)

@@ -119,3 +119,13 @@ def test_percentile_keeps_lo_below_hi_and_a_relu_floor_at_zero():
     relu = np.maximum(rng.standard_normal(100_000), 0)
     lo, hi = percentile_range(histogram(relu), 99.99)
     assert lo == 0.0 and hi == pytest.approx(np.percentile(relu, 99.99), rel=0.02)
+
+
+def test_percentile_with_an_outlier_that_puts_the_bulk_in_one_bin():
+    """One huge value widens the histogram until every ordinary value shares bin 0: the upper
+    quantile must still come from inside that bin, not collapse to the minimum."""
+    data = np.concatenate([rng.uniform(-1, 1, 100_000), [5000.0]])
+    lo, hi = percentile_range(histogram(data), 99.99)
+    assert lo == pytest.approx(-1.0, abs=1e-3) and 0.5 < hi < 5000
+    single = histogram(np.linspace(5.0, 5.002, 1000))
+    assert percentile_range(single, 100.0) == pytest.approx((5.0, 5.002))

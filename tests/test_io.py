@@ -259,6 +259,7 @@ def test_saved_initializers_carry_no_repeated_value_info(tmp_path):
     model = ir.from_proto(small_cnn())
     const = model.graph.initializers[next(iter(model.graph.initializers))]
     model.graph.inputs.append(const)  # an overridable weight: declared as an input
+    model.graph.outputs.append(const)  # and an output: its declaration needs the type
     def weight(name, array):
         tensor = ir.tensor(array)
         return ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
@@ -281,10 +282,12 @@ def test_saved_initializers_carry_no_repeated_value_info(tmp_path):
 
     proto = onnx.load(out)
     graphs = [proto.graph, *(a.g for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)]
-    assert len(graphs) == 3
+    assert len(graphs) == 3 and sum(len(g.initializer) - len({o.name for o in g.output}) for g in graphs) > 0
     for graph in graphs:
         assert graph.initializer
-        assert not {i.name for i in graph.initializer} & {v.name for v in graph.value_info}
+        outputs = {o.name for o in graph.output}  # an initializer that is an output keeps its type (and value_info)
+        assert not ({i.name for i in graph.initializer} - outputs) & {v.name for v in graph.value_info}
+        assert all(o.type.tensor_type.elem_type for o in graph.output)
     assert const.name in {i.name for i in proto.graph.input}
     onnx.checker.check_model(proto, full_check=True)
     assert {v.name: (v.type, v.shape) for g in (model.graph, then_graph, else_graph)

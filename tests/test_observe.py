@@ -76,7 +76,7 @@ def test_observe_streams_each_batch_with_ragged_shapes():
     batches = [{"x": np.full((2, n), float(n), dtype=np.float32)} for n in (3, 7, 5)]
     count = observe(relu_model(), ["x", "m"], batches, lambda name, a: seen.setdefault(name, []).append(a.shape))
     assert count == 3
-    # Small batches run whole (a large first one would run one sample first, to measure its cost).
+    # Batches that fit run whole (one sample is probed first to measure the cost, and dropped).
     assert seen["m"] == [(2, 3), (2, 7), (2, 5)]
     assert seen["x"] == seen["m"]
 
@@ -86,10 +86,11 @@ def test_a_batch_is_cut_so_that_one_run_stays_within_the_byte_budget():
     batch = {"x": np.ones((64, 256), np.float32)}  # m and y: 2 KiB a sample together
     observe(relu_model(), ["m", "y"], [batch, batch], lambda name, a: rows.append(a.shape[0]) if name == "m" else None,
             max_bytes=16 * 1024)
-    assert sum(rows) == 128 and rows[0] == 1 and max(rows) == 8, rows  # 16 KiB / 2 KiB
+    # A probe of one sample measures the cost (its outputs dropped), then slices of 16 KiB / 2 KiB.
+    assert sum(rows) == 128 and set(rows) == {8}, rows
     whole = []
     observe(relu_model(), ["m"], [batch, batch], lambda name, a: whole.append(a.shape[0]))
-    assert whole == [1, 63, 64]
+    assert whole == [64, 64]
 
 
 def test_a_fixed_batch_dim_is_never_cut():
@@ -123,8 +124,9 @@ def test_memory_does_not_grow_with_the_number_of_samples():
 
 
 def test_a_small_feed_runs_whole_so_that_axis_0_may_be_anything():
-    """A sequence-first model ([S, N, D], Softmax over axis 0) fed one small feed: cutting it into
-    single rows would make every Softmax 1.0; a feed that fits is never cut."""
+    """A sequence-first model ([S, N, D], Softmax over axis 0) fed one feed: observing it row by row
+    would make every Softmax 1.0; the first row is only a probe of the cost, and a feed that fits
+    runs whole."""
     model = build("""<ir_version: 8, opset_import: ["" : 17]>
     g (float[S, N, D] x) => (float[S, N, D] y) {
         y = Softmax <axis=0> (x)
@@ -135,16 +137,6 @@ def test_a_small_feed_runs_whole_so_that_axis_0_may_be_anything():
     assert len(seen) == 1 and seen[0].shape == x.shape
     e = np.exp(x - x.max(axis=0))
     np.testing.assert_allclose(seen[0], e / e.sum(axis=0), rtol=1e-5)
-
-
-def test_inputs_with_different_first_dims_are_never_cut():
-    model = build("""<ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, D] x, float[M, D] z) => (float[N, D] y) {
-        y = Relu(x)
-    }""")
-    splitter = BatchSplitter(model, max_bytes=1)
-    feed = {"x": np.ones((4, 8), np.float32), "z": np.ones((4, 8), np.float32)}
-    assert [p["x"].shape for p in splitter.parts(feed)] == [(4, 8)]
 
 
 def test_a_batch_that_onnxruntime_refuses_is_one_data_error_naming_the_dims():
@@ -190,3 +182,11 @@ def test_histogram_of_values_past_the_float32_range_of_differences():
     obs.update(np.array([-3e38, 0.0, 3e38], np.float32))
     obs.update(np.full(4, 3.4e38, np.float32))
     assert obs.counts.sum() == 7 and obs.min == pytest.approx(-3e38, rel=1e-6)
+
+
+def test_histogram_of_a_nearly_constant_tensor():
+    """Bins narrower than float32 resolves at that magnitude: numpy refused them ("too many bins")."""
+    obs = HistogramObserver()
+    obs.update(np.linspace(5.0, 5.0002, 100).astype(np.float32))
+    obs.update(np.linspace(5.0, 5.002, 100).astype(np.float32))
+    assert obs.counts.sum() == 200
