@@ -10,12 +10,14 @@ import os
 import sys
 import time
 
+import onnx
+
 from onnxopt import io
 from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
 from onnxopt.passes import REGISTRY, QuantizeQDQ
 from onnxopt.pipeline import DEFAULT_PASSES, optimize
-from onnxopt.report import render_table, write_json
+from onnxopt.report import failure_reason, render_table, write_json
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -36,6 +38,13 @@ class Progress:
         self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
         self._last = 0.0
         self._width = 0
+
+    def clear(self) -> None:
+        """Blank the status line, so that a message printed next starts on a clean line."""
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -127,14 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     level = logging.ERROR if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    progress = Progress(enabled=not args.quiet)
     try:
-        return _run(args)
+        return _run(args, progress)
     except OnnxoptError as exc:
+        progress.clear()
         print(f"onnxopt: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        progress.clear()
         print("onnxopt: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        progress.clear()  # a traceback starts on its own line
+        raise
 
 
 def _check_options(args) -> None:
@@ -159,9 +174,10 @@ def _quantize_passes(args) -> list:
     exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
     if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None
                                     or not args.bias_correction or not args.speed_fallback
-                                    or args.activations != "uint8" or args.per_tensor):
-        raise OptionError("--activations, --per-tensor, --exclude, --max-drop, --min-cosine, --no-bias-correction and "
-                          "--no-speed-fallback apply to --quantize int8")
+                                    or args.activations != "uint8" or args.per_tensor
+                                    or args.calibrate != "minmax" or args.percentile != DEFAULT_PERCENTILE):
+        raise OptionError("--activations, --per-tensor, --exclude, --max-drop, --min-cosine, --calibrate, --percentile, "
+                          "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
     return [
         QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
                     bias_correction=args.bias_correction) if n == "quantize" else n
@@ -169,7 +185,39 @@ def _quantize_passes(args) -> list:
     ]
 
 
-def _run(args) -> int:
+def _external_files(model_path: str) -> list[str]:
+    """The external-data files the model at ``model_path`` reads (none when it cannot be read:
+    loading reports that later, in its own words)."""
+    try:
+        proto = onnx.load(model_path, load_external_data=False)
+    except Exception:
+        return []
+    folder = os.path.dirname(os.path.abspath(model_path))
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    return sorted({os.path.join(folder, e.value) for t in tensors for e in t.external_data if e.key == "location"})
+
+
+def _check_paths(args, output: str) -> None:
+    """Refuse an -o or --report path that would overwrite an input: the model (unless --in-place),
+    its external data, the --calibration, --data or --eval file, or (for --report) the output."""
+    def same(a: str, b: str) -> bool:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+    inputs = [("the input model", args.model)] + [("the input model's external data", f) for f in _external_files(args.model)]
+    for flag in ("calibration", "data"):
+        value = getattr(args, flag)
+        if value and value != "synthetic" and os.path.isfile(value):
+            inputs.append((f"the --{'eval/--data' if flag == 'data' else flag} file", value))
+    for what, path in inputs:
+        if same(output, path) and not (args.in_place and path == args.model):
+            raise OutputPathError(f"{output}: refusing to overwrite {what}; choose another -o path")
+        if args.report and same(args.report, path):
+            raise OptionError(f"--report {args.report}: refusing to overwrite {what}")
+    if args.report and same(args.report, output):
+        raise OptionError(f"--report {args.report}: is the output model's path; give the JSON report its own")
+
+
+def _run(args, progress: Progress) -> int:
     if args.explain:
         from onnxopt.pipeline import explain_channels
 
@@ -185,8 +233,8 @@ def _run(args) -> int:
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
     _check_options(args)
+    _check_paths(args, output)
     passes = _quantize_passes(args)
-    progress = Progress(enabled=not args.quiet)
     result = optimize(
         args.model, passes, data=args.data, dims=args.dim, providers=args.providers,
         validate=args.validate, latency=args.latency, rtol=args.rtol, atol=args.atol,
@@ -203,6 +251,9 @@ def _run(args) -> int:
         report.notes.append(f"validation failed: {output} not written")
     if args.report:
         write_json(report, args.report)
+    progress.clear()
     if not args.quiet:
         print(render_table(report))
+    if not result.ok:  # also under --quiet: a failed run says why, on stderr
+        print(f"onnxopt: failed: {failure_reason(report)}; {output} not written", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_FAILED

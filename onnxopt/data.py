@@ -44,6 +44,8 @@ import onnx_ir as ir
 from onnxopt.errors import DataError, OptionError
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
+# The largest synthetic input made: a --dim typo (100000000) fails in a line, not in numpy's allocator.
+SYNTHETIC_LIMIT = 4 * 2**30
 # What a read-once iterator of batches keeps of its first batches, to validate on (see DataStream).
 RETAINED_SAMPLES = 512
 RETAINED_BYTES = 64 * 2**20
@@ -255,7 +257,13 @@ def _pop_labels(arrays: dict, specs: list[InputSpec], labels_key: str | None):
     keys = (labels_key,) if labels_key else LABEL_KEYS
     for key in keys:
         if key in arrays and key not in names:
-            return np.asarray(arrays.pop(key))
+            labels = np.asarray(arrays.pop(key))
+            if labels.dtype.kind not in "iub":
+                raise DataError(f"labels '{key}' have dtype {labels.dtype}: they must be class indices (integers)")
+            if labels.ndim > 1 and labels.shape[1:] != (1,) * (labels.ndim - 1):
+                raise DataError(f"labels '{key}' have shape {list(labels.shape)}: one class index per sample is "
+                                f"expected (one-hot labels: pass labels.argmax(axis=1))")
+            return labels
     if labels_key:
         raise DataError(f"labels key '{labels_key}' not found in the data (keys: {', '.join(arrays)})")
     return None
@@ -291,6 +299,8 @@ def _check_feed(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: s
                     raise DataError(
                         f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model expects {spec.describe()} (axis {axis}: {got} != {want})"
                     )
+        if array.dtype.kind == "f" and array.size and not np.isfinite(array).any():
+            raise DataError(f"{where}: input '{spec.name}' has no finite value (all NaN or infinite)")
         checked[spec.name] = array
     return checked
 
@@ -390,6 +400,10 @@ def synthetic_data(
             if spec.shape is None:
                 raise DataError(f"input '{spec.name}' has no shape; synthetic data needs one (pass --data)")
             shape = tuple(_fill_dim(d, spec, i, dims, used_defaults) for i, d in enumerate(spec.shape))
+            size = math.prod(shape) * spec.dtype.itemsize
+            if size > SYNTHETIC_LIMIT:
+                raise DataError(f"synthetic input '{spec.name}' of shape {list(shape)} would take {size / 2**30:.1f} GiB "
+                                f"(more than {SYNTHETIC_LIMIT / 2**30:.0f}); lower --dim or --fix-dim")
             feed[spec.name] = _random_array(rng, spec.dtype, shape)
         feeds.append(feed)
     notes = []

@@ -15,14 +15,14 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.data import Dataset, feed_dims, head, load_data, parse_dims, synthetic_data
-from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError
+from onnxopt.data import Dataset, dim_conflicts, feed_dims, head, input_specs, load_data, parse_dims, synthetic_data
+from onnxopt.errors import DataError, ModelLoadError, OnnxoptError, OptionError, UnknownPassError
 from onnxopt.latency import compare_latency
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report
-from onnxopt.runtime import ModelSnapshot
+from onnxopt.runtime import ModelSnapshot, run_session
 from onnxopt.stats import model_stats
 from onnxopt.validate import DEFAULT_ATOL, compare_models
 
@@ -143,6 +143,8 @@ def optimize(
     pass_objects, fixed_dims = with_fixed_dims(pass_objects, parse_dims(fix_dims, "--fix-dim"), dims, working, label)
     dims = {k: v for k, v in dims.items() if k not in fixed_dims}  # data meets those dims fixed
     quantizing = [p for p in pass_objects if isinstance(p, QuantizeQDQ) and p.ranges is None]
+    if len([p for p in pass_objects if isinstance(p, QuantizeQDQ)]) > 1:
+        raise OptionError("pass quantize is listed more than once: the second would find the model quantized already")
     if quantizing:
         working, upgraded = QuantizationStep.upgrade_opset(working, label)
     # Data and calibration must fit the model as it will be: with its dims fixed, if they are.
@@ -166,6 +168,19 @@ def optimize(
             raise
         except Exception as exc:
             raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
+        if dataset.batches:  # data that passes every check and still does not fit (token ids past the table)
+            try:
+                run_session(original.session(optimization="disabled", providers=providers), dataset.batches[0])
+            except Exception as exc:
+                conflicts = dim_conflicts(dataset.batches[0], input_specs(data_model))
+                if fixed_dims:
+                    conflicts = ", ".join([*([conflicts] if conflicts else []), "at the sizes --fix-dim gives: "
+                                           + ", ".join(f"{k}={v}" for k, v in fixed_dims.items())])
+                raise DataError(f"{dataset.source} batch 0: onnxruntime cannot run the input model on it"
+                                f"{' (' + conflicts + ')' if conflicts else ''}: {_one_line(exc)}") from None
+        if quantization is not None and max_drop is not None and validate and dataset.labels is None:
+            raise OptionError(f"--max-drop needs labels in the --eval data ({dataset.source} has none); "
+                              "without labels the budget is --min-cosine")
     # MACs per sample at the data's other dims (a transformer's sequence length), unless --dim says.
     stat_dims = {**feed_dims(working, dataset.batches[0] if (validate or latency) and dataset.batches else None), **dims,
                  **fixed_dims}

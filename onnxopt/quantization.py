@@ -183,6 +183,8 @@ class QuantizationStep:
         }
         float_model = model.clone()
         user_exclude = list(p.exclude)
+        for pattern in p.unmatched_exclusions(model):
+            self.notes.append(f"quantize: --exclude '{pattern}' matches no node (by name, op type or pattern)")
         p.ranges = ranges
         feed = timing_feed if timing_feed is not None else (first[0] if first else None)  # what is timed
         if p.activations == "auto":

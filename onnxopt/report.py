@@ -130,6 +130,24 @@ class Report:
         return json_safe(dataclasses.asdict(self)) | {"ok": self.ok}
 
 
+def failure_reason(report: Report) -> str:
+    """Why ``report`` is not ok, in a line: the validation's error, a pass's FAILED note, or the
+    outputs outside the tolerance."""
+    v = report.validation
+    if v is not None and v.error:
+        return v.error
+    failed = next((n for n in report.notes if "FAILED" in n), None)
+    if failed:
+        return failed
+    if v is not None:
+        outside = [o.name for o in v.outputs if not o.ok]
+        if outside:
+            return f"output(s) {', '.join(outside)} outside {v.criterion or 'the tolerance'}"
+        if v.criterion:
+            return v.criterion
+    return "validation failed"
+
+
 def json_safe(obj):
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -174,7 +174,16 @@ def create_session(
     return ort.InferenceSession(source, sess_options=options, providers=resolved)
 
 
+def _quiet_run_options() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # a failing run raises; its error is reported once, by the caller
+    return options
+
+
+_QUIET = _quiet_run_options()
+
+
 def run_session(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run one feed; returns outputs by name."""
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feed))))
+    return dict(zip(names, session.run(names, dict(feed), _QUIET)))

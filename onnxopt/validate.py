@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from onnxopt.data import Dataset
+from onnxopt.errors import DataError
 from onnxopt.report import OutputComparison, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 
@@ -136,7 +137,10 @@ def compare_models(
     accumulators = {name: OutputAccumulator(name) for name in ref_names}
     ref_logits, cand_logits = [], []
     for i, feed in enumerate(data):
-        ref_out = run_session(ref_session, feed)
+        try:
+            ref_out = run_session(ref_session, feed)
+        except Exception as exc:  # the input model itself cannot run on it: the data does not fit
+            raise DataError(f"{data.source} batch {i}: onnxruntime cannot run the input model on it: {_one_line(exc)}") from None
         try:
             cand_out = run_session(cand_session, feed)
         except Exception as exc:

@@ -268,6 +268,13 @@ class QuantizeQDQ(OnnxoptPass):
                 return True
         return False
 
+    def unmatched_exclusions(self, model: ir.Model) -> list[str]:
+        """The ``exclude`` entries that match no node of ``model`` (a typo would quietly quantize the
+        layer meant to stay float)."""
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        return [pattern for pattern in self.exclude
+                if not any(QuantizeQDQ(exclude=[pattern])._excluded(node) for node in nodes)]
+
     def _standing_batchnorm(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
         """The per-channel (scale, shift) of a BatchNormalization that ``_batchnorm_as_conv`` replaces:
         inference mode, float32, 1-3 spatial dims, not excluded, per-channel weights (one int8 weight

@@ -175,6 +175,105 @@ def test_data_that_does_not_fit(capsys, model, arrays, words):
     assert_refused(capsys, model.parent, [model, "--data", model.parent / "d.npz"], "d.npz", *words)
 
 
+@pytest.mark.parametrize(
+    "labels,words",
+    [
+        (np.array(["a", "b"]), ["labels 'labels'", "dtype <U1", "integers"]),
+        (np.eye(2, dtype=np.int64), ["labels 'labels'", "shape [2, 2]", "argmax"]),
+    ],
+    ids=["string-labels", "one-hot-labels"],
+)
+def test_labels_that_are_not_class_indices(capsys, model, labels, words):
+    np.savez(model.parent / "d.npz", x=X, labels=labels)
+    assert_refused(capsys, model.parent, [model, "--data", model.parent / "d.npz"], *words)
+
+
+def test_data_with_no_finite_value(capsys, model):
+    np.savez(model.parent / "d.npz", x=np.full_like(X, np.nan))
+    assert_refused(capsys, model.parent, [model, "--data", model.parent / "d.npz"], "input 'x'", "no finite value")
+
+
+def test_data_the_input_model_cannot_run_on(capsys, folder):
+    """Names, dtypes and shapes fit; the model still fails on it (an index past a table): one line."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[N] ids) => (float[N, 4] y) { y = Gather (table, ids) }"""
+    from graphs import build_proto
+
+    onnx.save(build_proto(text, {"table": np.ones((10, 4), np.float32)}), folder / "t.onnx")
+    np.savez(folder / "ids.npz", ids=np.array([1, 99], np.int64))
+    assert_refused(capsys, folder, [folder / "t.onnx", "--data", folder / "ids.npz"],
+                   "batch 0: onnxruntime cannot run the input model on it")
+
+
+def test_synthetic_data_too_large_to_make(capsys, model):
+    assert_refused(capsys, model.parent, [model, "--dim", "N=100000000"], "synthetic input 'x'", "GiB", "--dim")
+
+
+@pytest.mark.parametrize("target", ["model", "external", "data", "report-as-input", "report-as-output"])
+def test_output_or_report_over_an_input_is_refused(capsys, folder, target):
+    ext = external_model(folder)
+    np.savez(folder / "d.npz", x=X)
+    model_path = ext if target == "external" else folder / "m.onnx"
+    args = [model_path, "--data", folder / "d.npz"]
+    if target == "model":
+        args += ["--report", folder / "m.onnx", "-o", folder / "out.onnx"]
+        words = ["--report", "the input model"]
+    elif target == "external":
+        args += ["-o", ext.parent / "w.bin"]
+        words = ["the input model's external data"]
+    elif target == "data":
+        args += ["-o", folder / "d.npz"]
+        words = ["the --eval/--data file"]
+    elif target == "report-as-input":
+        args += ["--report", folder / "d.npz"]
+        words = ["--report", "the --eval/--data file"]
+    else:
+        args += ["-o", folder / "out.onnx", "--report", folder / "out.onnx"]
+        words = ["--report", "output model's path"]
+    assert_refused(capsys, folder, args, *words)
+
+
+def test_a_failed_run_says_why_on_stderr_even_when_quiet(capsys, model):
+    np.savez(model.parent / "c.npz", x=X)
+    code = call(model, "--quantize", "int8", "--calibration", model.parent / "c.npz", "--exclude", "Conv,Gemm", "-q")
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxopt: failed: ") and "not written" in lines[0], err
+
+
+def test_quantize_listed_twice_and_max_drop_without_labels(capsys, model):
+    np.savez(model.parent / "c.npz", x=X)
+    calib = model.parent / "c.npz"
+    assert_refused(capsys, model.parent, [model, "--passes", "quantize,quantize", "--calibration", calib],
+                   "quantize is listed more than once")
+    assert_refused(capsys, model.parent, [model, "--quantize", "int8", "--calibration", calib, "--eval", calib,
+                                          "--max-drop", "1"], "--max-drop needs labels", "--min-cosine")
+
+
+def test_an_exclude_that_matches_nothing_is_noted(capsys, model):
+    np.savez(model.parent / "c.npz", x=X)
+    report = model.parent / "r.json"
+    call(model, "--quantize", "int8", "--calibration", model.parent / "c.npz", "--exclude", "nosuchnode",
+         "--report", report, "-q")
+    notes = json.loads(report.read_text())["notes"]
+    assert any("--exclude 'nosuchnode' matches no node" in n for n in notes), notes
+
+
+def test_progress_is_cleared_before_an_error():
+    from io import StringIO
+
+    from onnxopt.cli import Progress
+
+    stream = StringIO()
+    stream.isatty = lambda: True
+    progress = Progress(enabled=True, stream=stream)
+    progress("pass fold-bn", 1, 4)
+    progress.clear()
+    stream.write("onnxopt: error: x\n")
+    assert stream.getvalue().split("\r")[-1] == "onnxopt: error: x\n"
+
+
 def test_data_file_missing(capsys, model):
     assert_refused(capsys, model.parent, [model, "--data", model.parent / "none.npz"], "none.npz", "no such file")
 

@@ -220,7 +220,8 @@ def test_no_latency_means_no_speed_fallback_and_the_flag_needs_quantize(digits, 
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False)
     assert "speed" not in result.report.passes[-1].details and not calls
-    for option in (["--no-speed-fallback"], ["--activations", "auto"], ["--per-tensor"]):
+    for option in (["--no-speed-fallback"], ["--activations", "auto"], ["--per-tensor"], ["--calibrate", "entropy"],
+                   ["--percentile", "99.9"]):
         code = main([str(digits / "digits_cnn.onnx"), *option])
         err = capsys.readouterr().err
         assert code == 2 and option[0] in err and "apply to --quantize int8" in err, err
