@@ -9,6 +9,7 @@ __all__ = [
     "default_output_path",
     "weight_bytes",
     "has_external_data",
+    "model_bytes",
     "TWO_GB",
     "INLINE_WEIGHT_LIMIT",
 ]
@@ -130,6 +131,12 @@ def _initializer_types_hidden(model: ir.Model):
         for value, type_, shape in hidden:
             value.type = type_
             value.shape = shape
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """``model`` serialized as ``save_model`` writes it (no repeated initializer value_info)."""
+    with _initializer_types_hidden(model):
+        return ir.serde.serialize_model(model).SerializeToString()
 
 
 def check_external_data(model: ir.Model) -> None:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import OptionError, ProviderError
-from onnxopt.io import INLINE_WEIGHT_LIMIT, has_external_data, save_model, weight_bytes
+from onnxopt.io import INLINE_WEIGHT_LIMIT, has_external_data, model_bytes, save_model, weight_bytes
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -88,7 +88,7 @@ class ModelSnapshot:
         # weights are still read lazily from files, the snapshot is a temporary folder instead.
         if not has_external_data(model) and weight_bytes(model) < INLINE_WEIGHT_LIMIT:
             try:
-                self.data = ir.serde.serialize_model(model).SerializeToString()
+                self.data = model_bytes(model)
             except ValueError:  # protobuf refuses messages of 2 GB and more
                 self.data = None
         if self.data is None:

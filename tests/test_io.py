@@ -295,3 +295,12 @@ def test_saved_initializers_carry_no_repeated_value_info(tmp_path):
     assert all(t is not None for t, _ in typed.values())
     feeds = {"x": X}
     np.testing.assert_array_equal(run(small_cnn(), feeds)[0], run(proto, feeds)[0])
+
+
+def test_model_bytes_are_what_save_model_writes(tmp_path):
+    """Reports size the snapshot's bytes: they must be the file's."""
+    from onnxopt.io import model_bytes
+
+    model = ir.from_proto(small_cnn())
+    out = save_model(model, tmp_path / "m.onnx")
+    assert model_bytes(model) == out.read_bytes()
