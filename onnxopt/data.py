@@ -21,6 +21,7 @@ __all__ = [
     "load_data",
     "stream_data",
     "dim_conflicts",
+    "cannot_run",
     "DataStream",
     "synthetic_data",
     "head",
@@ -41,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.errors import DataError, OptionError
+from onnxopt.errors import DataError, OptionError, one_line
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
 # The largest synthetic input made: a --dim typo (100000000) fails in a line, not in numpy's allocator.
@@ -320,6 +321,14 @@ def dim_conflicts(feed: Mapping[str, np.ndarray], specs: list[InputSpec]) -> str
     parts = [f"dim '{dim}' is " + ", ".join(f"{size} in {where}" for size, where in uses)
              for dim, uses in seen.items() if len({size for size, _ in uses}) > 1]
     return "; ".join(parts)
+
+
+def cannot_run(where: str, feed: Mapping[str, np.ndarray], specs: list[InputSpec], exc: BaseException, *,
+               what: str = "the input model", hints: Iterable[str] = ()) -> DataError:
+    """The one-line error for inputs that pass every check and still do not run (token ids past a
+    table, a named dim of two sizes): where, the dims that disagree and other ``hints``, and why."""
+    notes = "; ".join(h for h in (dim_conflicts(feed, specs), *hints) if h)
+    return DataError(f"{where}: onnxruntime cannot run {what} on it{f' ({notes})' if notes else ''}: {one_line(exc)}")
 
 
 def _batch_len(batch: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:

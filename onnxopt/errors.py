@@ -11,6 +11,7 @@ __all__ = [
     "UnknownPassError",
     "OptionError",
     "ProviderError",
+    "one_line",
 ]
 
 
@@ -44,3 +45,9 @@ class OptionError(OnnxoptError):
 
 class ProviderError(OnnxoptError):
     """An execution provider that onnxruntime does not offer on this machine."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message (its type's name when empty) on one line, at most ``limit`` characters:
+    onnxruntime's messages span lines and paths."""
+    return " ".join((str(exc).strip() or type(exc).__name__).split())[:limit]

@@ -24,8 +24,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.data import dim_conflicts, input_specs
-from onnxopt.errors import DataError
+from onnxopt.data import cannot_run, input_specs
 from onnxopt.runtime import ModelSnapshot, resolve_providers
 
 logger = logging.getLogger(__name__)
@@ -262,11 +261,7 @@ def observe(
             try:
                 return session.run(exposed, part, quiet) if exposed else []
             except Exception as exc:  # inputs that pass every check and still do not fit the model
-                conflicts = dim_conflicts(part, input_specs(model))
-                raise DataError(
-                    f"{where} {count}: onnxruntime cannot run the model on it"
-                    f"{' (' + conflicts + ')' if conflicts else ''}: {' '.join(str(exc).split())[:300]}"
-                ) from None
+                raise cannot_run(f"{where} {count}", part, input_specs(model), exc, what="the model") from None
 
         for feed in batches:
             for part in splitter.parts(feed, probe=lambda first: splitter.learn(first, run(first))):

@@ -15,8 +15,8 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.data import Dataset, dim_conflicts, feed_dims, head, input_specs, load_data, parse_dims, synthetic_data
-from onnxopt.errors import DataError, ModelLoadError, OnnxoptError, OptionError, UnknownPassError
+from onnxopt.data import Dataset, cannot_run, feed_dims, head, input_specs, load_data, parse_dims, synthetic_data
+from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
 from onnxopt.passes.fix_shapes import input_dim_names
@@ -167,17 +167,14 @@ def optimize(
         except OnnxoptError:  # an unavailable provider says so itself
             raise
         except Exception as exc:
-            raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {_one_line(exc)}") from None
+            raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {one_line(exc)}") from None
         if dataset.batches:  # data that passes every check and still does not fit (token ids past the table)
             try:
                 run_session(original.session(optimization="disabled", providers=providers), dataset.batches[0])
             except Exception as exc:
-                conflicts = dim_conflicts(dataset.batches[0], input_specs(data_model))
-                if fixed_dims:
-                    conflicts = ", ".join([*([conflicts] if conflicts else []), "at the sizes --fix-dim gives: "
-                                           + ", ".join(f"{k}={v}" for k, v in fixed_dims.items())])
-                raise DataError(f"{dataset.source} batch 0: onnxruntime cannot run the input model on it"
-                                f"{' (' + conflicts + ')' if conflicts else ''}: {_one_line(exc)}") from None
+                sizes = ", ".join(f"{k}={v}" for k, v in fixed_dims.items())
+                raise cannot_run(f"{dataset.source} batch 0", dataset.batches[0], input_specs(data_model), exc,
+                                 hints=[f"at the sizes --fix-dim gives: {sizes}" if sizes else ""]) from None
         if quantization is not None and max_drop is not None and validate and dataset.labels is None:
             raise OptionError(f"--max-drop needs labels in the --eval data ({dataset.source} has none); "
                               "without labels the budget is --min-cosine")
@@ -262,8 +259,6 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
     return load_data(data, model, batch_size=batch_size, dims=dims)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join((str(exc).strip() or type(exc).__name__).split())[:300]
 
 
 def _fixed_dims_failure(fixed_dims: dict[str, int], original: ModelSnapshot, dataset: Dataset, providers) -> str:
@@ -273,7 +268,7 @@ def _fixed_dims_failure(fixed_dims: dict[str, int], original: ModelSnapshot, dat
     try:
         original.session(optimization="disabled", providers=providers).run(None, dataset.batches[0])
     except Exception as exc:
-        return f"fix-shapes: the original model fails on inputs of {sizes} too: {_one_line(exc)[:200]}"
+        return f"fix-shapes: the original model fails on inputs of {sizes} too: {one_line(exc)[:200]}"
     return f"fix-shapes: the model fixed at {sizes} fails where the original runs: please report it"
 
 

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
-from onnxopt.errors import ModelLoadError, OptionError
+from onnxopt.errors import ModelLoadError, OptionError, one_line
 from onnxopt.latency import compare_latency, timing_settings
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
@@ -137,7 +137,7 @@ class QuantizationStep:
         except Exception as exc:
             raise ModelLoadError(
                 f"{label}: opset {opset} is below 13, which quantization needs, and onnx's converter "
-                f"cannot upgrade it: {' '.join(str(exc).split())[:200]}"
+                f"cannot upgrade it: {one_line(exc, 200)}"
             ) from None
         return upgraded, f"opset {opset} upgraded to 13 for quantization (onnx.version_converter)"
 
@@ -204,7 +204,7 @@ class QuantizationStep:
                 try:
                     harm = self._harm(float_model, model, p, evaluation)
                 except Exception as exc:  # onnxruntime refuses the quantized model: say so, don't crash
-                    figure = f"onnxruntime cannot run the quantized model: {' '.join(str(exc).split())[:300]}"
+                    figure = f"onnxruntime cannot run the quantized model: {one_line(exc)}"
                     runnable = False
                     break
                 candidates = [(h, node) for node, h in harm if node not in p.exclude and h > 0]
@@ -233,7 +233,7 @@ class QuantizationStep:
             try:
                 self.details["sqnr_db"] = self._sqnr(float_model, model, p, evaluation)
             except Exception as exc:  # the validation that follows reports the failure itself
-                logger.warning("quantize: no SQNR report: %s", " ".join(str(exc).split())[:300])
+                logger.warning("quantize: no SQNR report: %s", one_line(exc))
                 self.details["sqnr_db"] = {}
         self.pass_ = p
         self.float_model = float_model
@@ -321,7 +321,7 @@ class QuantizationStep:
             info["vs_float"] = self._against_float(plain, best, feed, settings.threads, budget)
         except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: any failure here skips the rest
             logger.warning("quantize: speed fallback stopped: %s", exc)
-            info["error"] = " ".join(str(exc).split())[:200]
+            info["error"] = one_line(exc, 200)
         finally:
             for snapshot in (plain, best):
                 if snapshot is not None:
@@ -372,7 +372,7 @@ class QuantizationStep:
                                       budget_seconds=ACTIVATIONS_BUDGET_SECONDS, threshold=SPEED_MIN_GAIN)
         except Exception as exc:  # a measurement, not a condition of the run
             logger.warning("quantize: activations not measured: %s", exc)
-            choice.update(chosen="uint8", why=f"not measured ({' '.join(str(exc).split())[:120]}): the CPU default")
+            choice.update(chosen="uint8", why=f"not measured ({one_line(exc, 120)}): the CPU default")
             return uint8, model, result
         finally:
             for snapshot in snapshots:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from onnxopt.data import Dataset
-from onnxopt.errors import DataError
+from onnxopt.data import Dataset, cannot_run
+from onnxopt.errors import one_line
 from onnxopt.report import OutputComparison, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 
@@ -129,7 +129,7 @@ def compare_models(
     try:
         cand_session = candidate.session(providers=resolved, optimization=candidate_optimization)
     except Exception as exc:
-        return Validation(**common, error=f"onnxruntime cannot load the optimized model: {_one_line(exc)}")
+        return Validation(**common, error=f"onnxruntime cannot load the optimized model: {one_line(exc)}")
     ref_names = [o.name for o in ref_session.get_outputs()]
     cand_names = [o.name for o in cand_session.get_outputs()]
     if ref_names != cand_names:
@@ -140,11 +140,11 @@ def compare_models(
         try:
             ref_out = run_session(ref_session, feed)
         except Exception as exc:  # the input model itself cannot run on it: the data does not fit
-            raise DataError(f"{data.source} batch {i}: onnxruntime cannot run the input model on it: {_one_line(exc)}") from None
+            raise cannot_run(f"{data.source} batch {i}", feed, [], exc) from None
         try:
             cand_out = run_session(cand_session, feed)
         except Exception as exc:
-            return Validation(**common, error=f"onnxruntime cannot run the optimized model: {_one_line(exc)}")
+            return Validation(**common, error=f"onnxruntime cannot run the optimized model: {one_line(exc)}")
         for name in ref_names:
             accumulators[name].update(np.asarray(ref_out[name]), np.asarray(cand_out[name]))
         if data.labels is not None:
@@ -194,6 +194,3 @@ def _accuracy(logits: list[np.ndarray], labels: np.ndarray) -> float | None:
     return float((stacked.argmax(axis=1) == labels.reshape(-1)).mean())
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())[:300]

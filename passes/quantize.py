@@ -76,6 +76,12 @@ _MIN_SCALE = 1e-12
 _BIAS_LIMIT = 2**30
 
 
+def _matches(pattern: str, node: ir.Node) -> bool:
+    """Whether an ``exclude`` entry names ``node``: its op type, name or label, or an fnmatch pattern on its name."""
+    name = node.name or ""
+    return pattern in (node.op_type, name, node_label(node)) or bool(name and fnmatch.fnmatchcase(name, pattern))
+
+
 def _passes_through(node: ir.Node) -> bool:
     """Whether ``node`` moves or selects its input's values, so that its output keeps the input's scale."""
     return node.op_type in _PASS_THROUGH
@@ -262,18 +268,13 @@ class QuantizeQDQ(OnnxoptPass):
 
     # ------------------------------------------------------------------ planning
     def _excluded(self, node: ir.Node) -> bool:
-        name = node.name or ""
-        for pattern in self.exclude:
-            if pattern in (node.op_type, name, node_label(node)) or (name and fnmatch.fnmatchcase(name, pattern)):
-                return True
-        return False
+        return any(_matches(pattern, node) for pattern in self.exclude)
 
     def unmatched_exclusions(self, model: ir.Model) -> list[str]:
         """The ``exclude`` entries that match no node of ``model`` (a typo would quietly quantize the
         layer meant to stay float)."""
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-        return [pattern for pattern in self.exclude
-                if not any(QuantizeQDQ(exclude=[pattern])._excluded(node) for node in nodes)]
+        return [pattern for pattern in self.exclude if not any(_matches(pattern, node) for node in nodes)]
 
     def _standing_batchnorm(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
         """The per-channel (scale, shift) of a BatchNormalization that ``_batchnorm_as_conv`` replaces:
