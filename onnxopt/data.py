@@ -142,6 +142,8 @@ def parse_dims(items: Iterable[str] | Mapping[str, int] | None, flag: str = "--d
         # isdecimal, not isdigit: int() refuses digits such as '²'.
         if not sep or not name.strip() or not value.strip().isdecimal() or int(value) <= 0:
             raise OptionError(f"{flag} {item!r}: expected NAME=POSITIVE_INT, e.g. batch=4")
+        if dims.get(name.strip(), int(value)) != int(value):
+            raise OptionError(f"{flag} {name.strip()} is given twice: {dims[name.strip()]} and {int(value)}")
         dims[name.strip()] = int(value)
     return dims
 

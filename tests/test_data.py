@@ -374,3 +374,9 @@ def test_streaming_memory_is_one_batch_whatever_the_number_of_samples(tmp_path):
 
     small, large = peak(32), peak(4096)  # 4096 samples: 3 MB of data; one batch is 12 KB
     assert large < 2 * small + 64 * 1024, (small, large)
+
+
+def test_a_dim_given_twice_with_two_sizes_is_refused():
+    assert parse_dims(["batch=2", "batch=2"]) == {"batch": 2}
+    with pytest.raises(OptionError, match="--fix-dim batch is given twice: 1 and 8"):
+        parse_dims(["batch=1", "batch=8"], "--fix-dim")
