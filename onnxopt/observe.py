@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxopt.data import cannot_run, input_specs
-from onnxopt.runtime import ModelSnapshot, resolve_providers
+from onnxopt.runtime import QUIET_RUN, ModelSnapshot, resolve_providers
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +253,10 @@ def observe(
     try:
         session = snapshot.session(providers=resolve_providers(providers), optimization="disabled")
         splitter = BatchSplitter(model, max_bytes)
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4  # a failing run is raised as one DataError, not logged as well
         count = 0
         def run(part: dict[str, np.ndarray]) -> list[np.ndarray]:
             try:
-                return session.run(exposed, part, quiet) if exposed else []
+                return session.run(exposed, part, QUIET_RUN) if exposed else []
             except Exception as exc:  # inputs that pass every check and still do not fit the model
                 raise cannot_run(f"{where} {count}", part, input_specs(model), exc, what="the model") from None
 

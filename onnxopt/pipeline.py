@@ -268,7 +268,7 @@ def _fixed_dims_failure(fixed_dims: dict[str, int], original: ModelSnapshot, dat
     try:
         original.session(optimization="disabled", providers=providers).run(None, dataset.batches[0])
     except Exception as exc:
-        return f"fix-shapes: the original model fails on inputs of {sizes} too: {one_line(exc)[:200]}"
+        return f"fix-shapes: the original model fails on inputs of {sizes} too: {one_line(exc, 200)}"
     return f"fix-shapes: the model fixed at {sizes} fails where the original runs: please report it"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "QUIET_RUN",
     "PROVIDER_NAMES",
     "OPTIMIZATION_LEVELS",
     "available_providers",
@@ -180,10 +181,10 @@ def _quiet_run_options() -> ort.RunOptions:
     return options
 
 
-_QUIET = _quiet_run_options()
+QUIET_RUN = _quiet_run_options()
 
 
 def run_session(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run one feed; returns outputs by name."""
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feed), _QUIET)))
+    return dict(zip(names, session.run(names, dict(feed), QUIET_RUN)))

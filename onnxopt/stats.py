@@ -114,36 +114,35 @@ def _macs(model: ir.Model, dims: Mapping[str, int] | None, nodes: Callable) -> d
     original = {id(c): n for c, n in zip(ir.traversal.RecursiveGraphIterator(clone.graph),
                                          ir.traversal.RecursiveGraphIterator(model.graph))}
     return {original.get(id(node), node): _node_macs(node)
-            for node in nodes(_with_fixed_shapes(clone, dims, copy=False).graph) if _counts(node)}
+            for node in nodes(_with_fixed_shapes(clone, dims).graph) if _counts(node)}
 
 
-def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None, *, copy: bool = True) -> ir.Model:
-    """A structural copy (``model`` itself when not ``copy``) with dynamic input dims fixed (``dims`` by
-    name, else 1) and shapes inferred.
+def _with_fixed_shapes(model: ir.Model, dims: Mapping[str, int] | None) -> ir.Model:
+    """``model`` (a structural copy the caller made) with dynamic input dims fixed (``dims`` by name,
+    else 1) and shapes inferred.
 
     Shapes are inferred by onnxscript's constant folder, which evaluates what the fixed dims make
     constant as it goes: an exporter's Shape → Gather → Concat → Reshape chains (a transformer's
     attention heads) otherwise leave every MatMul after them with unknown shapes.
     """
     dims = dict(dims or {})
-    clone = model.clone() if copy else model
-    for value in clone.graph.inputs:
+    for value in model.graph.inputs:
         if value.shape is None:
             continue
         fixed = [d if isinstance(d, int) else dims.get(getattr(d, "value", None) or "", 1) for d in value.shape]
         value.shape = ir.Shape([d if d >= 0 else 1 for d in fixed])
-    for node in clone.graph:
+    for node in model.graph:
         for out in node.outputs:
             out.shape = None  # stale shapes recorded by the exporter would hide the fixed dims
     try:
-        fold_constants_ir(clone, onnx_shape_inference=True)
+        fold_constants_ir(model, onnx_shape_inference=True)
     except Exception as exc:  # shape inference is best effort
         logger.debug("constant folding failed: %s", exc)
         try:
-            ShapeInferencePass(strict_mode=False)(clone)
+            ShapeInferencePass(strict_mode=False)(model)
         except Exception as exc:
             logger.debug("shape inference failed: %s", exc)
-    return clone
+    return model
 
 
 def _counts(node: ir.Node) -> bool:
