@@ -82,11 +82,6 @@ def _matches(pattern: str, node: ir.Node) -> bool:
     return pattern in (node.op_type, name, node_label(node)) or bool(name and fnmatch.fnmatchcase(name, pattern))
 
 
-def _passes_through(node: ir.Node) -> bool:
-    """Whether ``node`` moves or selects its input's values, so that its output keeps the input's scale."""
-    return node.op_type in _PASS_THROUGH
-
-
 def _feeds_parameter(value: ir.Value) -> bool:
     """Whether ``value`` reaches a parameter input (``_PARAMETER_INPUTS``), directly or through
     ops that pass it through."""
@@ -96,7 +91,7 @@ def _feeds_parameter(value: ir.Value) -> bool:
             node = use.node
             if use.idx in _PARAMETER_INPUTS.get(node.op_type, ()):
                 return True
-            if use.idx == 0 and _passes_through(node) and id(node) not in seen:
+            if use.idx == 0 and node.op_type in _PASS_THROUGH and id(node) not in seen:
                 seen.add(id(node))
                 todo.extend(node.outputs)
     return False
@@ -453,7 +448,7 @@ class QuantizeQDQ(OnnxoptPass):
                 mark(node.inputs[0])
                 mark(node.outputs[0])
                 plan.nodes[name_of(node)] = "pooling"
-            elif op == "Gather" or _passes_through(node):
+            elif op == "Gather" or op in _PASS_THROUGH:
                 # A float constant read only by shape ops or a Gather (an embedding table, a sliced
                 # projection weight) is stored as integers with its own range, and its scale
                 # passes through to what reads it.
@@ -462,7 +457,7 @@ class QuantizeQDQ(OnnxoptPass):
                 if (
                     table is None or dtype_of(table_value) not in _FLOATS or table.size == 0
                     or table_value.is_graph_output() or _feeds_parameter(table_value)
-                    or any(not (_passes_through(u.node) or u.node.op_type == "Gather") or u.idx != 0
+                    or any(u.node.op_type not in _PASS_THROUGH | {"Gather"} or u.idx != 0
                            for u in table_value.uses())
                 ):
                     continue
@@ -482,7 +477,7 @@ class QuantizeQDQ(OnnxoptPass):
             while changed:
                 changed = False
                 for node in graph:
-                    through = _passes_through(node)
+                    through = node.op_type in _PASS_THROUGH
                     if not through and not (node.op_type in _FOLDED and name_of(node) not in plan.folded):
                         continue
                     if self._excluded(node) or not node.inputs or node.inputs[0] is None:
@@ -511,7 +506,7 @@ class QuantizeQDQ(OnnxoptPass):
                 role = plan.nodes.get(name_of(reader))
                 if role in ("weighted", "elementwise", "lookup", "concat", "pooling"):
                     return True
-                if _passes_through(reader) and use.idx == 0 and not self._excluded(reader):
+                if reader.op_type in _PASS_THROUGH and use.idx == 0 and not self._excluded(reader):
                     if any(feeds_integer_op(out, seen) for out in reader.outputs):
                         return True
             return False
@@ -762,7 +757,7 @@ class QuantizeQDQ(OnnxoptPass):
         # Parameters (a Resize's scales), directly or through a pass-through op, read the float value.
         readers = [use for use in value.uses() if id(use.node) not in keep_float
                    and use.idx not in _PARAMETER_INPUTS.get(use.node.op_type, ())
-                   and not (use.idx == 0 and _passes_through(use.node)
+                   and not (use.idx == 0 and use.node.op_type in _PASS_THROUGH
                             and any(_feeds_parameter(out) for out in use.node.outputs))]
         q = ir.node("QuantizeLinear", [value, s, z], name=names.fresh(f"{base}_Q"))
         q.outputs[0].name = names.fresh(f"{base}_q")
