@@ -63,8 +63,10 @@ class Progress:
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="onnxopt",
+        usage="%(prog)s MODEL [options]\n       %(prog)s bench MODEL [--vs BASELINE] [options]   (latency check: %(prog)s bench --help)",
         description="Optimize an ONNX model with graph passes and prove the result under onnxruntime.",
-        epilog=f"passes: {', '.join(REGISTRY)}. Exit codes: 0 validated, 1 validation failed, 2 bad input.",
+        epilog=f"passes: {', '.join(REGISTRY)}. Exit codes: 0 validated, 1 validation failed, 2 bad input. "
+        "'onnxopt bench' times a model against a baseline and exits 1 when it is slower.",
     )
     parser.add_argument("model", help="input .onnx file (never modified unless --in-place)")
     parser.add_argument("-o", "--output", help="output path (default: MODEL.opt.onnx beside the input)")

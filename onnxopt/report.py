@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -196,8 +197,26 @@ def _change(before, after) -> str:
     return f"{(after - before) / before * 100:+.1f}%"
 
 
+TABLE_WIDTH = 100  # the terminal view fits this many columns; a long last text column wraps
+
+
+def _wrap_last(rows: list[list[str]], header: list[str], width: int) -> list[list[str]]:
+    """Rows whose last column would pass ``width`` continue on rows of their own, under that column."""
+    lead = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    room = max(width - sum(lead) - 2 * len(lead), 30)
+    wrapped = []
+    for row in rows:
+        pieces = textwrap.wrap(str(row[-1]), room) or [""]
+        wrapped.append([*row[:-1], pieces[0]])
+        wrapped += [[""] * (len(row) - 1) + [piece] for piece in pieces[1:]]
+    return wrapped
+
+
 def _table(rows: list[list[str]], header: list[str], *, rule: bool = True, text_columns=(0,)) -> list[str]:
-    """Columns padded to width: text columns left-aligned, figures right-aligned; a rule under the header."""
+    """Columns padded to width: text columns left-aligned, figures right-aligned; a rule under the header.
+    A last column of text wraps so that the table fits ``TABLE_WIDTH``."""
+    if rows and len(header) - 1 in text_columns:
+        rows = _wrap_last(rows, header, TABLE_WIDTH)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda row: "  ".join(  # noqa: E731
         str(c).ljust(w) if i in text_columns else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
@@ -207,6 +226,16 @@ def _table(rows: list[list[str]], header: list[str], *, rule: bool = True, text_
 
 def _grid(rows: list[list[str]], header: list[str]) -> list[str]:
     return _table(rows, header, rule=False)
+
+
+def _wrapped(text: str, indent: str = "  ") -> list[str]:
+    """A line of prose cut to ``TABLE_WIDTH`` columns, its continuations indented."""
+    return textwrap.wrap(text, TABLE_WIDTH, subsequent_indent=indent, break_on_hyphens=False) or [""]
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 sample``, ``2 samples``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _rtols(v: Validation) -> str:
@@ -248,9 +277,9 @@ def render_table(report: Report) -> str:
     if v is not None:
         lines.append("")
         head = "PASS" if v.ok else "CHANGED (lossy by request: reported, not judged)" if report.lossy and not v.error else "FAIL"
-        lines.append(
+        lines += _wrapped(
             f"validation {head} on {', '.join(p.replace('ExecutionProvider', '') for p in v.providers)}: "
-            + (f"{v.samples} synthetic samples" if v.synthetic else f"{v.samples} samples from {v.data}")
+            + (f"{_count(v.samples, 'synthetic sample')}" if v.synthetic else f"{_count(v.samples, 'sample')} from {v.data}")
             + (f"; judged by {v.criterion}" if v.criterion else f"; tolerance |err| <= {v.atol:g} + {_rtols(v)}*max|ref|")
         )
         if v.error:
@@ -262,27 +291,27 @@ def render_table(report: Report) -> str:
                 f"{o.max_rel:.3g}",
                 f"{o.cosine:.6f}",
                 "-" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%",
-                "ok" if o.ok else "FAIL",
+                "ok" if o.ok else "changed" if report.lossy and not v.error else "FAIL",
             ]
             for o in v.outputs[:8]
         ]
         if out_rows:
-            lines += ["  " + r for r in _table(out_rows, ["output", "max abs", "max rel", "cosine", "top-1", ""])]
+            lines += ["  " + r for r in _table(out_rows, ["output", "max abs", "max rel", "cosine", "top-1", "status"])]
         if len(v.outputs) > 8:
             lines.append(f"  … {len(v.outputs) - 8} more outputs (see --report)")
         if v.accuracy_before is not None:
             lines.append(f"  accuracy {v.accuracy_before * 100:.2f}% -> {v.accuracy_after * 100:.2f}%")
-        lines += [f"  note: {n}" for n in v.notes]
+        lines += [w for n in v.notes for w in _wrapped(f"  note: {n}", indent="        ")]
     lat = report.latency
     if lat is not None:
         lines.append("")
         if math.isinf(lat.ratio_high):  # too few pairs for a sign-test interval (fewer than 6 at 95%)
-            judged = f"only {lat.repetitions} interleaved pairs in the budget: no interval, no verdict (raise --latency-budget)"
+            judged = f"(only {_count(lat.repetitions, 'interleaved pair')} in the budget: no interval, no verdict; raise --latency-budget)"
         else:
             judged = (f"[{lat.ratio_low:.3f}, {lat.ratio_high:.3f}] ({lat.confidence * 100:.0f}% CI, "
                       f"{lat.repetitions} interleaved pairs): {lat.verdict}")
-        lines.append(f"latency: {lat.median_a_ms:.3f} ms -> {lat.median_b_ms:.3f} ms median, ratio {lat.ratio:.3f} {judged}")
-    lines += [f"note: {n}" for n in report.notes]
+        lines += _wrapped(f"latency: {lat.median_a_ms:.3f} ms -> {lat.median_b_ms:.3f} ms median, ratio {lat.ratio:.3f} {judged}")
+    lines += [w for n in report.notes for w in _wrapped(f"note: {n}", indent="      ")]
     return "\n".join(lines)
 
 

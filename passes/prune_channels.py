@@ -137,11 +137,12 @@ class PruneChannels(OnnxoptPass):
             "left": left,
         }
         what = {"zero": "all-zero channels", "given": "given channels", "importance": f"{self.importance} importance, ratio {self.ratio:g}" if self.ratio is not None else ""}[self.mode]
+        unprunable = len(groups) - self.details["prunable_groups"]
         self.summary = (
             f"removed {removed} of {total} prunable channels in {len(plan)} of {self.details['prunable_groups']} prunable groups "
             f"({what}); {removed_params} parameters"
             + (f"; kept {kept_zero} zero channels whose constant cannot be folded" if kept_zero else "")
-            + (f"; {len(groups) - self.details['prunable_groups']} groups unprunable" if len(groups) > self.details["prunable_groups"] else "")
+            + (f"; {unprunable} group{'' if unprunable == 1 else 's'} unprunable" if unprunable > 0 else "")
         )
         logger.info("prune: %s", self.summary)
         return ir.passes.PassResult(model, modified=bool(plan))
