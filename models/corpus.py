@@ -44,6 +44,7 @@ class Entry:
     size: int  # bytes
     note: str  # inputs, dynamic dims, special ops
     platform: str | None = None  # wheel platform tag, for packages that only ship platform wheels
+    large: bool = False  # a download over 50 MB: the corpus test runs it only when asked
 
     @property
     def name(self) -> str:
@@ -194,6 +195,16 @@ MANIFEST: list[Entry] = [
         "2365c42d362313c21748750eefebf3a61fd8045f73a98644176eca538200841a", 4284858,
         "character seq2seq decoder step: prefix int64 [batch, tgt_len], memory float [batch, src_len, 256], "
         "src_mask bool [batch, src_len], hidden float [batch, 2, 256]; attention over memory; opset 17",
+    ),
+    # --- large (opt-in: ONNXOPT_CORPUS_LARGE=1 for the test) ---
+    Entry(
+        "titler-t5-encoder-int8", "text-encoder-quantized", "traceforge-title-model==0.2.0",
+        "traceforge_title_model/data/span/encoder.onnx",
+        "b82bef1400cec815c3e5addd04dc451ec31491ac6598b166bbc6594656823787", 35628332,
+        "T5-style text encoder, dynamically quantized (onnx.quantize): input_ids and attention_mask "
+        "int64 [batch_size, encoder_sequence_length]; 56 MatMulInteger, 32 DynamicQuantizeLinear, "
+        "int8 weights, relative-position buckets (Range, Gather); opset 18. Wheel 68 MB",
+        large=True,
     ),
 ]
 
