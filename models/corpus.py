@@ -123,7 +123,7 @@ MANIFEST: list[Entry] = [
         "silero-vad-v5", "audio-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
         "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3", 2327524,
         "Silero VAD v5 (spox): input float [?, ?], state float [2, ?, 128], sr int64 scalar; 25 If "
-        "(branches on sr == 16000 / 8000), STFT as Conv with reflect Pad (needs >= 64 samples), 4 LSTM, "
+        "(branches on sr == 16000 / 8000), STFT as Conv after a reflect Pad (fails on 1 sample), 4 LSTM, "
         "341 Constant nodes; opset 16",
     ),
     Entry(
@@ -164,22 +164,21 @@ MANIFEST: list[Entry] = [
         "openwakeword/resources/models/embedding_model.onnx",
         "ba754db3cd768a524c655ea90655ee5e6055a43b8dfd29366a11e93716ae9e51", 1328103,
         "speech embedding CNN (tf2onnx, Google's speech_embedding): input_1 float [unk__316, 76, 32, 1] "
-        "NHWC, Transposes around Conv, LeakyRelu-like Max; opset 13",
+        "NHWC; 20 Conv, 19 LeakyRelu, 19 Max, 5 MaxPool, 1 BatchNormalization; opset 13",
     ),
     Entry(
         "oww-hey-jarvis", "keyword-spotting", "openwakeword==0.4.0",
         "openwakeword/resources/models/hey_jarvis_v0.1.onnx",
         "94a13cfe60075b132f6a472e7e462e8123ee70861bc3fb58434a73712ee0d2cb", 1271370,
-        "wake-word classifier head (torch 1.12): x.1 float [1, 16, 96] (16 embedding frames); an If "
-        "from a traced LayerNorm/shape check, Gemm stack; opset 13",
+        "wake-word classifier head (torch 1.12): x.1 float [1, 16, 96] (16 embedding frames); 3 Gemm, "
+        "LayerNorm spelled out (ReduceMean, Pow, Sqrt), 1 If; opset 13",
     ),
     # --- content and text ---
     Entry(
         "magika", "content-classification", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
         "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", 3163737,
-        "Magika file-type classifier (tf2onnx): bytes int32 [unk__214, 2048] (byte values 0..256 "
-        "index an embedding via one-hot MatMul), attention-like blocks, LayerNorm spelled out; "
-        "opsets 15 + ai.onnx.ml",
+        "Magika file-type classifier (tf2onnx): bytes int32 [unk__214, 2048] (byte values 0..255, 256 "
+        "for padding), Conv, 2 MatMul, LayerNorm spelled out, GlobalMaxPool; opsets 15 + ai.onnx.ml",
         platform="manylinux_2_28_x86_64",
     ),
     Entry(
@@ -194,7 +193,8 @@ MANIFEST: list[Entry] = [
         "arabic_name_romanizer/resources/decoder.onnx",
         "2365c42d362313c21748750eefebf3a61fd8045f73a98644176eca538200841a", 4284858,
         "character seq2seq decoder step: prefix int64 [batch, tgt_len], memory float [batch, src_len, 256], "
-        "src_mask bool [batch, src_len], hidden float [batch, 2, 256]; attention over memory; opset 17",
+        "src_mask bool [batch, src_len], hidden float [batch, 2, 256]; GRU cell spelled out (Gemm, "
+        "Sigmoid, Tanh), attention over memory (MatMul, Softmax); opset 17",
     ),
     # --- large (opt-in: ONNXOPT_CORPUS_LARGE=1 for the test) ---
     Entry(
