@@ -18,6 +18,7 @@ from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
 from onnxopt.passes import REGISTRY, QuantizeQDQ
 from onnxopt.pipeline import DEFAULT_PASSES, optimize
 from onnxopt.report import failure_reason, render_table, write_json
+from onnxopt.target import TARGETS
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="uint8 asymmetric (default: fastest on onnxruntime CPU), int8 symmetric (TensorRT), or auto: "
              "whichever runs faster here, measured side by side",
     )
+    parser.add_argument(
+        "--target", default="auto", choices=TARGETS,
+        help="machine the int8 model is for (default auto: this one): avx2/avx512 (no VNNI) get 7-bit weights, "
+             "which their int8 kernels cannot saturate; vnni, arm64 8-bit; tensorrt symmetric int8 activations",
+    )
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     parser.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                         help="keep the float biases (default: each Conv/Gemm bias absorbs its weight rounding's mean output error)")
@@ -176,9 +182,9 @@ def _quantize_passes(args) -> list:
     exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
     if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None
                                     or not args.bias_correction or not args.speed_fallback
-                                    or args.activations != "uint8" or args.per_tensor
+                                    or args.activations != "uint8" or args.per_tensor or args.target != "auto"
                                     or args.calibrate != "minmax" or args.percentile != DEFAULT_PERCENTILE):
-        raise OptionError("--activations, --per-tensor, --exclude, --max-drop, --min-cosine, --calibrate, --percentile, "
+        raise OptionError("--activations, --target, --per-tensor, --exclude, --max-drop, --min-cosine, --calibrate, --percentile, "
                           "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
     return [
         QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
@@ -244,7 +250,7 @@ def _run(args, progress: Progress) -> int:
         progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
         round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
         calibrate=args.calibrate, percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine,
-        speed_fallback=None if args.speed_fallback else False, fix_dims=args.fix_dim,
+        speed_fallback=None if args.speed_fallback else False, fix_dims=args.fix_dim, target=args.target,
     )
     report = result.report
     if result.ok:

@@ -115,6 +115,7 @@ def optimize(
     min_cosine: float | None = None,
     speed_fallback: bool | None = None,
     fix_dims: Mapping[str, int] | Sequence[str] | None = None,
+    target: str | None = "auto",
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -129,6 +130,9 @@ def optimize(
     per output; then, with ``speed_fallback`` (None: when ``latency`` is measured), layers whose int8
     kernels run slower than float (at the ``threads`` and the batch that latency is measured at) stay
     float when that makes the model faster; see ``onnxopt.quantization``.
+
+    ``target`` (``auto``, ``avx2``, ``avx512``, ``vnni``, ``arm64``, ``tensorrt``; see ``onnxopt.target``)
+    is the machine a quantized model is made for: its int8 weights are those its kernels sum exactly.
 
     ``fix_dims`` (``{"batch": 1, "seq": 128}``) fixes those input dims in the result (the
     ``fix-shapes`` pass, first unless listed): data and calibration must then have those sizes.
@@ -155,7 +159,7 @@ def optimize(
         quantization = QuantizationStep(
             data_model, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
             min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers, threads=threads,
-            speed_fallback=latency if speed_fallback is None else speed_fallback,
+            speed_fallback=latency if speed_fallback is None else speed_fallback, target=target,
         )
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:

@@ -44,6 +44,7 @@ from onnxopt.profiling import kernel_times, layer_times
 from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 from onnxopt.stats import node_macs
+from onnxopt.target import resolve as resolve_target
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class QuantizationStep:
         providers: str | Sequence[str] = "cpu",
         threads: int | None = None,
         speed_fallback: bool = True,
+        target: str | None = "auto",
     ) -> None:
         if calibration is None:
             raise OptionError(
@@ -110,6 +112,7 @@ class QuantizationStep:
                 "quantize the float model instead"
             )
         self.notes: list[str] = []
+        self.target = resolve_target(target, providers)  # an unknown --target fails before any work
         self.method, self.percentile = method, percentile
         self.max_drop, self.min_cosine = max_drop, min_cosine
         self.providers = providers
@@ -153,6 +156,7 @@ class QuantizationStep:
     ) -> ir.passes.PassResult:
         """Calibrate, quantize, fall back for accuracy (with ``evaluation`` and ``original``), then for
         speed on ``timing_feed`` (else the first calibration batch)."""
+        p = self._for_target(p)
         plan = p.plan(model)
         start = time.perf_counter()
         means = {}
@@ -238,6 +242,24 @@ class QuantizationStep:
         self.pass_ = p
         self.float_model = float_model
         return ir.passes.PassResult(model, modified=result.modified)
+
+    def _for_target(self, p: QuantizeQDQ) -> QuantizeQDQ:
+        """``p`` with the weight bits (and activations) of the resolved target, unless it names its own;
+        the target goes into the report (and, through the pass, into the model's metadata)."""
+        if p.target is None:
+            wanted = self.target.activations
+            if wanted and p.activations != wanted:
+                self.notes.append(f"quantize: activations {wanted} for target {self.target.name} (not {p.activations})")
+            p = p.for_target(self.target.name, wanted)
+            record = self.target.as_dict()
+        else:
+            record = {"name": p.target, "detected": False, "weight_range": [-p.weight_max, p.weight_max],
+                      "why": "given to the quantize pass"}
+        self.details["target"] = record
+        lo, hi = record["weight_range"]
+        self.notes.append(f"quantize: target {record['name']}{' (detected)' if record['detected'] else ''}: "
+                          f"weights in [{lo}, {hi}]; {record['why']}")
+        return p
 
     def _speed_fallback(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, result: ir.passes.PassResult,
                         feed: Mapping[str, np.ndarray], evaluation: Dataset | None, original: ModelSnapshot | None,

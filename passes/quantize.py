@@ -4,7 +4,10 @@ The math, per tensor (activations) and per output channel (weights):
 
     uint8 asymmetric:  scale = (hi - lo) / 255,  zero_point = round(-lo / scale)   (lo <= 0 <= hi)
     int8 symmetric:    scale = max(|lo|, |hi|) / 127,  zero_point = 0
-    weights:           int8 symmetric, scale_c = max|W_c| / 127 on the op's output-channel axis
+    weights:           int8 symmetric, scale_c = max|W_c| / m on the op's output-channel axis,
+                       m = 2**(weight_bits - 1) - 1: 127, or 63 where the target's u8s8 kernels add
+                       product pairs into int16 with saturation (x86 without VNNI: 255 x 126 = 32130
+                       fits int16 whatever the pairing; see onnxopt.target)
     bias:              int32, scale_c = input scale * weight scale_c,  zero_point = 0
 
 Calibrated ranges come in through the constructor (``ranges``: tensor name → (lo, hi)), so the pass
@@ -14,7 +17,7 @@ activations that need a range.
 
 from __future__ import annotations
 
-__all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "already_quantized", "node_label"]
+__all__ = ["QuantizeQDQ", "QuantPlan", "QUANTIZED_OPS", "TARGET_WEIGHT_BITS", "already_quantized", "node_label"]
 
 import fnmatch
 import functools
@@ -72,6 +75,10 @@ _BY_DESIGN = ("numerically sensitive", "an operand is a constant", "an input is 
 _FLOATS = {ir.DataType.FLOAT}
 _OTHER_FLOATS = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 _MIN_SCALE = 1e-12
+# Weight bits each target's int8 kernels compute exactly with (``onnxopt.target`` says which target a
+# machine is): onnxruntime's u8s8 kernels on x86 without VNNI add product pairs into int16 with
+# saturation, so 8-bit weights overflow there (2 x 255 x 127 = 64770); 7-bit ones cannot (32130).
+TARGET_WEIGHT_BITS = {"avx2": 7, "avx512": 7, "vnni": 8, "arm64": 8, "tensorrt": 8}
 # The largest int32 bias written: half of int32, leaving the accumulator room for the products.
 _BIAS_LIMIT = 2**30
 
@@ -217,6 +224,10 @@ class QuantizeQDQ(OnnxoptPass):
       and Gemm outputs only when a quantized op reads them (else they fuse into float-output kernels).
     - With ``input_means`` (each Conv/Gemm input's per-channel mean; the pipeline measures them while
       calibrating), each bias absorbs the mean output error of its weight's rounding (``bias_correction``).
+    - ``target`` (avx2, avx512, vnni, arm64, tensorrt; ``onnxopt.target`` detects, the pass never
+      does) sets ``weight_bits``: 7 (weights in [-63, 63]) for x86 without VNNI, whose u8s8 kernels
+      saturate int16 pair sums, else 8; tensorrt needs ``activations='int8'``.
+      Both go into the model's ``metadata_props`` (``onnxopt.quantization.target``, ``.weight_range``).
     """
 
     name = "quantize"
@@ -232,8 +243,20 @@ class QuantizeQDQ(OnnxoptPass):
         bias_correction: bool = True,
         input_means: Mapping[str, np.ndarray] | None = None,
         reasons: Mapping[str, str] | None = None,
+        weight_bits: int | None = None,
+        target: str | None = None,
     ) -> None:
         super().__init__()
+        if target is not None and target not in TARGET_WEIGHT_BITS:
+            raise ValueError(f"target must be one of {', '.join(TARGET_WEIGHT_BITS)} (onnxopt.optimize resolves "
+                             f"'auto' by detecting the machine), not {target!r}")
+        if weight_bits is None:
+            weight_bits = TARGET_WEIGHT_BITS.get(target, 8)
+        if target == "tensorrt" and activations == "uint8":
+            raise ValueError("target 'tensorrt' takes symmetric int8 activations: give activations='int8'")
+        if weight_bits not in (7, 8):
+            raise ValueError(f"weight_bits must be 8, or 7 for CPUs whose int8 kernels saturate int16 pair sums, "
+                             f"not {weight_bits!r}")
         if activations not in ("uint8", "int8", "auto"):
             raise ValueError(f"activations must be 'uint8' (asymmetric), 'int8' (symmetric) or 'auto' "
                              f"(chosen by onnxopt.optimize's measurement), not {activations!r}")
@@ -245,10 +268,22 @@ class QuantizeQDQ(OnnxoptPass):
         self.bias_correction = bias_correction
         self.input_means = None if input_means is None else {k: np.asarray(v, np.float64) for k, v in input_means.items()}
         self.reasons = dict(reasons or {})  # why an excluded node is, by its name: the report says it
+        self.weight_bits = weight_bits
+        self.target = target  # the name of the target the weight bits were chosen for (recorded, not used)
 
     def with_activations(self, activations: str) -> QuantizeQDQ:
         """The same recipe with activations stored as ``activations`` (``uint8`` or ``int8``)."""
         return self._replace(activations=activations)
+
+    def for_target(self, target: str, activations: str | None = None) -> QuantizeQDQ:
+        """The same recipe with the weight bits (and activation type, when given) that ``target`` needs."""
+        return self._replace(target=target, weight_bits=TARGET_WEIGHT_BITS[target],
+                             **({"activations": activations} if activations else {}))
+
+    @property
+    def weight_max(self) -> int:
+        """The largest |int8 weight| written: 127 for 8-bit weights, 63 for 7-bit."""
+        return 2 ** (self.weight_bits - 1) - 1
 
     def excluding(self, reasons: Mapping[str, str]) -> QuantizeQDQ:
         """The same recipe (ranges, options, measured input means) with more nodes kept float: ``reasons``
@@ -258,7 +293,8 @@ class QuantizeQDQ(OnnxoptPass):
     def _replace(self, **changes) -> QuantizeQDQ:
         options = dict(activations=self.activations, per_channel=self.per_channel, exclude=self.exclude,
                        quantize_outputs=self.quantize_outputs, bias_correction=self.bias_correction,
-                       input_means=self.input_means, reasons=self.reasons)
+                       input_means=self.input_means, reasons=self.reasons, weight_bits=self.weight_bits,
+                       target=self.target)
         return QuantizeQDQ(self.ranges, **{**options, **changes})
 
     # ------------------------------------------------------------------ planning
@@ -697,6 +733,8 @@ class QuantizeQDQ(OnnxoptPass):
         self.details["folded"] = dict(plan.folded)
         self.details["activations"] = self.activations
         self.details["per_channel"] = self.per_channel
+        self.details["weight_range"] = [-self.weight_max, self.weight_max]
+        self.details["target"] = self.target
         self.details["io"] = io
         count = len(quantized_nodes)
         # Subgraph Conv/Gemm/MatMuls count too: a model whose weights sit in a Loop body is not quantized.
@@ -708,11 +746,17 @@ class QuantizeQDQ(OnnxoptPass):
         self.summary = (
             f"quantized {count} nodes ({weighted_done} of {weighted_total} Conv/Gemm/MatMul), "
             f"{len(dq_of)} activations ({self.activations}{', per-channel weights' if self.per_channel else ''}"
+            f"{', %d-bit weights' % self.weight_bits if self.weight_bits != 8 else ''}"
+            f"{', target ' + self.target if self.target else ''}"
             f"{', %d biases corrected' % len(self.details['bias_corrected']) if self.details.get('bias_corrected') else ''}"
             f"{', %d BatchNormalizations as depthwise Conv' % len(as_conv) if as_conv else ''}); "
             f"{len(left)} left float"
         )
-        return ir.passes.PassResult(model, modified=bool(dq_of or quantized_nodes))
+        modified = bool(dq_of or quantized_nodes)
+        if modified:  # what the int8 weights were made for travels with the file
+            model.metadata_props["onnxopt.quantization.target"] = self.target or "unspecified"
+            model.metadata_props["onnxopt.quantization.weight_range"] = f"[{-self.weight_max}, {self.weight_max}]"
+        return ir.passes.PassResult(model, modified=modified)
 
     def _group_ranges(self, plan: QuantPlan, groups: Mapping[str, str]) -> dict[str, tuple[float, float]]:
         """The range of each scale group: the union of its members' calibrated (or fixed) ranges."""
@@ -829,10 +873,10 @@ class QuantizeQDQ(OnnxoptPass):
             node.replace_input_with(1, dq_out)
             drop_if_unused(graph, w_value)
         else:
-            w_scale = _weight_scale(w, axis)
+            w_scale = _weight_scale(w, axis, self.weight_max)
             if bias is not None:
                 w_scale = _widened_for_bias(w_scale, bias, x_scale)
-            q = _round_weight(w, w_scale, axis)
+            q = _round_weight(w, w_scale, axis, self.weight_max)
             zp = np.zeros(w_scale.shape, dtype=np.int8)
             scale = w_scale.astype(np.float32) if axis is not None else np.float32(w_scale.reshape(()))
             self._replace_with_dq(graph, node, 1, q, scale, zp.reshape(scale.shape), axis, names, "weight")
@@ -1032,20 +1076,20 @@ def _weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
     return None
 
 
-def _round_weight(w: np.ndarray, w_scale: np.ndarray, axis: int | None) -> np.ndarray:
-    """Symmetric int8 weight values: round(W / scale) clipped to [-127, 127]."""
-    return np.clip(np.rint(w / along_axis(np.asarray(w_scale, np.float64), w.ndim, axis)), -127, 127).astype(np.int8)
+def _round_weight(w: np.ndarray, w_scale: np.ndarray, axis: int | None, limit: int = 127) -> np.ndarray:
+    """Symmetric int8 weight values: round(W / scale) clipped to [-limit, limit]."""
+    return np.clip(np.rint(w / along_axis(np.asarray(w_scale, np.float64), w.ndim, axis)), -limit, limit).astype(np.int8)
 
 
-def _weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
-    """max|W| / 127 per channel (or per tensor); an all-zero channel gets scale 1 (its values stay 0)."""
+def _weight_scale(w: np.ndarray, axis: int | None, limit: int = 127) -> np.ndarray:
+    """max|W| / limit per channel (or per tensor); an all-zero channel gets scale 1 (its values stay 0)."""
     if w.size == 0:
         return np.ones(w.shape[axis] if axis is not None else 1, dtype=np.float64)
     if axis is None:
         m = np.array([np.abs(w).max()], dtype=np.float64)
     else:
         m = channel_abs_max(w, axis).astype(np.float64)
-    return np.where(m > 0, m / 127.0, 1.0)
+    return np.where(m > 0, m / float(limit), 1.0)
 
 
 def _activation_params(lo: float, hi: float, activations: str) -> tuple[float, int]:

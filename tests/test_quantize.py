@@ -8,9 +8,11 @@ import onnx_ir as ir
 import pytest
 
 from graphs import COMPUTED_RESIZE, build, random_feeds, run, snapshot
+from u8s8 import int8_weights
 from onnxopt.calibrate import calibrate
 from onnxopt.observe import optimized_ops
 from onnxopt.passes import REGISTRY, QuantizeQDQ
+from onnxopt.target import resolve as resolve_target
 
 OPSET = '<ir_version: 8, opset_import: ["" : 17]>'
 rng = np.random.default_rng(0)
@@ -39,6 +41,22 @@ def float_initializers(model: ir.Model, min_size: int = 16) -> list[str]:
 
 def initializer(model: ir.Model, name: str) -> np.ndarray:
     return model.graph.initializers[name].const_value.numpy()
+
+
+def steps_off(ref: np.ndarray, got: np.ndarray) -> float:
+    """max |got - ref| in quantization steps of ``ref``'s range ((max - min) / 255, one uint8 step):
+    an absolute error, which correlation and cosine are blind to (an offset, a wrong scale)."""
+    step = (float(ref.max()) - float(ref.min())) / 255
+    return float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) / max(step, 1e-30)
+
+
+def assert_within_steps(ref: np.ndarray, got: np.ndarray, steps: float) -> None:
+    """|int8 - float| within ``steps`` uint8 steps of the output's range: each bound is about twice
+    what 8-bit and 7-bit weights measured (reference kernels, or fused ones with ``target=HERE``:
+    both compute exact int32 sums, so the figure is the same on every CPU)."""
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    off = steps_off(ref, got)
+    assert off <= steps, f"{off:.2f} quantization steps off (bound {steps})"
 
 
 RESIDUAL_CNN = f"""{OPSET}
@@ -83,7 +101,7 @@ def test_residual_cnn_fuses_into_integer_kernels_and_keeps_no_float_weights():
     # Quality: the int8 model tracks the float one.
     feed = random_feeds(model, seed=9)
     ref, got = run(before, feed)[0], run(model, feed)[0]
-    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
+    assert_within_steps(ref, got, 4)
 
 
 def test_weights_per_channel_int8_and_bias_int32_with_product_scale():
@@ -155,7 +173,7 @@ def test_a_relu_chain_joining_a_signed_concat_keeps_its_own_scale_so_its_conv_fu
     assert "m" in p.details["tensor_map"]
     feed = random_feeds(model, seed=3)
     ref, got = run(before, feed)[0], run(model, feed)[0]
-    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+    assert_within_steps(ref, got, 4)
 
 
 def test_a_batchnorm_left_standing_runs_as_an_integer_depthwise_conv():
@@ -186,7 +204,8 @@ def test_a_batchnorm_left_standing_runs_as_an_integer_depthwise_conv():
     # activations on random data).
     feed = random_feeds(model, seed=5)
     for ref, got, island in zip(run(before, feed), run(model, feed), run(float_bn, feed)):
-        assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > np.corrcoef(ref.ravel(), island.ravel())[0, 1] - 1e-4 > 0.99
+        assert steps_off(ref, got) <= steps_off(ref, island) + 0.5
+        assert_within_steps(ref, got, 16)
 
 
 def test_shape_ops_pass_the_scale_through():
@@ -235,7 +254,7 @@ def test_shape_readers_read_the_integer_tensor():
     assert ops.get("QLinearConv") == 2 and "DequantizeLinear" in ops and ops["DequantizeLinear"] == 1, ops
     feed = random_feeds(model, {"N": 2}, seed=11)
     ref, got = run(before, feed)[0], run(snapshot(model), feed)[0]
-    assert ref.shape == got.shape and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+    assert_within_steps(ref, got, 4)
 
 
 def test_activation_matmul_inside_an_integer_chain_and_softmax_layernorm_stay_float():
@@ -345,7 +364,7 @@ def test_gather_table_stored_as_integers():
     assert float_initializers(model) == []
     assert any(v.const_value.dtype == ir.DataType.UINT8 and v.const_value.size == 400 for v in model.graph.initializers.values())
     ref, got = run(before, feeds[0])[0], run(model, feeds[0])[0]
-    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+    assert_within_steps(ref, got, 3)
 
 
 def test_a_table_read_by_a_float_op_is_still_gathered_on_integers():
@@ -366,7 +385,7 @@ def test_a_table_read_by_a_float_op_is_still_gathered_on_integers():
     # One DequantizeLinear: the gathered rows' (before the float Add), none on the table.
     assert ops.get("Gather") == 1 and ops.get("DequantizeLinear") == 1, ops
     ref, got = run(before, feeds[0])[0], run(model, feeds[0])[0]
-    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+    assert_within_steps(ref, got, 2)
 
 
 def test_conv_transpose_axis_one_and_grouped_per_tensor():
@@ -393,7 +412,7 @@ def test_zero_and_constant_channels():
     quantize(model)
     feed = random_feeds(model, seed=3)
     ref, got = run(before, feed)[0], run(model, feed)[0]
-    assert np.all(got[:, 1] == run(model, feed)[0][:, 1])
+    assert np.all(ref[:, 1] == 0) and np.all(got[:, 1] == 0)  # a zero channel stays exactly zero (was compared with itself)
     assert np.isfinite(got).all()
     scale = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
                  and n.inputs[0].const_value.dtype == ir.DataType.INT8).inputs[1].const_value.numpy()
@@ -471,7 +490,13 @@ def test_digits_end_to_end_within_half_a_point_of_float(digits, capsys):
     v = report["validation"]
     assert v["ok"] and v["accuracy_before"] - v["accuracy_after"] <= 0.005
     details = next(p for p in report["passes"] if p["name"] == "quantize")["details"]
-    assert details["integer_nodes"] >= 10 and details["calibration"]["method"] == "minmax"
+    # Placement, not a count of fused kernels: every Conv and the Gemm is int8, with weights the
+    # detected target's kernels sum exactly.
+    assert details["weighted"]["float"] == 0 and details["calibration"]["method"] == "minmax"
+    lo, hi = details["weight_range"]
+    int8 = [w for _, w, _, _ in int8_weights(onnx.load(out)).values()]
+    assert len(int8) == 7 and all(lo <= w.min() and w.max() <= hi for w in int8)
+    assert (lo, hi) == ((-63, 63) if resolve_target("auto").weight_bits == 7 else (-127, 127))
     assert details["file_bytes"]["ratio"] < 0.6
     assert min(details["sqnr_db"].values()) > 20
     assert len(details["bias_corrected"]) == 7  # every Conv and the Gemm: channel means came with calibration
@@ -493,7 +518,7 @@ def test_without_data_the_quantized_model_is_judged_on_calibration_samples_not_r
     assert report["validation"]["samples"] == min(samples, 512) and not report["validation"]["synthetic"]
     assert any("--calibration samples" in n for n in report["validation"]["notes"])
     details = next(p for p in report["passes"] if p["name"] == "quantize")["details"]
-    assert details["fallback"] == [] and details["integer_nodes"] >= 10
+    assert details["fallback"] == [] and details["weighted"]["float"] == 0
 
 
 def test_an_int8_model_measured_slower_than_float_says_so(digits, monkeypatch):
@@ -618,8 +643,10 @@ def test_zoo_quantizes_validly_and_closely(path):
                               latency=False, check=True)
     details = result.report.passes[-1].details
     assert result.ok, result.report.notes
-    assert details["integer_nodes"] >= 1 and details["weighted"]["float"] <= 2
-    assert min(o.cosine for o in result.report.validation.outputs) > 0.99
+    assert details["weighted"]["float"] <= 2
+    # Absolute error in uint8 steps of each output's range (max_rel is max|diff| / max|ref|): the
+    # detector measured 10.6 steps, the others 0.4-3 (8-bit and 7-bit weights alike, AMD EPYC).
+    assert all(o.max_rel <= 24 * 2 / 255 for o in result.report.validation.outputs)
 
 
 def test_a_shared_weight_is_quantized_once_and_the_float_copy_goes():
@@ -633,7 +660,7 @@ def test_a_shared_weight_is_quantized_once_and_the_float_copy_goes():
     assert optimized_ops(model).get("QLinearConv") == 2
     feed = random_feeds(model, seed=4)
     ref, got = run(before, feed)[0], run(model, feed)[0]
-    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+    assert_within_steps(ref, got, 4)
 
 
 def test_a_graph_input_weight_is_not_a_constant():
@@ -724,16 +751,17 @@ def test_an_excluded_bias_add_keeps_its_float_bias():
 # --- edge cases found in review: each produced a wrong or invalid model, or a crash ---------------
 
 
+# Fused integer kernels compute exactly only with weights made for this CPU (x86 without VNNI
+# saturates 8-bit ones): tests that run them quantize for the target detected here.
+HERE = resolve_target("auto").name
+
+
 def _run_optimized(model: ir.Model, feed) -> list[np.ndarray]:
-    """Outputs under onnxruntime with every graph optimization on (its QDQ fusions and layout)."""
+    """Outputs under onnxruntime with every graph optimization on (its QDQ fusions and layout); the
+    model must be quantized with ``target=HERE``."""
     import onnxruntime as ort
 
     return ort.InferenceSession(snapshot(model), providers=["CPUExecutionProvider"]).run(None, dict(feed))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 CONV_CONV = f"""{OPSET}
@@ -751,7 +779,7 @@ def test_a_nan_in_the_calibration_data_leaves_the_corrected_biases_sane():
     result = onnxopt.optimize(build(CONV_CONV, weights), ["quantize"], calibration=feeds, latency=False, validate=False)
     clean = {"x": randn(8, 3, 8, 8)}
     assert result.report.passes[-1].details.get("bias_corrected")
-    assert _cosine(run(build(CONV_CONV, weights), clean)[0], _run_optimized(result.model, clean)[0]) > 0.999
+    assert_within_steps(run(build(CONV_CONV, weights), clean)[0], _run_optimized(result.model, clean)[0], 6)
 
 
 def test_a_bias_far_larger_than_its_products_widens_the_weight_scale_instead_of_saturating():
@@ -760,7 +788,7 @@ def test_a_bias_far_larger_than_its_products_widens_the_weight_scale_instead_of_
     weights = {"W": randn(8, 16) * 1e-2, "B": np.full(8, 40.0, np.float32)}
     model = build(text, weights)
     feed = {"x": randn(64, 16) * 1e-3}
-    p = QuantizeQDQ(bias_correction=False)
+    p = QuantizeQDQ(bias_correction=False, target=HERE)
     p.ranges = calibrate(model, p.plan(model).tensors, [feed])
     p(model)
     bias = [initializer(model, n) for n in model.graph.initializers if initializer(model, n).dtype == np.int32]
@@ -794,7 +822,7 @@ def test_a_graph_input_that_is_also_an_output_keeps_its_name_and_duplicate_outpu
     weights = {"W1": randn(8, 3, 3, 3), "B1": randn(8), "W2": randn(4, 8, 3, 3), "B2": randn(4)}
     model = build(text, weights)
     model.graph.outputs[3] = model.graph.outputs[2]  # r listed twice
-    quantize(model)
+    quantize(model, target=HERE)
     assert [v.name for v in model.graph.inputs] == ["x"]
     assert [v.name for v in model.graph.outputs] == ["y", "x", "r", "r"]
     assert model.graph.outputs[2] is model.graph.outputs[3]
@@ -822,13 +850,14 @@ def test_resize_scales_computed_by_a_concat_stay_float():
     text = COMPUTED_RESIZE
     weights = {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 1, 1)}
     model = build(text, weights)
-    p = quantize(model)
+    p = quantize(model, target=HERE)
     assert p.details["left"]["Concat(scales)"].startswith("computes a parameter")
     assert sorted(p.details["quantized_nodes"]) == ["Conv(c)", "Conv(y)"]
     feed = {"x": randn(2, 3, 8, 8)}
     ref = run(build(text, weights), feed)[0]
     got = _run_optimized(model, feed)[0]
-    assert got.shape == ref.shape == (2, 4, 16, 16) and _cosine(ref, got) > 0.999
+    assert got.shape == (2, 4, 16, 16)
+    assert_within_steps(ref, got, 10)
 
 
 def test_an_overridable_initializer_is_not_calibrated_as_an_activation():
@@ -861,7 +890,7 @@ def test_a_resize_with_axes_is_written_at_full_rank_so_that_onnxruntime_can_run_
     }}"""
     weights = {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 1, 1), **extra}
     model = build(text, weights)
-    p = quantize(model)
+    p = quantize(model, target=HERE)
     assert p.details["resize_axes_expanded"] == ["Resize(u)"]
     assert sorted(p.details["quantized_nodes"]) == ["Conv(c)", "Conv(y)"]  # the Resize's output shape is known
     resize_node = next(n for n in model.graph if n.op_type == "Resize")
@@ -869,7 +898,7 @@ def test_a_resize_with_axes_is_written_at_full_rank_so_that_onnxruntime_can_run_
     feed = {"x": randn(2, 3, 8, 8)}
     ref = run(build(text, weights), feed)[0]
     got = _run_optimized(model, feed)[0]
-    assert got.shape == ref.shape and _cosine(ref, got) > 0.999
+    assert_within_steps(ref, got, 20)
 
 
 def test_a_resize_with_axes_and_an_aspect_ratio_policy_is_left_as_it_is():
@@ -896,7 +925,7 @@ def test_a_resize_with_axes_and_a_stale_recorded_shape_is_not_written_from_it():
     weights = {"W1": randn(8, 3, 3, 3), "W2": randn(4, 8, 1, 1), "sizes": np.array([16, 16], np.int64)}
     model = build(text, weights)
     next(n for n in model.graph if n.op_type == "Conv").outputs[0].shape = ir.Shape([1, 8, 8, 8])  # traced at 1
-    quantize(model)
+    quantize(model, target=HERE)
     resize_node = next(n for n in model.graph if n.op_type == "Resize")
     assert len(resize_node.inputs) < 4 or resize_node.inputs[3] is None  # written as scales
     feed = {"x": randn(3, 3, 8, 8)}
@@ -947,7 +976,7 @@ def test_a_shared_weight_gets_a_wider_copy_for_the_node_whose_bias_needs_it():
     weights = {"W": randn(8, 16) * 1e-2, "B1": np.full(8, 0.01, np.float32), "B2": np.full(8, 40.0, np.float32)}
     model = build(text, weights)
     feed = {"x": randn(64, 16) * 1e-3}
-    p = QuantizeQDQ(bias_correction=False)
+    p = QuantizeQDQ(bias_correction=False, target=HERE)
     p.ranges = calibrate(model, p.plan(model).tensors, [feed])
     p(model)
     for ref, got in zip(run(build(text, weights), feed), _run_optimized(model, feed)):
