@@ -5,19 +5,20 @@ from __future__ import annotations
 __all__ = ["main", "build_parser"]
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 
-import onnx
 
 from onnxopt import io
 from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
 from onnxopt.passes import REGISTRY, QuantizeQDQ
 from onnxopt.pipeline import DEFAULT_PASSES, optimize
-from onnxopt.report import failure_reason, render_table, write_json
+from onnxopt.options import check_arguments
+from onnxopt.report import failure_reason, render_table, stage_json_file, write_json
 from onnxopt.target import TARGETS
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fix a named dynamic input dim in the output (repeatable; adds the 'fix-shapes' pass "
                              "first, so that simplify folds the shape arithmetic; the model then takes only that size)")
     parser.add_argument("--batch-size", type=int, help="samples per batch when cutting --data (default 32)")
+    parser.add_argument("--max-samples", type=int, metavar="N",
+                        help="read at most the first N samples of --data/--eval and --calibration (default: all)")
     parser.add_argument("--providers", default="cpu", help="execution providers: cpu (default), cuda, ...")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads for the latency comparison (default 1)")
     parser.add_argument(
@@ -160,18 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _check_options(args) -> None:
-    """Refuse option values that would only fail later, after work was done or files written."""
-    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
-        if value is not None and value <= 0:
-            raise OptionError(f"{flag} {value}: must be positive")
-    for flag, value in (("--rtol", args.rtol), ("--atol", args.atol), ("--latency-budget", args.latency_budget)):
-        if value is not None and not value >= 0:
-            raise OptionError(f"{flag} {value}: must be zero or positive")
+def _check_options(args, passes: list, output: str) -> None:
+    """Refuse option values that would only fail later, after work was done or files written: the
+    arguments of ``optimize`` (by the very check it runs itself), and both destinations (-o and
+    --report: an existing folder we can write in, a regular file or nothing at the path)."""
+    check_arguments(dict(
+        passes=passes, dims=args.dim, fix_dims=args.fix_dim, providers=args.providers, rtol=args.rtol, atol=args.atol,
+        batch_size=args.batch_size, threads=args.threads, latency_budget=args.latency_budget, prune=args.prune,
+        importance=args.importance, prune_scope=args.prune_scope, round_to=args.round_to, calibrate=args.calibrate,
+        percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine, max_samples=args.max_samples,
+    ))
+    io.check_destination(output)
     if args.report:
-        folder = os.path.dirname(os.path.abspath(args.report))
-        if not os.path.isdir(folder):
-            raise OptionError(f"--report {args.report}: folder '{folder}' does not exist")
+        io.check_destination(args.report, "--report")
 
 
 def _quantize_passes(args) -> list:
@@ -180,11 +184,10 @@ def _quantize_passes(args) -> list:
     if args.quantize and "quantize" not in names:
         names = ["simplify", "fold-bn", "share-init", "quantize"] if args.passes == ",".join(DEFAULT_PASSES) else [*names, "quantize"]
     exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
-    if "quantize" not in names and (exclude or args.max_drop is not None or args.min_cosine is not None
-                                    or not args.bias_correction or not args.speed_fallback
+    if "quantize" not in names and (exclude or not args.bias_correction or not args.speed_fallback
                                     or args.activations != "uint8" or args.per_tensor or args.target != "auto"
                                     or args.calibrate != "minmax" or args.percentile != DEFAULT_PERCENTILE):
-        raise OptionError("--activations, --target, --per-tensor, --exclude, --max-drop, --min-cosine, --calibrate, --percentile, "
+        raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
                           "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
     return [
         QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
@@ -193,25 +196,14 @@ def _quantize_passes(args) -> list:
     ]
 
 
-def _external_files(model_path: str) -> list[str]:
-    """The external-data files the model at ``model_path`` reads (none when it cannot be read:
-    loading reports that later, in its own words)."""
-    try:
-        proto = onnx.load(model_path, load_external_data=False)
-    except Exception:
-        return []
-    folder = os.path.dirname(os.path.abspath(model_path))
-    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
-    return sorted({os.path.join(folder, e.value) for t in tensors for e in t.external_data if e.key == "location"})
-
-
 def _check_paths(args, output: str) -> None:
     """Refuse an -o or --report path that would overwrite an input: the model (unless --in-place),
     its external data, the --calibration, --data or --eval file, or (for --report) the output."""
     def same(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
-    inputs = [("the input model", args.model)] + [("the input model's external data", f) for f in _external_files(args.model)]
+    inputs = [("the input model", args.model)] + [("the input model's external data", str(f))
+                                                  for f in sorted(io.referenced_files(args.model))]
     for flag in ("calibration", "data"):
         value = getattr(args, flag)
         if value and value != "synthetic" and os.path.isfile(value):
@@ -225,6 +217,33 @@ def _check_paths(args, output: str) -> None:
         raise OptionError(f"--report {args.report}: is the output model's path; give the JSON report its own")
 
 
+def _commit(result, output: str, report_path: str | None, in_place: bool) -> None:
+    """Write the model and the JSON report, both or neither: the report is written first to a
+    temporary file beside its path, the model saved, then the report moved into place. Where that
+    last step fails, the new model is removed again (unless it replaced the input, --in-place)."""
+    staged = None
+    if report_path:
+        result.report.output = output
+        staged = stage_json_file(result.report.to_dict(), report_path)
+    try:
+        result.save(output, in_place=in_place)
+    except BaseException:
+        if staged:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+        raise
+    if staged:
+        try:
+            os.replace(staged, report_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+                if not in_place:
+                    os.unlink(output)
+            raise OutputPathError(f"--report {report_path}: cannot write ({exc.strerror or exc}); "
+                                  f"{output} {'was replaced' if in_place else 'not written'}") from None
+
+
 def _run(args, progress: Progress) -> int:
     if args.explain:
         from onnxopt.pipeline import explain_channels
@@ -235,14 +254,12 @@ def _run(args, progress: Progress) -> int:
         if args.data and args.data != args.eval:
             raise OptionError("--eval and --data name different files; give one")
         args.data = args.eval
-    if args.prune is not None and not 0 <= args.prune < 1:
-        raise OptionError(f"--prune {args.prune}: must be in [0, 1)")
     output = args.output or (args.model if args.in_place else str(io.default_output_path(args.model)))
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
-    _check_options(args)
-    _check_paths(args, output)
     passes = _quantize_passes(args)
+    _check_options(args, passes, output)
+    _check_paths(args, output)
     result = optimize(
         args.model, passes, data=args.data, dims=args.dim, providers=args.providers,
         validate=args.validate, latency=args.latency, rtol=args.rtol, atol=args.atol,
@@ -250,15 +267,15 @@ def _run(args, progress: Progress) -> int:
         progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
         round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
         calibrate=args.calibrate, percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine,
-        speed_fallback=None if args.speed_fallback else False, fix_dims=args.fix_dim, target=args.target,
+        speed_fallback=None if args.speed_fallback else False, fix_dims=args.fix_dim, target=args.target, max_samples=args.max_samples,
     )
     report = result.report
     if result.ok:
-        result.save(output, in_place=args.in_place)
+        _commit(result, output, args.report, args.in_place)
     else:
         report.notes.append(f"validation failed: {output} not written")
-    if args.report:
-        write_json(report, args.report)
+        if args.report:
+            write_json(report, args.report)
     progress.clear()
     if not args.quiet:
         print(render_table(report))

@@ -22,6 +22,7 @@ __all__ = [
     "stream_data",
     "dim_conflicts",
     "cannot_run",
+    "check_labels",
     "DataStream",
     "synthetic_data",
     "head",
@@ -50,6 +51,9 @@ SYNTHETIC_LIMIT = 4 * 2**30
 # What a read-once iterator of batches keeps of its first batches, to validate on (see DataStream).
 RETAINED_SAMPLES = 512
 RETAINED_BYTES = 64 * 2**20
+# The most bytes one array of --data/--calibration may declare (its .npy header: shape x itemsize) for
+# what is read into memory at once: a 6 MB compressed .npz can declare gigabytes (a zip bomb).
+READ_LIMIT = 4 * 2**30
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -155,10 +159,12 @@ def load_data(
     batch_size: int | None = None,
     dims: Mapping[str, int] | None = None,
     labels_key: str | None = None,
+    max_samples: int | None = None,
 ) -> Dataset:
     """Read ``source`` and return batches that fit ``model``'s inputs, or raise ``DataError``.
 
     ``source`` may be ``"synthetic"`` to ask for random inputs built from the input types.
+    ``max_samples`` keeps only the first samples (entries along axis 0; of files, only those are read).
     """
     specs = input_specs(model)
     if isinstance(source, str) and source == "synthetic":
@@ -168,13 +174,18 @@ def load_data(
             _check_feed(batch, specs, source.source)
         return source
     if isinstance(source, (str, os.PathLike)):
-        arrays, per_batch, name = _read_path(Path(source), specs)
+        arrays, per_batch, name = _read_path(Path(source), specs, max_samples)
     elif isinstance(source, Mapping):
         arrays, per_batch, name = dict(source), None, "data"
     elif isinstance(source, Iterable):
-        arrays, per_batch, name = None, [dict(b) for b in source], "data"
+        feeds = (dict(b) for b in source)
+        arrays, per_batch, name = None, list(_first_samples(feeds, max_samples) if max_samples else feeds), "data"
     else:
         raise DataError(f"cannot read input data from {type(source).__name__}")
+    if arrays is not None and max_samples:
+        arrays = {k: v[:max_samples] if np.ndim(v) else v for k, v in arrays.items()}
+    elif per_batch is not None and max_samples:
+        per_batch = list(_first_samples(per_batch, max_samples))
 
     labels = None
     if per_batch is not None:
@@ -200,20 +211,30 @@ def load_data(
     return Dataset(batches, labels, name)
 
 
-def _read_path(path: Path, specs: list[InputSpec]):
+def _first_samples(feeds: Iterable[dict], max_samples: int) -> Iterator[dict]:
+    """Feeds up to ``max_samples`` samples in all (entries along axis 0), the last one cut to fit."""
+    left = max_samples
+    for feed in feeds:
+        if left <= 0:
+            return
+        lengths = {np.shape(v)[0] for v in feed.values() if np.ndim(v)}
+        count = lengths.pop() if len(lengths) == 1 else 1
+        if count > left:
+            feed = {k: v[:left] if np.ndim(v) else v for k, v in feed.items()}
+        left -= min(count, left)
+        yield feed
+
+
+def _read_path(path: Path, specs: list[InputSpec], max_samples: int | None = None):
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix == ".npz":
-            try:
-                with np.load(path, allow_pickle=False) as npz:
-                    return {k: npz[k] for k in npz.files}, None, str(path)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+            return {k: r.read(max_samples) for k, r in _npz_readers(path).items()}, None, str(path)
         if path.suffix == ".npy":
             if len(specs) != 1:
                 raise DataError(f"{path}: a single .npy feeds only a model with one input; this one has {len(specs)}")
-            return {specs[0].name: _load_npy(path)}, None, str(path)
+            return {specs[0].name: _load_npy(path, max_samples)}, None, str(path)
         if path.suffix == ".pb":
             return None, [_read_pb_set([path], specs)], str(path)
         raise DataError(f"{path}: unknown data format (use .npz, .npy, a folder of .npy, or onnx test-data .pb)")
@@ -225,15 +246,16 @@ def _read_path(path: Path, specs: list[InputSpec]):
         return None, [_read_pb_set(pbs, specs)], str(path)
     npys = sorted(path.glob("*.npy"))
     if npys:
-        return {p.stem: _load_npy(p) for p in npys}, None, str(path)
+        return {p.stem: _load_npy(p, max_samples) for p in npys}, None, str(path)
     raise DataError(f"{path}: folder holds no .npy files, input_*.pb files or test_data_set_* folders")
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, max_samples: int | None = None) -> np.ndarray:
+    """The array of an ``.npy`` file (its first ``max_samples`` rows), its declared size checked first."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+        return _RowReader(lambda: open(path, "rb"), str(path)).read(max_samples)
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc.strerror or exc})") from None
 
 
 def _pb_index(path: Path) -> int:
@@ -266,6 +288,8 @@ def _pop_labels(arrays: dict, specs: list[InputSpec], labels_key: str | None):
             if labels.ndim > 1 and labels.shape[1:] != (1,) * (labels.ndim - 1):
                 raise DataError(f"labels '{key}' have shape {list(labels.shape)}: one class index per sample is "
                                 f"expected (one-hot labels: pass labels.argmax(axis=1))")
+            if labels.size and labels.min() < 0:
+                raise DataError(f"labels '{key}' hold {labels.min()}: class indices are 0 or more")
             return labels
     if labels_key:
         raise DataError(f"labels key '{labels_key}' not found in the data (keys: {', '.join(arrays)})")
@@ -306,6 +330,17 @@ def _check_feed(feed: Mapping[str, np.ndarray], specs: list[InputSpec], where: s
             raise DataError(f"{where}: input '{spec.name}' has no finite value (all NaN or infinite)")
         checked[spec.name] = array
     return checked
+
+
+def check_labels(labels: np.ndarray, logits: np.ndarray, output: str, where: str) -> None:
+    """Refuse labels that no class of ``output`` (one batch of it: samples x classes) can match:
+    negative, or the number of classes or more (an accuracy over them would be silently wrong)."""
+    classes = math.prod(np.shape(logits)[1:]) if np.ndim(logits) > 1 else 0
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{where}: label {labels.min()} is negative; labels are class indices 0..{max(classes - 1, 0)}")
+    if labels.size and classes and labels.max() >= classes:
+        raise DataError(f"{where}: label {labels.max()} is past the {classes} classes of output '{output}' "
+                        f"(labels are class indices 0..{classes - 1})")
 
 
 def dim_conflicts(feed: Mapping[str, np.ndarray], specs: list[InputSpec]) -> str:
@@ -512,8 +547,10 @@ def stream_data(
     *,
     batch_size: int | None = None,
     dims: Mapping[str, int] | None = None,
+    max_samples: int | None = None,
 ) -> Dataset | DataStream:
-    """Like ``load_data``, but an ``.npz``, a folder of ``.npy`` or an iterator is read batch by batch.
+    """Like ``load_data``, but an ``.npz``, a folder of ``.npy`` or an iterator is read batch by batch
+    (at most ``max_samples`` samples).
 
     Names, dtypes and shapes of the first batch are checked here, the rest as they are read.
     Other sources (arrays already in memory, onnx test data, ``"synthetic"``) load as usual.
@@ -523,13 +560,13 @@ def stream_data(
     if isinstance(source, (str, os.PathLike)) and str(source) != "synthetic":
         path = Path(source)
         if path.is_file() and path.suffix == ".npz":
-            stream = _npz_stream(path, specs, batch_size)
+            stream = _npz_stream(path, specs, batch_size, max_samples)
         elif path.is_dir() and not any(path.glob("input_*.pb")) and not any(path.glob("test_data_set*")):
-            stream = _npy_folder_stream(path, specs, batch_size)
+            stream = _npy_folder_stream(path, specs, batch_size, max_samples)
     elif isinstance(source, Iterator):
-        stream = _iterator_stream(source, specs)
+        stream = _iterator_stream(_first_samples(source, max_samples) if max_samples else source, specs)
     if stream is None:
-        return load_data(source, model, batch_size=batch_size, dims=dims)
+        return load_data(source, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
     return stream
 
 
@@ -541,23 +578,53 @@ class _RowReader:
         with self._open() as f:
             self.shape, self.fortran, self.dtype = _npy_header(f, where)
 
-    def blocks(self, step: int) -> Iterator[np.ndarray]:
-        count = self.shape[0]
+    def _check_size(self, rows: int | None) -> None:
+        """Refuse reading more than ``READ_LIMIT`` bytes at once, by the header's word, before reading."""
+        shape = self.shape if rows is None or not self.shape else (rows, *self.shape[1:])
+        size = math.prod(shape) * self.dtype.itemsize
+        if size > READ_LIMIT:
+            raise DataError(f"{self.where}: declares {self.dtype}{list(self.shape)}, {_gib(size)} to read at once "
+                            f"(more than {_gib(READ_LIMIT)}); use fewer samples, --max-samples N or a smaller --batch-size")
+
+    def read(self, max_rows: int | None = None) -> np.ndarray:
+        """The whole array, or its first ``max_rows`` rows (only those are read)."""
+        rows = self.shape[0] if self.shape else None
+        if rows is not None and max_rows is not None:
+            rows = min(rows, max_rows)
+        if not self.shape or self.fortran:  # a scalar, or column-major (rows not contiguous): read whole
+            self._check_size(None)
+            with self._open() as f:
+                try:
+                    whole = np.lib.format.read_array(f, allow_pickle=False)
+                except ValueError as exc:
+                    raise DataError(f"{self.where}: not a readable .npy array ({one_line(exc)})") from None
+            return np.ascontiguousarray(whole[:rows]) if self.shape else whole
+        return next(self.blocks(max(rows, 1), rows), np.empty((0, *self.shape[1:]), self.dtype))
+
+    def blocks(self, step: int, count: int | None = None) -> Iterator[np.ndarray]:
+        """Blocks of ``step`` rows of the first ``count`` rows (all by default)."""
+        count = self.shape[0] if count is None else min(count, self.shape[0])
         row = self.shape[1:]
         row_bytes = math.prod(row) * self.dtype.itemsize
         with self._open() as f:
             if self.fortran:  # column-major: rows are not contiguous on disk, so it is read whole
+                self._check_size(None)
                 whole = np.lib.format.read_array(f, allow_pickle=False)  # reads its own header
                 for i in range(0, count, step):
                     yield np.ascontiguousarray(whole[i:i + step])
                 return
+            self._check_size(min(step, count))
             _npy_header(f, self.where)
             for i in range(0, count, step):
                 n = min(step, count - i)
                 buffer = bytearray(n * row_bytes)
                 if f.readinto(buffer) != len(buffer):
-                    raise DataError(f"{self.where}: the file ends before its {count} rows")
+                    raise DataError(f"{self.where}: the file ends before its {self.shape[0]} rows")
                 yield np.frombuffer(buffer, dtype=self.dtype).reshape((n, *row))
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def _npy_header(f, where: str):
@@ -565,19 +632,20 @@ def _npy_header(f, where: str):
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(f)
-    except ValueError as exc:
-        raise DataError(f"{where}: not a readable .npy array ({exc})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{where}: not a readable .npy array ({one_line(exc)})") from None
     if dtype.hasobject:
         raise DataError(f"{where}: holds Python objects; only numeric arrays are read")
     return shape, fortran, dtype
 
 
-def _npz_stream(path: Path, specs: list[InputSpec], batch_size: int | None) -> DataStream | None:
+def _npz_readers(path: Path) -> dict[str, _RowReader]:
+    """A row reader per array of an ``.npz`` (each member decompressed as it is read, never whole)."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = [n for n in archive.namelist() if n.endswith(".npy")]
     except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        raise DataError(f"{path}: not a readable .npz file ({one_line(exc)})") from None
 
     def opener(member: str):
         def open_member():
@@ -585,16 +653,21 @@ def _npz_stream(path: Path, specs: list[InputSpec], batch_size: int | None) -> D
             return _Closing(archive.open(member), archive)
         return open_member
 
-    readers = {m[:-4]: _RowReader(opener(m), f"{path}[{m[:-4]}]") for m in members}
-    return _rows_stream(readers, specs, batch_size, str(path))
+    return {m[:-4]: _RowReader(opener(m), f"{path}[{m[:-4]}]") for m in members}
 
 
-def _npy_folder_stream(path: Path, specs: list[InputSpec], batch_size: int | None) -> DataStream | None:
+def _npz_stream(path: Path, specs: list[InputSpec], batch_size: int | None,
+                max_samples: int | None = None) -> DataStream | None:
+    return _rows_stream(_npz_readers(path), specs, batch_size, str(path), max_samples)
+
+
+def _npy_folder_stream(path: Path, specs: list[InputSpec], batch_size: int | None,
+                       max_samples: int | None = None) -> DataStream | None:
     files = sorted(path.glob("*.npy"))
     if not files:
         return None
     readers = {f.stem: _RowReader(lambda f=f: open(f, "rb"), str(f)) for f in files}
-    return _rows_stream(readers, specs, batch_size, str(path))
+    return _rows_stream(readers, specs, batch_size, str(path), max_samples)
 
 
 class _Closing:
@@ -612,7 +685,7 @@ class _Closing:
 
 
 def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
-                 where: str) -> DataStream | None:
+                 where: str, max_samples: int | None = None) -> DataStream | None:
     """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
     (one feed per leading entry, scalars). Labels are skipped: calibration reads no labels."""
     inputs = {s.name for s in specs}
@@ -623,6 +696,7 @@ def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_s
     count = _common_length({s.name: readers[s.name].shape for s in specs}, where)
     if count == 0:
         raise DataError(f"{where}: no samples (the arrays are empty along axis 0)")
+    count = min(count, max_samples) if max_samples else count
     step = _batch_step(specs, count, batch_size, where)
     # dtypes and fixed dims, before any pass runs: a zero-copy stand-in for the first batch
     first = {s.name: np.broadcast_to(np.zeros((), readers[s.name].dtype), (min(step, count), *readers[s.name].shape[1:]))
@@ -630,7 +704,7 @@ def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_s
     _check_feed(first, specs, f"{where} samples 0..{min(step, count) - 1}")
 
     def read() -> Iterator[dict[str, np.ndarray]]:
-        blocks = {s.name: readers[s.name].blocks(step) for s in specs}
+        blocks = {s.name: readers[s.name].blocks(step, count) for s in specs}
         for _ in range(0, count, step):
             yield {name: next(it) for name, it in blocks.items()}
 

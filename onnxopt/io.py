@@ -6,6 +6,8 @@ __all__ = [
     "load_model",
     "save_model",
     "check_external_data",
+    "check_destination",
+    "referenced_files",
     "default_output_path",
     "weight_bytes",
     "has_external_data",
@@ -16,7 +18,7 @@ __all__ = [
 
 import contextlib
 import os
-import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,7 @@ def load_model(source, *, copy: bool = True) -> ir.Model:
     if isinstance(source, ir.Model):
         return source.clone() if copy else source
     if isinstance(source, onnx.ModelProto):
+        _check_proto_tensors(source, Path("."))
         model = ir.serde.deserialize_model(source)
         _check_structure(model, "the ModelProto")
         check_external_data(model)
@@ -66,6 +69,9 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelLoadError(
             f"{path}: not a valid ONNX model (truncated or not ONNX: {_first_line(exc)})"
         ) from None
+    # Every tensor the file holds, wherever it sits (functions, subgraphs, sparse initializers,
+    # attributes), before anything reads one: a pass that inlines a function reads its constants.
+    _check_proto_tensors(proto, path.parent)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # a proto that parses but does not describe a graph
@@ -92,19 +98,119 @@ def _check_structure(model: ir.Model, where: str) -> None:
         raise ModelLoadError(f"{where}: not a valid ONNX model (no default-domain opset import)")
 
 
-def _iter_tensors(model: ir.Model):
+def _iter_tensors(model: ir.Model, *, functions: bool = False):
+    """(name, tensor) of every initializer and tensor attribute of the main graph and its subgraphs;
+    with ``functions``, of the model-local functions' nodes too (a pass that inlines them reads them)."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.name, value.const_value
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.TENSOR:
-                    yield f"{node.name or node.op_type}.{attr.name}", attr.value
+        yield from _attribute_tensors(graph)
+    if functions:
+        for function in model.functions.values():
+            yield from _attribute_tensors(function)
+            for node in function:
+                for attr in node.attributes.values():
+                    for sub in _attribute_graphs(attr):
+                        yield from _attribute_tensors(sub)
+                        for deeper in sub.subgraphs():
+                            yield from _attribute_tensors(deeper)
+
+
+def _attribute_graphs(attr) -> list:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.value]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.value)
+    return []
+
+
+def _attribute_tensors(graph):
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                yield f"{node.name or node.op_type}.{attr.name}", attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                for i, tensor in enumerate(attr.value):
+                    yield f"{node.name or node.op_type}.{attr.name}[{i}]", tensor
+
+
+def _proto_tensors(proto: onnx.ModelProto):
+    """(where, TensorProto) of every tensor a ModelProto holds: graph and function nodes' attributes
+    (``t``, ``tensors``, sparse ones, recursively through subgraphs), initializers, sparse
+    initializers, training graphs."""
+    def graph_tensors(graph: onnx.GraphProto):
+        yield from ((t.name, t) for t in graph.initializer)
+        for sparse in graph.sparse_initializer:
+            yield sparse.values.name, sparse.values
+            yield sparse.indices.name or sparse.values.name, sparse.indices
+        yield from nodes_tensors(graph.node)
+
+    def nodes_tensors(nodes):
+        for node in nodes:
+            where = node.name or node.op_type
+            for attr in node.attribute:
+                name = f"{where}.{attr.name}"
+                if attr.HasField("t"):
+                    yield name, attr.t
+                yield from ((name, t) for t in attr.tensors)
+                sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+                for s in (*sparse, *attr.sparse_tensors):
+                    yield name, s.values
+                    yield name, s.indices
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for g in attr.graphs:
+                    yield from graph_tensors(g)
+
+    yield from graph_tensors(proto.graph)
+    for function in proto.functions:
+        yield from nodes_tensors(function.node)
+    for info in proto.training_info:
+        yield from graph_tensors(info.initialization)
+        yield from graph_tensors(info.algorithm)
+
+
+def _check_proto_tensors(proto: onnx.ModelProto, base: Path) -> None:
+    """Refuse any tensor of ``proto`` with no data type, or whose external data is not a file
+    inside ``base`` (the model's folder)."""
+    for name, tensor in _proto_tensors(proto):
+        if tensor.data_type == onnx.TensorProto.UNDEFINED and (tensor.dims or tensor.raw_data or tensor.external_data):
+            raise ModelLoadError(f"tensor '{name}': data type 0 (UNDEFINED); not a valid ONNX model")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            entries = {e.key: e.value for e in tensor.external_data}
+            _check_location(name, entries.get("location", ""), base)
+
+
+def _check_location(name: str, location: str, base: Path) -> Path:
+    """The file that external data ``location`` names, refused when it is empty, holds a NUL byte,
+    is absolute, or resolves (symbolic links followed) outside ``base`` or to a non-file."""
+    shown = location if "\x00" not in location else location.replace("\x00", "\\0")
+    if not location:
+        raise ExternalDataError(f"tensor '{name}': external data without a location")
+    if "\x00" in location:
+        raise ExternalDataError(f"tensor '{name}': external data location '{shown}' holds a NUL byte")
+    if os.path.isabs(location) or Path(location).drive:
+        raise ExternalDataError(
+            f"tensor '{name}': external data location '{location}' is absolute; only paths inside the model's folder are allowed"
+        )
+    base = base.resolve()
+    try:
+        target = (base / location).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a name the system refuses
+        raise ExternalDataError(f"tensor '{name}': external data location '{location}' cannot be resolved ({exc})") from None
+    # Path.parents compares whole components: '../model_evil/w.bin' from 'model/' is outside.
+    if base != target and base not in target.parents:
+        raise ExternalDataError(
+            f"tensor '{name}': external data location '{location}' escapes the model's folder"
+        )
+    if not target.is_file():
+        raise ExternalDataError(f"tensor '{name}': external data file '{location}' not found next to the model")
+    return target
 
 
 def _set_base_dir(model: ir.Model, base_dir: Path) -> None:
-    for _, tensor in _iter_tensors(model):
+    for _, tensor in _iter_tensors(model, functions=True):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = str(base_dir)
 
@@ -140,23 +246,13 @@ def model_bytes(model: ir.Model) -> bytes:
 
 
 def check_external_data(model: ir.Model) -> None:
-    """Refuse external data that is absolute, escapes its folder (``..``), is missing or too short."""
-    for name, tensor in _iter_tensors(model):
+    """Refuse external data that is absolute, escapes its folder (``..``, a sibling folder, a
+    symbolic link), is missing or too short: in the main graph, subgraphs and model-local functions."""
+    for name, tensor in _iter_tensors(model, functions=True):
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         location = tensor.location
-        base = Path(tensor.base_dir or ".").resolve()
-        if os.path.isabs(location) or Path(location).drive:
-            raise ExternalDataError(
-                f"tensor '{name}': external data location '{location}' is absolute; only paths inside the model's folder are allowed"
-            )
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
-            raise ExternalDataError(
-                f"tensor '{name}': external data location '{location}' escapes the model's folder"
-            )
-        if not target.is_file():
-            raise ExternalDataError(f"tensor '{name}': external data file '{location}' not found next to the model")
+        target = _check_location(name, location, Path(tensor.base_dir or "."))
         offset = tensor.offset or 0
         # ``length`` is optional in the file; the tensor's dtype and shape say how many bytes it needs.
         length = max(tensor.length or 0, tensor.nbytes)
@@ -175,12 +271,62 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
 
 def has_external_data(model: ir.Model) -> bool:
     """Whether any tensor is still read lazily from an external-data file."""
-    return any(isinstance(t, ir.ExternalTensor) for _, t in _iter_tensors(model))
+    return any(isinstance(t, ir.ExternalTensor) for _, t in _iter_tensors(model, functions=True))
 
 
 def weight_bytes(model: ir.Model) -> int:
     """Bytes of every initializer and Constant tensor, subgraphs included."""
     return sum(t.nbytes for _, t in _iter_tensors(model) if t is not None)
+
+
+def check_destination(path: str | os.PathLike, what: str | None = None) -> Path:
+    """Refuse, before any work, a destination that cannot take a new regular file: a missing or
+    unwritable folder, or an existing path that is not a regular file (``/dev/null``, a folder, a
+    FIFO: replacing it would destroy it). ``what`` names the option in the message (``--report``)."""
+    path = Path(path)
+    shown = f"{what} {path}" if what else str(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"{shown}: folder '{folder}' does not exist")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OutputPathError(f"{shown}: exists and is {kind}; give the path of a file")
+    try:  # the one sure test of writability (os.access says yes to root on a read-only mount)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise OutputPathError(f"{shown}: cannot write in folder '{folder}' ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def referenced_files(model_path: str | os.PathLike) -> set[Path]:
+    """The resolved external-data files that the ONNX file at ``model_path`` references (none when
+    it is absent or unreadable): the files a write must never touch."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        return set()
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return set()
+    found = set()
+    for _, tensor in _proto_tensors(proto):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location and "\x00" not in location:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                found.add((model_path.parent / location).resolve())
+    return found
+
+
+def _lazy_files(model: ir.Model) -> set[Path]:
+    """The files that ``model``'s lazily read tensors still come from."""
+    found = set()
+    for _, tensor in _iter_tensors(model, functions=True):
+        if isinstance(tensor, ir.ExternalTensor):
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                found.add(Path(tensor.path).resolve())
+    return found
 
 
 def save_model(
@@ -193,9 +339,13 @@ def save_model(
 ) -> Path:
     """Write ``model`` to ``path`` atomically; never overwrite ``protect`` (the input) unless ``in_place``.
 
-    Weights go to ``<name>.data`` beside the model when ``external_data`` is true, or, by default,
-    when they would not fit in one protobuf (2 GB). The files are written to a temporary folder
-    beside the target and renamed into place, so a failure leaves no half-written output.
+    Weights go to an external-data file beside the model when ``external_data`` is true, or, by
+    default, when they would not fit in one protobuf (2 GB). The pair switches at once for a reader:
+    the data goes to a new, unique ``<name>.<random>.data`` that no file references yet, the model
+    to a unique temporary file, which then replaces ``path`` (the one commit); only after that are
+    the data files of the replaced output removed (those named ``<name>[.*].data`` that nothing
+    else read here references). An interruption before the commit leaves the old pair as it was;
+    no file that ``protect`` or the model's own lazily read tensors reference is ever written or removed.
     """
     path = Path(path)
     if protect is not None and not in_place:
@@ -203,28 +353,47 @@ def save_model(
             raise OutputPathError(
                 f"{path}: refusing to overwrite the input model; choose another -o path or pass --in-place"
             )
+    check_destination(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputPathError(f"{path}: folder '{folder}' does not exist")
+    # In place, the input's data files are the replaced output's: removable once nothing reads them.
+    kept = _lazy_files(model) | (referenced_files(protect) if protect is not None and not in_place else set())
+    if path.resolve() in kept:
+        raise OutputPathError(f"{path}: refusing to overwrite the input model's external data; choose another -o path")
     if external_data is None:
         external_data = weight_bytes(model) > INLINE_WEIGHT_LIMIT
     if not external_data:
         # ir.save would keep lazily loaded tensors as references to their source file, relative
         # to a folder the output may not share: read them in, so that the output stands alone.
         ir.external_data.load_to_model(model)
-    data_name = f"{path.name}.data" if external_data else None
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    old_data = {f for f in referenced_files(path) if f.parent == folder.resolve() and _our_data_name(path, f.name)}
+    written: list[str] = []
     try:
-        tmp_model = tmp_dir / path.name
+        data_name = None
+        if external_data:
+            fd, data_path = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".data", dir=folder)
+            os.close(fd)
+            written.append(data_path)
+            data_name = os.path.basename(data_path)
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        written.append(tmp_model)
         # Lazy external tensors are read while writing, so they must still point at their source.
         with _initializer_types_hidden(model):
-            ir.save(model, tmp_model, external_data=data_name)
-        if data_name:
-            os.replace(tmp_dir / data_name, folder / data_name)
-        os.replace(tmp_model, path)
+            ir.save(model, tmp_model, format="protobuf", external_data=data_name)
+        os.replace(tmp_model, path)  # the commit: readers see the old pair until here, the new one after
+        written.clear()
     except OSError as exc:
         raise OutputPathError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
+        for leftover in written:  # an error or an interruption before the commit
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+    for stale in old_data - kept - referenced_files(path):
         with contextlib.suppress(OSError):
-            shutil.rmtree(tmp_dir)
+            stale.unlink()
     return path
+
+
+def _our_data_name(path: Path, name: str) -> bool:
+    """Whether ``name`` is an external-data file that ``save_model`` writes for ``path``."""
+    return name == f"{path.name}.data" or (name.startswith(f"{path.name}.") and name.endswith(".data"))

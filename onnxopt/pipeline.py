@@ -11,17 +11,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.data import Dataset, cannot_run, feed_dims, head, input_specs, load_data, parse_dims, synthetic_data
+from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims, synthetic_data
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
+from onnxopt.options import check_arguments
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.quantization import QuantizationStep
-from onnxopt.report import PassRecord, Report
+from onnxopt.report import PassRecord, Report, Validation
 from onnxopt.runtime import ModelSnapshot, run_session
 from onnxopt.stats import model_stats
 from onnxopt.validate import DEFAULT_ATOL, compare_models
@@ -116,6 +118,7 @@ def optimize(
     speed_fallback: bool | None = None,
     fix_dims: Mapping[str, int] | Sequence[str] | None = None,
     target: str | None = "auto",
+    max_samples: int | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -136,7 +139,13 @@ def optimize(
 
     ``fix_dims`` (``{"batch": 1, "seq": 128}``) fixes those input dims in the result (the
     ``fix-shapes`` pass, first unless listed): data and calibration must then have those sizes.
+    ``max_samples`` reads at most that many samples of ``data`` and of ``calibration``.
+
+    Every argument is checked first (``onnxopt.options``): a bad one raises ``OptionError``, with
+    the message the command line gives for its flag. With ``validate=False``, the result must still
+    pass onnx.checker and load in onnxruntime, else the report fails (nothing to write).
     """
+    check_arguments(locals())
     pass_objects = resolve_passes(passes)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
         pass_objects = with_pruning(pass_objects, prune, importance, prune_scope, round_to, protect_first)
@@ -160,11 +169,12 @@ def optimize(
             data_model, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
             min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers, threads=threads,
             speed_fallback=latency if speed_fallback is None else speed_fallback, target=target,
+            max_samples=max_samples,
         )
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
         # Fail on bad data before spending time on passes.
-        dataset = _dataset(data, data_model, dims, batch_size, quantization)
+        dataset = _dataset(data, data_model, dims, batch_size, quantization, max_samples)
         original = ModelSnapshot(working)
         try:
             original.session(optimization="disabled", providers=providers)
@@ -174,11 +184,14 @@ def optimize(
             raise ModelLoadError(f"{label}: onnxruntime cannot load the input model: {one_line(exc)}") from None
         if dataset.batches:  # data that passes every check and still does not fit (token ids past the table)
             try:
-                run_session(original.session(optimization="disabled", providers=providers), dataset.batches[0])
+                first = run_session(original.session(optimization="disabled", providers=providers), dataset.batches[0])
             except Exception as exc:
                 sizes = ", ".join(f"{k}={v}" for k, v in fixed_dims.items())
                 raise cannot_run(f"{dataset.source} batch 0", dataset.batches[0], input_specs(data_model), exc,
                                  hints=[f"at the sizes --fix-dim gives: {sizes}" if sizes else ""]) from None
+            if dataset.labels is not None and first:  # labels past the classes: refused before any pass
+                name = next(iter(first))
+                check_labels(dataset.labels, np.asarray(first[name]), name, dataset.source)
         if quantization is not None and max_drop is not None and validate and dataset.labels is None:
             raise OptionError(f"--max-drop needs labels in the --eval data ({dataset.source} has none); "
                               "without labels the budget is --min-cosine")
@@ -194,7 +207,7 @@ def optimize(
             progress(f"pass {name}", step, len(pass_objects))
         if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz") and p.ratio is not None and p.activation is None:
             p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size,
-                                                 providers, nonzero=p.importance == "apoz")
+                                                 providers, nonzero=p.importance == "apoz", max_samples=max_samples)
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -242,13 +255,27 @@ def optimize(
         original.close()
     if quantization is not None and not (validate or latency):
         quantization.finish(report, None, None)
+    if not validate:
+        report.validation = _unvalidated_check(working, rtol, atol)
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source)
 
 
+def _unvalidated_check(model: ir.Model, rtol: float | None, atol: float) -> Validation | None:
+    """Without validation, the result must still be a model: onnx.checker and an onnxruntime session
+    accept it (None), else a failed ``Validation`` that says why, so that nothing is written."""
+    try:
+        check_model(model)
+    except Exception as exc:
+        return Validation(ok=False, providers=[], samples=0, batches=0, rtol=rtol, atol=atol, data="none (--no-validate)",
+                          synthetic=False, outputs=[], error=f"the optimized model is not valid ONNX or onnxruntime "
+                                                             f"cannot load it (checked under --no-validate): {one_line(exc, 200)}")
+    return None
+
+
 def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None,
-             quantization: QuantizationStep | None = None) -> Dataset:
+             quantization: QuantizationStep | None = None, max_samples: int | None = None) -> Dataset:
     if data is None and quantization is not None and not quantization.synthetic:
         # Random inputs fall outside the calibrated ranges and say nothing about a lossy result.
         dataset = head(quantization.calibration, CALIBRATION_VALIDATION_SAMPLES)
@@ -260,9 +287,7 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
         dataset = synthetic_data(model, dims=dims)
         dataset.notes.insert(0, "no --data given: validated on synthetic random inputs")
         return dataset
-    return load_data(data, model, batch_size=batch_size, dims=dims)
-
-
+    return load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
 
 
 def _fixed_dims_failure(fixed_dims: dict[str, int], original: ModelSnapshot, dataset: Dataset, providers) -> str:
@@ -320,19 +345,18 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     return [*pass_objects[:at], pruner, *pass_objects[at:]]
 
 
-def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False) -> dict:
+def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False,
+                          max_samples: int | None = None) -> dict:
     """Mean |x| per channel (``nonzero``: the fraction of non-zero values) of every tensor that a
     channel group's consumer reads, over ``data`` (the calibration set), streamed batch by batch
     through ``onnxopt.observe``."""
-    import numpy as np
-
     from onnxopt.observe import observe
     from onnxopt.passes.channel_groups import analyze
 
     if data is None:
         raise OptionError("--importance activation/apoz needs --calibration (or --data)")
     axes = {p.value: p.axis for g in analyze(model).groups for p in g.probes}
-    dataset = load_data(data, model, batch_size=batch_size, dims=dims)
+    dataset = load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
 

@@ -93,6 +93,7 @@ class QuantizationStep:
         threads: int | None = None,
         speed_fallback: bool = True,
         target: str | None = "auto",
+        max_samples: int | None = None,
     ) -> None:
         if calibration is None:
             raise OptionError(
@@ -122,7 +123,7 @@ class QuantizationStep:
             self.calibration = synthetic_data(model, dims=dims)
             self.notes.append("calibrated on SYNTHETIC random inputs (--calibration synthetic): ranges may not fit real data")
         else:
-            self.calibration = stream_data(calibration, model, batch_size=batch_size, dims=dims)
+            self.calibration = stream_data(calibration, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
         self.details: dict[str, Any] = {}
         self.verdict_failed: str | None = None
         # Dims that MAC shares are counted at: --dim, else the calibration data's (set as it streams).

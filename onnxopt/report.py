@@ -16,6 +16,7 @@ __all__ = [
     "to_json",
     "write_json",
     "write_json_file",
+    "stage_json_file",
     "json_safe",
     "render_bench",
 ]
@@ -25,8 +26,11 @@ import json
 import math
 import os
 import textwrap
+import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from onnxopt.errors import OutputPathError
 
 if TYPE_CHECKING:
     from onnxopt.bench import BenchResult
@@ -171,11 +175,27 @@ def write_json(report: Report, path: str | os.PathLike) -> None:
 
 def write_json_file(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as JSON through a temporary file, so that no half-written file is left."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(json_safe(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    os.replace(stage_json_file(data, path), path)
+
+
+def stage_json_file(data: dict, path: str | os.PathLike) -> str:
+    """``data`` as JSON in a new temporary file of a unique name beside ``path`` (concurrent runs and
+    an existing ``<path>.tmp`` are safe); the caller commits it with ``os.replace`` or removes it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputPathError(f"--report {path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(json_safe(data), f, indent=2)
+            f.write("\n")
+    except BaseException as exc:
+        os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"--report {path}: cannot write ({exc.strerror or exc})") from None
+        raise
+    return tmp
 
 
 def _human(n: float | int | None, unit: str = "") -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from onnxopt.data import Dataset, cannot_run
+from onnxopt.data import Dataset, cannot_run, check_labels
 from onnxopt.errors import one_line
 from onnxopt.report import OutputComparison, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
@@ -52,7 +52,10 @@ class OutputAccumulator:
         self.agree = 0
         self.rows = 0
         self.shape_error: str | None = None
-        self.nonfinite = False
+        self.nonfinite = False  # the candidate is NaN/inf where the reference is finite, or differs where it is not
+        self.values = 0
+        self.finite = 0  # values finite in both, the ones the figures are over
+        self.ref_nonfinite = 0
         self.dtype: np.dtype | None = None
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -68,9 +71,18 @@ class OutputAccumulator:
         c = cand.astype(np.float64, copy=False)
         if r.size == 0:
             return
-        if not (np.isfinite(c).all() or np.array_equal(np.isfinite(r), np.isfinite(c))):
+        ref_finite, cand_finite = np.isfinite(r), np.isfinite(c)
+        self.values += r.size
+        if (ref_finite & ~cand_finite).any():
             self.nonfinite = True
-        finite = np.isfinite(r) & np.isfinite(c)
+        if not ref_finite.all():
+            # where the reference is NaN or infinite, the candidate must be the very same
+            rn, cn = r[~ref_finite], c[~ref_finite]
+            self.ref_nonfinite += rn.size
+            if not ((np.isnan(rn) & np.isnan(cn)) | (rn == cn)).all():
+                self.nonfinite = True
+        finite = ref_finite & cand_finite
+        self.finite += int(finite.sum())
         diff = np.abs(r - c)[finite]
         if diff.size:
             self.max_abs = max(self.max_abs, float(diff.max()))
@@ -80,8 +92,21 @@ class OutputAccumulator:
         self.ref_sq += float((rf * rf).sum())
         self.cand_sq += float((cf * cf).sum())
         if r.ndim == 2 and r.shape[1] > 1:
-            self.agree += int((r.argmax(axis=1) == c.argmax(axis=1)).sum())
-            self.rows += r.shape[0]
+            rows = ref_finite.all(axis=1)  # a row with NaN has no meaningful argmax
+            self.agree += int((r[rows].argmax(axis=1) == c[rows].argmax(axis=1)).sum())
+            self.rows += int(rows.sum())
+
+    def note(self) -> str | None:
+        """What the figures leave out: non-finite values, in either model."""
+        if self.nonfinite:
+            return f"'{self.name}': the optimized model gives NaN/inf where the original does not"
+        if self.values and not self.finite:
+            return (f"'{self.name}': the original gives no finite value on this data (all NaN/inf): nothing was "
+                    "compared; give --data that the model computes finite outputs on")
+        if self.ref_nonfinite:
+            return (f"'{self.name}': the original gives NaN/inf at {self.ref_nonfinite} of {self.values} values and the "
+                    "optimized model the same there; the figures are over the finite values")
+        return None
 
     def result(self, rtol: float | None, atol: float, floor: float | None = None) -> OutputComparison:
         """The figures and the verdict; ``rtol=None`` takes the default for the output's dtype."""
@@ -90,13 +115,15 @@ class OutputAccumulator:
         if self.shape_error:
             return OutputComparison(self.name, float("inf"), float("inf"), float("nan"), None, False, rtol)
         denom = np.sqrt(self.ref_sq) * np.sqrt(self.cand_sq)
-        if denom > 0:
+        if self.values and not self.finite:  # nothing to compare: no cosine, no pass
+            cosine = float("nan")
+        elif denom > 0:
             cosine = self.dot / denom
         else:
             cosine = 1.0 if self.ref_sq == self.cand_sq else 0.0
         max_rel = self.max_abs / self.ref_max if self.ref_max > 0 else (0.0 if self.max_abs == 0 else float("inf"))
         allowed = atol + rtol * self.ref_max + RUNTIME_FLOOR_FACTOR * (floor or 0.0)
-        ok = (not self.nonfinite) and self.max_abs <= allowed
+        ok = (not self.nonfinite) and self.max_abs <= allowed and (self.finite > 0 or self.values == 0)
         top1 = self.agree / self.rows if self.rows else None
         return OutputComparison(self.name, self.max_abs, max_rel, float(cosine), top1, bool(ok), rtol, floor)
 
@@ -145,6 +172,8 @@ def compare_models(
             cand_out = run_session(cand_session, feed)
         except Exception as exc:
             return Validation(**common, error=f"onnxruntime cannot run the optimized model: {one_line(exc)}")
+        if i == 0 and data.labels is not None:
+            check_labels(data.labels, np.asarray(ref_out[ref_names[0]]), ref_names[0], data.source)
         for name in ref_names:
             accumulators[name].update(np.asarray(ref_out[name]), np.asarray(cand_out[name]))
         if data.labels is not None:
@@ -162,6 +191,7 @@ def compare_models(
                 f"onnxruntime's own optimizations change the original's '{worst}' by up to {floors[worst]:.3g}; "
                 f"the tolerance adds {RUNTIME_FLOOR_FACTOR:g}x that per output"
             )
+    common["notes"] += [n for n in (acc.note() for acc in accumulators.values()) if n]
     validation = Validation(**(common | {"ok": all(o.ok for o in outputs), "outputs": outputs}))
     if data.labels is not None:
         validation.accuracy_before = _accuracy(ref_logits, data.labels)

@@ -33,6 +33,7 @@ from __future__ import annotations
 __all__ = ["PruneChannels", "IMPORTANCE_CRITERIA"]
 
 import logging
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -197,7 +198,9 @@ def _member_array(m) -> np.ndarray | None:
 
 def _per_channel(m, array: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Sum of ``array`` (already |w|^p) over each group channel's positions in member ``m``: (channels, sums)."""
-    moved = np.moveaxis(array, m.axis, 0).reshape(array.shape[m.axis], -1).sum(axis=1)
+    moved = np.moveaxis(array, m.axis, 0)
+    # the row size spelled out: numpy cannot infer -1 for an array of no elements (a 0-row Gemm weight)
+    moved = moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).sum(axis=1)
     channels = np.arange(m.start, m.start + m.length)
     pos = m.positions(channels).reshape(len(channels), m.stride)
     return channels, moved[pos].sum(axis=1)

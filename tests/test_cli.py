@@ -381,3 +381,141 @@ def test_subprocess_default_run(folder):
     assert report["validation"]["ok"] is True and report["validation"]["synthetic"] is True
     assert report["output"] == "m.opt.onnx"
     assert os.path.getsize(folder / "m.opt.onnx") < os.path.getsize(folder / "m.onnx")
+
+
+# -- destinations and what exit codes promise (issue 14, part 4) -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["devnull", "folder", "fifo"])
+def test_output_that_is_not_a_regular_file_is_refused(capsys, model, kind):
+    """'-o /dev/null' was replaced by a regular file when run as root."""
+    if kind == "devnull":  # a link to it: old code replaced the link, never the real device
+        target = model.parent / "null.onnx"
+        target.symlink_to(os.devnull)
+    elif kind == "folder":
+        target = model.parent / "dir.onnx"
+        target.mkdir()
+    else:
+        target = model.parent / "pipe.onnx"
+        os.mkfifo(target)
+    assert_refused(capsys, model.parent, [model, "-o", target, "--no-latency"], str(target), "give the path of a file")
+    assert os.path.exists(target) and not os.path.isfile(target)
+    if kind != "devnull":
+        assert_refused(capsys, model.parent, [model, "--report", target, "--no-latency"], "--report")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder nobody can create files in)")
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_unwritable_destination_is_refused_before_any_work(capsys, model, flag, monkeypatch):
+    """An unwritable folder failed with a traceback after the whole run; now one line, first."""
+    import onnxopt.cli as cli
+
+    monkeypatch.setattr(cli, "optimize", lambda *a, **k: pytest.fail("optimize ran"))
+    assert_refused(capsys, model.parent, [model, flag, "/proc/self/out.x"], "/proc/self", "cannot write")
+
+
+def test_a_report_that_cannot_be_written_leaves_no_model(capsys, model, monkeypatch):
+    """The report failed after the model was written, exit 1 with the model on disk; now the
+    model and the report are written both or neither."""
+    import onnxopt.cli as cli
+
+    real = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if str(dst).endswith("r.json"):
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(cli.os, "replace", failing)
+    before = files(model.parent)
+    code = call(model, "-o", model.parent / "out.onnx", "--report", model.parent / "r.json", "--no-latency", "-q")
+    err = capsys.readouterr().err
+    assert code == 2 and "--report" in err and "not written" in err and len(err.strip().splitlines()) == 1
+    assert files(model.parent) == before
+
+
+def test_report_goes_through_a_unique_temporary_file(capsys, model):
+    """The report went through '<report>.tmp', destroying a file of that name."""
+    (model.parent / "r.json.tmp").write_text("keep me")
+    assert call(model, "--report", model.parent / "r.json", "--no-latency", "-q") == 0
+    assert (model.parent / "r.json.tmp").read_text() == "keep me"
+    assert json.loads((model.parent / "r.json").read_text())["ok"] is True
+    assert sorted(files(model.parent)) == ["m.onnx", "m.opt.onnx", "r.json", "r.json.tmp"]
+
+
+def test_no_validate_still_refuses_an_invalid_result(capsys, model, monkeypatch):
+    """With --no-validate a model that onnx.checker rejects was written with exit 0."""
+    import onnx_ir as ir
+
+    import onnxopt.pipeline as pipeline
+
+    class Break(ir.passes.InPlacePass):
+        name = "break"
+
+        def call(self, m):
+            next(iter(m.graph)).outputs[0].name = ""  # an output with no name: onnx.checker refuses
+            return ir.passes.PassResult(m, True)
+
+    monkeypatch.setitem(pipeline.REGISTRY, "break", Break)
+    before = files(model.parent)
+    code = call(model, "--passes", "break", "--no-validate", "--no-latency", "-q")
+    err = capsys.readouterr().err
+    assert code == 1 and "not written" in err and "--no-validate" in err
+    assert files(model.parent) == before
+
+
+def test_max_samples(capsys, model):
+    np.savez(model.parent / "d.npz", x=np.concatenate([X] * 10))
+    report = model.parent / "r.json"
+    assert call(model, "--data", model.parent / "d.npz", "--max-samples", "5", "--report", report, "--no-latency", "-q") == 0
+    assert json.loads(report.read_text())["validation"]["samples"] == 5
+    assert_refused(capsys, model.parent, [model, "--max-samples", "0"], "--max-samples 0: must be positive")
+
+
+def test_gemm_with_a_zero_row_weight_runs(capsys, tmp_path):
+    h = onnx.helper
+    w = onnx.numpy_helper.from_array(np.zeros((0, 4), np.float32), "w")
+    graph = h.make_graph([h.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 0])], initializer=[w])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "g.onnx")
+    assert call(tmp_path / "g.onnx", "--no-latency", "-q") == 0
+
+
+# -- the Python API refuses what the command line refuses, in the same words ---------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,flags,words",
+    [
+        ({"passes": None}, None, ["--passes", "NoneType"]),
+        ({"passes": [3]}, None, ["--passes", "3"]),
+        ({"dims": 123}, None, ["--dim", "int"]),
+        ({"fix_dims": "batch=1"}, None, ["--fix-dim"]),
+        ({"batch_size": 0}, ["--batch-size", "0"], ["--batch-size 0: must be positive"]),
+        ({"batch_size": 2.5}, None, ["--batch-size 2.5"]),
+        ({"threads": 0}, ["--threads", "0"], ["--threads 0: must be positive"]),
+        ({"rtol": -1.0}, ["--rtol", "-1"], ["--rtol -1: must be zero or positive"]),
+        ({"atol": float("nan")}, ["--atol", "nan"], ["--atol nan"]),
+        ({"latency_budget": -1.0}, ["--latency-budget", "-1"], ["--latency-budget -1: must be zero or positive"]),
+        ({"max_drop": 1.0}, ["--max-drop", "1"], ["--max-drop applies to --quantize int8"]),
+        ({"min_cosine": 0.9}, ["--min-cosine", "0.9"], ["--min-cosine applies to --quantize int8"]),
+        ({"prune": 1.5}, ["--prune", "1.5"], ["--prune 1.5: must be in [0, 1)"]),
+        ({"round_to": 0}, ["--round-to", "0"], ["--round-to 0: must be positive"]),
+        ({"max_samples": 0}, ["--max-samples", "0"], ["--max-samples 0: must be positive"]),
+        ({"importance": "l3"}, None, ["--importance 'l3'"]),
+        ({"validate": "no"}, None, ["--no-validate"]),
+        ({"providers": 7}, None, ["--providers"]),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_api_bad_arguments_raise_option_error_with_the_cli_message(capsys, model, kwargs, flags, words):
+    import onnxopt
+
+    with pytest.raises(onnxopt.OptionError) as exc:
+        onnxopt.optimize(model, **{"latency": False, **kwargs})
+    message = str(exc.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    if flags:
+        line = assert_refused(capsys, model.parent, [model, "--no-latency", *flags])
+        assert line == f"onnxopt: error: {message}"

@@ -380,3 +380,84 @@ def test_a_dim_given_twice_with_two_sizes_is_refused():
     assert parse_dims(["batch=2", "batch=2"]) == {"batch": 2}
     with pytest.raises(OptionError, match="--fix-dim batch is given twice: 1 and 8"):
         parse_dims(["batch=1", "batch=8"], "--fix-dim")
+
+
+# -- reading no more than is safe, or asked (issue 14, part 4) ----------------------------------------
+
+
+def _bomb(path, rows: int, compressed_bytes_of_zeros: int | None = None) -> None:
+    """An .npz whose one member 'x' declares ``rows`` images, compressed (zeros compress ~1000x)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (rows, 3, 8, 8)})
+            f.write(b"\0" * (compressed_bytes_of_zeros if compressed_bytes_of_zeros is not None else rows * 768))
+
+
+def test_npz_declaring_more_than_the_read_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    """A compressed .npz was loaded whole (a 6 MB zip bomb took 6.3 GB): the header's shape is
+    checked against the limit first; here a 4 MB member (4 KB compressed) against a 1 MB limit."""
+    import onnxopt.data as data_module
+
+    monkeypatch.setattr(data_module, "READ_LIMIT", 2**20)
+    path = tmp_path / "bomb.npz"
+    _bomb(path, 5000)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DataError) as exc:
+        load_data(path, cnn())
+    message = str(exc.value)
+    assert "\n" not in message and "declares float32[5000, 3, 8, 8]" in message and "--max-samples" in message
+    # the first samples only: read and checked, well under the limit
+    dataset = load_data(path, cnn(), max_samples=100)
+    assert dataset.num_samples == 100
+
+
+def test_huge_declared_shapes_in_npy_and_npz_are_one_line(tmp_path):
+    with open(tmp_path / "x.npy", "wb") as f:  # 3.6 TiB declared, 64 bytes present
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)})
+        f.write(b"\0" * 64)
+    model = build("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,1000000] x) => (float[N,1000000] y) { y = Identity(x) }""")
+    for source in (tmp_path / "x.npy", tmp_path):
+        with pytest.raises(DataError) as exc:
+            load_data(source, model)
+        assert "\n" not in str(exc.value) and "declares float32[1000000, 1000000]" in str(exc.value)
+    _bomb(tmp_path / "short.npz", 10**7, 768)  # declares 7 GiB, holds one sample
+    with pytest.raises(DataError) as exc:
+        load_data(tmp_path / "short.npz", cnn())
+    assert "declares" in str(exc.value)
+    with pytest.raises(DataError, match="ends before"):  # streamed batch by batch: the file is short
+        list(stream_data(tmp_path / "short.npz", cnn()))
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x05\x06" + b"\0" * 18], ids=["zero-bytes", "no-members"])
+def test_empty_npz_is_one_line(tmp_path, content):
+    (tmp_path / "d.npz").write_bytes(content)
+    for read in (load_data, stream_data):
+        with pytest.raises(DataError) as exc:
+            read(tmp_path / "d.npz", cnn())
+        assert "\n" not in str(exc.value) and "d.npz" in str(exc.value)
+
+
+def test_max_samples_caps_every_source(tmp_path):
+    x, labels = images(10), np.arange(10) % 4
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "x.npy", x)
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(x))
+    feeds = [{"x": x[i:i + 4]} for i in range(0, 10, 4)]
+    for source in (tmp_path / "d.npz", tmp_path / "npy", {"x": x}, feeds, tmp_path / "fortran.npy"):
+        dataset = load_data(source, cnn(), max_samples=6, batch_size=4)
+        assert dataset.num_samples == 6, source
+        np.testing.assert_array_equal(np.concatenate([f["x"] for f in dataset]), x[:6])
+    assert list(load_data(tmp_path / "d.npz", cnn(), max_samples=6).labels) == list(labels[:6])
+    for source in (tmp_path / "d.npz", tmp_path / "npy", iter(feeds)):
+        stream = stream_data(source, cnn(), batch_size=4, max_samples=6)
+        assert sum(f["x"].shape[0] for f in stream) == 6, source
+
+
+def test_negative_labels_are_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=images(2), labels=np.array([1, -3]))
+    with pytest.raises(DataError, match="-3"):
+        load_data(tmp_path / "d.npz", cnn())

@@ -124,11 +124,12 @@ def test_external_data_loads_lazily_and_round_trips(tmp_path):
     weights = [v.const_value for v in model.graph.initializers.values()]
     assert weights and all(isinstance(t, ir.ExternalTensor) for t in weights)
 
-    # Saved elsewhere with its weights external: a new data file beside the new model.
+    # Saved elsewhere with its weights external: a new data file, of a unique name, beside the new model.
     out = tmp_path / "out" / "m2.onnx"
     out.parent.mkdir()
     save_model(model, out, external_data=True)
-    assert sorted(os.listdir(out.parent)) == ["m2.onnx", "m2.onnx.data"]
+    names = sorted(os.listdir(out.parent))
+    assert names[0] == "m2.onnx" and len(names) == 2 and names[1].startswith("m2.onnx.") and names[1].endswith(".data")
     again = load_model(out)
     assert isinstance(again.graph.initializers["W"].const_value, ir.ExternalTensor)  # small ones go inline
     np.testing.assert_array_equal(run(onnx.load(out), {"x": X})[0], expected)
@@ -243,7 +244,8 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(model_path, tmp_pat
     out = tmp_path / "big" / "m.onnx"
     out.parent.mkdir()
     save_model(model, out)
-    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
+    names = sorted(os.listdir(out.parent))
+    assert names[0] == "m.onnx" and len(names) == 2 and names[1].startswith("m.onnx.") and names[1].endswith(".data")
     snapshot = runtime_module.ModelSnapshot(load_model(out))
     assert snapshot.data is None and snapshot.path is not None
     import onnxopt
@@ -304,3 +306,237 @@ def test_model_bytes_are_what_save_model_writes(tmp_path):
     model = ir.from_proto(small_cnn())
     out = save_model(model, tmp_path / "m.onnx")
     assert model_bytes(model) == out.read_bytes()
+
+
+# -- every tensor a file holds is checked before anything reads it (issue 14, part 4) ---------------
+
+
+def _external_tensor(name: str, location: str, count: int = 16) -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.UINT8, dims=[count])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    return tensor
+
+
+def _model_with(*, nodes, functions=(), initializers=(), sparse=()) -> onnx.ModelProto:
+    h = onnx.helper
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [16])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [16])],
+                         initializer=list(initializers), sparse_initializer=list(sparse))
+    opsets = [h.make_opsetid("", 17)] + ([h.make_opsetid("local", 1)] if functions else [])
+    return h.make_model(graph, opset_imports=opsets, functions=list(functions))
+
+
+def _reads(tensor_name: str) -> list:
+    """Nodes that cast ``tensor_name`` to float and add it to x."""
+    h = onnx.helper
+    return [h.make_node("Cast", [tensor_name], ["c"], to=onnx.TensorProto.FLOAT), h.make_node("Add", ["x", "c"], ["y"])]
+
+
+def _function_constant(location: str) -> onnx.ModelProto:
+    """A model-local function whose Constant reads external data from ``location``."""
+    h = onnx.helper
+    body = [h.make_node("Constant", [], ["k"], value=_external_tensor("k", location)),
+            h.make_node("Cast", ["k"], ["kf"], to=onnx.TensorProto.FLOAT), h.make_node("Add", ["x", "kf"], ["y"])]
+    function = h.make_function("local", "F", ["x"], ["y"], body, [h.make_opsetid("", 17)])
+    return _model_with(nodes=[h.make_node("F", ["x"], ["y"], domain="local")], functions=[function])
+
+
+def _subgraph_constant(location: str) -> onnx.ModelProto:
+    """An If whose then-branch holds a Constant with external data at ``location``."""
+    h = onnx.helper
+    branch = lambda name, t: h.make_graph(  # noqa: E731
+        [h.make_node("Constant", [], [name], value=t)], name, [],
+        [h.make_tensor_value_info(name, onnx.TensorProto.UINT8, [16])])
+    plain = onnx.numpy_helper.from_array(np.zeros(16, np.uint8), "e")
+    cond = onnx.numpy_helper.from_array(np.array(True), "cond")
+    nodes = [h.make_node("If", ["cond"], ["k"], then_branch=branch("t", _external_tensor("t", location)),
+                         else_branch=branch("e", plain)), *_reads("k")]
+    return _model_with(nodes=nodes, initializers=[cond])
+
+
+def _sparse_initializer(location: str) -> onnx.ModelProto:
+    values = _external_tensor("s", location, 4)
+    indices = onnx.numpy_helper.from_array(np.arange(4, dtype=np.int64), "s_idx")
+    sparse = onnx.helper.make_sparse_tensor(values, indices, [16])
+    return _model_with(nodes=[onnx.helper.make_node("Identity", ["x"], ["y"])], sparse=[sparse])
+
+
+def _tensors_attribute(location: str) -> onnx.ModelProto:
+    """A tensor inside a TENSORS attribute (of a custom-domain node: nothing checks what it means)."""
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    attr = onnx.helper.make_attribute("stash", [_external_tensor("st", location)])
+    custom = onnx.helper.make_node("Stash", ["x"], ["unused"], domain="custom")
+    custom.attribute.append(attr)
+    model = _model_with(nodes=[node, custom])
+    model.opset_import.append(onnx.helper.make_opsetid("custom", 1))
+    return model
+
+
+@pytest.mark.parametrize("build", [_function_constant, _subgraph_constant, _sparse_initializer, _tensors_attribute])
+def test_external_data_anywhere_in_the_model_is_checked(tmp_path, build):
+    """A tensor in a model-local function, an If branch, a sparse initializer or a TENSORS
+    attribute that points outside the model's folder is refused at load (simplify inlined the
+    function's Constant and copied /etc/passwd into the output)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(build("../../../../../../../../etc/passwd"), folder / "m.onnx")
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(folder / "m.onnx")
+    assert_one_line(exc, "escapes the model's folder")
+    with pytest.raises(ExternalDataError):  # a ModelProto in memory too
+        load_model(onnx.load(folder / "m.onnx", load_external_data=False))
+
+
+def test_function_external_data_inside_the_folder_loads(tmp_path):
+    """A function's Constant with external data inside the folder is read from the model's folder
+    (its base folder is set like the main graph's), wherever the process runs."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "k.bin").write_bytes(bytes(range(16)))
+    onnx.save(_function_constant("k.bin"), folder / "m.onnx")
+    model = load_model(folder / "m.onnx")
+    from onnxopt.passes import Simplify
+
+    Simplify()(model)  # inlines the function and folds its constant
+    out = tmp_path / "out.onnx"
+    save_model(model, out)
+    x = np.zeros(16, np.float32)
+    np.testing.assert_array_equal(run(onnx.load(out), {"x": x})[0], np.arange(16, dtype=np.float32))
+
+
+def test_cli_refuses_function_external_data_and_writes_nothing(tmp_path, capsys):
+    from onnxopt.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(_function_constant("../../../../../../../../etc/passwd"), folder / "m.onnx")
+    out = tmp_path / "out.onnx"
+    code = main([str(folder / "m.onnx"), "--passes", "simplify", "--no-validate", "--no-latency", "-o", str(out), "-q"])
+    assert code == 2 and not out.exists()
+    assert "escapes the model's folder" in capsys.readouterr().err
+
+
+def test_external_data_in_a_sibling_folder_with_the_same_prefix(tmp_path):
+    """'../model_evil/w.bin' from folder 'model/': a string-prefix test would let it through."""
+    path = save_external(tmp_path / "model")
+    evil = tmp_path / "model_evil"
+    evil.mkdir()
+    (evil / "w.bin").write_bytes((tmp_path / "model" / "weights.bin").read_bytes())
+    rewrite_external(path, location="../model_evil/w.bin")
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "escapes the model's folder")
+
+
+def test_external_data_through_a_symlink_out_of_the_folder(tmp_path):
+    path = save_external(tmp_path / "model")
+    (tmp_path / "outside.bin").write_bytes((tmp_path / "model" / "weights.bin").read_bytes())
+    (tmp_path / "model" / "link.bin").symlink_to(tmp_path / "outside.bin")
+    rewrite_external(path, location="link.bin")
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "escapes the model's folder")
+
+
+def test_external_data_location_with_a_nul_byte(tmp_path):
+    path = save_external(tmp_path / "model")
+    rewrite_external(path, location="weights.bin\x00.txt")
+    with pytest.raises(ExternalDataError) as exc:
+        load_model(path)
+    assert_one_line(exc, "NUL byte")
+
+
+def test_initializer_with_data_type_zero(tmp_path):
+    proto = _model_with(nodes=[onnx.helper.make_node("Identity", ["x"], ["y"])])
+    proto.graph.initializer.append(onnx.TensorProto(name="w", data_type=0, dims=[2], raw_data=b"\0" * 8))
+    onnx.save(proto, tmp_path / "m.onnx")
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(tmp_path / "m.onnx")
+    assert_one_line(exc, "'w'", "data type 0")
+
+
+# -- writing never touches what the input reads, and switches the pair at once --------------------
+
+
+def _data_files(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".data"))
+
+
+def test_output_whose_data_name_is_the_inputs_data_file(tmp_path):
+    """The input reads 'out.onnx.data'; writing '-o out.onnx' with external data used that very
+    name and overwrote the input's weights. Now the data goes to a new name and the input's stays."""
+    path = save_external(tmp_path, location="out.onnx.data")
+    before = (tmp_path / "out.onnx.data").read_bytes()
+    expected = run(onnx.load(path), {"x": X})[0]
+    model = load_model(path)
+    save_model(model, tmp_path / "out.onnx", protect=path, external_data=True)
+    assert (tmp_path / "out.onnx.data").read_bytes() == before
+    np.testing.assert_array_equal(run(onnx.load(path), {"x": X})[0], expected)
+    np.testing.assert_array_equal(run(onnx.load(tmp_path / "out.onnx"), {"x": X})[0], expected)
+
+
+def test_overwriting_an_output_removes_only_its_own_old_data(tmp_path):
+    path = save_external(tmp_path / "src")
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    (out.parent / "other.bin").write_bytes(b"not ours")
+    save_model(load_model(path), out, external_data=True)
+    first = _data_files(out.parent)
+    save_model(load_model(path), out, external_data=True)
+    second = _data_files(out.parent)
+    assert len(first) == len(second) == 1 and first != second  # the old pair's data went, the new stays
+    assert (out.parent / "other.bin").exists()
+    np.testing.assert_array_equal(run(onnx.load(out), {"x": X})[0], run(small_cnn(), {"x": X})[0])
+
+
+def test_interrupted_save_leaves_the_old_output_pair_intact(tmp_path, monkeypatch):
+    """Ctrl-C at the last step (replacing the model file) of a save with external data: the old
+    model and its data still load and give the old outputs, and no new file is left behind."""
+    import onnxopt.io as io_module
+
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    old = small_cnn(seed=1)
+    save_model(ir.from_proto(old), out, external_data=True)
+    files = sorted(os.listdir(out.parent))
+    expected = run(old, {"x": X})[0]
+    real_replace = os.replace
+
+    def interrupted(src, dst, *args, **kwargs):
+        if Path(dst) == out:
+            raise KeyboardInterrupt
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(io_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(ir.from_proto(small_cnn(seed=2)), out, external_data=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out.parent)) == files
+    np.testing.assert_array_equal(run(onnx.load(out), {"x": X})[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["devnull", "folder", "fifo"])
+def test_save_refuses_a_destination_that_is_not_a_regular_file(tmp_path, model_path, kind):
+    if kind == "devnull":  # a link to it: old code replaced the link, never the real device
+        target = tmp_path / "null.onnx"
+        target.symlink_to(os.devnull)
+    elif kind == "folder":
+        target = tmp_path / "dir.onnx"
+        target.mkdir()
+    else:
+        target = tmp_path / "pipe.onnx"
+        os.mkfifo(target)
+    with pytest.raises(OutputPathError) as exc:
+        save_model(load_model(model_path), target)
+    assert_one_line(exc, "regular file" if kind != "folder" else "a folder")
+    assert os.path.exists(target) and not os.path.isfile(target)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder nobody can create files in)")
+def test_check_destination_refuses_an_unwritable_folder():
+    from onnxopt.io import check_destination
+
+    with pytest.raises(OutputPathError) as exc:
+        check_destination("/proc/self/run.json", "--report")
+    assert_one_line(exc, "--report", "cannot write")

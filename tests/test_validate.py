@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from graphs import build
 from onnxopt.data import synthetic_data
@@ -76,3 +77,82 @@ def test_an_exact_candidate_needs_no_floor():
     model = ir.load(Path(__file__).resolve().parents[1] / "models" / "zoo" / "mlp_bn.onnx")
     v = _compare(model, model, dims={"batch": 2}, candidate_optimization="disabled")
     assert v.ok and v.outputs[0].max_abs == 0 and v.outputs[0].runtime_floor is None
+
+
+# -- non-finite outputs and labels (issue 14, part 4) ------------------------------------------------
+
+LOG = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,4] y) {
+    y = Log(x)
+}"""
+NAN_FOR_ALL = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,4] y) {
+    z = Mul(x, nan)
+    y = Add(z, x)
+}"""
+
+
+def _log_model(text: str = LOG) -> ir.Model:
+    return build(text, {"nan": np.array(np.nan, np.float32)} if "nan" in text else None)
+
+
+def _on(reference: ir.Model, candidate: ir.Model, x: np.ndarray, labels=None):
+    from onnxopt.data import Dataset
+
+    ref, cand = ModelSnapshot(reference), ModelSnapshot(candidate)
+    try:
+        return compare_models(ref, cand, Dataset([{"x": x}], labels, "test"), candidate_optimization="disabled")
+    finally:
+        ref.close()
+        cand.close()
+
+
+def test_candidate_nan_where_the_reference_is_finite_fails():
+    reference = build("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,4] y) { y = Relu(x) }""")
+    x = np.abs(np.random.default_rng(0).standard_normal((3, 4))).astype(np.float32) + 0.5
+    v = _on(reference, _log_model(), x - 1.0)  # Log of the negatives is NaN, Relu is finite everywhere
+    assert not v.ok and not v.outputs[0].ok
+    assert any("NaN/inf where the original does not" in n for n in v.notes)
+
+
+def test_both_all_nan_is_not_a_pass():
+    """Both models NaN everywhere gave 'cosine 1.000000, top-1 100%' and passed."""
+    model = _log_model(NAN_FOR_ALL)
+    v = _on(model, model, np.ones((3, 4), np.float32))
+    out = v.outputs[0]
+    assert not v.ok and not out.ok and np.isnan(out.cosine) and out.top1_agreement is None
+    assert any("no finite value" in n for n in v.notes)
+
+
+def test_nan_at_the_same_places_passes_on_the_finite_values_and_says_so():
+    model = _log_model()
+    x = np.array([[1, 2, -1, 3], [4, 5, 6, 7]], np.float32)  # one NaN, in row 0
+    v = _on(model, model, x)
+    out = v.outputs[0]
+    assert v.ok and out.cosine == pytest.approx(1.0) and out.top1_agreement == 1.0
+    assert any("NaN/inf at 1 of 8 values" in n for n in v.notes)
+
+
+def test_nan_where_the_reference_is_infinite_fails():
+    """At the reference's non-finite places the candidate must be the same (-inf is not NaN)."""
+    model = _log_model()
+    other = build("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[N,4] y) { a = Abs(x)
+ l = Log(a)
+ z = Sub(x, x)
+ d = Div(z, x)
+ y = Add(l, d) }""")
+    x = np.array([[1, 2, 0, 3]], np.float32)  # Log(0) = -inf in the reference; 0/0 = NaN in the candidate
+    v = _on(model, other, x)
+    assert not v.ok
+
+
+@pytest.mark.parametrize("labels,words", [(np.array([0, 4]), ["label 4", "4 classes"]), (np.array([0, -1]), ["-1"])])
+def test_labels_outside_the_classes_are_refused(labels, words):
+    from onnxopt.errors import DataError
+
+    model = _log_model()
+    with pytest.raises(DataError) as exc:
+        _on(model, model, np.ones((2, 4), np.float32), labels=labels)
+    assert "\n" not in str(exc.value) and all(w in str(exc.value) for w in words)
