@@ -8,7 +8,8 @@ range grows), so memory does not depend on the number of samples.
 - ``entropy``: the clip threshold whose 128-level (255 for a non-negative tensor) quantized
   distribution is closest to the observed one in KL divergence (TensorRT's method, run on the
   magnitude histogram; candidate thresholds start at the number of levels, so a few outliers can
-  never collapse the range to a handful of bins).
+  never collapse the range to a handful of bins; a candidate whose clipped mass would fall in an
+  empty bin has infinite divergence and is skipped).
 - ``mse``: the clip range, shrunk from the observed one, that minimizes the expected squared error
   of quantize-dequantize over the histogram: clipping error of the values outside, plus uniform
   rounding noise (scale^2 / 12) for those inside.
@@ -152,7 +153,12 @@ def entropy_range(observer: HistogramObserver, bins: int = 2048) -> tuple[float,
         p /= ps
         q /= qs
         mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if not (q[mask] > 0).all():
+            # The clipped mass lands in an empty last bin that the quantized distribution gives no
+            # probability: the divergence is infinite (TensorRT skips it). A 1e-12 floor here
+            # made it nearly free and picked thresholds inside gaps of the tail.
+            continue
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
         if kl < best:
             best, best_i = kl, i
     threshold = top * best_i / bins

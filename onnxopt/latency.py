@@ -51,7 +51,8 @@ loops, a multi-threaded matrix product, bursts), 0.3-1.5 ms models, defaults, ``
     identical models judged ``no difference`` in 240 of 240 comparisons, 25% more work judged
     ``slower`` in 240 of 240, 10% more in 20 of 20; 3% more work judged ``no difference`` in 20
     of 20, and 5% (the threshold itself) ``slower`` in 8 of 20. A comparison took 1.4 s
-    (median), 3.2 s at most. ``tests/test_latency.py`` checks the first two at 19 of 20.
+    (median), 3.2 s at most. ``benchmarks/latency.py`` times the first two; ``tests/test_latency.py``
+    checks them at 19 of 20 on a simulated noisy machine (a virtual clock).
 
 Absolute figures (median, p90, throughput) compare only on the same machine with the same
 settings; the ratio of two models timed together is what carries over.

@@ -1,14 +1,13 @@
-"""onnxopt.latency: the interval, the verdict rules, the stopping rule, and the 19-of-20 goals measured.
+"""onnxopt.latency: the interval, the verdict rules, the stopping rule, and the 19-of-20 goals.
 
-The statistical tests time real models on this machine: identical models must be judged 'no
-difference' and a model with 25% more work 'slower' in at least 19 of 20 comparisons each.
-On failure they print every comparison's figures.
+The timing loops run on a virtual clock that only fake models advance, so every test holds on any
+CPU and under any load; the 19-of-20 goals are checked on a simulated noisy machine here and timed
+on real models by ``python -m benchmarks.latency``.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import onnx_ir as ir
@@ -35,20 +34,7 @@ from onnxopt.runtime import ModelSnapshot
 from onnxopt.testing import matmul_chain, summary
 
 RUNS = 20
-# Per comparison: the default budget is 20 s; these models settle in about 1.5 s, and a run
-# that needs longer on a loaded machine still counts, up to this.
-BUDGET = 10.0
-
-
-def spin(seconds: float):
-    """A callable that keeps the CPU busy for ``seconds``: a model of exactly known cost."""
-
-    def run():
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
-
-    return run
+BUDGET = 10.0  # seconds per comparison (virtual in the simulated goals)
 
 
 # --- the interval ------------------------------------------------------------------------------
@@ -117,40 +103,137 @@ def test_summarize_reports_medians_of_every_call_and_the_ratio_of_blocks():
     assert figures["repetitions"] == 6
 
 
-# --- measuring: callables of known cost -----------------------------------------------------------
+# --- measuring: a virtual clock that only the fake models advance ------------------------------
 
 
-def test_measure_pair_settles_a_clear_difference_early():
-    times, k = measure_pair(spin(0.0002), spin(0.0003), budget_seconds=10)
-    figures = summarize(times)
-    assert times.stopped == "decided", times.stopped
-    assert times.seconds < 5
-    assert figures["verdict"] == "slower"
-    assert 1.3 < figures["ratio"] < 1.7, figures
-    assert k >= 10  # 3 ms of 0.2 ms calls
+class VirtualClock:
+    """Stands in for ``time`` inside onnxopt.latency: ``perf_counter`` reads a clock that moves
+    only when a fake model runs, by the cost that model is given. Every figure the timing loops
+    see is then chosen by the test, on any CPU and under any load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def model(self, cost: float, noise: float = 0.0, bursts: float = 0.0, seed: int = 0):
+        """A call costing ``cost`` seconds, times lognormal noise of ``noise``; with probability
+        ``bursts`` a call is also preempted for an exponential extra of mean 3 ``cost``."""
+        rng = np.random.default_rng(seed)
+
+        def run():
+            spent = cost * (rng.lognormal(0.0, noise) if noise else 1.0)
+            if bursts and rng.random() < bursts:
+                spent += rng.exponential(3.0 * cost)
+            self.now += spent
+
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    import onnxopt.latency as latency_module
+
+    fake = VirtualClock()
+    monkeypatch.setattr(latency_module, "time", fake)
+    return fake
+
+
+def _inner_calls(cost: float) -> int:
+    """k: the calls of one model that last the half-block (3 ms), as warm-up derives it."""
+    return max(1, math.ceil(0.003 / cost))
+
+
+def _first_check_blocks(block_seconds: float) -> int:
+    """Blocks at the first look at the interval: at least 20 and at least 1 s of timing."""
+    return max(20, math.ceil(1.0 / block_seconds - 1e-9))
+
+
+@pytest.mark.parametrize("cost", [0.0002, 0.1])  # 1 s of timing binds first, then 20 blocks
+def test_measure_pair_settles_a_clear_difference_at_the_first_check(clock, cost):
+    times, k = measure_pair(clock.model(cost), clock.model(1.5 * cost), budget_seconds=30)
+    assert k == times.inner == _inner_calls(cost)
+    assert times.stopped == "decided"
+    assert len(times) == _first_check_blocks(2 * k * 2.5 * cost)
     assert len(times.runs_a) == len(times.runs_b) == 2 * k * len(times)
+    figures = summarize(times)
+    assert figures["verdict"] == "slower" and figures["ratio"] == pytest.approx(1.5)
+    assert figures["median_a_ms"] == pytest.approx(1e3 * cost) and figures["median_b_ms"] == pytest.approx(1.5e3 * cost)
 
 
-def test_measure_pair_keeps_to_its_budget():
-    # Never checking the interval: timing only stops when the budget runs out.
-    start = time.perf_counter()
-    times, _ = measure_pair(spin(0.001), spin(0.001), budget_seconds=1.5, min_pairs=10**9)
-    elapsed = time.perf_counter() - start
+def test_measure_pair_keeps_to_its_budget(clock):
+    # Never checking the interval: timing stops only when the next block would overrun the budget.
+    times, k = measure_pair(clock.model(0.001), clock.model(0.001), budget_seconds=1.5, min_pairs=10**9)
+    block = 4 * k * 0.001
     assert times.stopped == "budget"
-    assert 1.3 < elapsed <= 1.6, elapsed
+    assert times.seconds <= 1.5 < times.seconds + block + 1e-9
+    assert times.seconds == pytest.approx(clock.now)
 
 
-def test_measure_single_stops_once_the_median_is_known():
-    times = measure_single(spin(0.0005), budget_seconds=10)
-    assert times.stopped == "precise" and times.seconds < 5
-    assert float(np.median(times.runs)) == pytest.approx(0.0005, rel=0.2)
+def test_measure_pair_stops_when_more_data_would_not_help(clock):
+    # A ratio sitting on the threshold (1.05) is never decisive; a tight interval stops it anyway.
+    times, _ = measure_pair(clock.model(0.001, noise=0.001, seed=1), clock.model(0.00105, noise=0.001, seed=2),
+                            budget_seconds=60)
+    low, high = median_interval(times.ratios)
+    assert times.stopped == "precise" and low < 1.05 < high
+    assert (high - low) / 2 <= 0.01 * float(np.median(times.ratios))
+    assert times.seconds < 60
 
 
-def test_progress_is_called_per_block():
+def test_measure_pair_without_evidence_runs_to_the_budget(clock):
+    # 8% apart but very noisy: the interval never settles, and the verdict is no difference.
+    times, k = measure_pair(clock.model(0.001, noise=0.8, seed=3), clock.model(0.00108, noise=0.8, seed=4),
+                            budget_seconds=3)
+    # The next block's length is judged by the last one's: a longer one may overrun by its excess.
+    calls = np.add(np.reshape(times.runs_a, (-1, 2 * k)).sum(axis=1), np.reshape(times.runs_b, (-1, 2 * k)).sum(axis=1))
+    assert times.stopped == "budget" and times.seconds <= 3 + float(np.max(np.diff(calls), initial=0))
+    assert times.seconds > 3 - float(calls.max())
+    assert summarize(times)["verdict"] == "no difference"
+
+
+def test_measure_single_stops_once_the_median_is_known(clock):
+    times = measure_single(clock.model(0.0005), budget_seconds=10)
+    k = _inner_calls(0.0005)
+    assert times.stopped == "precise" and times.inner == k
+    assert len(times) == _first_check_blocks(2 * k * 0.0005)
+    assert float(np.median(times.runs)) == pytest.approx(0.0005)
+
+
+def test_progress_is_called_per_block(clock):
     calls = []
-    measure_pair(spin(0.0005), spin(0.0005), budget_seconds=0.5, progress=lambda n, t: calls.append((n, t)))
-    assert calls and [n for n, _ in calls] == list(range(1, len(calls) + 1))
-    assert all(t <= 0.6 for _, t in calls)
+    times, _ = measure_pair(clock.model(0.0005), clock.model(0.0005), budget_seconds=0.5,
+                            progress=lambda n, t: calls.append((n, t)))
+    assert [n for n, _ in calls] == list(range(1, len(times) + 1))
+    elapsed = [t for _, t in calls]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= 0.5
+
+
+# --- the goals: 19 of 20, on a simulated noisy machine ---------------------------------------------
+# The same goals timed on real models are figures of one machine: benchmarks/latency.py.
+
+
+def _twenty(clock, extra_work: float) -> list[dict]:
+    """20 comparisons of a 1 ms model with one ``1 + extra_work`` times its cost, each call with
+    10% lognormal noise and 5% of calls preempted (a busy shared machine)."""
+    results = []
+    for seed in range(RUNS):
+        a = clock.model(0.001, noise=0.1, bursts=0.05, seed=2 * seed)
+        b = clock.model(0.001 * (1 + extra_work), noise=0.1, bursts=0.05, seed=2 * seed + 1)
+        times, _ = measure_pair(a, b, budget_seconds=BUDGET)
+        assert times.seconds <= BUDGET
+        results.append(summarize(times))
+    return results
+
+
+def test_identical_models_are_no_difference_19_of_20(clock):
+    results = _twenty(clock, 0.0)
+    assert sum(r["verdict"] == "no difference" for r in results) >= RUNS - 1, results
+
+
+def test_25_percent_more_work_is_slower_19_of_20(clock):
+    results = _twenty(clock, 0.25)
+    assert sum(r["verdict"] == "slower" for r in results) >= RUNS - 1, results
 
 
 # --- sessions ----------------------------------------------------------------------------------
@@ -178,16 +261,27 @@ def test_io_binding_runner_runs_on_cpu():
     assert len(times.runs) > 10
 
 
-def test_compare_latency_keeps_the_pipeline_signature():
+def test_compare_latency_keeps_the_pipeline_signature(monkeypatch):
+    """Real sessions, stubbed timings: the wiring from measure_pair to the report, not a speed."""
+    import onnxopt.latency as latency_module
+
+    seen = {}
+
+    def fake_measure_pair(run_a, run_b, *, budget_seconds, **kwargs):
+        run_a(), run_b()  # the sessions really run on the feed
+        seen["budget"] = budget_seconds
+        return PairedTimes(a=[1.0] * 30, b=[0.5] * 30, stopped="decided"), 1
+
+    monkeypatch.setattr(latency_module, "measure_pair", fake_measure_pair)
     original = ModelSnapshot(ir.serde.deserialize_model(matmul_chain(4)))
     candidate = ModelSnapshot(ir.serde.deserialize_model(matmul_chain(2)))
     feed = {"x": np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)}
     result = compare_latency(original, candidate, feed, providers="cpu", threads=None, budget_seconds=5,
                              progress=lambda i, t: None)
     assert isinstance(result, LatencyComparison)
-    assert result.verdict == "faster" and result.ratio < 0.7, result
+    assert result.verdict == "faster" and result.ratio == 0.5 and result.repetitions == 30, result
     assert result.threads == 1 and result.providers == ["CPUExecutionProvider"]
-    assert result.seconds <= 5.5
+    assert 0.1 <= seen["budget"] <= 5  # session creation comes out of the budget
 
 
 @pytest.mark.cuda
@@ -196,33 +290,3 @@ def test_cuda_with_io_binding():
                    providers="cuda", budget_seconds=BUDGET)
     assert result.settings["io_binding"] is True
     assert result.verdict == "slower", summary(result)
-
-
-# --- the goals: 19 of 20 ----------------------------------------------------------------------------
-
-
-def _run_twenty(candidate_matmuls: int) -> tuple[list, float]:
-    baseline = matmul_chain(4)
-    start = time.perf_counter()
-    results = [bench(matmul_chain(candidate_matmuls), baseline, budget_seconds=BUDGET) for _ in range(RUNS)]
-    return results, time.perf_counter() - start
-
-
-def _figures(results, elapsed: float) -> str:
-    lines = [f"{r.verdict:>13}  ratio {r.ratio:.3f} [{r.ratio_low:.3f}, {r.ratio_high:.3f}]  "
-             f"{r.blocks} blocks, {r.seconds:.1f} s, stopped: {r.stopped}" for r in results]
-    return f"{len(results)} comparisons in {elapsed:.0f} s:\n" + "\n".join(lines)
-
-
-def test_identical_models_are_no_difference_19_of_20():
-    results, elapsed = _run_twenty(4)
-    alike = sum(r.verdict == "no difference" for r in results)
-    assert alike >= RUNS - 1, _figures(results, elapsed)
-    assert all(r.seconds <= BUDGET + 1 for r in results), _figures(results, elapsed)
-
-
-def test_25_percent_more_work_is_slower_19_of_20():
-    results, elapsed = _run_twenty(5)
-    flagged = sum(r.verdict == "slower" for r in results)
-    assert flagged >= RUNS - 1, _figures(results, elapsed)
-    assert all(r.seconds <= BUDGET + 1 for r in results), _figures(results, elapsed)

@@ -315,3 +315,59 @@ def test_second_run_finds_nothing_more():
     model = two_matmuls(w, w.copy())
     assert ShareInitializers()(model).modified is True
     assert ShareInitializers()(model).modified is False
+
+
+# The pass groups candidates by a probe of up to 256 evenly spaced elements (plus the last) before
+# hashing. Tensors far larger than the probe, equal at every probed position, must still be told
+# apart by their full bytes.
+BIG = (64, 64)  # 4096 elements: the probe reads one element in 16
+
+
+def _probed(size: int) -> np.ndarray:
+    """Flat indices the probe reads: every ``size // 256``-th element and the last."""
+    mask = np.zeros(size, dtype=bool)
+    mask[:: max(1, size // 256)] = True
+    mask[-1] = True
+    return mask
+
+
+def test_big_tensors_equal_on_the_probe_but_not_elsewhere_stay_apart():
+    a = randn(*BIG)
+    b = a.copy().reshape(-1)
+    off_probe = ~_probed(b.size)
+    assert off_probe.sum() > 3000  # most elements lie outside the probe
+    b[off_probe] = randn(int(off_probe.sum()))  # differs everywhere the probe does not look
+    b = b.reshape(BIG)
+    assert np.array_equal(a.reshape(-1)[_probed(a.size)], b.reshape(-1)[_probed(b.size)])
+    model = two_matmuls(a, b)
+    assert_unchanged(model, random_feeds(model))
+
+
+def test_big_tensors_one_element_apart_off_the_probe_stay_apart():
+    a = randn(*BIG)
+    b = a.copy()
+    assert not _probed(a.size)[1]
+    b.reshape(-1)[1] = np.nextafter(b.reshape(-1)[1], np.float32(np.inf))  # one ulp, unprobed
+    model = two_matmuls(a, b)
+    assert_unchanged(model, random_feeds(model))
+
+
+def test_big_identical_tensors_are_shared_beside_a_probe_twin():
+    a = randn(*BIG)
+    twin = a.copy()
+    twin.reshape(-1)[17] += 1.0  # equal to ``a`` at every probed position, not elsewhere
+    assert not _probed(a.size)[17]
+    model = build(
+        f"""{OPSET}
+        g (float[N,64] x) => (float[N,64] y) {{
+            h1 = MatMul(x, A1)
+            h2 = MatMul(h1, T)
+            y = MatMul(h2, A2)
+        }}""",
+        {"A1": a, "T": twin, "A2": a.copy()},
+    )
+    p, modified = share(model, random_feeds(model))
+    assert modified is True
+    assert p.details == {"duplicates": 1, "transposed": 0, "bytes_saved": a.nbytes}
+    assert sorted(model.graph.initializers) == ["A1", "T"]
+    assert [n.inputs[1].name for n in model.graph] == ["A1", "T", "A1"]
