@@ -2,6 +2,7 @@
 
     python -m benchmarks.quantize [--method minmax] [--models digits,mobilenet_dw,transformer_encoder,transformer_fixed]
     python -m benchmarks.quantize --memory --method entropy   # calibration peak RSS, detector, 128 vs 2,048 samples
+    python -m benchmarks.quantize --cost        # time and peak RSS of the whole step on real OCR models
 
 Every tool gets the same float model file, the same calibration samples (batches of 32) and the
 same calibration method, and runs in a fresh subprocess (its wall time covers calibration and
@@ -53,6 +54,15 @@ import onnxopt
 t = time.perf_counter()
 result = onnxopt.optimize(model, ["simplify", "fold-bn", "share-init", "quantize"], calibration=batches(),
                           calibrate=method, validate=False, latency=False)
+result.save(out)
+""",
+    # The command line's default (``python -m onnxopt MODEL --quantize int8 --calibration FILE``):
+    # validation, latency and the speed fallback included (the cost a user pays).
+    "onnxopt-cli": """
+import onnxopt
+t = time.perf_counter()
+result = onnxopt.optimize(model, ["simplify", "fold-bn", "share-init", "quantize"], calibration=calib, calibrate=method,
+                          batch_size=batch)
 result.save(out)
 """,
     "ort-s8s8": _ORT % "QInt8",
@@ -353,6 +363,70 @@ def memory(method: str, tools: list[str], folder: Path, sizes: tuple[int, ...] =
     return "\n".join(lines)
 
 
+# Real exports for ``--cost``: (file under the corpus folder, calibration input shape). The text
+# detector and recognizer of PaddleOCR v4 (rapidocr_onnxruntime's wheel), 4.7 and 10.9 MB.
+CORPUS = {
+    "ocr_det": ("rapidocr_onnxruntime/ch_PP-OCRv4_det_infer.onnx", (16, 3, 320, 320)),
+    "ocr_rec": ("rapidocr_onnxruntime/ch_PP-OCRv4_rec_infer.onnx", (32, 3, 48, 320)),
+}
+
+
+def corpus_dir() -> Path:
+    return Path(os.environ.get("ONNXOPT_CORPUS_DIR", "/work/corpus-cache/models"))
+
+
+def text_images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Synthetic document crops of ``shape`` (N, 3, H, W): light shaded paper with dark glyph-like
+    strokes in lines, normalized as PaddleOCR does ((x / 255 - 0.5) / 0.5)."""
+    rng = np.random.default_rng(seed)
+    n, _, h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    out = np.empty(shape, np.float32)
+    for i in range(n):
+        img = rng.uniform(150, 255) + 30 * np.sin(6 * xx * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * np.cos(4 * yy * rng.uniform(0.5, 2))
+        for _ in range(rng.integers(1, max(1, h // 48) + 1)):
+            y0, lh, x = rng.integers(0, max(1, h - 32)), rng.integers(12, 32), rng.integers(0, w // 4)
+            while x < w - 8 and rng.random() > 0.05:
+                cw = rng.integers(4, 16)
+                box = img[y0:y0 + lh, x:x + cw]
+                box[rng.random(box.shape) < 0.35] = rng.uniform(0, 80)
+                x += cw + rng.integers(1, 6)
+        img = img + rng.normal(0, 6, img.shape)
+        out[i] = np.clip(img[None] * rng.uniform(0.85, 1.0, 3)[:, None, None], 0, 255)
+    return (out / 255 - 0.5) / 0.5
+
+
+def cost(method: str, folder: Path, names: list[str], repeats: int = 1) -> str:
+    """Wall time and peak RSS of the command line's default ``--quantize int8`` (validation, latency
+    and speed fallback included) against onnxruntime's ``quantize_static`` on the same file and
+    samples, each in a fresh process, run back to back (ratios from the same run)."""
+    lines = [f"quantization cost, method {method}, batches of {BATCH}: onnxopt's default command against "
+             f"onnxruntime.quantization.quantize_static (QDQ, per-channel, u8s8); wall s and peak RSS MB"]
+    for name in names:
+        relative, shape = CORPUS[name]
+        model = corpus_dir() / relative
+        if not model.exists():
+            lines.append(f"  {name}: {model} not found (set ONNXOPT_CORPUS_DIR): skipped")
+            continue
+        spec = onnx.load(model, load_external_data=False).graph.input[0]
+        calib = folder / f"{name}_calib.npz"
+        np.savez(calib, **{spec.name: text_images(shape)})
+        for r in range(repeats):
+            runs = {tool: quantize_with(tool, model, calib, method, folder / f"{name}.{tool}.onnx")
+                    for tool in ("onnxopt-cli", "ort-u8s8")}
+            ours, theirs = runs["onnxopt-cli"], runs["ort-u8s8"]
+            if "error" in ours or "error" in theirs:
+                lines.append(f"  {name}: failed: {ours.get('error') or theirs.get('error')}")
+                continue
+            lines.append(
+                f"  {name} ({model.stat().st_size / 1e6:.1f} MB, {shape[0]} samples of {'x'.join(map(str, shape[1:]))}): "
+                f"onnxopt {ours['seconds']:.1f} s, {ours['peak_mb']:.0f} MB; onnxruntime {theirs['seconds']:.1f} s, "
+                f"{theirs['peak_mb']:.0f} MB; ratio {ours['seconds'] / theirs['seconds']:.2f}x time, "
+                f"{ours['peak_mb'] / theirs['peak_mb']:.2f}x memory")
+            print(lines[-1], file=sys.stderr)
+    return "\n".join(lines)
+
+
 def _onnxsim_available() -> bool:
     proc = subprocess.run([sys.executable, "-c", "import onnxsim; onnxsim.quantize_static"], capture_output=True)
     return proc.returncode == 0
@@ -369,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure calibration memory on the detector at --samples instead (default 128,2048)")
     parser.add_argument("--samples", default="128,2048",
                         help="sample counts for --memory (whole batches: onnxruntime's entropy calibrator crashes on a short last one)")
+    parser.add_argument("--cost", action="store_true",
+                        help="time and peak RSS of the default --quantize int8 command against onnxruntime's "
+                             f"quantize_static on real models ({', '.join(CORPUS)}) from $ONNXOPT_CORPUS_DIR")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per model for --cost (default 1)")
     parser.add_argument("--json", help="write the rows as JSON")
     args = parser.parse_args(argv)
     tools = ["onnxopt", "ort-s8s8", "ort-u8s8"] + (["onnxsim"] if _onnxsim_available() else [])
@@ -377,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     batches = tuple(int(b) for b in args.batches.split(","))
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as tmp:
         folder = Path(tmp)
+        if args.cost:
+            names = [n for n in args.models.split(",") if n in CORPUS] or list(CORPUS)
+            print(cost(args.method, folder, names, args.repeats))
+            return 0
         if args.memory:
             tools = [t for t in tools if t != "ort-s8s8"]  # the same calibrator as ort-u8s8
             print(memory(args.method, tools, folder, tuple(int(n) for n in args.samples.split(","))))

@@ -236,11 +236,15 @@ def optimize(
     if validate or latency:
         candidate = ModelSnapshot(working)
         if validate:
-            report.validation = compare_models(
-                original, candidate, dataset, providers=providers, rtol=rtol, atol=atol,
-                runtime_floor=quantization is None and not report.lossy,
-                progress=(lambda i, n: progress("validate", i, n)) if progress else None,
-            )
+            # The quantization step validated the model it settled on already: on the same data.
+            report.validation = quantization.validated(candidate, rtol, atol) if quantization is not None else None
+            if report.validation is None:
+                report.validation = compare_models(
+                    original, candidate, dataset, providers=providers, rtol=rtol, atol=atol,
+                    runtime_floor=quantization is None and not report.lossy,
+                    progress=(lambda i, n: progress("validate", i, n)) if progress else None,
+                    reference_outputs=quantization.reference_outputs if quantization is not None else None,
+                )
         if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:
             report.notes.append(_fixed_dims_failure(fixed_dims, original, dataset, providers))
         if latency and (report.validation is None or report.validation.error is None):

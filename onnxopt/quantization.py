@@ -24,6 +24,8 @@ from __future__ import annotations
 
 __all__ = ["QuantizationStep", "DEFAULT_MAX_DROP", "DEFAULT_MIN_COSINE", "integer_node_count"]
 
+import copy
+import hashlib
 import logging
 import math
 import time
@@ -45,6 +47,7 @@ from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 from onnxopt.stats import node_macs
 from onnxopt.target import resolve as resolve_target
+from onnxopt.validate import ReferenceOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,10 @@ class QuantizationStep:
             self.calibration = stream_data(calibration, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
         self.details: dict[str, Any] = {}
         self.verdict_failed: str | None = None
+        # The original's outputs on the evaluation data, run once for every validation of the step,
+        # and each validation by the model it judged (the pipeline's own is then the last of them).
+        self.reference_outputs = ReferenceOutputs()
+        self._judged: dict[bytes, Validation] = {}
         # Dims that MAC shares are counted at: --dim, else the calibration data's (set as it streams).
         self.mac_dims: dict[str, int] = dict(dims or {})
 
@@ -433,10 +440,25 @@ class QuantizationStep:
 
         candidate = ModelSnapshot(model)
         try:
-            v = compare_models(original, candidate, evaluation, providers=self.providers, runtime_floor=False)
+            v = compare_models(original, candidate, evaluation, providers=self.providers, runtime_floor=False,
+                               reference_outputs=self.reference_outputs)
+            key = _snapshot_key(candidate)
+            if key is not None:
+                self._judged[key] = v
         finally:
             candidate.close()
         return self.judge(v)
+
+    def validated(self, candidate: ModelSnapshot, rtol: float | None, atol: float) -> Validation | None:
+        """The validation this step already ran of the very model ``candidate`` holds (the fallback
+        judges every model it keeps on the same data), when asked with the tolerances it used; else None."""
+        from onnxopt.validate import DEFAULT_ATOL
+
+        if rtol is not None or atol != DEFAULT_ATOL:
+            return None
+        key = _snapshot_key(candidate)
+        v = self._judged.get(key) if key is not None else None
+        return copy.deepcopy(v) if v is not None else None
 
     def judge(self, v: Validation) -> tuple[bool, str]:
         """The lossy verdict on a validation: accuracy drop with labels, else every output's cosine."""
@@ -660,6 +682,11 @@ def _named(model: ir.Model) -> ir.Model:
         if not node.name:
             node.name = node_label(node)
     return copy
+
+
+def _snapshot_key(snapshot: ModelSnapshot) -> bytes | None:
+    """A digest of a snapshot's serialized model (None for one in a folder: external data)."""
+    return hashlib.sha256(snapshot.data).digest() if snapshot.data is not None else None
 
 
 def _batch_len(feed: Mapping[str, np.ndarray]) -> int | None:

@@ -9,7 +9,8 @@ before a Sigmoid: 1e-4), and a pass is not blamed for that noise (see ``RUNTIME_
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "HALF_RTOL", "default_rtol", "compare_models", "OutputAccumulator"]
+__all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "HALF_RTOL", "default_rtol", "compare_models", "OutputAccumulator",
+           "ReferenceOutputs"]
 
 from collections.abc import Callable, Sequence
 
@@ -32,6 +33,8 @@ HALF_RTOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
 # own optimizations make on the unmodified original (its "runtime floor") passes: the pass's own
 # rounding and onnxruntime's add up, and a real bug is orders of magnitude above either.
 RUNTIME_FLOOR_FACTOR = 2.0
+# Values an output is compared in at a time (float64 temporaries: 8 bytes each, a few alive at once).
+_CHUNK_VALUES = 2**20
 
 
 def default_rtol(dtype: np.dtype) -> float:
@@ -67,6 +70,16 @@ class OutputAccumulator:
             if not np.array_equal(ref, cand):
                 self.shape_error = "non-numeric output differs"
             return
+        # In slices along axis 0: the float64 temporaries of a large output (a recognizer's 32x40x6625
+        # probabilities: 68 MB each, eight of them) stay a few MB.
+        rows = max(1, _CHUNK_VALUES // max(ref[:1].size, 1)) if ref.ndim else 1
+        if ref.ndim == 0 or rows >= ref.shape[0]:
+            self._update(ref, cand)
+            return
+        for start in range(0, ref.shape[0], rows):
+            self._update(ref[start:start + rows], cand[start:start + rows])
+
+    def _update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         r = ref.astype(np.float64, copy=False)
         c = cand.astype(np.float64, copy=False)
         if r.size == 0:
@@ -139,6 +152,7 @@ def compare_models(
     candidate_optimization: str = "all",
     runtime_floor: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    reference_outputs: ReferenceOutputs | None = None,
 ) -> Validation:
     """Run both models on every batch of ``data`` and judge each output against the tolerance.
 
@@ -146,6 +160,8 @@ def compare_models(
     ``runtime_floor``, an output that misses the tolerance is judged again with onnxruntime's own
     noise on the original added (``RUNTIME_FLOOR_FACTOR``); lossy callers, whose verdict is theirs,
     turn it off. A candidate that onnxruntime refuses to load or run is a failed validation, not a crash.
+    ``reference_outputs`` keeps the reference's outputs on ``data`` between calls (a lossy search that
+    validates many candidates against one reference runs the reference once).
     """
     resolved = resolve_providers(providers)
     common = dict(
@@ -164,10 +180,14 @@ def compare_models(
     accumulators = {name: OutputAccumulator(name) for name in ref_names}
     ref_logits, cand_logits = [], []
     for i, feed in enumerate(data):
-        try:
-            ref_out = run_session(ref_session, feed)
-        except Exception as exc:  # the input model itself cannot run on it: the data does not fit
-            raise cannot_run(f"{data.source} batch {i}", feed, [], exc) from None
+        ref_out = reference_outputs.get(i) if reference_outputs is not None else None
+        if ref_out is None:
+            try:
+                ref_out = run_session(ref_session, feed)
+            except Exception as exc:  # the input model itself cannot run on it: the data does not fit
+                raise cannot_run(f"{data.source} batch {i}", feed, [], exc) from None
+            if reference_outputs is not None:
+                reference_outputs.keep(i, ref_out)
         try:
             cand_out = run_session(cand_session, feed)
         except Exception as exc:
@@ -197,6 +217,30 @@ def compare_models(
         validation.accuracy_before = _accuracy(ref_logits, data.labels)
         validation.accuracy_after = _accuracy(cand_logits, data.labels)
     return validation
+
+
+class ReferenceOutputs:
+    """The reference model's outputs per batch index, kept while they total at most ``max_bytes``
+    (past that, none are kept: the reference runs again each time, as without a cache)."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.outputs: dict[int, dict[str, np.ndarray]] = {}
+        self.nbytes = 0
+        self.full = False
+
+    def get(self, index: int) -> dict[str, np.ndarray] | None:
+        return self.outputs.get(index)
+
+    def keep(self, index: int, outputs: dict[str, np.ndarray]) -> None:
+        if self.full:
+            return
+        self.nbytes += sum(np.asarray(v).nbytes for v in outputs.values())
+        if self.nbytes > self.max_bytes:
+            self.outputs.clear()
+            self.full = True
+            return
+        self.outputs[index] = outputs
 
 
 def _runtime_floor(reference: ModelSnapshot, ref_session, providers, optimization: str, data: Dataset,

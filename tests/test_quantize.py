@@ -981,3 +981,25 @@ def test_a_shared_weight_gets_a_wider_copy_for_the_node_whose_bias_needs_it():
     p(model)
     for ref, got in zip(run(build(text, weights), feed), _run_optimized(model, feed)):
         assert np.abs(got - ref).max() < 0.01 * np.abs(ref).max() + 1e-4
+
+
+def test_the_pipeline_reuses_the_validation_of_the_model_the_step_settled_on(digits, monkeypatch):
+    """The accuracy budget validated the final int8 model on the same data: the pipeline does not run
+    it again, and the original's outputs are computed once for every validation."""
+    import onnxopt.pipeline
+    import onnxopt.validate
+
+    pipeline_calls, reference_runs = [], []
+    monkeypatch.setattr(onnxopt.pipeline, "compare_models",
+                        lambda *a, **k: pipeline_calls.append(1) or onnxopt.validate.compare_models(*a, **k))
+    real_run = onnxopt.validate.run_session
+    monkeypatch.setattr(onnxopt.validate, "run_session", lambda s, f: reference_runs.append(
+        s.get_session_options().graph_optimization_level) or real_run(s, f))
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize",
+                              calibration=digits / "digits_calib.npz", data=digits / "digits_test.npz",
+                              latency=False)
+    v = result.report.validation
+    assert pipeline_calls == [] and v is not None and v.ok and v.accuracy_after is not None
+    batches = -(-len(np.load(digits / "digits_test.npz")["labels"]) // 32)
+    disabled = [level for level in reference_runs if str(level).endswith("DISABLE_ALL")]
+    assert len(disabled) == batches  # the original, once per batch; every candidate ran once per batch

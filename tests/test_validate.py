@@ -156,3 +156,59 @@ def test_labels_outside_the_classes_are_refused(labels, words):
     with pytest.raises(DataError) as exc:
         _on(model, model, np.ones((2, 4), np.float32), labels=labels)
     assert "\n" not in str(exc.value) and all(w in str(exc.value) for w in words)
+
+
+def test_reference_outputs_run_the_reference_once():
+    """A lossy search validates many candidates against one reference: its outputs are kept, not rerun."""
+    from onnxopt.validate import ReferenceOutputs
+
+    model = saturating_model()
+    data = synthetic_data(model, dims={"N": 2})
+    ref, cand = ModelSnapshot(model), ModelSnapshot(model)
+    kept = ReferenceOutputs()
+    try:
+        first = compare_models(ref, cand, data, runtime_floor=False, reference_outputs=kept)
+        assert set(kept.outputs) == set(range(len(data)))
+        calls = []
+        session = ref.session(providers=["CPUExecutionProvider"], optimization="disabled")
+        original_run = session.run
+        session.run = lambda *a, **k: calls.append(1) or original_run(*a, **k)
+        second = compare_models(ref, cand, data, runtime_floor=False, reference_outputs=kept)
+    finally:
+        ref.close()
+        cand.close()
+    assert calls == []
+    assert second.outputs[0].max_abs == first.outputs[0].max_abs and second.outputs[0].cosine == first.outputs[0].cosine
+
+
+def test_reference_outputs_past_the_cap_are_not_kept():
+    from onnxopt.validate import ReferenceOutputs
+
+    kept = ReferenceOutputs(max_bytes=100)
+    kept.keep(0, {"y": np.zeros(10, np.float32)})
+    assert kept.get(0) is not None
+    kept.keep(1, {"y": np.zeros(20, np.float32)})
+    assert kept.full and kept.get(0) is None and kept.get(1) is None
+
+
+def test_a_large_output_is_compared_in_slices_with_the_same_figures(monkeypatch):
+    import onnxopt.validate as validate
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((7, 5, 3)).astype(np.float32)
+    cand = ref + rng.normal(0, 0.01, ref.shape).astype(np.float32)
+    cand[3, 1, 2] = np.inf
+    whole = validate.OutputAccumulator("y")
+    whole.update(ref, cand)
+    monkeypatch.setattr(validate, "_CHUNK_VALUES", 16)  # one row of 15 values a slice
+    sliced = validate.OutputAccumulator("y")
+    sliced.update(ref, cand)
+    for field in ("max_abs", "ref_max", "dot", "ref_sq", "cand_sq"):
+        assert np.isclose(getattr(sliced, field), getattr(whole, field), rtol=1e-12), field
+    assert sliced.nonfinite and whole.nonfinite
+    logits = rng.standard_normal((9, 4)).astype(np.float32)
+    a, b = validate.OutputAccumulator("l"), validate.OutputAccumulator("l")
+    a.update(logits, logits[:, ::-1].copy())
+    monkeypatch.setattr(validate, "_CHUNK_VALUES", 2**20)
+    b.update(logits, logits[:, ::-1].copy())
+    assert (a.agree, a.rows) == (b.agree, b.rows)
