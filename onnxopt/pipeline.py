@@ -203,6 +203,8 @@ def optimize(
         if check:
             check_model(working)
         after = model_stats(working, dims=stat_dims)
+        grown = _growth_note(name, report.passes[-1].after if report.passes else before, after)
+        report.notes += [grown] if grown else []
         report.passes.append(
             PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,
@@ -241,6 +243,22 @@ def optimize(
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source)
+
+
+# Weights may grow by a few folded shape constants (each replacing a node that took more room);
+# beyond this, a pass stored more than it removed.
+GROWTH_SLACK_BYTES = 1024
+
+
+def _growth_note(name: str, before, after) -> str | None:
+    """A warning when pass ``name`` grew the model's weights (``ModelStats.bytes``, what the file
+    holds) by more than ``GROWTH_SLACK_BYTES``. The run still succeeds, its output being valid and
+    validated; the passes are built never to grow a model (``simplify`` folds only what stays as
+    compact), so this names a pass that broke that rule."""
+    if after.bytes <= before.bytes + GROWTH_SLACK_BYTES:
+        return None
+    return (f"{name}: the model grew from {before.bytes:,} to {after.bytes:,} bytes of weights "
+            f"(+{(after.bytes - before.bytes) / max(before.bytes, 1):.1%}): please report it")
 
 
 def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None,
