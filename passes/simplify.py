@@ -50,6 +50,8 @@ def fold_weight_layout(node: ir.Node) -> bool | None:
 # A folded constant this small (8 int64: a shape) may replace inputs smaller than itself: the node it
 # replaces takes more room in the file than the growth.
 _SMALL_RESULT_BYTES = 64
+# Initializers up to this many elements that are equal are merged by simplify itself.
+_SMALL_DUPLICATE_ELEMENTS = 1024
 
 
 def _tensor_bytes(value: ir.Value) -> int | None:
@@ -135,7 +137,8 @@ class _ChannelShuffle(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, grouped, **_):
         groups, per_group = grouped.shape[1], grouped.shape[2]
-        order = np.arange(groups * per_group, dtype=np.int64).reshape(groups, per_group).T.reshape(-1)
+        # int32 indices: half the bytes of int64 (Gather takes either); identical ones are merged at the end.
+        order = np.arange(groups * per_group, dtype=np.int32).reshape(groups, per_group).T.reshape(-1)
         return op.Gather(x, op.Constant(value=ir.tensor(order)), axis=1)
 
 
@@ -263,7 +266,12 @@ class Simplify(OnnxoptPass):
       static inputs, a Transpose that moves only size-1 axes a Reshape, a MatMul + bias a Gemm between
       Reshapes, two Reshapes in a row one (onnxscript rewrite rules): exact (the Gemm within float
       rounding), and what onnxruntime's fusions and integer kernels run well;
-    - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly.
+    - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly, and
+      equal small initializers (up to 1,024 elements) are stored once.
+
+    It never stores more than it removes: a constant is folded only where its result takes no more
+    bytes than the constants it frees (``keeps_storage_compact``), so int8 weights dequantized by
+    Cast + Mul stay int8.
     """
 
     name = "simplify"
@@ -287,6 +295,9 @@ class Simplify(OnnxoptPass):
                 early_stop=True,
             ),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            # Small constants that rewrites and folding made alike (a channel shuffle's Gather indices
+            # at each of its sizes, repeated shapes) are stored once; share-init takes large weights.
+            common.DeduplicateInitializersPass(size_limit=_SMALL_DUPLICATE_ELEMENTS),
         )
         result = pipeline(model)
         nodes_after = _count_nodes(model)
