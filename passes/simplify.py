@@ -50,7 +50,7 @@ def fold_weight_layout(node: ir.Node) -> bool | None:
 # A folded constant this small (8 int64: a shape) may replace inputs smaller than itself: the node it
 # replaces takes more room in the file than the growth.
 _SMALL_RESULT_BYTES = 64
-# Initializers up to this many elements that are equal are merged by simplify itself.
+# Integer initializers up to this many elements that are equal are merged by simplify itself.
 _SMALL_DUPLICATE_ELEMENTS = 1024
 
 
@@ -229,6 +229,29 @@ class _Canonicalize(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(rules.apply_to_model(model)))
 
 
+class _MergeSmallIndexConstants(ir.passes.InPlacePass):
+    """Main-graph integer initializers of at most ``_SMALL_DUPLICATE_ELEMENTS`` elements that are equal
+    (dtype, shape, values) become one: the readers of the others read the first."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        first: dict[tuple, ir.Value] = {}
+        modified = False
+        for value in list(graph.initializers.values()):
+            tensor = value.const_value
+            if (tensor is None or value.is_graph_input() or value.is_graph_output()
+                    or tensor.size > _SMALL_DUPLICATE_ELEMENTS or not tensor.dtype.is_integer()):
+                continue
+            key = (tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+            if key not in first:
+                first[key] = value
+                continue
+            ir.convenience.replace_all_uses_with(value, first[key])
+            graph.initializers.pop(value.name)
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
 class _IdentityElimination(common.IdentityEliminationPass):
     """onnx-ir's Identity elimination, less two cases it gets wrong (onnx-ir 1.1).
 
@@ -267,7 +290,7 @@ class Simplify(OnnxoptPass):
       Reshapes, two Reshapes in a row one (onnxscript rewrite rules): exact (the Gemm within float
       rounding), and what onnxruntime's fusions and integer kernels run well;
     - Constant nodes are lifted to initializers, so later passes and tools see weights uniformly, and
-      equal small initializers (up to 1,024 elements) are stored once.
+      equal small integer initializers (up to 1,024 elements: indices, shapes) are stored once.
 
     It never stores more than it removes: a constant is folded only where its result takes no more
     bytes than the constants it frees (``keeps_storage_compact``), so int8 weights dequantized by
@@ -295,9 +318,9 @@ class Simplify(OnnxoptPass):
                 early_stop=True,
             ),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            # Small constants that rewrites and folding made alike (a channel shuffle's Gather indices
-            # at each of its sizes, repeated shapes) are stored once; share-init takes large weights.
-            common.DeduplicateInitializersPass(size_limit=_SMALL_DUPLICATE_ELEMENTS),
+            # Integer constants that rewrites and folding made alike (a channel shuffle's Gather
+            # indices at each of its sizes, repeated shapes) are stored once; weights are share-init's.
+            _MergeSmallIndexConstants(),
         )
         result = pipeline(model)
         nodes_after = _count_nodes(model)
