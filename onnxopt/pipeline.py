@@ -220,6 +220,8 @@ def optimize(
         if check:
             check_model(working)
         after = model_stats(working, dims=stat_dims)
+        grown = _growth_note(name, report.passes[-1].after if report.passes else before, after)
+        report.notes += [grown] if grown else []
         report.passes.append(
             PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,
@@ -276,6 +278,24 @@ def _unvalidated_check(model: ir.Model, rtol: float | None, atol: float) -> Vali
                           synthetic=False, outputs=[], error=f"the optimized model is not valid ONNX or onnxruntime "
                                                              f"cannot load it (checked under --no-validate): {one_line(exc, 200)}")
     return None
+
+
+def growth_slack(nbytes: int) -> int:
+    """Bytes a pass may add to a model of ``nbytes``: folded shape constants (each replacing a node that
+    took more room) and a channel shuffle's Gather indices (ShuffleNet: +3.1 kB of 5.7 MB) stay
+    within 1 KiB or 0.1%; beyond, a pass stored more than it removed."""
+    return max(1024, nbytes // 1000)
+
+
+def _growth_note(name: str, before, after) -> str | None:
+    """A warning when pass ``name`` grew the model's weights (``ModelStats.bytes``, what the file
+    holds) by more than ``growth_slack``. The run still succeeds, its output being valid and
+    validated; the passes are built never to grow a model (``simplify`` folds only what stays as
+    compact), so this names a pass that broke that rule."""
+    if after.bytes <= before.bytes + growth_slack(before.bytes):
+        return None
+    return (f"{name}: the model grew from {before.bytes:,} to {after.bytes:,} bytes of weights "
+            f"(+{(after.bytes - before.bytes) / max(before.bytes, 1):.1%}): please report it")
 
 
 def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None,

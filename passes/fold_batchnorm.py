@@ -180,6 +180,84 @@ def _is_zero_padded(conv: ir.Node) -> bool:
     return pads is not None and any(p != 0 for p in pads.as_ints())
 
 
+@dataclass
+class _Dequantized:
+    """A weight stored compactly and dequantized in the graph: ``Mul(Cast(q), scale)`` or
+    ``DequantizeLinear(q, scale[, zero_point])`` with integer ``q`` and a constant float ``scale``."""
+
+    node: ir.Node  # the Mul or DequantizeLinear
+    scale_index: int
+    scale: np.ndarray
+    shape: tuple[int, ...]  # the weight's
+    dtype: np.dtype  # the weight's (the scale's)
+
+
+def _dequantized(layer: ir.Node, index: int) -> _Dequantized | None:
+    """The compact storage behind ``layer``'s weight input ``index``, or None where the weight is not
+    computed by a dequantizing Mul or DequantizeLinear; a refusal where it is but cannot take a scale."""
+    value = layer.inputs[index] if index < len(layer.inputs) else None
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in ("Mul", "DequantizeLinear"):
+        return None
+    if producer.op_type == "Mul":
+        for q_index in (0, 1):
+            cast = producer.inputs[q_index].producer() if producer.inputs[q_index] is not None else None
+            stored = constant_array(cast.inputs[0]) if cast is not None and cast.op_type == "Cast" else None
+            scale = constant_array(producer.inputs[1 - q_index])
+            if stored is not None and stored.dtype.kind in "iu" and scale is not None and scale.dtype.kind in _FLOAT_KINDS:
+                break
+        else:
+            return None
+        if np.broadcast_shapes(stored.shape, scale.shape) != stored.shape:
+            raise _Refusal(f"{layer.op_type} weight: its dequantizing scale is larger than the weight")
+        scale_index = 1 - q_index
+    else:
+        stored = constant_array(producer.inputs[0])
+        scale = constant_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
+        if stored is None or scale is None or stored.dtype.kind not in "iu":
+            return None
+        if producer.attributes.get_int("block_size", 0):
+            raise _Refusal(f"{layer.op_type} weight: blocked DequantizeLinear")
+        scale_index = 1
+    if _only_consumer(value) is not layer:
+        raise _Refusal(f"{layer.op_type} weight: its dequantized value is read elsewhere too")
+    return _Dequantized(producer, scale_index, scale, stored.shape, scale.dtype)
+
+
+def _rescale(graph: ir.Graph, weight: _Dequantized, axis: int, scale: np.ndarray, replace) -> None:
+    """Multiply a compactly stored weight by ``scale`` along ``axis`` through its dequantizing scale,
+    so that the integer storage stays as it is (a refusal where the scale cannot take it)."""
+    rank = len(weight.shape)
+    axis %= rank
+    old = weight.scale.astype(np.float64)
+    node = weight.node
+    if node.op_type == "Mul":
+        full = old.reshape((1,) * (rank - old.ndim) + old.shape)
+        if any(d != 1 for i, d in enumerate(full.shape) if i != axis):
+            raise _Refusal(f"its dequantizing scale of shape {list(old.shape)} varies along more than the channel axis")
+        target = [1] * rank
+        target[axis] = -1
+        new = np.broadcast_to(full, [weight.shape[i] if i == axis else 1 for i in range(rank)]) * scale.reshape(target)
+        replace(graph, node, weight.scale_index, new.astype(weight.dtype), "bnfold_scale")
+        return
+    # DequantizeLinear: a per-tensor scale becomes per-axis; a per-axis one must be on this axis.
+    if np.any(scale <= 0):
+        raise _Refusal("the BatchNormalization scale is not positive: a DequantizeLinear scale must stay positive")
+    if old.size != 1 and (old.ndim != 1 or node.attributes.get_int("axis", 1) % rank != axis):
+        raise _Refusal("its DequantizeLinear is quantized along another axis")
+    if old.size == 1:
+        if graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0)) < 13:
+            raise _Refusal("per-axis DequantizeLinear needs opset 13")
+        zero = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if len(node.inputs) > 2 and node.inputs[2] is not None and zero is None:
+            raise _Refusal("its DequantizeLinear zero point is not a constant")
+        if zero is not None:
+            replace(graph, node, 2, np.full(weight.shape[axis], zero.reshape(-1)[0], dtype=zero.dtype), "bnfold_zero")
+        node.attributes["axis"] = ir.AttrInt64("axis", axis)
+    new = old.reshape(-1) * scale if old.size != 1 else old.reshape(-1)[0] * scale
+    replace(graph, node, weight.scale_index, new.astype(weight.dtype), "bnfold_scale")
+
+
 class FoldBatchNorm(OnnxoptPass):
     """Fold every foldable inference BatchNormalization; leave the rest with a reason.
 
@@ -382,6 +460,13 @@ class FoldBatchNorm(OnnxoptPass):
                 drop_if_unused(graph, value)
 
     def _scale_out_channels(self, graph, node: ir.Node, affine: _Affine, *, weight_axis: int, bias_index: int):
+        compact = _dequantized(node, 1) if constant_array(node.inputs[1]) is None else None
+        if compact is not None:  # int8 storage stays int8: the scale takes the BatchNormalization's
+            affine = _check_channels(affine, compact.shape[weight_axis], node.op_type)
+            bias = _bias(node, bias_index, compact.shape[weight_axis], compact.dtype)
+            _rescale(graph, compact, weight_axis, affine.scale, self._replace)
+            self._replace(graph, node, bias_index, (bias * affine.scale + affine.shift).astype(compact.dtype), "bnfold_bias")
+            return
         weight = _weight(node, 1, "weight")
         channels = weight.shape[weight_axis]
         affine = _check_channels(affine, channels, node.op_type)
@@ -411,8 +496,9 @@ class FoldBatchNorm(OnnxoptPass):
         self._replace(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
 
     def _fold_after_gemm(self, graph, node: ir.Node, affine: _Affine):
-        weight = _weight(node, 1, "weight")
-        if weight.ndim != 2:
+        compact = _dequantized(node, 1) if constant_array(node.inputs[1]) is None else None
+        weight = compact if compact is not None else _weight(node, 1, "weight")
+        if len(weight.shape) != 2:
             raise _Refusal("Gemm weight is not 2-D")
         trans_b = node.attributes.get_int("transB", 0)
         axis = 0 if trans_b else 1
@@ -425,16 +511,20 @@ class FoldBatchNorm(OnnxoptPass):
             bias = np.zeros(channels)
         shape = [1, 1]
         shape[axis] = -1
-        new_w = weight.astype(np.float64) * affine.scale.reshape(shape)
+        new_w = None if compact is not None else weight.astype(np.float64) * affine.scale.reshape(shape)
         new_b = bias * affine.scale + affine.shift  # broadcasts over a [M, N] or [1, N] bias too
-        self._replace(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
+        if compact is not None:
+            _rescale(graph, compact, axis, affine.scale, self._replace)
+        else:
+            self._replace(graph, node, 1, new_w.astype(weight.dtype), "bnfold")
         self._replace(graph, node, 2, new_b.astype(weight.dtype), "bnfold_bias")
         if "beta" in node.attributes:
             node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
     def _fold_after_matmul(self, graph, matmul: ir.Node, add: ir.Node | None, bn: ir.Node, affine: _Affine):
-        weight = _weight(matmul, 1, "weight")
-        if weight.ndim != 2:
+        compact = _dequantized(matmul, 1) if constant_array(matmul.inputs[1]) is None else None
+        weight = compact if compact is not None else _weight(matmul, 1, "weight")
+        if len(weight.shape) != 2:
             raise _Refusal("MatMul weight is not 2-D")
         x = matmul.inputs[0]
         batchnorm = bn.op_type == "BatchNormalization"  # else a Mul/Add along the last axis, checked already
@@ -448,8 +538,11 @@ class FoldBatchNorm(OnnxoptPass):
             bias = constant_array(add.inputs[index]).astype(np.float64)
             if batchnorm and bias.ndim > 2:
                 raise _Refusal(f"Add bias has rank {bias.ndim}: the output is not 2-D")
-        new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
-        self._replace(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
+        if compact is not None:
+            _rescale(graph, compact, 1, affine.scale, self._replace)
+        else:
+            new_w = weight.astype(np.float64) * affine.scale.reshape(1, -1)
+            self._replace(graph, matmul, 1, new_w.astype(weight.dtype), "bnfold")
         if add is not None:
             new_b = bias * affine.scale + affine.shift
             self._replace(graph, add, index, new_b.astype(weight.dtype), "bnfold_bias")

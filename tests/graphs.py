@@ -168,3 +168,37 @@ g (float[N,3,8,8] x) => (float[N,?,16,16] y) {
     u = Resize <mode="nearest"> (c, , scales)
     y = Conv (u, W2)
 }"""
+
+
+def int8_storage_cnn(seed: int = 0) -> onnx.ModelProto:
+    """A compact export: int8 weights dequantized in the graph by Cast + Mul (a per-channel scale) or
+    DequantizeLinear, a BatchNormalization after the Conv: x [N,4,8,8] → y [N,10]."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "Wq": rng.integers(-127, 128, size=(16, 4, 3, 3)).astype(np.int8),
+        "Ws": rng.uniform(0.005, 0.02, size=(16, 1, 1, 1)).astype(np.float32),
+        "B": rng.standard_normal(16).astype(np.float32),
+        **bn_params("bn", 16, seed),
+        "Mq": rng.integers(-127, 128, size=(16, 10)).astype(np.int8),
+        "Ms": rng.uniform(0.005, 0.02, size=(10,)).astype(np.float32),
+        "Dq": rng.integers(-127, 128, size=(10, 10)).astype(np.int8),
+        "Ds": np.float32(0.01),
+    }
+    return build_proto(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,8,8] x) => (float[N,10] y) {
+            wf = Cast <to=1> (Wq)
+            w = Mul(wf, Ws)
+            c = Conv <pads=[1, 1, 1, 1]> (x, w, B)
+            b = BatchNormalization (c, bn_scale, bn_bias, bn_mean, bn_var)
+            r = Relu(b)
+            p = GlobalAveragePool(r)
+            f = Flatten(p)
+            mf = Cast <to=1> (Mq)
+            m = Mul(mf, Ms)
+            h = MatMul(f, m)
+            d = DequantizeLinear(Dq, Ds)
+            y = MatMul(h, d)
+        }""",
+        weights,
+    )

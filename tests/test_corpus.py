@@ -104,3 +104,38 @@ def test_onnx_architecture(name: str):
         before, after = result.report.before.op_counts, result.report.after.op_counts
         assert before["Mul"] == before["Add"] == before["BatchNormalization"] > 0
         assert "Mul" not in after and "Add" not in after and fold["affine_folded"] == before["Mul"] * 2
+
+
+def _file_bytes(model: ir.Model) -> int:
+    """Serialized size without recorded intermediate shapes (value_info: annotations that shape
+    inference adds, a few bytes a node, not weights or graph)."""
+    proto = ir.to_proto(model)
+    del proto.graph.value_info[:]
+    return proto.ByteSize()
+
+
+def _assert_never_grows(model: ir.Model) -> None:
+    """Each lossless pass in turn leaves the serialized model and its weights no larger, but for the
+    slack the report allows (``growth_slack``: a shuffle's Gather indices, a rewritten node's name)."""
+    from onnxopt.passes import REGISTRY
+    from onnxopt.pipeline import growth_slack
+    from onnxopt.stats import model_stats
+
+    size, weights = _file_bytes(model), model_stats(model).bytes
+    for name in PASSES:
+        model = REGISTRY[name]()(model).model
+        after_size, after_weights = _file_bytes(model), model_stats(model).bytes
+        assert after_size <= size + growth_slack(size), f"{name}: serialized {size:,} -> {after_size:,} bytes"
+        assert after_weights <= weights + growth_slack(weights), f"{name}: weights {weights:,} -> {after_weights:,} bytes"
+        size, weights = after_size, after_weights
+
+
+@pytest.mark.parametrize("path", ZOO, ids=[p.stem for p in ZOO])
+def test_zoo_model_never_grows(path: Path):
+    _assert_never_grows(ir.load(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIGHT_NAMES)
+def test_onnx_architecture_never_grows(name: str):
+    _assert_never_grows(ir.serde.deserialize_model(_light(name)))

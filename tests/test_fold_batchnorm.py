@@ -7,7 +7,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphs import assert_equivalent, bn_params, build, build_proto, op_types, random_feeds, snapshot, value_names
+from graphs import (assert_equivalent, bn_params, build, build_proto, int8_storage_cnn, op_types, random_feeds, snapshot,
+                    value_names)
 from onnxopt.passes import FoldBatchNorm
 
 # Folding re-associates float32 products: outputs move by a few ulps of their range.
@@ -661,3 +662,78 @@ def test_a_pure_scale_folds_into_a_padded_conv_after_it_but_a_shift_does_not():
     }}""", weights)
     p = fold(model, random_feeds(model), expect_folded=0)
     assert sorted(op_types(model)) == ["Add", "Conv", "Conv"] and p.details["affine_into"] == {"following Conv": 1}
+
+
+# -- weights stored as int8 and dequantized in the graph --------------------------------------
+
+
+def _dequantizing_conv_bn(weight: str, extra: dict) -> ir.Model:
+    """Conv whose weight ``w`` the text ``weight`` computes from int8 ``Wq``, then a BatchNormalization."""
+    return build(
+        f"""{OPSET}
+        g (float[N,4,6,6] x) => (float[N,8,6,6] y) {{
+            {weight}
+            c = Conv <pads=[1, 1, 1, 1]> (x, w, B)
+            y = {BN} (c, {BN_INPUTS})
+        }}""",
+        {"Wq": rng.integers(-127, 128, size=(8, 4, 3, 3)).astype(np.int8), "B": randn(8), **bn_params("bn", 8), **extra},
+    )
+
+
+def _stored_int8(model: ir.Model) -> list[str]:
+    """Names of the int8 weights (not a per-channel zero point) in ``model``."""
+    return sorted(n for n, v in model.graph.initializers.items()
+                  if v.const_value.dtype == ir.DataType.INT8 and v.const_value.size > 8)
+
+
+@pytest.mark.parametrize("weight, extra", [
+    ("wf = Cast <to=1> (Wq)\n w = Mul(wf, Ws)", {"Ws": np.full((8, 1, 1, 1), 0.01, np.float32)}),
+    ("wf = Cast <to=1> (Wq)\n w = Mul(Ws, wf)", {"Ws": np.float32(0.01)}),
+    ("w = DequantizeLinear(Wq, Ws)", {"Ws": np.float32(0.01)}),
+    ("w = DequantizeLinear(Wq, Ws, Wz)", {"Ws": np.float32(0.01), "Wz": np.int8(3)}),
+    ("w = DequantizeLinear <axis=0> (Wq, Ws)", {"Ws": np.full(8, 0.01, np.float32)}),
+], ids=["cast-mul-per-channel", "cast-mul-scalar-first", "dq-per-tensor", "dq-zero-point", "dq-per-axis"])
+def test_folds_into_the_dequantizing_scale_of_an_int8_weight(weight, extra):
+    """The BatchNormalization's scale goes into the dequantizing scale: the weight stays int8 and the
+    model does not grow (folding into a float32 copy made a compact export larger)."""
+    model = _dequantizing_conv_bn(weight, extra)
+    if "DequantizeLinear" in weight:  # a DequantizeLinear scale must stay positive
+        model.graph.initializers["bn_scale"].const_value = ir.tensor(np.abs(randn(8)) + 0.5, name="bn_scale")
+    before = snapshot(model)
+    fold(model, random_feeds(model), expect_folded=1)
+    assert "BatchNormalization" not in op_types(model)
+    assert _stored_int8(model) == ["Wq"]
+    assert len(snapshot(model)) <= len(before)
+
+
+def test_the_whole_compact_model_shrinks_under_simplify_and_fold_bn():
+    from onnxopt.passes import Simplify
+
+    model = ir.serde.deserialize_model(int8_storage_cnn())
+    before, feeds = snapshot(model), random_feeds(model)
+    Simplify()(model)
+    FoldBatchNorm()(model)
+    assert_equivalent(before, model, feeds, rtol=RTOL)
+    assert "BatchNormalization" not in op_types(model)
+    assert _stored_int8(model) == ["Dq", "Mq", "Wq"]
+    assert len(snapshot(model)) <= len(before)
+
+
+def test_a_negative_scale_is_not_folded_into_a_dequantize_linear():
+    model = _dequantizing_conv_bn("w = DequantizeLinear(Wq, Ws)", {"Ws": np.float32(0.01)})
+    model.graph.initializers["bn_scale"].const_value = ir.tensor(-np.ones(8, np.float32), name="bn_scale")
+    assert_left(model, random_feeds(model), "DequantizeLinear scale must stay positive")
+
+
+def test_a_dequantized_weight_read_elsewhere_is_not_rescaled():
+    model = build(
+        f"""{OPSET}
+        g (float[N,4,6,6] x) => (float[N,8,6,6] y, float[8,4,3,3] w) {{
+            wf = Cast <to=1> (Wq)
+            w = Mul(wf, Ws)
+            c = Conv <pads=[1, 1, 1, 1]> (x, w)
+            y = {BN} (c, {BN_INPUTS})
+        }}""",
+        {"Wq": rng.integers(-127, 128, size=(8, 4, 3, 3)).astype(np.int8), "Ws": np.float32(0.01), **bn_params("bn", 8)},
+    )
+    assert_left(model, random_feeds(model), "read elsewhere")

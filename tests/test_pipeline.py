@@ -153,3 +153,34 @@ def test_cuda_validation(model_path):
     result = onnxopt.optimize(model_path, providers="cuda", latency=False)
     assert result.ok
     assert result.report.validation.providers[0] == "CUDAExecutionProvider"
+
+
+class GrowWeights(OnnxoptPass):
+    """A pass that adds a float64 copy of a weight (the float32 one stays): the report must say so."""
+
+    name = "grow"
+
+    def call(self, model):
+        node = next(n for n in model.graph if n.op_type == "Conv")
+        wide = ir.Value(name="wide", const_value=ir.tensor(node.inputs[1].const_value.numpy().astype(np.float64), name="wide"))
+        model.graph.register_initializer(wide)
+        cast = ir.node("Cast", [wide], attributes={"to": ir.DataType.FLOAT})
+        model.graph.insert_before(node, cast)
+        node.replace_input_with(1, cast.outputs[0])
+        return ir.passes.PassResult(model, True)
+
+
+def test_a_pass_that_grows_the_model_is_named_in_a_note():
+    w = np.random.default_rng(1).standard_normal((64, 3, 3, 3)).astype(np.float32)  # 6.9 kB: past the slack
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], name="conv")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 6, 6])], [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = onnxopt.optimize(proto, ["simplify", GrowWeights()], latency=False)
+    grown = [n for n in result.report.notes if "grew" in n]
+    assert grown == ["grow: the model grew from 6,912 to 20,736 bytes of weights (+200.0%): please report it"]
+    assert result.ok  # a warning: the output is still valid and validated
+    plain = onnxopt.optimize(conv_bn_model(), ["simplify", "fold-bn", "share-init"], latency=False)
+    assert not [n for n in plain.report.notes if "grew" in n]
