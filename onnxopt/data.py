@@ -25,6 +25,8 @@ __all__ = [
     "check_labels",
     "DataStream",
     "synthetic_data",
+    "check_dim_names",
+    "SYNTHETIC_LIMIT",
     "head",
     "parse_dims",
     "LABEL_KEYS",
@@ -424,6 +426,17 @@ def _fill_dim(dim, spec: InputSpec, axis: int, dims: Mapping[str, int], used_def
     return 1
 
 
+def check_dim_names(specs: list[InputSpec], dims: Mapping[str, int]) -> None:
+    """Refuse a ``--dim`` name that no input's dims carry."""
+    known = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        raise OptionError(
+            f"--dim {', '.join(unknown)}: no input has a dimension of that name "
+            f"(named dims: {', '.join(sorted(known)) or 'none'})"
+        )
+
+
 def synthetic_data(
     model: ir.Model, *, dims: Mapping[str, int] | None = None, batches: int = 1, seed: int = 0
 ) -> Dataset:
@@ -432,13 +445,7 @@ def synthetic_data(
     specs = input_specs(model)
     rng = np.random.default_rng(seed)
     used_defaults: set[str] = set()
-    known = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
-    unknown = sorted(set(dims) - known)
-    if unknown:
-        raise OptionError(
-            f"--dim {', '.join(unknown)}: no input has a dimension of that name "
-            f"(named dims: {', '.join(sorted(known)) or 'none'})"
-        )
+    check_dim_names(specs, dims)
     feeds = []
     for _ in range(batches):
         feed = {}

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims, synthetic_data
+from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
 from onnxopt.options import check_arguments
@@ -26,6 +26,7 @@ from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report, Validation
 from onnxopt.runtime import ModelSnapshot, run_session
 from onnxopt.stats import model_stats
+from onnxopt.synthetic import runnable_synthetic_data
 from onnxopt.validate import DEFAULT_ATOL, compare_models
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def optimize(
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
         # Fail on bad data before spending time on passes.
-        dataset = _dataset(data, data_model, dims, batch_size, quantization, max_samples)
+        dataset = _dataset(data, data_model, dims, batch_size, quantization, max_samples, providers)
         original = ModelSnapshot(working)
         try:
             original.session(optimization="disabled", providers=providers)
@@ -299,7 +300,8 @@ def _growth_note(name: str, before, after) -> str | None:
 
 
 def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None,
-             quantization: QuantizationStep | None = None, max_samples: int | None = None) -> Dataset:
+             quantization: QuantizationStep | None = None, max_samples: int | None = None,
+             providers="cpu") -> Dataset:
     if data is None and quantization is not None and not quantization.synthetic:
         # Random inputs fall outside the calibrated ranges and say nothing about a lossy result.
         dataset = head(quantization.calibration, CALIBRATION_VALIDATION_SAMPLES)
@@ -307,9 +309,9 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
             dataset.notes.insert(0, f"no --data given: validated on the first {dataset.num_samples} --calibration "
                                     "samples (seen by calibration; pass --eval for held-out figures)")
             return dataset
-    if data is None:
-        dataset = synthetic_data(model, dims=dims)
-        dataset.notes.insert(0, "no --data given: validated on synthetic random inputs")
+    if data is None:  # inputs the model runs: sizes and values read from the graph, tried on it
+        dataset = runnable_synthetic_data(model, dims=dims, providers=providers, batch_size=batch_size)
+        dataset.notes.insert(0, "no --data given: validated on synthetic inputs")
         return dataset
     return load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
 
