@@ -45,6 +45,8 @@ class OptimizeResult:
     model: ir.Model
     report: Report
     source: str | None = None
+    # The intermediate values whose types the input declared: the saved file declares those, no more.
+    value_info: frozenset[str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -52,7 +54,7 @@ class OptimizeResult:
 
     def save(self, path: str | os.PathLike, *, in_place: bool = False) -> Path:
         """Write the model atomically; refuses to overwrite the input unless ``in_place``."""
-        saved = io.save_model(self.model, path, protect=self.source, in_place=in_place)
+        saved = io.save_model(self.model, path, protect=self.source, in_place=in_place, value_info=self.value_info)
         self.report.output = str(saved)
         return saved
 
@@ -154,6 +156,7 @@ def optimize(
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     label = source or type(model).__name__
     working = io.load_model(model)
+    declared = io.declared_value_names(working)
     pass_objects, fixed_dims = with_fixed_dims(pass_objects, parse_dims(fix_dims, "--fix-dim"), dims, working, label)
     dims = {k: v for k, v in dims.items() if k not in fixed_dims}  # data meets those dims fixed
     quantizing = [p for p in pass_objects if isinstance(p, QuantizeQDQ) and p.ranges is None]
@@ -266,7 +269,7 @@ def optimize(
         report.validation = _unvalidated_check(working, rtol, atol)
     if progress:
         progress("done", 1, 1)
-    return OptimizeResult(working, report, source)
+    return OptimizeResult(working, report, source, declared)
 
 
 def _unvalidated_check(model: ir.Model, rtol: float | None, atol: float) -> Validation | None:
