@@ -148,8 +148,10 @@ def optimize(
     the message the command line gives for its flag. With ``validate=False``, the result must still
     pass onnx.checker and load in onnxruntime, else the report fails (nothing to write).
     """
-    check_arguments(locals())
+    arguments = dict(locals())
+    check_arguments(arguments)
     pass_objects = resolve_passes(passes)
+    requested = list(pass_objects)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
         pass_objects = with_pruning(pass_objects, prune, importance, prune_scope, round_to, protect_first)
     dims = parse_dims(dims)
@@ -251,6 +253,16 @@ def optimize(
                     progress=(lambda i, n: progress("validate", i, n)) if progress else None,
                     reference_outputs=quantization.reference_outputs if quantization is not None else None,
                 )
+        if (validate and quantization is None and not report.lossy and prune is None and report.validation is not None
+                and not report.validation.ok and report.validation.error is None and len(requested) > 0):
+            left_out = _passes_that_break(model, requested, original, dataset, providers, rtol, atol, progress)
+            kept = [p for p in requested if all(p is not q for q, _ in left_out)]
+            if left_out and kept:  # each kept pass validated in turn: run again without the others, say why
+                candidate.close()
+                original.close()
+                retried = optimize(**{**arguments, "passes": kept})
+                retried.report.notes[:0] = [f"{_pass_name(q)} left out: {why}" for q, why in left_out]
+                return retried
         if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:
             report.notes.append(_fixed_dims_failure(fixed_dims, original, dataset, providers))
         if latency and (report.validation is None or report.validation.error is None):
@@ -270,6 +282,42 @@ def optimize(
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source, declared)
+
+
+def _passes_that_break(model, passes, original: ModelSnapshot, dataset: Dataset, providers, rtol, atol,
+                       progress: Progress | None) -> list[tuple[ir.passes.PassBase, str]]:
+    """The lossless ``passes`` whose result fails validation, each with the reason, found by applying
+    them in turn to a fresh copy of ``model`` and keeping each that validates.
+
+    A lossless pass that breaks a model is a bug; a rewrite that changes what onnxruntime's own
+    fusions make of the graph is not one that the pass can see (a dynamically quantized model:
+    MatMulInteger fused into a different kernel, equal with optimizations off and not with them on).
+    Either way the result is written without that pass, never with it, and the report says which.
+    """
+    working, left_out = io.load_model(model), []
+    for step, p in enumerate(passes):
+        if progress:
+            progress(f"checking pass {_pass_name(p)}", step, len(passes))
+        trial = p(working.clone()).model
+        candidate = ModelSnapshot(trial)
+        try:
+            verdict = compare_models(original, candidate, dataset, providers=providers, rtol=rtol, atol=atol)
+            if verdict.ok:
+                working = trial
+                continue
+            unfused = compare_models(original, candidate, dataset, providers=providers, rtol=rtol, atol=atol,
+                                     candidate_optimization="disabled", runtime_floor=False)
+        finally:
+            candidate.close()
+        worst = max(verdict.outputs, key=lambda o: o.max_abs, default=None)
+        error = f" (max error {worst.max_abs:.3g} at '{worst.name}')" if worst is not None else ""
+        if unfused.ok:
+            why = (f"onnxruntime fuses its result differently{error}: equal to the original with onnxruntime's "
+                   "graph optimizations off, not with them on")
+        else:
+            why = f"its result differs from the original{error}; please report it"
+        left_out.append((p, why))
+    return left_out
 
 
 def _unvalidated_check(model: ir.Model, rtol: float | None, atol: float) -> Validation | None:
