@@ -539,7 +539,11 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
     if not plan:
         return 0, 0
     names = NameScope(graph)
-    removed_params = 0
+    # Parameters removed, counted as the model holds them: a tensor that two nodes share (after
+    # share-init, or two BatchNormalizations with equal shifts merged by simplify) is freed once,
+    # when its last reader has its own pruned copy, and every copy written counts.
+    replaced: dict[int, tuple[ir.Value, int]] = {}
+    written = 0
     created: list[int] = []  # sizes of the biases that folded constants needed
     for node, index in dict.fromkeys(list(folds) + list(deletions)):
         old = node.inputs[index] if index < len(node.inputs) else None
@@ -558,10 +562,13 @@ def _surgery(model: ir.Model, analysis: ChannelAnalysis, plan: dict[int, np.ndar
             positions = deletions.get((node, 1), {}).get(out_axis)
             if positions:
                 new = np.delete(new, sorted(positions), axis=0)
-        removed_params += (0 if arr is None else arr.size) - new.size
+        if arr is not None:
+            replaced[id(old)] = (old, arr.size)
+        written += new.size
         if arr is None:
             created.append(new.size)
         replace_weight(graph, node, index, np.ascontiguousarray(new), "pruned", names)
+    removed_params = sum(size for old, size in replaced.values() if not old.uses()) - written
     for node, positions in dw_removed.items():
         node.attributes["group"] = ir.AttrInt64("group", node_attr(node, "group", 1) - len(positions))
     for node, positions in split_removed.items():

@@ -72,20 +72,25 @@ def zero_channels(model: ir.Model, fraction: float = 0.3, seed: int = 0) -> dict
 
 def expected_params(model: ir.Model, removed: dict[int, list[int]]) -> int:
     """Parameters that the removed channels own: in every member tensor, the elements on a removed
-    position of any sliced axis (computed from the groups before the pass)."""
+    position of any sliced axis (computed from the groups before the pass). A tensor that n members
+    share (simplify merges equal BatchNormalization shifts) is freed once and written n times sliced."""
     cut: dict[tuple[int, int], tuple[np.ndarray, dict[int, set[int]]]] = {}
+    readers: dict[int, tuple[int, int]] = {}  # id of a shared value -> (members that read it, its size)
     for g in find_channel_groups(model):
         for m in g.members if g.id in removed else ():
             if m.index is None or m.role == "reshape":
                 continue
             array = constant_array(m.node.inputs[m.index])
+            if (id(m.node), m.index) not in cut:
+                n, _ = readers.get(id(m.node.inputs[m.index]), (0, 0))
+                readers[id(m.node.inputs[m.index])] = (n + 1, array.size)
             entry = cut.setdefault((id(m.node), m.index), (array, {}))
             entry[1].setdefault(m.axis, set()).update(m.positions(removed[g.id]).tolist())
     total = 0
     for array, axes in cut.values():
         kept = [n - len(axes.get(axis, ())) for axis, n in enumerate(array.shape)]
         total += array.size - int(np.prod(kept))
-    return total
+    return total - sum((n - 1) * size for n, size in readers.values())
 
 
 def _feeds(model: ir.Model) -> dict[str, np.ndarray]:
