@@ -19,11 +19,13 @@ from onnxopt.errors import (
 )
 from onnxopt.io import load_model, save_model
 from onnxopt.pipeline import DEFAULT_PASSES, OptimizeResult, optimize
+from onnxopt.recipe import Recipe
 from onnxopt.report import Report
 
 __all__ = [
     "optimize",
     "OptimizeResult",
+    "Recipe",
     "Report",
     "DEFAULT_PASSES",
     "load_model",

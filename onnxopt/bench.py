@@ -43,6 +43,8 @@ from onnxopt.latency import (
 )
 from onnxopt.report import json_safe, render_bench, write_json_file
 from onnxopt.runtime import OPTIMIZATION_LEVELS, ModelSnapshot
+from onnxopt.terminal import ArgumentParser
+from onnxopt.terminal import Progress as ProgressLine
 
 render = render_bench  # the terminal view lives in onnxopt.report
 
@@ -265,9 +267,8 @@ def write_json(result: BenchResult, path: str | os.PathLike) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from onnxopt.cli import _ArgumentParser  # one way to report a bad option: one line, exit 2
 
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="onnxopt bench",
         description="Time an ONNX model, or a candidate against a baseline interleaved, with a regression verdict.",
         epilog="Exit codes: 0 no regression, 1 the candidate is slower beyond --max-slowdown, 2 bad input.",
@@ -291,7 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onnxopt.cli import Progress as ProgressLine
 
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))

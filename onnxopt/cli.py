@@ -9,61 +9,23 @@ import contextlib
 import logging
 import os
 import sys
-import time
 
 
 from onnxopt import io
 from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
-from onnxopt.passes import REGISTRY, QuantizeQDQ
-from onnxopt.pipeline import DEFAULT_PASSES, optimize
-from onnxopt.options import check_arguments
+from onnxopt.passes import REGISTRY
+from onnxopt.pipeline import optimize
+from onnxopt.recipe import DEFAULT_PASSES, Recipe
 from onnxopt.report import failure_reason, render_table, stage_json_file, write_json
 from onnxopt.target import TARGETS
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line and exits 2, like every other user error."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(EXIT_BAD_INPUT, f"onnxopt: error: {message} (see --help)\n")
-
-
-class Progress:
-    """One self-overwriting status line on a terminal; silent when piped or quiet."""
-
-    def __init__(self, enabled: bool, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
-        self._last = 0.0
-        self._width = 0
-
-    def clear(self) -> None:
-        """Blank the status line, so that a message printed next starts on a clean line."""
-        if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if stage != "done" and now - self._last < 0.1 and done < total:
-            return
-        self._last = now
-        text = "" if stage == "done" else f"onnxopt: {stage} {done}/{total}" if total > 1 else f"onnxopt: {stage}"
-        self.stream.write("\r" + text.ljust(self._width))
-        self.stream.write("\r" if stage == "done" else "")
-        self.stream.flush()
-        self._width = len(text)
+from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="onnxopt",
         usage="%(prog)s MODEL [options]\n       %(prog)s bench MODEL [--vs BASELINE] [options]   (latency check: %(prog)s bench --help)",
         description="Optimize an ONNX model with graph passes and prove the result under onnxruntime.",
@@ -129,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-drop", type=float, metavar="POINTS", help="quantize: accuracy points the --eval labels may lose (default 1.0); layers fall back to float until met")
     parser.add_argument("--min-cosine", type=float, metavar="C", help="quantize: least output cosine to float without labels (default 0.99); layers fall back to float until met")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
+    parser.add_argument("--recipe", metavar="TOML", help="read the run's options from a recipe file (flags given here win)")
+    parser.add_argument("--save-recipe", metavar="TOML", help="write this run's options as a recipe file, to replay it with --recipe")
     parser.add_argument("--explain", action="store_true", help="print the channel groups that 'prune' sees, and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log each rewrite (-v) and debug detail (-vv)")
@@ -142,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a bad option (already printed in one line)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     level = logging.ERROR if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     progress = Progress(enabled=not args.quiet)
     try:
-        return _run(args, progress)
+        return _run(args, progress, parser)
     except OnnxoptError as exc:
         progress.clear()
         print(f"onnxopt: error: {exc}", file=sys.stderr)
@@ -163,37 +128,39 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _check_options(args, passes: list, output: str) -> None:
-    """Refuse option values that would only fail later, after work was done or files written: the
-    arguments of ``optimize`` (by the very check it runs itself), and both destinations (-o and
-    --report: an existing folder we can write in, a regular file or nothing at the path)."""
-    check_arguments(dict(
-        passes=passes, dims=args.dim, fix_dims=args.fix_dim, providers=args.providers, rtol=args.rtol, atol=args.atol,
-        batch_size=args.batch_size, threads=args.threads, latency_budget=args.latency_budget, prune=args.prune,
-        importance=args.importance, prune_scope=args.prune_scope, round_to=args.round_to, calibrate=args.calibrate,
-        percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine, max_samples=args.max_samples,
-    ))
+# Flags that are not options of a run (they say where its files go, how it talks), and the
+# flags whose Recipe field has another name or sense.
+_NOT_RECIPE = {"model", "output", "report", "in_place", "explain", "quiet", "verbose", "recipe", "save_recipe", "eval"}
+_RENAMED = {"dim": "dims", "fix_dim": "fix_dims"}
+
+
+def _recipe(args, parser) -> Recipe:
+    """The run's ``Recipe``: the --recipe file's, with every flag given on the command line (a value
+    other than the flag's default) taking the place of the file's; checked as ``optimize`` checks it."""
+    recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe()
+    changes = {}
+    for name, value in vars(args).items():
+        if name in _NOT_RECIPE or value == parser.get_default(name):
+            continue
+        if name == "passes":
+            value = [n.strip() for n in value.split(",") if n.strip()]
+        elif name == "exclude":
+            value = [e.strip() for item in value for e in item.split(",") if e.strip()]
+        elif name == "speed_fallback":
+            value = False  # --no-speed-fallback; None (the default) is 'when latency is measured'
+        changes[_RENAMED.get(name, name)] = value
+    recipe = recipe.replace(**changes)
+    recipe.check_options()
+    return recipe
+
+
+def _check_destinations(args, output: str) -> None:
+    """-o, --report and --save-recipe: an existing folder we can write in, a regular file or nothing at the path."""
     io.check_destination(output)
     if args.report:
         io.check_destination(args.report, "--report")
-
-
-def _quantize_passes(args) -> list:
-    """--passes, with the 'quantize' preset for --quantize and its options in a QuantizeQDQ object."""
-    names = [n.strip() for n in args.passes.split(",") if n.strip()]
-    if args.quantize and "quantize" not in names:
-        names = ["simplify", "fold-bn", "share-init", "quantize"] if args.passes == ",".join(DEFAULT_PASSES) else [*names, "quantize"]
-    exclude = [e.strip() for item in args.exclude for e in item.split(",") if e.strip()]
-    if "quantize" not in names and (exclude or not args.bias_correction or not args.speed_fallback
-                                    or args.activations != "uint8" or args.per_tensor or args.target != "auto"
-                                    or args.calibrate != "minmax" or args.percentile != DEFAULT_PERCENTILE):
-        raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
-                          "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
-    return [
-        QuantizeQDQ(activations=args.activations, per_channel=not args.per_tensor, exclude=exclude,
-                    bias_correction=args.bias_correction) if n == "quantize" else n
-        for n in names
-    ]
+    if args.save_recipe:
+        io.check_destination(args.save_recipe, "--save-recipe")
 
 
 def _check_paths(args, output: str) -> None:
@@ -204,7 +171,7 @@ def _check_paths(args, output: str) -> None:
 
     inputs = [("the input model", args.model)] + [("the input model's external data", str(f))
                                                   for f in sorted(io.referenced_files(args.model))]
-    for flag in ("calibration", "data"):
+    for flag in ("calibration", "data", "recipe"):
         value = getattr(args, flag)
         if value and value != "synthetic" and os.path.isfile(value):
             inputs.append((f"the --{'eval/--data' if flag == 'data' else flag} file", value))
@@ -213,38 +180,49 @@ def _check_paths(args, output: str) -> None:
             raise OutputPathError(f"{output}: refusing to overwrite {what}; choose another -o path")
         if args.report and same(args.report, path):
             raise OptionError(f"--report {args.report}: refusing to overwrite {what}")
+        if args.save_recipe and same(args.save_recipe, path):
+            raise OptionError(f"--save-recipe {args.save_recipe}: refusing to overwrite {what}")
     if args.report and same(args.report, output):
         raise OptionError(f"--report {args.report}: is the output model's path; give the JSON report its own")
 
 
-def _commit(result, output: str, report_path: str | None, in_place: bool) -> None:
-    """Write the model and the JSON report, both or neither: the report is written first to a
-    temporary file beside its path, the model saved, then the report moved into place. Where that
-    last step fails, the new model is removed again (unless it replaced the input, --in-place)."""
-    staged = None
-    if report_path:
-        result.report.output = output
-        staged = stage_json_file(result.report.to_dict(), report_path)
+def _commit(result, output: str, report_path: str | None, in_place: bool,
+            recipe: tuple[str, str] | None = None) -> None:
+    """Write the model, the JSON report and the recipe (``(path, text)``), all or none: the report
+    and the recipe are written first to temporary files beside their paths, the model saved, then
+    they are moved into place. Where that last step fails, the new model is removed again (unless
+    it replaced the input, --in-place)."""
+    staged: list[tuple[str, str, str]] = []  # (temporary file, destination, flag)
     try:
+        if report_path:
+            result.report.output = output
+            staged.append((stage_json_file(result.report.to_dict(), report_path), report_path, "--report"))
+        if recipe:
+            staged.append((io.stage_text(recipe[1], recipe[0], "--save-recipe"), recipe[0], "--save-recipe"))
         result.save(output, in_place=in_place)
     except BaseException:
-        if staged:
+        for tmp, _, _ in staged:
             with contextlib.suppress(OSError):
-                os.unlink(staged)
+                os.unlink(tmp)
         raise
-    if staged:
+    for i, (tmp, path, flag) in enumerate(staged):
         try:
-            os.replace(staged, report_path)
+            os.replace(tmp, path)
         except OSError as exc:
+            for later, _, _ in staged[i:]:
+                with contextlib.suppress(OSError):
+                    os.unlink(later)
+            for _, done, _ in staged[:i]:
+                with contextlib.suppress(OSError):
+                    os.unlink(done)
             with contextlib.suppress(OSError):
-                os.unlink(staged)
                 if not in_place:
                     os.unlink(output)
-            raise OutputPathError(f"--report {report_path}: cannot write ({exc.strerror or exc}); "
+            raise OutputPathError(f"{flag} {path}: cannot write ({exc.strerror or exc}); "
                                   f"{output} {'was replaced' if in_place else 'not written'}") from None
 
 
-def _run(args, progress: Progress) -> int:
+def _run(args, progress: Progress, parser) -> int:
     if args.explain:
         from onnxopt.pipeline import explain_channels
 
@@ -257,21 +235,21 @@ def _run(args, progress: Progress) -> int:
     output = args.output or (args.model if args.in_place else str(io.default_output_path(args.model)))
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
-    passes = _quantize_passes(args)
-    _check_options(args, passes, output)
+    recipe = _recipe(args, parser)
+    for path, flag in ((args.report, "--report"), (args.save_recipe, "--save-recipe")):
+        if path and os.path.realpath(path) == os.path.realpath(output):
+            raise OptionError(f"{flag} {path}: is the output model's path; give it its own")
+    if args.report and args.save_recipe and os.path.realpath(args.report) == os.path.realpath(args.save_recipe):
+        raise OptionError(f"--save-recipe {args.save_recipe}: is the --report path; give each its own")
+    args.calibration, args.data = recipe.calibration, recipe.data  # as the recipe file may give them
+    _check_destinations(args, output)
     _check_paths(args, output)
-    result = optimize(
-        args.model, passes, data=args.data, dims=args.dim, providers=args.providers,
-        validate=args.validate, latency=args.latency, rtol=args.rtol, atol=args.atol,
-        batch_size=args.batch_size, threads=args.threads, latency_budget=args.latency_budget,
-        progress=progress, prune=args.prune, importance=args.importance, prune_scope=args.prune_scope,
-        round_to=args.round_to, protect_first=args.protect_first, calibration=args.calibration,
-        calibrate=args.calibrate, percentile=args.percentile, max_drop=args.max_drop, min_cosine=args.min_cosine,
-        speed_fallback=None if args.speed_fallback else False, fix_dims=args.fix_dim, target=args.target, max_samples=args.max_samples,
-    )
+    recipe_text = recipe.to_toml() if args.save_recipe else None  # a recipe it cannot hold fails now
+    result = optimize(args.model, recipe, progress=progress)
     report = result.report
     if result.ok:
-        _commit(result, output, args.report, args.in_place)
+        _commit(result, output, args.report, args.in_place,
+                (args.save_recipe, recipe_text) if args.save_recipe else None)
     else:
         report.notes.append(f"validation failed: {output} not written")
         if args.report:

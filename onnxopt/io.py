@@ -294,6 +294,25 @@ def check_external_data(model: ir.Model) -> None:
             )
 
 
+def stage_text(text: str, path: str | os.PathLike, flag: str) -> str:
+    """``text`` in a new temporary file of a unique name beside ``path``; the caller commits it with
+    ``os.replace`` or removes it (concurrent runs and an existing ``<path>.tmp`` are safe)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputPathError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException as exc:
+        os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+        raise
+    return tmp
+
+
 def default_output_path(input_path: str | os.PathLike) -> Path:
     """``model.onnx`` → ``model.opt.onnx`` beside it."""
     path = Path(input_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PASSES", "OptimizeResult", "optimize", "resolve_passes", "check_model"]
+__all__ = ["DEFAULT_PASSES", "OptimizeResult", "Recipe", "optimize", "resolve_passes", "check_model"]
 
 import logging
 import os
@@ -19,7 +19,7 @@ from onnxopt import io
 from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
-from onnxopt.options import check_arguments
+from onnxopt.recipe import DEFAULT_PASSES, Recipe
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.quantization import QuantizationStep
@@ -31,7 +31,6 @@ from onnxopt.validate import DEFAULT_ATOL, compare_models
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
 # Without --data, a quantized model is validated on this many calibration samples (not random inputs).
 CALIBRATION_VALIDATION_SAMPLES = 512
 
@@ -61,18 +60,7 @@ class OptimizeResult:
 
 def resolve_passes(passes) -> list[ir.passes.PassBase]:
     """Pass names (a list, or one comma-separated string) or pass objects → pass objects."""
-    if isinstance(passes, str):
-        passes = [p for p in passes.split(",") if p.strip()]
-    resolved = []
-    for item in passes:
-        if isinstance(item, ir.passes.PassBase):
-            resolved.append(item)
-            continue
-        name = str(item).strip()
-        if name not in REGISTRY:
-            raise UnknownPassError(f"unknown pass '{name}' (known: {', '.join(REGISTRY)})")
-        resolved.append(REGISTRY[name]())
-    return resolved
+    return Recipe(passes=passes).resolved_passes()
 
 
 def _pass_name(p: ir.passes.PassBase) -> str:
@@ -92,7 +80,30 @@ def check_model(model: ir.Model) -> None:
         snapshot.close()
 
 
-def optimize(
+def optimize(model, recipe: Recipe | Sequence | str | None = None, *, progress: Progress | None = None,
+             **options) -> OptimizeResult:
+    """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) as ``recipe`` says.
+
+    ``recipe`` is a ``Recipe`` (``onnxopt.recipe``: every option of a run, readable from and
+    writable to TOML), or the passes alone (names or pass objects) with the other options as
+    keywords: ``optimize("m.onnx", ["simplify", "fold-bn"], data="x.npz")`` is
+    ``optimize("m.onnx", Recipe(passes=["simplify", "fold-bn"], data="x.npz"))``. Keywords given
+    with a ``Recipe`` override its fields. ``progress(stage, done, total)`` is called as work goes.
+    Every option is checked first: a bad one raises ``OptionError`` with the command line's message.
+    """
+    if isinstance(recipe, Recipe):
+        recipe = recipe.replace(**options)
+    elif recipe is None:
+        recipe = Recipe().replace(**options)
+    elif "passes" in options:
+        raise OptionError("optimize(): passes given twice (as the second argument and as passes=)")
+    else:
+        recipe = Recipe().replace(passes=recipe, **options)
+    recipe.check_options()
+    return _optimize(model, recipe.pass_list(), progress=progress, **recipe.arguments())
+
+
+def _optimize(
     model,
     passes: Sequence | str = DEFAULT_PASSES,
     *,
@@ -149,7 +160,6 @@ def optimize(
     pass onnx.checker and load in onnxruntime, else the report fails (nothing to write).
     """
     arguments = dict(locals())
-    check_arguments(arguments)
     pass_objects = resolve_passes(passes)
     requested = list(pass_objects)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
@@ -260,7 +270,7 @@ def optimize(
             if left_out and kept:  # each kept pass validated in turn: run again without the others, say why
                 candidate.close()
                 original.close()
-                retried = optimize(**{**arguments, "passes": kept})
+                retried = _optimize(**{**arguments, "passes": kept})
                 retried.report.notes[:0] = [f"{_pass_name(q)} left out: {why}" for q, why in left_out]
                 return retried
         if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:

@@ -181,21 +181,9 @@ def write_json_file(data: dict, path: str | os.PathLike) -> None:
 def stage_json_file(data: dict, path: str | os.PathLike) -> str:
     """``data`` as JSON in a new temporary file of a unique name beside ``path`` (concurrent runs and
     an existing ``<path>.tmp`` are safe); the caller commits it with ``os.replace`` or removes it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputPathError(f"--report {path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(json_safe(data), f, indent=2)
-            f.write("\n")
-    except BaseException as exc:
-        os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputPathError(f"--report {path}: cannot write ({exc.strerror or exc})") from None
-        raise
-    return tmp
+    from onnxopt.io import stage_text
+
+    return stage_text(json.dumps(json_safe(data), indent=2) + "\n", path, "--report")
 
 
 def _human(n: float | int | None, unit: str = "") -> str:

@@ -1,0 +1,282 @@
+"""A recipe: the whole configuration of one run, as one value.
+
+``Recipe`` holds the passes in order and every option that shapes the run (data, budgets,
+providers, the quantize pass's options), with the command line's defaults. The command line builds
+one from its flags, ``optimize(model, recipe)`` runs one (``optimize(model, passes, **options)`` is
+the same with a recipe built from the keywords), and a recipe reads and writes a small TOML file, so
+that a run can be replayed (``--recipe run.toml``, ``--save-recipe run.toml``) and a sweep can
+enumerate recipes (``recipe.replace(prune=0.3)``).
+
+The TOML file is flat: one key per field, named as the field (the command line's flag with ``_``
+for ``-``; ``protect_first = false`` is ``--prune-first``, ``validate = false`` ``--no-validate``),
+``dims`` and ``fix_dims`` as tables::
+
+    passes = ["simplify", "fold-bn", "share-init", "quantize"]
+    calibration = "calib.npz"
+    data = "test.npz"
+    max_drop = 0.5
+    [fix_dims]
+    batch = 1
+
+Fields left at their defaults are not written. Relative paths are read from the current folder,
+as on the command line.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET"]
+
+import dataclasses
+import math
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxopt.calibrate import DEFAULT_PERCENTILE
+from onnxopt.errors import OptionError, UnknownPassError
+from onnxopt.options import check_arguments
+from onnxopt.passes import REGISTRY, QuantizeQDQ
+from onnxopt.validate import DEFAULT_ATOL
+
+DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
+# --quantize int8 with the default passes: prune's lossless removal is left to a run of its own.
+QUANTIZE_PRESET = ("simplify", "fold-bn", "share-init", "quantize")
+_QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target")
+
+
+@dataclass
+class Recipe:
+    """Every option of a run (see ``onnxopt.optimize`` for what each does)."""
+
+    passes: Sequence[str | ir.passes.PassBase] = DEFAULT_PASSES
+    # data and validation
+    data: Any = None
+    dims: Mapping[str, int] | Sequence[str] | None = None
+    fix_dims: Mapping[str, int] | Sequence[str] | None = None
+    batch_size: int | None = None
+    max_samples: int | None = None
+    providers: str | Sequence[str] = "cpu"
+    validate: bool = True
+    rtol: float | None = None
+    atol: float = DEFAULT_ATOL
+    check: bool = False
+    # latency
+    latency: bool = True
+    latency_budget: float = 5.0
+    threads: int | None = None
+    # pruning by importance
+    prune: float | None = None
+    importance: str = "l1"
+    prune_scope: str = "layer"
+    round_to: int = 1
+    protect_first: bool = True
+    # quantization
+    quantize: str | None = None
+    calibration: Any = None
+    calibrate: str = "minmax"
+    percentile: float = DEFAULT_PERCENTILE
+    activations: str = "uint8"
+    per_tensor: bool = False
+    bias_correction: bool = True
+    exclude: Sequence[str] = field(default_factory=tuple)
+    target: str | None = "auto"
+    max_drop: float | None = None
+    min_cosine: float | None = None
+    speed_fallback: bool | None = None
+
+    # -- building -----------------------------------------------------------------------------------
+
+    def replace(self, **changes) -> Recipe:
+        """A copy with ``changes``; an unknown name is refused in one line."""
+        _known(changes, "optimize()")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> Recipe:
+        """The recipe a TOML file holds; unknown keys, bad TOML and bad values are one-line errors."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise OptionError(f"--recipe {path}: no such file") from None
+        except IsADirectoryError:
+            raise OptionError(f"--recipe {path}: is a folder, not a TOML file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise OptionError(f"--recipe {path}: not valid TOML ({exc})") from None
+        return cls._from_table(table, f"--recipe {path}")
+
+    @classmethod
+    def from_toml_text(cls, text: str) -> Recipe:
+        """The recipe a TOML text holds (``to_toml``'s inverse)."""
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise OptionError(f"recipe: not valid TOML ({exc})") from None
+        return cls._from_table(table, "recipe")
+
+    @classmethod
+    def _from_table(cls, table: Mapping[str, Any], where: str) -> Recipe:
+        _known(table, where)
+        recipe = cls(**table)
+        recipe.check_options()
+        return recipe
+
+    # -- checking and resolving ---------------------------------------------------------------------
+
+    def check_options(self) -> None:
+        """Refuse a field whose type or value cannot work (``OptionError``, the command line's words)."""
+        if self.quantize not in (None, "int8"):
+            raise OptionError(f"--quantize {self.quantize!r}: not one of int8")
+        if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
+            raise OptionError(f"--exclude: give a list of node names, op types or patterns, not {self.exclude!r}")
+        for name in ("per_tensor", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name}: must be true or false, not {getattr(self, name)!r}")
+        if self.activations not in ("uint8", "int8", "auto"):
+            raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
+        check_arguments({**self.arguments(), "passes": self.pass_list()})
+        if not self._quantizes() and self._quantize_options_changed():
+            raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
+                              "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
+
+    def pass_list(self) -> list[str | ir.passes.PassBase]:
+        """The passes in order, names or objects: ``quantize int8`` adds its pass (with the default
+        passes, the quantize preset), and a ``quantize`` name becomes a ``QuantizeQDQ`` with this
+        recipe's options."""
+        passes = self.passes
+        if isinstance(passes, str):
+            passes = [p.strip() for p in passes.split(",") if p.strip()]
+        elif not isinstance(passes, Sequence) or isinstance(passes, Mapping):
+            raise OptionError(f"--passes: give pass names (a list, or one comma-separated string) or pass objects, "
+                              f"not {type(passes).__name__}")
+        items = list(passes)
+        if self.quantize and not any(_is_quantize(p) for p in items):
+            items = list(QUANTIZE_PRESET) if tuple(items) == DEFAULT_PASSES else [*items, "quantize"]
+        return [self._quantize_pass() if p == "quantize" else p for p in items]
+
+    def resolved_passes(self) -> list[ir.passes.PassBase]:
+        """``pass_list`` as pass objects (names from ``onnxopt.passes.REGISTRY``)."""
+        resolved = []
+        for item in self.pass_list():
+            if isinstance(item, ir.passes.PassBase):
+                resolved.append(item)
+                continue
+            name = str(item).strip()
+            if name not in REGISTRY:
+                raise UnknownPassError(f"unknown pass '{name}' (known: {', '.join(REGISTRY)})")
+            resolved.append(REGISTRY[name]())
+        return resolved
+
+    def arguments(self) -> dict[str, Any]:
+        """The fields that ``onnxopt.pipeline`` reads, by name (the quantize pass's own options go into its object)."""
+        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    def _quantizes(self) -> bool:
+        return any(_is_quantize(p) for p in self.pass_list())
+
+    def _quantize_options_changed(self) -> bool:
+        default = Recipe()
+        return any(getattr(self, n) != getattr(default, n) for n in _QUANTIZE_OPTIONS) or self.speed_fallback is False
+
+    def _quantize_pass(self) -> QuantizeQDQ:
+        return QuantizeQDQ(activations=self.activations, per_channel=not self.per_tensor, exclude=list(self.exclude),
+                           bias_correction=self.bias_correction)
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def to_toml(self) -> str:
+        """The fields that differ from the defaults, as TOML that ``from_toml`` reads back."""
+        default = Recipe()
+        lines, tables = ["# onnxopt recipe: python -m onnxopt MODEL --recipe THIS_FILE"], []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "passes":
+                value = self._pass_names()
+                if tuple(value) == DEFAULT_PASSES:
+                    continue
+            elif _same(value, getattr(default, f.name)):
+                continue
+            if value is None:
+                continue
+            if f.name in ("dims", "fix_dims"):
+                tables.append((f.name, _dims_table(f.name, value)))
+                continue
+            lines.append(f"{f.name} = {_toml_value(f.name, value)}")
+        for name, table in tables:
+            lines += ["", f"[{name}]", *(f"{_toml_key(k)} = {v}" for k, v in table.items())]
+        return "\n".join(lines) + "\n"
+
+    def _pass_names(self) -> list[str]:
+        names = []
+        for p in ([x.strip() for x in self.passes.split(",") if x.strip()] if isinstance(self.passes, str) else self.passes):
+            if isinstance(p, str):
+                names.append(p)
+            elif isinstance(p, QuantizeQDQ):
+                names.append("quantize")  # its options are the recipe's fields
+            else:
+                raise OptionError(f"--save-recipe: pass {getattr(p, 'name', type(p).__name__)!r} is an object with "
+                                  "options a recipe cannot hold; name it from onnxopt.passes.REGISTRY instead")
+        return names
+
+
+def _known(names: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise OptionError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(sorted(known))})")
+
+
+def _is_quantize(p) -> bool:
+    return p == "quantize" or isinstance(p, QuantizeQDQ)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return type(a) is type(b) and a == b or (a is None and b is None)
+
+
+def _dims_table(name: str, dims) -> dict[str, str]:
+    if isinstance(dims, Mapping):
+        items = dims.items()
+    else:
+        items = []
+        for entry in dims:
+            key, sep, size = str(entry).partition("=")
+            if not sep or not size.strip().lstrip("-").isdigit():
+                raise OptionError(f"--{name.replace('_', '-')} {entry!r}: give NAME=N")
+            items.append((key.strip(), int(size)))
+    return {str(k): str(int(v)) for k, v in items}
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _toml_value(name: str, value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise OptionError(f"{name} {value}: a recipe holds finite numbers")
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return _toml_string(os.fspath(value))
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return "[" + ", ".join(_toml_string(os.fspath(v)) for v in value) + "]"
+    raise OptionError(f"--save-recipe: {name} is {type(value).__name__} (arrays or an iterator of feeds), "
+                      "which a recipe cannot hold; give a file path")

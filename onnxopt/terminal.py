@@ -1,0 +1,50 @@
+"""What the command lines share with a terminal: one-line option errors (exit 2) and a progress line
+that overwrites itself on a terminal and stays silent when piped. ``onnxopt.cli`` and
+``onnxopt.bench`` both use it, so neither imports the other."""
+
+from __future__ import annotations
+
+__all__ = ["ArgumentParser", "Progress", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT"]
+
+import argparse
+import sys
+import time
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line and exits 2, like every other user error."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(EXIT_BAD_INPUT, f"onnxopt: error: {message} (see --help)\n")
+
+
+class Progress:
+    """One self-overwriting status line on a terminal; silent when piped or quiet."""
+
+    def __init__(self, enabled: bool, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self._last = 0.0
+        self._width = 0
+
+    def clear(self) -> None:
+        """Blank the status line, so that a message printed next starts on a clean line."""
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if stage != "done" and now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        text = "" if stage == "done" else f"onnxopt: {stage} {done}/{total}" if total > 1 else f"onnxopt: {stage}"
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.write("\r" if stage == "done" else "")
+        self.stream.flush()
+        self._width = len(text)

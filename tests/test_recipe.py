@@ -1,0 +1,115 @@
+"""onnxopt.recipe: one value for a run's whole configuration, read from and written to TOML."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+from onnxopt import Recipe
+from onnxopt.cli import main
+from onnxopt.errors import OptionError
+from onnxopt.passes import QuantizeQDQ
+
+DIGITS = "models/digits/digits_cnn.onnx"
+TEST = "models/digits/digits_test.npz"
+
+
+def test_toml_round_trip_keeps_every_field_that_differs_from_the_defaults():
+    recipe = Recipe(passes=["simplify", "fold-bn", "share-init"], data="d.npz", dims={"batch": 2}, fix_dims=["seq=16"],
+                    quantize="int8", calibration="c.npz", calibrate="percentile", percentile=99.9, activations="int8",
+                    per_tensor=True, bias_correction=False, exclude=["Softmax", "head*"], max_drop=0.5, latency=False,
+                    speed_fallback=False, target="avx2", protect_first=False, rtol=1e-4, threads=2)
+    text = recipe.to_toml()
+    back = Recipe.from_toml_text(text)
+    assert back.fix_dims == {"seq": 16} and back.dims == {"batch": 2}
+    for name in ("passes", "data", "quantize", "calibration", "calibrate", "percentile", "activations", "per_tensor",
+                 "bias_correction", "exclude", "max_drop", "latency", "speed_fallback", "target", "protect_first",
+                 "rtol", "threads"):
+        assert list(getattr(back, name)) == list(getattr(recipe, name)) if isinstance(getattr(recipe, name), list) \
+            else getattr(back, name) == getattr(recipe, name), name
+    assert Recipe().to_toml().strip().splitlines()[1:] == []  # the defaults write nothing
+
+
+def test_the_quantize_preset_and_its_options_go_into_the_pass_object():
+    passes = Recipe(quantize="int8", activations="int8", exclude=["Softmax"], per_tensor=True).pass_list()
+    assert passes[:3] == ["simplify", "fold-bn", "share-init"]
+    q = passes[3]
+    assert isinstance(q, QuantizeQDQ) and q.activations == "int8" and not q.per_channel and list(q.exclude) == ["Softmax"]
+    assert Recipe(passes=["simplify"], quantize="int8").pass_list()[0] == "simplify"
+    assert isinstance(Recipe(passes=["simplify"], quantize="int8").pass_list()[1], QuantizeQDQ)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("passes = [\"simplify\"]\nbatchsize = 3\n", ["unknown option", "'batchsize'"]),
+    ("batch_size = 0\n", ["--batch-size 0", "must be positive"]),
+    ("batch_size = \"3\"\n", ["--batch-size", "whole number"]),
+    ("percentile = 20.0\n", ["--percentile"]),
+    ("activations = \"int8\"\n", ["apply to --quantize int8"]),
+    ("quantize = \"int4\"\n", ["--quantize 'int4'"]),
+    ("passes = [\"simplify\", \"nope\"]\n", []),
+    ("this is = not toml [\n", ["not valid TOML"]),
+])
+def test_a_bad_recipe_file_is_one_line_and_exit_2(tmp_path, capsys, text, words):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    code = main([DIGITS, "--recipe", str(path), "-o", str(tmp_path / "o.onnx"), "--no-latency"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("onnxopt: error:"), err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_save_recipe_then_replay_gives_the_same_run_and_flags_win(tmp_path):
+    out, saved = tmp_path / "a.onnx", tmp_path / "run.toml"
+    assert main([DIGITS, "--passes", "simplify,fold-bn", "--data", TEST, "--no-latency", "-o", str(out),
+                 "--save-recipe", str(saved), "-q"]) == 0
+    text = saved.read_text()
+    assert 'passes = ["simplify", "fold-bn"]' in text and "latency = false" in text and TEST in text
+    report = tmp_path / "r.json"
+    assert main([DIGITS, "--recipe", str(saved), "-o", str(tmp_path / "b.onnx"), "--report", str(report), "-q"]) == 0
+    first, second = onnx.load(out), onnx.load(tmp_path / "b.onnx")
+    assert [n.op_type for n in first.graph.node] == [n.op_type for n in second.graph.node]
+    data = json.loads(report.read_text())
+    assert [p["name"] for p in data["passes"]] == ["simplify", "fold-bn"] and data["latency"] is None
+    # a flag given on the command line takes the place of the file's value
+    assert main([DIGITS, "--recipe", str(saved), "--passes", "simplify", "-o", str(tmp_path / "c.onnx"),
+                 "--report", str(report), "-q"]) == 0
+    assert [p["name"] for p in json.loads(report.read_text())["passes"]] == ["simplify"]
+
+
+def test_a_failed_run_writes_no_recipe_and_no_input_is_overwritten(tmp_path, monkeypatch):
+    from onnxopt.passes import REGISTRY
+    from tests.test_pipeline import BreakWeights
+
+    monkeypatch.setitem(REGISTRY, "break", BreakWeights)
+    saved = tmp_path / "run.toml"
+    assert main([DIGITS, "--passes", "break", "--no-latency", "-o", str(tmp_path / "o.onnx"),
+                 "--save-recipe", str(saved), "-q"]) == 1
+    assert not saved.exists()
+    recipe = tmp_path / "in.toml"
+    recipe.write_text("latency = false\n")
+    assert main([DIGITS, "--recipe", str(recipe), "--save-recipe", str(recipe), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert recipe.read_text() == "latency = false\n"
+
+
+def test_optimize_takes_a_recipe_and_keywords_override_it():
+    recipe = Recipe(passes=["simplify"], latency=False, data=TEST)
+    result = onnxopt.optimize(DIGITS, recipe, passes=["simplify", "fold-bn"])
+    assert [p.name for p in result.report.passes] == ["simplify", "fold-bn"] and result.ok
+    with pytest.raises(OptionError, match="unknown option"):
+        onnxopt.optimize(DIGITS, recipe, batchsize=3)
+    with pytest.raises(OptionError, match="passes given twice"):
+        onnxopt.optimize(DIGITS, ["simplify"], passes=["fold-bn"])
+
+
+def test_a_recipe_with_arrays_or_pass_objects_cannot_be_saved():
+    with pytest.raises(OptionError, match="cannot hold"):
+        Recipe(data={"x": np.zeros((1, 1, 8, 8), np.float32)}).to_toml()
+    from tests.test_pipeline import BreakWeights
+
+    with pytest.raises(OptionError, match="REGISTRY"):
+        Recipe(passes=[BreakWeights()]).to_toml()
