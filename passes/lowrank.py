@@ -131,6 +131,7 @@ class LowRankFactorize(OnnxoptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.details = {"layers": {}, "skipped": {}}
         done = 0
+        self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         for graph in graphs_of(model):
             names = NameScope(graph)
             for node in list(graph):
@@ -183,6 +184,8 @@ class LowRankFactorize(OnnxoptPass):
             return f"{array.ndim}-D weight"
         elif node.op_type == "Gemm" and constant_array(node.inputs[0]) is not None:
             return "Gemm's A is a constant"
+        elif node.op_type == "Gemm" and self._opset < 11:
+            return "opset < 11 (the first Gemm of the pair would need a C)"
         return None
 
     def _gram(self, weight: ir.Value, n_in: int) -> np.ndarray | None:
