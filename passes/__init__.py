@@ -6,20 +6,26 @@
 from __future__ import annotations
 
 from onnxopt.passes._base import OnnxoptPass
+from onnxopt.passes.cluster import ClusterWeights
 from onnxopt.passes.equalize import EqualizeCrossLayer
 from onnxopt.passes.fix_shapes import FixInputShapes
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
+from onnxopt.passes.lowrank import LowRankFactorize
 from onnxopt.passes.prune_channels import PruneChannels
 from onnxopt.passes.quantize import QuantizeQDQ
 from onnxopt.passes.share_initializers import ShareInitializers
 from onnxopt.passes.simplify import Simplify
+from onnxopt.passes.sparsify import SparsifyWeights
 
 __all__ = [
     "OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "EqualizeCrossLayer",
-    "FixInputShapes", "REGISTRY",
+    "FixInputShapes", "LowRankFactorize", "ClusterWeights", "SparsifyWeights", "REGISTRY",
 ]
 
 REGISTRY: dict[str, type[OnnxoptPass]] = {
     cls.name: cls
-    for cls in (Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer, FixInputShapes)
+    for cls in (
+        Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer, FixInputShapes,
+        LowRankFactorize, ClusterWeights, SparsifyWeights,  # lossy: never in DEFAULT_PASSES
+    )
 }
