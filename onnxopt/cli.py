@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
     parser.add_argument("--max-drop", type=float, metavar="POINTS", help="quantize: accuracy points the --eval labels may lose (default 1.0); layers fall back to float until met")
     parser.add_argument("--min-cosine", type=float, metavar="C", help="quantize: least output cosine to float without labels (default 0.99); layers fall back to float until met")
+    parser.add_argument("--cluster-bits", type=int, metavar="B",
+                        help="weight clustering: a 2^B-entry codebook per weight (1: binary, 2: ternary; adds the 'cluster' pass; lossy)")
+    parser.add_argument("--cluster-per-channel", action="store_true", help="one codebook per output channel")
+    parser.add_argument("--sparsity", type=float, metavar="S",
+                        help="zero this fraction of each weight by magnitude, stored sparse (adds the 'sparsify' pass; lossy)")
+    parser.add_argument("--sparsity-pattern", choices=("2:4",), help="N:M sparsity: keep the 2 largest of every 4")
+    parser.add_argument("--lowrank-energy", type=float, metavar="E",
+                        help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy)")
+    parser.add_argument("--lowrank-ratio", type=float, metavar="R", help="factorize to about this fraction of each layer's weights")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
     parser.add_argument("--recipe", metavar="TOML", help="read the run's options from a recipe file (flags given here win)")
     parser.add_argument("--save-recipe", metavar="TOML", help="write this run's options as a recipe file, to replay it with --recipe")

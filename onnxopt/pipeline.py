@@ -216,7 +216,9 @@ def _optimize(
                  **fixed_dims}
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
-    report.lossy = any(isinstance(p, PruneChannels) and p.mode != "zero" for p in pass_objects)
+    # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is
+    # reported, not judged by the lossless tolerance.
+    report.lossy = any(getattr(p, "lossy", False) for p in pass_objects if not isinstance(p, QuantizeQDQ))
     for step, p in enumerate(pass_objects):
         name = _pass_name(p)
         if progress:

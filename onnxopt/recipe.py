@@ -40,12 +40,14 @@ import onnx_ir as ir
 from onnxopt.calibrate import DEFAULT_PERCENTILE
 from onnxopt.errors import OptionError, UnknownPassError
 from onnxopt.options import check_arguments
-from onnxopt.passes import REGISTRY, QuantizeQDQ
+from onnxopt.passes import REGISTRY, ClusterWeights, LowRankFactorize, QuantizeQDQ, SparsifyWeights
 from onnxopt.validate import DEFAULT_ATOL
 
 DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
 # --quantize int8 with the default passes: prune's lossless removal is left to a run of its own.
 QUANTIZE_PRESET = ("simplify", "fold-bn", "share-init", "quantize")
+# Options of the compression family's passes: each adds its pass (after the others) when given.
+_FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
 _QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target")
 
 
@@ -88,6 +90,13 @@ class Recipe:
     max_drop: float | None = None
     min_cosine: float | None = None
     speed_fallback: bool | None = None
+    # the rest of the compression family (lossy: reported, not judged by the lossless tolerance)
+    cluster_bits: int | None = None
+    cluster_per_channel: bool = False
+    sparsity: float | None = None
+    sparsity_pattern: str | None = None
+    lowrank_energy: float | None = None
+    lowrank_ratio: float | None = None
 
     # -- building -----------------------------------------------------------------------------------
 
@@ -140,10 +149,32 @@ class Recipe:
                 raise OptionError(f"{name}: must be true or false, not {getattr(self, name)!r}")
         if self.activations not in ("uint8", "int8", "auto"):
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
+        self._check_family()
         check_arguments({**self.arguments(), "passes": self.pass_list()})
         if not self._quantizes() and self._quantize_options_changed():
             raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
                               "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
+
+    def _check_family(self) -> None:
+        def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False) -> None:
+            if value is None:
+                return
+            kind = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise OptionError(f"{flag} {value!r}: must be {'a whole number' if whole else 'a number'}")
+            if not (low <= value < high if high_open else low <= value <= high):
+                raise OptionError(f"{flag} {value:g}: must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+        number("--cluster-bits", self.cluster_bits, 1, 8, whole=True)
+        number("--sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        number("--lowrank-energy", self.lowrank_energy, 0.0, 1.0)
+        number("--lowrank-ratio", self.lowrank_ratio, 0.0, 1.0)
+        if self.lowrank_energy == 0 and self.lowrank_ratio is None:
+            raise OptionError("--lowrank-energy 0: keeps nothing; give a fraction in (0, 1]")
+        if self.sparsity_pattern not in (None, "2:4"):
+            raise OptionError(f"--sparsity-pattern {self.sparsity_pattern!r}: not one of 2:4")
+        if not isinstance(self.cluster_per_channel, bool):
+            raise OptionError(f"cluster_per_channel: must be true or false, not {self.cluster_per_channel!r}")
 
     def pass_list(self) -> list[str | ir.passes.PassBase]:
         """The passes in order, names or objects: ``quantize int8`` adds its pass (with the default
@@ -156,9 +187,16 @@ class Recipe:
             raise OptionError(f"--passes: give pass names (a list, or one comma-separated string) or pass objects, "
                               f"not {type(passes).__name__}")
         items = list(passes)
+        for name, given in (("lowrank", self.lowrank_energy is not None or self.lowrank_ratio is not None),
+                            ("sparsify", self.sparsity is not None or self.sparsity_pattern is not None),
+                            ("cluster", self.cluster_bits is not None)):
+            if given and name not in items and not any(getattr(p, "name", None) == name for p in items):
+                items.append(name)
         if self.quantize and not any(_is_quantize(p) for p in items):
             items = list(QUANTIZE_PRESET) if tuple(items) == DEFAULT_PASSES else [*items, "quantize"]
-        return [self._quantize_pass() if p == "quantize" else p for p in items]
+        built = {"quantize": self._quantize_pass, "cluster": self._cluster_pass, "sparsify": self._sparsify_pass,
+                 "lowrank": self._lowrank_pass}
+        return [built[p]() if isinstance(p, str) and p in built else p for p in items]
 
     def resolved_passes(self) -> list[ir.passes.PassBase]:
         """``pass_list`` as pass objects (names from ``onnxopt.passes.REGISTRY``)."""
@@ -175,7 +213,7 @@ class Recipe:
 
     def arguments(self) -> dict[str, Any]:
         """The fields that ``onnxopt.pipeline`` reads, by name (the quantize pass's own options go into its object)."""
-        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude"}
+        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude", *_FAMILY_OPTIONS}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def _quantizes(self) -> bool:
@@ -184,6 +222,15 @@ class Recipe:
     def _quantize_options_changed(self) -> bool:
         default = Recipe()
         return any(getattr(self, n) != getattr(default, n) for n in _QUANTIZE_OPTIONS) or self.speed_fallback is False
+
+    def _cluster_pass(self) -> ClusterWeights:
+        return ClusterWeights(bits=4 if self.cluster_bits is None else self.cluster_bits, per_channel=self.cluster_per_channel)
+
+    def _sparsify_pass(self) -> SparsifyWeights:
+        return SparsifyWeights(sparsity=0.5 if self.sparsity is None else self.sparsity, pattern=self.sparsity_pattern)
+
+    def _lowrank_pass(self) -> LowRankFactorize:
+        return LowRankFactorize(energy=0.9 if self.lowrank_energy is None else self.lowrank_energy, ratio=self.lowrank_ratio)
 
     def _quantize_pass(self) -> QuantizeQDQ:
         return QuantizeQDQ(activations=self.activations, per_channel=not self.per_tensor, exclude=list(self.exclude),

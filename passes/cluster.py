@@ -109,6 +109,11 @@ class ClusterWeights(OnnxoptPass):
 
     name = "cluster"
 
+    @property
+    def lossy(self) -> bool:
+        """Fewer centroids than a weight has values change it (8 bits keep 256 values exactly)."""
+        return True
+
     def __init__(
         self,
         bits: int = 4,

@@ -109,6 +109,11 @@ class LowRankFactorize(OnnxoptPass):
 
     name = "lowrank"
 
+    @property
+    def lossy(self) -> bool:
+        """A truncated factorization changes outputs; the full rank (energy 1, no ratio) does not."""
+        return not (self.ratio is None and self.energy >= 1.0)
+
     def __init__(
         self,
         energy: float = 0.9,

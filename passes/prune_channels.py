@@ -62,6 +62,11 @@ class PruneChannels(OnnxoptPass):
 
     name = "prune"
 
+    @property
+    def lossy(self) -> bool:
+        """Pruning by importance or given channels changes outputs; removing all-zero channels does not."""
+        return self.mode != "zero"
+
     def __init__(
         self,
         channels_to_remove: dict[int, list[int]] | None = None,

@@ -86,6 +86,11 @@ class SparsifyWeights(OnnxoptPass):
 
     name = "sparsify"
 
+    @property
+    def lossy(self) -> bool:
+        """Zeroing weights changes outputs, unless nothing is zeroed."""
+        return not (self.sparsity == 0.0 and self.pattern is None)
+
     def __init__(
         self,
         sparsity: float = 0.5,

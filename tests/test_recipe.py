@@ -113,3 +113,26 @@ def test_a_recipe_with_arrays_or_pass_objects_cannot_be_saved():
 
     with pytest.raises(OptionError, match="REGISTRY"):
         Recipe(passes=[BreakWeights()]).to_toml()
+
+
+@pytest.mark.parametrize("flags,pass_name", [(["--cluster-bits", "3"], "cluster"), (["--sparsity", "0.5"], "sparsify"),
+                                             (["--lowrank-energy", "0.95"], "lowrank")])
+def test_a_compression_flag_adds_its_lossy_pass_reported_as_changed(tmp_path, flags, pass_name):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main([DIGITS, *flags, "--data", TEST, "--no-latency", "-o", str(out), "--report", str(report), "-q"]) == 0
+    data = json.loads(report.read_text())
+    assert data["passes"][-1]["name"] == pass_name and data["passes"][-1]["modified"]
+    assert data["validation"]["outputs"][0]["max_abs"] > 0  # lossy: the outputs moved, and the run still succeeds
+    assert data["ok"] is True and "accuracy" in json.dumps(data["validation"])
+    from pathlib import Path
+
+    assert out.stat().st_size <= Path(DIGITS).stat().st_size
+
+
+@pytest.mark.parametrize("flags,words", [(["--cluster-bits", "9"], "--cluster-bits 9"), (["--sparsity", "1"], "--sparsity 1"),
+                                         (["--lowrank-energy", "0"], "--lowrank-energy 0"),
+                                         (["--lowrank-ratio", "2"], "--lowrank-ratio 2")])
+def test_bad_compression_values_are_one_line(tmp_path, capsys, flags, words):
+    assert main([DIGITS, *flags, "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
