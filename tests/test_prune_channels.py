@@ -236,3 +236,27 @@ def test_channels_zeroed_in_torch_leave_losslessly(tmp_path):
     assert code == 0 and data["ok"]
     prune_record = next(p for p in data["passes"] if p["name"] == "prune")
     assert prune_record["details"]["channels_removed"] == zeroed == 5 + 10
+
+
+def test_a_depthwise_conv_loses_its_group_with_its_channels():
+    """Pointwise(8) -> depthwise(group 8) -> pointwise: zeroing 3 of the first conv's channels
+    removes them from the depthwise conv too, whose ``group`` must shrink to the 5 left."""
+    w1 = randn(8, 3, 1, 1)
+    w1[[1, 4, 6]] = 0
+    model = build(
+        f"""{OPSET}
+        g (float[1,3,6,6] x) => (float[1,4,6,6] y) {{
+            a = Conv (x, W1)
+            r = Relu (a)
+            d = Conv <group=8, pads=[1,1,1,1]> (r, DW, DB)
+            s = Relu (d)
+            y = Conv (s, W3, B3)
+        }}""",
+        {"W1": w1, "DW": randn(8, 1, 3, 3), "DB": np.zeros(8, np.float32), "W3": randn(4, 8, 1, 1), "B3": randn(4)},
+    )
+    p = prune(model)
+    depthwise = next(n for n in model.graph if n.op_type == "Conv" and n.attributes.get("group") is not None
+                     and n.attributes["group"].value > 1)
+    assert depthwise.attributes["group"].value == 5
+    assert constant_array(depthwise.inputs[1]).shape == (5, 1, 3, 3)
+    assert p.details["channels_removed"] == 3

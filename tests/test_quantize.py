@@ -691,7 +691,9 @@ def test_real_architectures_quantize_every_weighted_layer_closely(name):
     assert ops.get("QLinearConv", 0) + ops.get("QGemm", 0) == details["weighted"]["total"], ops
     if name == "resnet50":  # its residual Sums, as Adds, run on integers too
         assert ops.get("QLinearAdd") == 16 and "Sum" not in ops, ops
-    assert min(o.cosine for o in result.report.validation.outputs) > 0.999
+    # Absolute error in uint8 steps of each output's range, as for the zoo (not a cosine that one
+    # instruction set's rounding gives): the target's weights cannot saturate on any CPU.
+    assert all(o.max_rel <= 24 * 2 / 255 for o in result.report.validation.outputs)
     assert details["file_bytes"]["ratio"] < 0.3  # weights dominate: int8 and no float copy
 
 
