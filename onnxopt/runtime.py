@@ -133,6 +133,11 @@ def session_options(
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3
+    if optimization == "disabled":
+        # Reference, validation and observation sessions: several live at once in a lossy search,
+        # and each arena keeps its largest run's activations (the PaddleOCR detector at batch 16:
+        # 1.55 GB peak with arenas). Timed sessions (optimized) keep theirs: allocation is part of speed.
+        options.enable_cpu_mem_arena = False
     if intra_op_threads:
         options.intra_op_num_threads = int(intra_op_threads)
     if inter_op_threads:

@@ -1005,3 +1005,21 @@ def test_the_pipeline_reuses_the_validation_of_the_model_the_step_settled_on(dig
     batches = -(-len(np.load(digits / "digits_test.npz")["labels"]) // 32)
     disabled = [level for level in reference_runs if str(level).endswith("DISABLE_ALL")]
     assert len(disabled) == batches  # the original, once per batch; every candidate ran once per batch
+
+
+def test_sqnr_reads_the_first_samples_only_where_axis_0_is_surely_a_batch():
+    from onnxopt.quantization import _first_rows
+
+    dynamic = build("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x, float[N,2] m) => (float[N,4] y) { y = Relu(x) }""")
+    fixed = build("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[16,4] x) => (float[16,4] y) { y = Relu(x) }""")
+    state = build("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x, float[2,N,3] h) => (float[N,4] y) { y = Relu(x) }""")
+    feed = {"x": np.ones((16, 4), np.float32), "m": np.ones((16, 2), np.float32)}
+    cut = _first_rows(dynamic, feed, 8)
+    assert cut["x"].shape == (8, 4) and cut["m"].shape == (8, 2)
+    assert _first_rows(dynamic, feed, 32)["x"].shape == (16, 4)
+    assert _first_rows(fixed, {"x": feed["x"]}, 8)["x"].shape == (16, 4)  # a fixed dim is never cut
+    mixed = {"x": np.ones((16, 4), np.float32), "h": np.ones((2, 16, 3), np.float32)}
+    assert _first_rows(state, mixed, 8)["x"].shape == (16, 4)  # leading sizes differ: not surely a batch
