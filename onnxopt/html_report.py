@@ -132,15 +132,22 @@ def _bars(chart_id: str, rows: list[tuple[str, list[float | None], str]], series
             v = _num(value)
             if v is None:
                 continue
-            w = max(v / top * plot_w, 0.5 if v > 0 else 0.0)
+            w = max(v / top * plot_w, 0.5) if v > 0 else 0.0  # a negative value (SQNR below 0 dB) draws no bar
             by = y if stacked else y + i * bar_h
             out.append(f'<rect x="{x:.1f}" y="{by}" width="{w:.1f}" height="{bar_h - 1}" fill="{_COLORS[i % len(_COLORS)]}"/>')
             if stacked:
                 x += w
-        end_x = label_w + (totals[r] / top * plot_w) + 6
+        end_x = label_w + (max(totals[r], 0.0) / top * plot_w) + 6
         out.append(f'<text x="{end_x:.1f}" y="{y + per_row / 2 + 4:.1f}">{_e(end)}</text></g>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _beside(x: float, middle: float, y: float, text: str) -> str:
+    """A label beside a vertical line at ``x``: on its right in the left half, on its left in the right half."""
+    if x < middle:
+        return f'<text x="{x + 4:.1f}" y="{y}">{_e(text)}</text>'
+    return f'<text x="{x - 4:.1f}" y="{y}" text-anchor="end">{_e(text)}</text>'
 
 
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -173,7 +180,7 @@ def _interval(lat: dict) -> str:
         out.append(f'<line x1="{sx(t):.1f}" y1="40" x2="{sx(t):.1f}" y2="44" stroke="#999"/>'
                    f'<text x="{sx(t):.1f}" y="56" text-anchor="middle">{t:g}</text>')
     out.append(f'<line x1="{sx(1.0):.1f}" y1="8" x2="{sx(1.0):.1f}" y2="40" stroke="#777" stroke-dasharray="3,3"/>'
-               f'<text x="{sx(1.0) + 4:.1f}" y="14">1 = no change</text>')
+               + _beside(sx(1.0), width / 2, 14, "1 = no change"))
     if low is not None and high is not None:
         out.append(f'<line x1="{sx(low):.1f}" y1="28" x2="{sx(high):.1f}" y2="28" stroke="{_COLORS[0]}" stroke-width="3"/>'
                    f'<line x1="{sx(low):.1f}" y1="22" x2="{sx(low):.1f}" y2="34" stroke="{_COLORS[0]}" stroke-width="2"/>'
@@ -458,7 +465,7 @@ def _scatter(points: list[dict], metric: str) -> str:
                    f'<line x1="{ml}" y1="{sy(t):.1f}" x2="{width - mr}" y2="{sy(t):.1f}" stroke="#eee"/>'
                    f'<text x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
     out.append(f'<line x1="{sx(1.0):.1f}" y1="{mt}" x2="{sx(1.0):.1f}" y2="{height - mb}" stroke="#888" stroke-dasharray="4,3"/>'
-               f'<text x="{sx(1.0) + 4:.1f}" y="{mt + 12}">original speed</text>')
+               + _beside(sx(1.0), width / 2, mt + 12, "original speed"))
     out.append(f'<text x="{(ml + width - mr) / 2:.0f}" y="{height - 14}" text-anchor="middle">latency ratio, optimized / original '
                f'(left is faster)</text>')
     y_label = "accuracy (%)" if metric == "accuracy" else "cosine to the original"
