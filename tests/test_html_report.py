@@ -307,3 +307,31 @@ def test_a_headless_browser_draws_the_page(quantized, tmp_path):
     pixels = png_pixels(shot.read_bytes())
     assert len(set(pixels)) > 20  # text, bars and the verdict's colour: not a blank page
     assert b"\x2e\x7d\x32" in {p[:3] for p in pixels}  # the green OK badge is drawn
+
+
+# --- the command line's --html (wired by onnxopt/cli.py) ---------------------------------------------
+
+
+def _cli_has_html() -> bool:
+    from onnxopt.cli import build_parser
+
+    return any("--html" in a.option_strings for a in build_parser()._actions)
+
+
+@pytest.mark.skipif(not _cli_has_html(), reason="onnxopt/cli.py has no --html yet")
+def test_cli_html_is_written_with_the_model_and_the_report_all_or_none(tmp_path, capsys):
+    from onnxopt.cli import main
+
+    out, report, page = tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "r.html"
+    args = [MODEL, "-o", str(out), "--data", TEST, "--no-latency", "-q", "--report", str(report), "--html", str(page)]
+    assert main(args) == 0
+    parsed = parse(page.read_text(encoding="utf-8"))
+    assert {"summary", "passes", "validation"} <= set(parsed.ids) and f"→ {out}" in " ".join(parsed.text)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "r.html", "r.json"]
+    # an --html path that cannot be written: neither the model nor the JSON report is left behind
+    for f in (out, report, page):
+        f.unlink()
+    assert main([*args[:-1], str(tmp_path / "missing" / "r.html")]) == 2
+    assert os.listdir(tmp_path) == []
+    assert main([*args[:-1], str(out)]) == 2  # the output model's own path
+    assert "--html" in capsys.readouterr().err
