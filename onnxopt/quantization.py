@@ -313,6 +313,8 @@ class QuantizationStep:
             t_float = layer_times(named[0], k_float, quantized)
             t_int8 = layer_times(named[1], k_int8, quantized)
             info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
+            # every timed layer's [int8, float] kernel microseconds, for the HTML report's per-layer plot
+            info["layers"] = {n: [round(t_int8[n], 1), round(t_float[n], 1)] for n in info["timed"]}
             chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
             info["slower_in_int8"] = {n: [t_int8[n], t_float[n]] for n in chosen}
             sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})

@@ -139,6 +139,7 @@ class PruneChannels(OnnxoptPass):
             "params_removed": int(removed_params),
             "bias_params_added": int(bias_params),
             "removed": {int(gid): [int(c) for c in chans] for gid, chans in plan.items()},
+            "sizes": {int(g.id): int(g.size) for g in groups},  # channels per group before: kept = size - removed
             "kept_zero_channels": int(kept_zero),
             "left": left,
         }

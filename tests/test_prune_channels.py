@@ -72,6 +72,7 @@ def test_constant_of_a_zero_channel_folds_into_an_unpadded_conv():
     model = chain("[0,0,0,0]", [1, 4])
     p = prune(model)
     assert p.details["removed"] == {0: [1, 4]} and p.details["kept_zero_channels"] == 0
+    assert p.details["sizes"][0] == 6  # the group's channels before: the report plots kept = size - removed
     conv2 = list(model.graph)[-1]
     assert constant_array(conv2.inputs[1]).shape == (4, 4, 3, 3)
 

@@ -169,6 +169,9 @@ def test_a_layer_slower_in_int8_stays_float_when_the_model_is_then_faster(digits
                               latency=False, speed_fallback=True)
     details = result.report.passes[-1].details
     assert details["speed"]["kept_float"] == [first] and details["speed"]["ratio"] == 0.8
+    # every timed layer's [int8, float] microseconds, for the HTML report's plot
+    assert set(details["speed"]["layers"]) == set(details["speed"]["timed"])
+    assert details["speed"]["layers"][first] == [50.0, 10.0]
     assert compared == [{first}]  # the float Conv is the one left in the model timed
     assert details["left"][first] == "kept float for speed: int8 kernels 50 us, float 10 us"
     assert "6 of 7 Conv/Gemm/MatMul" in result.report.passes[-1].summary
