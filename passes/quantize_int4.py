@@ -7,7 +7,8 @@ A MatMul weight ``W`` (K x N) is cut along K into blocks of ``block_size`` rows 
 
 - RTN symmetric (onnxruntime's layout, byte for byte): ``s = m / -8`` where ``m`` is the block's value
   of largest magnitude (sign kept), ``z = 8``, ``q = clip(floor(w / s + 8 + 1/2), 0, 15)``: the error
-  is at most ``|s| / 2`` per weight.
+  is at most ``|s| / 2`` per weight, except on the side opposite the extreme, where codes reach only
+  ``7|s|``: a value past ``7.5|s|`` there is clipped (error ``|w| - 7|s| <= |s|``).
 - RTN asymmetric: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi - lo) / 15``,
   ``z = clip(floor(-lo / s + 1/2), 0, 15)`` stored packed as uint8; error at most ``s / 2``.
 - HQQ (half-quadratic, no data): the zero point is a float, refined from RTN asymmetric's by
