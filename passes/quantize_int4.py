@@ -35,7 +35,6 @@ __all__ = ["QuantizeWeightsInt4", "rtn_blocks", "hqq_blocks", "gptq_blocks", "pa
 import logging
 from collections.abc import Iterable, Mapping
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -420,12 +419,12 @@ class QuantizeWeightsInt4(OnnxoptPass):
             scale, zero = _params(blocks, self.symmetric)
             codes = _codes(blocks, scale, zero).reshape(rows, width)
             base = table.name or label
-            if self.symmetric:
-                data = _const(graph, names, f"{base}_Q4", (codes.astype(np.int8) - 8).astype(ml_dtypes.int4))
+            if self.symmetric:  # int4 codes q - 8 (two's complement nibbles), zero point 0
+                data = _packed(graph, names, f"{base}_Q4", (codes.astype(np.int8) - 8).astype(np.uint8), ir.DataType.INT4)
                 zp = None
             else:
-                data = _const(graph, names, f"{base}_Q4", codes.astype(ml_dtypes.uint4))
-                zp = _const(graph, names, f"{base}_zero_points", zero.astype(np.uint8).astype(ml_dtypes.uint4))
+                data = _packed(graph, names, f"{base}_Q4", codes, ir.DataType.UINT4)
+                zp = _packed(graph, names, f"{base}_zero_points", zero.astype(np.uint8), ir.DataType.UINT4)
             scales = _const(graph, names, f"{base}_scales", scale.astype(np.float32))
             tables[id(table)] = (data, scales, zp)
             err = (codes.reshape(blocks.shape).astype(np.float32) - zero[..., None]) * scale[..., None] - blocks
@@ -451,5 +450,20 @@ def _const(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> i
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.dtype = value.const_value.dtype
     value.shape = value.const_value.shape
+    graph.register_initializer(value)
+    return value
+
+
+def _packed(graph: ir.Graph, names: NameScope, base: str, nibbles: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    """A new 4-bit initializer of ``graph``: ``nibbles`` (low 4 bits of each uint8) packed two a byte,
+    row-major, of ``nibbles``' shape."""
+    flat = nibbles.reshape(-1).astype(np.uint8) & 15
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    name = names.fresh(base)
+    tensor = ir.PackedTensor(pack_nibbles(flat), dtype, shape=ir.Shape(nibbles.shape), name=name)
+    value = ir.Value(name=name, const_value=tensor)
+    value.dtype = dtype
+    value.shape = tensor.shape
     graph.register_initializer(value)
     return value

@@ -29,7 +29,7 @@ def test_packed_bytes_identical_to_onnxruntime(symmetric):
 
     rng = np.random.default_rng(3)
     w = (rng.standard_t(3, (80, 48)) * 0.05).astype(np.float32)  # K = 80: a padded last block
-    w[:32, 0] = np.linspace(-8, 7, 32) / 8 * 0.05 + 0.0  # ties on a grid
+    w[:32, 0] = np.linspace(-8, 7, 32) / 8 * 0.05 + 0.0  # one block on a regular grid
     theirs = MatMulNBitsQuantizer(ir.to_proto(single_matmul(w)), algo_config=DefaultWeightOnlyQuantConfig(
         block_size=32, is_symmetric=symmetric))
     theirs.process()
@@ -71,7 +71,7 @@ def test_fused_graph_and_no_float_weight_left(tmp_path):
     model = tiny_transformer()
     p = QuantizeWeightsInt4(op_types=("MatMul", "Gemm"), accuracy_level=4)
     p(model)
-    assert len(p.details["quantized"]) == 6 and p.details["embeddings"] == ["node_Gather_0"] or p.details["embeddings"]
+    assert len(p.details["quantized"]) == 6 and len(p.details["embeddings"]) == 1
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     floats = {v.name: v.const_value.size for v in model.graph.initializers.values()
               if v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= 64 * 64}
