@@ -11,11 +11,12 @@ A MatMul weight ``W`` (K x N) is cut along K into blocks of ``block_size`` rows 
   ``7|s|``: a value past ``7.5|s|`` there is clipped (error ``|w| - 7|s| <= |s|``).
 - RTN asymmetric: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi - lo) / 15``,
   ``z = clip(floor(-lo / s + 1/2), 0, 15)`` stored packed as uint8; error at most ``s / 2``.
-- HQQ (half-quadratic, no data): the zero point is a float, refined from RTN asymmetric's by
+- HQQ (half-quadratic, no data): the zero point is a float, refined from the block's min/max (and,
+  as a second start, from RTN asymmetric's) by
   alternating ``We = shrink_p(W - dequant(q))`` (the generalized soft threshold of an l_p, p < 1,
   norm: the outliers' error is allowed to stay) and ``z = mean(q - (W - We) / s)`` per block,
   ``beta`` growing by ``kappa`` each step; each block keeps the iterate with the smallest squared
-  error (the RTN start included), so HQQ never does worse than RTN asymmetric in that measure.
+  error (the starts included), so HQQ never does worse than RTN asymmetric in that measure.
 - GPTQ (``calibration_gram`` gives ``H = X^T X`` per weight name): rows of W (input features) are
   rounded in order; each rounding error, divided by the Cholesky factor of ``H^-1``'s diagonal, is
   pushed onto the rows not yet rounded, so that ``||X W - X W_q||`` (not ``||W - W_q||``) is small.
@@ -110,33 +111,44 @@ def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
 
 def hqq_blocks(w: np.ndarray, block_size: int, iters: int = 20, p: float = 0.7, beta: float = 10.0,
                kappa: float = 1.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """HQQ: RTN asymmetric's scale with a float zero point refined by half-quadratic splitting;
-    per block, the iterate (RTN start included) with the smallest squared error is kept."""
+    """HQQ: a float zero point refined by half-quadratic splitting, from two starts (the block's own
+    min/max, as the paper; RTN asymmetric's range that holds 0); per block, the iterate (starts
+    included) with the smallest squared error is kept."""
     blocks, k = _to_blocks(w, block_size)
     real = np.ones_like(blocks, dtype=bool)
     real.reshape(blocks.shape[0], -1)[:, k:] = False
-    scale, zero = _params(blocks, symmetric=False)
-    safe = np.where(scale == 0, 1, scale).astype(np.float32)
+    lo = np.where(real, blocks, np.inf).min(-1)
+    hi = np.where(real, blocks, -np.inf).max(-1)
+    minmax = ((hi - lo) / np.float32(15)).astype(np.float32)
+    starts = [(minmax, np.where(minmax == 0, 8, -lo / np.where(minmax == 0, 1, minmax)).round().astype(np.float32)),
+              _params(blocks, symmetric=False)]
+    best = None
+    for scale, z in starts:
+        safe = np.where(scale == 0, 1, scale).astype(np.float32)
 
-    def error(z):
-        q = _codes(blocks, scale, z)
-        return q, (np.where(real, (q - z[..., None]) * scale[..., None] - blocks, 0) ** 2).sum(-1)
+        def error(z, scale=scale):
+            q = _codes(blocks, scale, z)
+            return q, (np.where(real, (q - z[..., None]) * scale[..., None] - blocks, 0) ** 2).sum(-1)
 
-    best_q, best_err = error(zero)
-    best_z = zero.copy()
-    z = zero.astype(np.float32)
-    for _ in range(iters):
-        q = np.clip(np.rint(blocks / safe[..., None] + z[..., None]), 0, 15)
-        recon = (q - z[..., None]) * scale[..., None]
-        we = _shrink(blocks - recon, beta, p)
-        z = np.where(scale == 0, z, ((q - (blocks - we) / safe[..., None]) * real).sum(-1) / real.sum(-1)).astype(np.float32)
-        beta *= kappa
-        q_new, err = error(z)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_z = np.where(better, z, best_z)
-        best_q = np.where(better[..., None], q_new, best_q)
-    return _clear_padding(best_q.astype(np.uint8), k), scale, best_z.astype(np.float32)
+        q0, err0 = error(z)
+        if best is None:
+            best = [q0, scale.copy(), z.copy(), err0]
+        else:
+            better = err0 < best[3]
+            best = [np.where(better[..., None], q0, best[0]), np.where(better, scale, best[1]),
+                    np.where(better, z, best[2]), np.where(better, err0, best[3])]
+        b = beta
+        for _ in range(iters):
+            q = np.clip(np.rint(blocks / safe[..., None] + z[..., None]), 0, 15)
+            we = _shrink(blocks - (q - z[..., None]) * scale[..., None], b, p)
+            z = np.where(scale == 0, z, ((q - (blocks - we) / safe[..., None]) * real).sum(-1) / real.sum(-1)).astype(np.float32)
+            b *= kappa
+            q_new, err = error(z)
+            better = err < best[3]
+            best = [np.where(better[..., None], q_new, best[0]), np.where(better, scale, best[1]),
+                    np.where(better, z, best[2]), np.where(better, err, best[3])]
+    q, scale, z, _ = best
+    return _clear_padding(q.astype(np.uint8), k), scale.astype(np.float32), z.astype(np.float32)
 
 
 def gptq_blocks(w: np.ndarray, gram: np.ndarray, block_size: int, symmetric: bool,
