@@ -13,19 +13,22 @@ from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 from onnxopt.passes.lowrank import LowRankFactorize
 from onnxopt.passes.prune_channels import PruneChannels
 from onnxopt.passes.quantize import QuantizeQDQ
+from onnxopt.passes.quantize_dynamic import QuantizeDynamic
+from onnxopt.passes.quantize_int4 import QuantizeWeightsInt4
 from onnxopt.passes.share_initializers import ShareInitializers
 from onnxopt.passes.simplify import Simplify
 from onnxopt.passes.sparsify import SparsifyWeights
 
 __all__ = [
     "OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "EqualizeCrossLayer",
-    "FixInputShapes", "LowRankFactorize", "ClusterWeights", "SparsifyWeights", "REGISTRY",
+    "FixInputShapes", "LowRankFactorize", "ClusterWeights", "SparsifyWeights", "QuantizeDynamic", "QuantizeWeightsInt4",
+    "REGISTRY",
 ]
 
 REGISTRY: dict[str, type[OnnxoptPass]] = {
     cls.name: cls
     for cls in (
         Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer, FixInputShapes,
-        LowRankFactorize, ClusterWeights, SparsifyWeights,  # lossy: never in DEFAULT_PASSES
+        LowRankFactorize, ClusterWeights, SparsifyWeights, QuantizeDynamic, QuantizeWeightsInt4,  # lossy: never in DEFAULT_PASSES
     )
 }

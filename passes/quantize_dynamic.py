@@ -1,0 +1,253 @@
+"""Dynamic int8 quantization: int8 weights stored, activations quantized per run by DynamicQuantizeLinear.
+
+Each MatMul with a constant 2-D float32 weight ``W`` (K x N), and each Gemm (``transB`` read, ``alpha``
+and ``beta`` folded), becomes the pattern that onnxruntime's own ``quantize_dynamic`` writes and that
+its graph optimizer fuses into ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``::
+
+    A_q, a_scale, a_zp = DynamicQuantizeLinear(A)              # uint8, per tensor, at run time
+    acc   = MatMulInteger(A_q, W_q, a_zp, w_zp)                 # int32; W_q int8, w_zp = 0 per column
+    scale = Mul(a_scale, w_scale)                               # [N] (or scalar per tensor)
+    Y     = Mul(Cast(acc, to=float), scale)  [-> Add(Y, bias)]  # bias stays float
+
+The math: ``w_scale_n = max_k |W[k, n]| / m`` with ``m = 2**(weight_bits - 1) - 1`` (127; 63 where the
+target's u8s8 kernels add product pairs into int16 with saturation, see ``onnxopt.target``);
+``W_q = round(W / w_scale)``, zero point 0 (symmetric). The activation's error is at most
+``a_scale / 2`` per element, the weight's ``w_scale_n / 2``. Several MatMuls that read the same
+activation (the Q/K/V projections) share one DynamicQuantizeLinear.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantizeDynamic"]
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused
+from onnxopt.passes.quantize import TARGET_WEIGHT_BITS, _matches, already_quantized, node_label
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED = ("MatMul", "Gemm")
+_MIN_SCALE = 1e-12
+
+
+def _quantize_weight(w: np.ndarray, per_channel: bool, weight_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 ``W_q``, float32 scale per column or one scale): symmetric, zero point 0."""
+    w = w.astype(np.float32)
+    absmax = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max(), np.float32)
+    scale = np.maximum(absmax.astype(np.float32) / np.float32(weight_max), np.float32(_MIN_SCALE)).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -weight_max, weight_max).astype(np.int8)
+    return q, scale
+
+
+class QuantizeDynamic(OnnxoptPass):
+    """Replace MatMul/Gemm with constant weights by DynamicQuantizeLinear → MatMulInteger → Cast → Mul.
+
+    Rules:
+    - a MatMul whose input B is a constant 2-D float32 tensor and whose input A is float32 (of known
+      rank >= 2 where recorded; a 1-D A is left alone);
+    - a Gemm with ``transA = 0`` and a constant B (``transB`` read); ``alpha`` is folded into the weight,
+      ``beta * C`` is added after the scale Mul as a float bias (a non-constant C with ``beta != 1``
+      is left alone);
+    - ``op_types`` limits the kinds; ``exclude`` names nodes (op type, name, label or fnmatch pattern);
+    - weights per column (``per_channel``) or per tensor, int8 symmetric with ``weight_bits`` 8 (values
+      in [-127, 127]) or 7 ([-63, 63], for x86 without VNNI: ``for_target``);
+    - a weight read by several nodes is quantized once; its float copy is dropped when no other node
+      reads it;
+    - a model that is already quantized (Q/DQ, QLinear*, *Integer, MatMulNBits) is left as it is.
+    """
+
+    name = "quantize-dynamic"
+
+    @property
+    def lossy(self) -> bool:
+        """Weights rounded to int8 and activations to uint8 at run time change the outputs."""
+        return True
+
+    def __init__(
+        self,
+        per_channel: bool = True,
+        op_types: Iterable[str] = _SUPPORTED,
+        exclude: Iterable[str] = (),
+        weight_bits: int = 8,
+        target: str | None = None,
+    ) -> None:
+        super().__init__()
+        if target is not None:
+            if target not in TARGET_WEIGHT_BITS:
+                raise ValueError(f"target must be one of {', '.join(TARGET_WEIGHT_BITS)}, not {target!r}")
+            weight_bits = TARGET_WEIGHT_BITS[target]
+        if weight_bits not in (7, 8):
+            raise ValueError(f"weight_bits must be 8, or 7 for CPUs whose int8 kernels saturate int16 pair sums, "
+                             f"not {weight_bits!r}")
+        op_types = tuple(op_types)
+        unknown = [t for t in op_types if t not in _SUPPORTED]
+        if unknown:
+            raise ValueError(f"op_types: {', '.join(unknown)} not supported (only {', '.join(_SUPPORTED)})")
+        self.per_channel = per_channel
+        self.op_types = op_types
+        self.exclude = tuple(exclude)
+        self.weight_bits = weight_bits
+        self.target = target
+
+    def for_target(self, target: str) -> QuantizeDynamic:
+        """The same recipe with the weight bits that ``target`` needs (7 on x86 without VNNI)."""
+        return QuantizeDynamic(per_channel=self.per_channel, op_types=self.op_types, exclude=self.exclude,
+                               target=target)
+
+    @property
+    def weight_max(self) -> int:
+        """The largest |int8 weight| written: 127 for 8-bit weights, 63 for 7-bit."""
+        return 2 ** (self.weight_bits - 1) - 1
+
+    # ------------------------------------------------------------------ checks
+    def _refusal(self, node: ir.Node) -> str | None:
+        """Why ``node`` stays float, or None when it can be rewritten."""
+        if any(_matches(p, node) for p in self.exclude):
+            return "excluded"
+        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+            return "missing input"
+        a, b = node.inputs[0], node.inputs[1]
+        if a.dtype is not None and a.dtype != ir.DataType.FLOAT:
+            return f"input A is {a.dtype.name} (DynamicQuantizeLinear takes float32)"
+        w = constant_array(b)
+        if w is None:
+            return "weight B is not a constant (both operands are activations)"
+        if w.dtype != np.float32:
+            return f"weight dtype {w.dtype} (only float32)"
+        if w.ndim != 2:
+            return f"weight of rank {w.ndim} (only 2-D)"
+        if node.op_type == "MatMul" and a.shape is not None and len(a.shape) < 2:
+            return "input A is 1-D"
+        if node.op_type == "Gemm":
+            if node.attributes.get_int("transA", 0):
+                return "Gemm with transA=1"
+            beta = node.attributes.get_float("beta", 1.0)
+            c = node.inputs[2] if len(node.inputs) > 2 else None
+            if c is not None and beta != 1.0 and constant_array(c) is None:
+                return "Gemm with beta != 1 and a non-constant C"
+        return None
+
+    # ------------------------------------------------------------------ rewrite
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.details = {"quantized": [], "left": {}, "weights": {}, "weight_range": [-self.weight_max, self.weight_max],
+                        "per_channel": self.per_channel, "target": self.target}
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset < 11:
+            self.summary = f"opset {opset} < 11: DynamicQuantizeLinear needs opset 11; nothing quantized"
+            self.details["left"]["model"] = self.summary
+            return ir.passes.PassResult(model, modified=False)
+        marks = already_quantized(model) + [
+            n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul", "QAttention")]
+        if marks:
+            self.summary = f"already quantized ({marks[0]}, ...): nothing done"
+            self.details["left"]["model"] = self.summary
+            logger.warning("quantize-dynamic: %s", self.summary)
+            return ir.passes.PassResult(model, modified=False)
+
+        graph = model.graph
+        names = NameScope(graph)
+        dq_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}   # id(A) -> (A_q, a_scale, a_zp)
+        weights: dict[tuple[int, bool, float], tuple[ir.Value, ir.Value, ir.Value]] = {}  # (id(B), transposed, alpha)
+        total = 0
+        for node in list(graph):
+            if node.op_type not in _SUPPORTED or node.domain not in ("", "ai.onnx"):
+                continue
+            total += 1
+            label = node_label(node)
+            if node.op_type not in self.op_types:
+                self.details["left"][label] = f"op type {node.op_type} not in op_types"
+                continue
+            why = self._refusal(node)
+            if why is not None:
+                self.details["left"][label] = why
+                by_design = why == "excluded" or why.startswith("weight B is not a constant")
+                (logger.info if by_design else logger.warning)("quantize-dynamic: %s stays float: %s", label, why)
+                continue
+            self._rewrite(graph, node, label, names, dq_inputs, weights)
+            self.details["quantized"].append(label)
+            logger.info("quantize-dynamic: %s (%s) runs on integers", label, node.op_type)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.graph is not graph and node.op_type in _SUPPORTED:
+                total += 1
+                self.details["left"][node_label(node)] = "inside a subgraph"
+        done = len(self.details["quantized"])
+        if done:
+            graph.sort()
+            model.metadata_props["onnxopt.quantization.target"] = self.target or "unspecified"
+            model.metadata_props["onnxopt.quantization.weight_range"] = f"[{-self.weight_max}, {self.weight_max}]"
+        self.summary = (
+            f"dynamic int8: {done} of {total} MatMul/Gemm on integers ({len(dq_inputs)} activations quantized at run "
+            f"time, {len(weights)} weights {'per-channel' if self.per_channel else 'per-tensor'}"
+            f"{', 7-bit' if self.weight_bits == 7 else ''}); {total - done} left float"
+        )
+        return ir.passes.PassResult(model, modified=bool(done))
+
+    def _rewrite(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope,
+                 dq_inputs: dict, weights: dict) -> None:
+        a, b = node.inputs[0], node.inputs[1]
+        transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        key = (id(b), transposed, alpha)
+        if key not in weights:
+            w = constant_array(b)
+            w = (w.T if transposed else w) * np.float32(alpha)
+            q, scale = _quantize_weight(w, self.per_channel, self.weight_max)
+            base = b.name or label
+            w_q = _const(graph, names, f"{base}_quantized", q)
+            w_zp = _const(graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int8))
+            w_s = _const(graph, names, f"{base}_scale", scale)
+            weights[key] = (w_q, w_zp, w_s)
+            self.details["weights"][base] = {"shape": list(w.shape), "bytes_before": int(w.nbytes),
+                                             "bytes_after": int(q.nbytes + scale.nbytes + scale.size)}
+        w_q, w_zp, w_s = weights[key]
+        new_nodes: list[ir.Node] = []
+        if id(a) not in dq_inputs:
+            dql = ir.node("DynamicQuantizeLinear", [a], name=names.fresh(f"{a.name or label}_DynamicQuantizeLinear"),
+                          num_outputs=3)
+            for out, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point")):
+                out.name = names.fresh(f"{a.name or label}_{suffix}")
+            dql.outputs[0].dtype, dql.outputs[1].dtype, dql.outputs[2].dtype = (
+                ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)
+            dql.outputs[0].shape = a.shape
+            graph.insert_before(node, dql)
+            dq_inputs[id(a)] = tuple(dql.outputs)
+        a_q, a_s, a_zp = dq_inputs[id(a)]
+        scales = ir.node("Mul", [a_s, w_s], name=names.fresh(f"{label}_scales_mul"))
+        acc = ir.node("MatMulInteger", [a_q, w_q, a_zp, w_zp], name=names.fresh(f"{label}_quant"))
+        cast = ir.node("Cast", [acc.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=names.fresh(f"{label}_cast"))
+        out = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names.fresh(f"{label}_output_scale_mul"))
+        for n in (scales, acc, cast, out):
+            n.outputs[0].name = names.fresh(f"{n.name}_output")
+        acc.outputs[0].dtype = ir.DataType.INT32
+        cast.outputs[0].dtype = out.outputs[0].dtype = scales.outputs[0].dtype = ir.DataType.FLOAT
+        new_nodes += [scales, acc, cast, out]
+        last = out
+        c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        if c is not None:
+            beta = node.attributes.get_float("beta", 1.0)
+            bias = c
+            if beta != 1.0:
+                bias = _const(graph, names, f"{c.name or label}_beta", (constant_array(c) * np.float32(beta)).astype(np.float32))
+            last = ir.node("Add", [out.outputs[0], bias], name=names.fresh(f"{label}_bias_add"))
+            last.outputs[0].name = names.fresh(f"{last.name}_output")
+            new_nodes.append(last)
+        old_inputs = [v for v in node.inputs[1:] if v is not None]
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [last.outputs[0]])
+        for value in old_inputs:
+            drop_if_unused(graph, value)
+
+
+def _const(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of ``graph`` holding ``array``."""
+    name = names.fresh(base)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.dtype = value.const_value.dtype
+    value.shape = value.const_value.shape
+    graph.register_initializer(value)
+    return value

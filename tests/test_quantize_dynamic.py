@@ -1,0 +1,142 @@
+"""quantize-dynamic: onnxruntime's dynamic int8 layout, errors bounded by the scales, the fused kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from graphs import run, snapshot
+from transformer_graphs import single_matmul, tiny_transformer, token_feeds
+
+from onnxopt.passes import Simplify
+from onnxopt.passes.quantize_dynamic import QuantizeDynamic
+
+ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo" / "transformer_encoder.onnx"
+
+
+def _optimized_ops(model: ir.Model, tmp_path: Path) -> list[str]:
+    """The op types of onnxruntime's fully optimized graph of ``model``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(snapshot(model), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def _float_initializers(model: ir.Model) -> dict[str, int]:
+    return {v.name: v.const_value.size for v in model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT}
+
+
+def test_layout_matches_onnxruntime_quantize_dynamic():
+    model = tiny_transformer()
+    p = QuantizeDynamic()
+    assert p(model).modified
+    ops = [n.op_type for n in model.graph]
+    # Q/K/V share one DynamicQuantizeLinear: 3 inputs quantized (n, c, r2, act → 4) for 6 weights.
+    assert ops.count("MatMulInteger") == 6 and ops.count("DynamicQuantizeLinear") == 4
+    assert ops.count("MatMul") == 2  # the two attention MatMuls of activations stay float
+    for node in model.graph:
+        if node.op_type == "MatMulInteger":
+            a_q, w_q, a_zp, w_zp = node.inputs
+            assert a_q.dtype == ir.DataType.UINT8 and a_zp.dtype == ir.DataType.UINT8
+            assert w_q.dtype == ir.DataType.INT8 and w_zp.dtype == ir.DataType.INT8
+            assert not w_zp.const_value.numpy().any()  # symmetric: zero point 0 per column
+            assert w_zp.const_value.shape[0] == w_q.const_value.shape[1]  # per column
+            cast = node.outputs[0].uses()[0].node
+            assert cast.op_type == "Cast" and cast.outputs[0].uses()[0].node.op_type == "Mul"
+    assert set(p.details["left"].values()) == {"weight B is not a constant (both operands are activations)"}
+    assert "Gemm" not in ops and "Add" in ops  # the Gemm's bias added in float after the scale Mul
+
+
+def test_fused_by_onnxruntime_and_no_float_weight_left(tmp_path):
+    model = tiny_transformer()
+    QuantizeDynamic()(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    ops = _optimized_ops(model, tmp_path)
+    assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(ops)
+    assert "MatMulInteger" not in ops
+    big = {name: size for name, size in _float_initializers(model).items() if size >= 64 * 64}
+    assert set(big) == {"E"}  # only the embedding table (a Gather's, not a MatMul's) stays float
+
+
+def test_error_bounded_by_the_scales():
+    rng = np.random.default_rng(1)
+    k, n = 96, 40
+    w = (rng.standard_t(3, (k, n)) * 0.1).astype(np.float32)
+    x = (rng.standard_normal((7, k)) * 2).astype(np.float32)
+    x[0, 0] = 25.0  # an outlier: the per-tensor activation scale grows, the bound with it
+    model = single_matmul(w)
+    p = QuantizeDynamic(weight_bits=7)  # exact on every x86 kernel (no int16 saturation)
+    p(model)
+    y = run(model, {"x": x})[0]
+    ref = x.astype(np.float64) @ w
+    a_scale = (max(x.max(), 0) - min(x.min(), 0)) / 255
+    w_scale = np.abs(w).max(axis=0) / 63
+    bound = (a_scale / 2 * np.abs(w).sum(axis=0)                                    # activation rounding
+             + np.abs(x) @ np.ones((k, n)) * w_scale / 2                             # weight rounding
+             + k * a_scale / 2 * w_scale / 2) * (1 + 1e-3) + 1e-5                     # both
+    assert np.all(np.abs(y - ref) <= bound)
+    assert np.abs(y - ref).max() > 0  # it did quantize
+
+
+@pytest.mark.parametrize("bits, top", [(8, 127), (7, 63)])
+def test_weight_range(bits, top):
+    model = single_matmul(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32))
+    p = QuantizeDynamic(weight_bits=bits)
+    p(model)
+    q = next(v for v in model.graph.initializers.values() if v.dtype == ir.DataType.INT8 and v.const_value.size > 16)
+    assert np.abs(q.const_value.numpy()).max() == top
+    assert p.details["weight_range"] == [-top, top]
+    assert model.metadata_props["onnxopt.quantization.weight_range"] == f"[{-top}, {top}]"
+    assert QuantizeDynamic().for_target("avx2").weight_bits == 7
+    assert QuantizeDynamic().for_target("vnni").weight_bits == 8
+
+
+def test_gemm_alpha_beta_and_transb():
+    model = tiny_transformer(alpha=0.5, beta=2.0)
+    feeds = token_feeds()
+    ref = run(model, feeds)[0]
+    QuantizeDynamic(op_types=("Gemm",))(model)
+    y = run(model, feeds)[0]
+    assert [n.op_type for n in model.graph].count("MatMulInteger") == 1
+    cos = (y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.99  # a misread alpha, beta or transB gives a different result altogether
+
+
+def test_excluded_and_already_quantized():
+    model = tiny_transformer()
+    p = QuantizeDynamic(exclude=["MatMul"])
+    p(model)
+    assert [n.op_type for n in model.graph].count("MatMulInteger") == 1  # only the Gemm
+    again = QuantizeDynamic()
+    assert not again(model).modified
+    assert again.summary.startswith("already quantized")
+    assert "model" in again.details["left"]
+
+
+def test_bad_options():
+    with pytest.raises(ValueError):
+        QuantizeDynamic(weight_bits=4)
+    with pytest.raises(ValueError):
+        QuantizeDynamic(op_types=("Conv",))
+    assert QuantizeDynamic().lossy
+
+
+def test_zoo_transformer(tmp_path):
+    model = ir.load(ZOO)
+    Simplify()(model)
+    feeds = {"input": np.random.default_rng(0).integers(0, 100, (2, 16)).astype(np.int64)}
+    ref = run(model, feeds)[0]
+    p = QuantizeDynamic()
+    p(model)
+    assert len(p.details["quantized"]) == 13
+    y = run(model, feeds)[0]
+    cos = (y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.95  # a loose sanity bound: a wrong layout gives noise
+    assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(_optimized_ops(model, tmp_path))
