@@ -253,7 +253,7 @@ _OPS["Elu"] = lambda i, a, n: F.elu(i[0], a.get("alpha", 1.0))
 _OPS["PRelu"] = lambda i, a, n: torch.where(i[0] < 0, i[0] * i[1], i[0])
 _OPS["HardSigmoid"] = lambda i, a, n: torch.clamp(i[0] * a.get("alpha", 0.2) + a.get("beta", 0.5), 0, 1)
 _OPS["HardSwish"] = lambda i, a, n: i[0] * torch.clamp(i[0] / 6 + 0.5, 0, 1)
-_OPS["Shape"] = lambda i, a, n: torch.tensor(i[0].shape[a.get("start", 0): a.get("end", None)], dtype=torch.int64)
+_OPS["Shape"] = lambda i, a, n: torch.tensor(i[0].shape[a.get("start", 0): a.get("end", None)], dtype=torch.int64, device=i[0].device)
 _OPS["Size"] = lambda i, a, n: torch.tensor(i[0].numel(), dtype=torch.int64)
 _OPS["Equal"] = lambda i, a, n: i[0] == i[1]
 _OPS["Where"] = lambda i, a, n: torch.where(i[0], i[1], i[2])
