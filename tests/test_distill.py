@@ -248,8 +248,10 @@ def test_labels_mix_in_and_are_checked():
     teacher = ir.load(DIGITS / "digits_cnn.onnx")
     test = np.load(DIGITS / "digits_test.npz")
     x, y = test["input"][:96], test["labels"][:96]
-    result = distill(_pruned_digits(), teacher, {"input": x}, labels=y, steps=4, eval_every=2, alpha=0.5)
+    torch.set_num_threads(2)
+    result = distill(_pruned_digits(), teacher, {"input": x}, labels=y, steps=4, eval_every=2, alpha=0.5, threads=1)
     assert result.steps == 4
+    assert torch.get_num_threads() == 2, "the run's thread count is restored"
     with pytest.raises(DataError, match="labels"):
         distill(_pruned_digits(), teacher, {"input": x}, labels=y[:10], steps=1)
 
@@ -261,6 +263,8 @@ def test_options_are_checked():
         distill(_pruned_digits(), teacher, train, steps=1, epochs=1)
     with pytest.raises(OptionError):
         distill(_pruned_digits(), teacher, train, temperature=0)
+    with pytest.raises(OptionError):
+        distill(_pruned_digits(), teacher, train, threads=0)
     with pytest.raises(DataError, match="no input 'input'"):
         distill(_pruned_digits(), teacher, {"x": train["input"]}, steps=1)
 
