@@ -472,7 +472,7 @@ def _expand(inputs, attrs, node):
 def _constant_of_shape(inputs, attrs, node):
     value = attrs.get("value")
     array = np.zeros(1, np.float32) if value is None else value.numpy().reshape(1)
-    return torch.from_numpy(array.copy()).expand(_ints(inputs[0])).clone()
+    return torch.from_numpy(array.copy()).to(inputs[0].device).expand(_ints(inputs[0])).clone()
 
 
 @_op("Resize")
@@ -575,9 +575,10 @@ def _constant_tensor(node: ir.Node) -> np.ndarray | None:
     return None
 
 
-def _is_weight(value: ir.Value) -> bool:
+def _is_weight(value: ir.Value, array: np.ndarray) -> bool:
     """A float constant used only where a trained weight makes sense (see ``_WEIGHT_SLOTS``)."""
-    if value.dtype not in _FLOAT_TYPES or value.is_graph_output():
+    floating = value.dtype in _FLOAT_TYPES if value.dtype is not None else np.issubdtype(array.dtype, np.floating)
+    if not floating or value.is_graph_output():
         return False
     uses = list(value.uses())
     if not uses:
@@ -688,7 +689,7 @@ class Student(nn.Module):
                 self.register_buffer(f"{key}_scale", s)
                 self.register_buffer(f"{key}_zero", z)
                 self.quantized[name] = (f"{key}_scale", f"{key}_zero", lo, hi, value.dtype)
-            elif name not in inputs and _is_weight(value) and (producer is None or "value" in producer.attributes):
+            elif name not in inputs and _is_weight(value, array) and (producer is None or "value" in producer.attributes):
                 key = f"w{len(self._keys)}"
                 self.params[key] = nn.Parameter(torch.from_numpy(array.copy()))
                 if producer is not None:

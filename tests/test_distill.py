@@ -162,6 +162,38 @@ def test_only_weight_slots_are_trainable():
     assert clip_bounds and not clip_bounds & set(build_student(mobilenet).weights)
 
 
+def test_constant_node_weights_train_and_are_written_into_the_node():
+    """A float Constant node read as a weight (an exported scale) is a parameter; write-back
+    replaces its value attribute with the same name, dtype and shape, the node staying in place."""
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[N,4] y) {
+            s = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+            k = Constant <value = int64[2] {-1, 4}> ()
+            m = Mul (x, s)
+            y = Reshape (m, k)
+        }"""
+    )
+    student = build_student(model)
+    assert set(student.weights) == {"s"}
+    check_matches(student, model, {"x": np.ones((3, 4), np.float32)})
+    nodes, _ = _structure(model)
+    with torch.no_grad():
+        student.weights["s"].mul_(2)
+    write_back(model, student)
+    assert _structure(model)[0] == nodes
+    np.testing.assert_array_equal(run(model, {"x": np.ones((1, 4), np.float32)})[0], [[2.0, 4.0, 6.0, 8.0]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_distillation_on_cuda():
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    student = _pruned_digits()
+    result = distill(student, teacher, {"input": _digits_inputs("digits_calib.npz")}, steps=20, eval_every=10, device="cuda")
+    assert result.device.startswith("cuda") and result.steps == 20
+    assert result.best["loss"] <= result.initial["loss"]
+
+
 # --- write back ------------------------------------------------------------------------------------
 
 
