@@ -1,0 +1,309 @@
+"""The torch student (an interpreter of the ONNX graph) and distillation from the onnxruntime teacher.
+
+The student must compute what onnxruntime computes before any training (every zoo model, the digits
+CNN, its int8 QDQ form); writing its weights back changes values only; a short distillation of a
+damaged student brings it closer to its teacher on held-out data, deterministically under a seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from graphs import build, run, small_cnn, snapshot  # noqa: E402
+from onnxopt.calibrate import calibrate  # noqa: E402
+from onnxopt.distill import distill, output_kinds  # noqa: E402
+from onnxopt.errors import DataError, OnnxoptError, OptionError  # noqa: E402
+from onnxopt.passes import FoldBatchNorm, PruneChannels, QuantizeQDQ, Simplify  # noqa: E402
+from onnxopt.student import (  # noqa: E402
+    QDQ_MISMATCH_FRACTION,
+    StudentMismatchError,
+    UnsupportedOpError,
+    build_student,
+    check_matches,
+    write_back,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits"
+ZOO = sorted((ROOT / "models" / "zoo").glob("*.onnx"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared machine: one torch thread is faster than two fighting for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digits_inputs(name: str) -> np.ndarray:
+    return np.load(DIGITS / name)["input"]
+
+
+def _simplified(path: Path) -> ir.Model:
+    model = ir.load(path)
+    Simplify()(model)
+    FoldBatchNorm()(model)
+    return model
+
+
+def _feed(model: ir.Model, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feed = {}
+    for value in model.graph.inputs:
+        shape = [d if isinstance(d, int) else batch for d in value.shape]
+        if value.dtype == ir.DataType.INT64:
+            feed[value.name] = rng.integers(0, 8, shape).astype(np.int64)
+        else:
+            feed[value.name] = rng.standard_normal(shape).astype(value.dtype.numpy())
+    return feed
+
+
+def _quantized_digits() -> ir.Model:
+    model = _simplified(DIGITS / "digits_cnn.onnx")
+    quantize = QuantizeQDQ()
+    quantize.ranges = calibrate(model, quantize.plan(model).tensors, [{"input": _digits_inputs("digits_calib.npz")}])
+    quantize(model)
+    return model
+
+
+def _pruned_digits() -> ir.Model:
+    model = _simplified(DIGITS / "digits_cnn.onnx")
+    PruneChannels(ratio=0.5, importance="l1")(model)
+    return model
+
+
+def _structure(model: ir.Model) -> tuple:
+    nodes = [(n.op_type, n.name, tuple(v.name if v is not None else "" for v in n.inputs), tuple(v.name for v in n.outputs))
+             for n in model.graph]
+    inits = {name: (v.const_value.dtype, tuple(v.const_value.shape)) for name, v in model.graph.initializers.items()}
+    return nodes, inits
+
+
+def _agreement(teacher: ir.Model, student: ir.Model, x: np.ndarray) -> float:
+    (t,), (s,) = run(teacher, {"input": x}), run(student, {"input": x})
+    return float((t.argmax(1) == s.argmax(1)).mean())
+
+
+# --- the student equals onnxruntime ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [DIGITS / "digits_cnn.onnx", *ZOO], ids=lambda p: p.stem)
+def test_student_matches_onnxruntime_after_simplify_and_fold(path):
+    model = _simplified(path)
+    feed = {"input": _digits_inputs("digits_test.npz")[:64]} if "digits" in path.stem else _feed(model)
+    check_matches(build_student(model), model, feed)
+
+
+@pytest.mark.parametrize("path", [DIGITS / "digits_cnn.onnx", ZOO[0]], ids=lambda p: p.stem)
+def test_student_matches_onnxruntime_as_exported(path):
+    """BatchNormalization, Identity and Constant nodes, before any pass."""
+    model = ir.load(path)
+    feed = {"input": _digits_inputs("digits_test.npz")[:16]} if "digits" in path.stem else _feed(model)
+    check_matches(build_student(model), model, feed)
+
+
+def test_student_matches_onnxruntime_on_quantized_digits():
+    model = _quantized_digits()
+    student = build_student(model)
+    assert student.quantized, "the int8 weights behind DequantizeLinear are trainable"
+    assert all(name in student.weights for name in student.quantized)
+    check_matches(student, model, {"input": _digits_inputs("digits_test.npz")}, mismatch_fraction=QDQ_MISMATCH_FRACTION)
+
+
+def test_check_matches_raises_one_line_on_a_different_student():
+    model = _simplified(DIGITS / "digits_cnn.onnx")
+    student = build_student(model)
+    with torch.no_grad():
+        next(iter(student.weights.values())).mul_(1.5)
+    with pytest.raises(StudentMismatchError) as info:
+        check_matches(student, model, {"input": _digits_inputs("digits_test.npz")[:8]})
+    assert "\n" not in str(info.value) and "differs from onnxruntime" in str(info.value)
+
+
+def test_unsupported_op_is_a_one_line_error_naming_it():
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,4] x) => (float[2,2] v, int64[2,2] i) {
+            k = Constant <value = int64[1] {2}> ()
+            v, i = TopK (x, k)
+        }"""
+    )
+    with pytest.raises(UnsupportedOpError, match=r"^op TopK .*not supported") as info:
+        build_student(model)
+    assert isinstance(info.value, OnnxoptError) and "\n" not in str(info.value)
+
+
+def test_custom_domain_op_is_unsupported():
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        g (float[2,4] x) => (float[2,4] y) {
+            y = com.microsoft.Gelu (x)
+        }"""
+    )
+    with pytest.raises(UnsupportedOpError, match="com.microsoft::Gelu"):
+        build_student(model)
+
+
+def test_only_weight_slots_are_trainable():
+    """Clip bounds, BatchNorm statistics and shapes stay fixed; conv weights, biases, BN affine train."""
+    model = ir.serde.deserialize_model(small_cnn())
+    student = build_student(model)
+    assert set(student.weights) == {"W", "B", "bn_scale", "bn_bias", "FW", "FB"}
+    mobilenet = _simplified(ROOT / "models" / "zoo" / "mobilenet_dw.onnx")
+    clip_bounds = {v.name for n in mobilenet.graph if n.op_type == "Clip" for v in n.inputs[1:] if v is not None}
+    assert clip_bounds and not clip_bounds & set(build_student(mobilenet).weights)
+
+
+def test_constant_node_weights_train_and_are_written_into_the_node():
+    """A float Constant node read as a weight (an exported scale) is a parameter; write-back
+    replaces its value attribute with the same name, dtype and shape, the node staying in place."""
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[N,4] y) {
+            s = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+            k = Constant <value = int64[2] {-1, 4}> ()
+            m = Mul (x, s)
+            y = Reshape (m, k)
+        }"""
+    )
+    student = build_student(model)
+    assert set(student.weights) == {"s"}
+    check_matches(student, model, {"x": np.ones((3, 4), np.float32)})
+    nodes, _ = _structure(model)
+    with torch.no_grad():
+        student.weights["s"].mul_(2)
+    write_back(model, student)
+    assert _structure(model)[0] == nodes
+    np.testing.assert_array_equal(run(model, {"x": np.ones((1, 4), np.float32)})[0], [[2.0, 4.0, 6.0, 8.0]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_distillation_on_cuda():
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    student = _pruned_digits()
+    result = distill(student, teacher, {"input": _digits_inputs("digits_calib.npz")}, steps=20, eval_every=10, device="cuda")
+    assert result.device.startswith("cuda") and result.steps == 20
+    assert result.best["loss"] <= result.initial["loss"]
+
+
+# --- write back ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: _simplified(DIGITS / "digits_cnn.onnx"), _quantized_digits], ids=["float", "qdq"])
+def test_write_back_of_untouched_weights_changes_nothing(make):
+    model = make()
+    before = snapshot(model)
+    write_back(model, build_student(model))
+    after = snapshot(model)
+    assert after == before
+    x = {"input": _digits_inputs("digits_test.npz")[:32]}
+    np.testing.assert_array_equal(run(before, x)[0], run(after, x)[0])
+
+
+def test_write_back_changes_values_only():
+    model = _simplified(DIGITS / "digits_cnn.onnx")
+    nodes, inits = _structure(model)
+    student = build_student(model)
+    name = next(iter(student.weights))
+    with torch.no_grad():
+        student.weights[name].add_(0.25)
+    old = model.graph.initializers[name].const_value.numpy().copy()
+    write_back(model, student)
+    assert _structure(model) == (nodes, inits)
+    np.testing.assert_allclose(model.graph.initializers[name].const_value.numpy(), old + 0.25, rtol=1e-6)
+
+
+# --- distillation ----------------------------------------------------------------------------------
+
+
+def test_distillation_recovers_a_pruned_student():
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    student = _pruned_digits()
+    structure = _structure(student)
+    held_out = _digits_inputs("digits_test.npz")[:270]
+    before = _agreement(teacher, student, held_out)
+    result = distill(student, teacher, {"input": _digits_inputs("digits_calib.npz")}, steps=60, lr=3e-3, batch_size=32,
+                     eval=[{"input": held_out}], eval_every=20)
+    assert result.model is student
+    assert _structure(student) == structure, "distillation changes weight values, never the graph"
+    assert result.best["loss"] < result.initial["loss"]
+    assert result.best["agreement"] > result.initial["agreement"]
+    assert _agreement(teacher, student, held_out) > before
+    assert result.kinds == {"output": "logits"}
+
+
+def test_distillation_trains_a_quantized_student_on_its_grid():
+    """QDQ (pruned, then int8): the int8 weights are trained with fake quantization and stored back
+    as int8 on the same scales, within the declared weight range, in the same graph."""
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    student = _pruned_digits()
+    quantize = QuantizeQDQ()
+    quantize.ranges = calibrate(student, quantize.plan(student).tensors, [{"input": _digits_inputs("digits_calib.npz")}])
+    quantize(student)
+    structure = _structure(student)
+    weights = {n: v.const_value.numpy().copy() for n, v in student.graph.initializers.items()
+               if v.const_value.dtype == ir.DataType.INT8}
+    held_out = _digits_inputs("digits_test.npz")[:270]
+    result = distill(student, teacher, {"input": _digits_inputs("digits_calib.npz")}, steps=40, lr=3e-3,
+                     eval=[{"input": held_out}], eval_every=20)
+    assert _structure(student) == structure
+    assert result.best["agreement"] > result.initial["agreement"]
+    limit = int(student.metadata_props["onnxopt.quantization.weight_range"].strip("[]").split(",")[1])
+    changed = 0
+    for name, old in weights.items():
+        new = student.graph.initializers[name].const_value.numpy()
+        assert new.dtype == np.int8 and -limit <= new.min() and new.max() <= limit
+        changed += int((new != old).sum())
+    assert changed
+
+
+def test_distillation_is_deterministic_under_a_seed():
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    train = {"input": _digits_inputs("digits_calib.npz")}
+    models = []
+    for _ in range(2):
+        student = _pruned_digits()
+        distill(student, teacher, train, steps=10, lr=3e-3, seed=3, eval_every=5)
+        models.append(snapshot(student))
+    assert models[0] == models[1]
+
+
+def test_labels_mix_in_and_are_checked():
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    test = np.load(DIGITS / "digits_test.npz")
+    x, y = test["input"][:96], test["labels"][:96]
+    torch.set_num_threads(2)
+    result = distill(_pruned_digits(), teacher, {"input": x}, labels=y, steps=4, eval_every=2, alpha=0.5, threads=1)
+    assert result.steps == 4
+    assert torch.get_num_threads() == 2, "the run's thread count is restored"
+    with pytest.raises(DataError, match="labels"):
+        distill(_pruned_digits(), teacher, {"input": x}, labels=y[:10], steps=1)
+
+
+def test_options_are_checked():
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    train = {"input": _digits_inputs("digits_calib.npz")}
+    with pytest.raises(OptionError):
+        distill(_pruned_digits(), teacher, train, steps=1, epochs=1)
+    with pytest.raises(OptionError):
+        distill(_pruned_digits(), teacher, train, temperature=0)
+    with pytest.raises(OptionError):
+        distill(_pruned_digits(), teacher, train, threads=0)
+    with pytest.raises(DataError, match="no input 'input'"):
+        distill(_pruned_digits(), teacher, {"x": train["input"]}, steps=1)
+
+
+def test_output_kinds():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 10)).astype(np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert output_kinds({"a": logits, "b": probabilities, "c": rng.standard_normal((4, 8, 3)), "d": logits[:, :1]}) == {
+        "a": "logits", "b": "features", "c": "features", "d": "features"}
