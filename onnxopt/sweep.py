@@ -399,6 +399,10 @@ def run_sweep(
         raise OptionError(f"--latency-budget {latency_budget!r}: must be 0 (no timing) or more seconds")
     if not recipes:
         raise OptionError("sweep: no recipes")
+    if ray is not None:
+        from onnxopt.sweep_ray import require_ray
+
+        require_ray()
     recipes = [_with_data(r, eval, calibration) for r in recipes]
     _check_data_paths(recipes)
     io.load_model(model_path)  # a model that does not load is refused before any worker starts
