@@ -228,7 +228,10 @@ def report_metrics(report) -> dict:
 
 def _worker_init(threads: int | None) -> None:
     """In each pool worker: onnxruntime's sessions use ``threads`` intra-op threads (cores / workers),
-    so that workers do not fight over the cores."""
+    so that workers do not fight over the cores; passes' warnings stay in their records, not on stderr."""
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
     if threads:
         from onnxopt import runtime
 

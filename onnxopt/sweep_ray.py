@@ -60,6 +60,9 @@ def run_task(model: dict, data: dict, recipe: Recipe, out_name: str) -> tuple[di
     from onnxopt import runtime
     from onnxopt.sweep import build_recipe
 
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
     runtime.DEFAULT_INTRA_OP_THREADS = 1  # each task holds one CPU of the cluster
     folder = tempfile.mkdtemp(prefix="onnxopt-ray-")
     try:
