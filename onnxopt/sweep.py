@@ -27,6 +27,7 @@ import contextlib
 import glob
 import hashlib
 import itertools
+import math
 import multiprocessing
 import os
 import time
@@ -589,8 +590,9 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
                                               threads=r.threads, budget_seconds=budget)
                 finally:
                     candidate.close()
-                e.metrics.update(latency_ratio=latency.ratio, latency_low=latency.ratio_low,
-                                 latency_high=latency.ratio_high, latency_verdict=latency.verdict,
+                known = latency.ratio_low > 0 and math.isfinite(latency.ratio_high)  # too few blocks: (0, inf)
+                e.metrics.update(latency_ratio=latency.ratio, latency_low=latency.ratio_low if known else None,
+                                 latency_high=latency.ratio_high if known else None, latency_verdict=latency.verdict,
                                  latency_ms=latency.median_b_ms, original_ms=latency.median_a_ms)
             except Exception as exc:  # a model that cannot be timed (other input sizes) stays off the latency axis
                 e.metrics["latency_error"] = one_line(exc)
