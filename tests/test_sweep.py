@@ -276,3 +276,10 @@ def test_a_local_ray_cluster_gives_the_pools_results(pool_sweep, tmp_path):
     for a, b in zip(result.entries, pool.entries):
         if a.error is None:
             assert (a.metrics["accuracy"], a.metrics["file_bytes"]) == (b.metrics["accuracy"], b.metrics["file_bytes"])
+
+
+def test_the_grid_in_docs_sweeps_md_expands(tmp_path):
+    text = open("docs/sweeps.md", encoding="utf-8").read()
+    grid = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "grid.toml").write_text(grid)
+    assert len(load_grid(tmp_path / "grid.toml")) == 14
