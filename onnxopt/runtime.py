@@ -121,6 +121,12 @@ class ModelSnapshot:
         self.close()
 
 
+# Intra-op threads of a session that names no count (None: onnxruntime's default, one per core).
+# A sweep's worker processes set it to cores / workers, so that concurrent builds share the cores
+# instead of each starting a thread per core (``onnxopt.sweep``).
+DEFAULT_INTRA_OP_THREADS: int | None = None
+
+
 def session_options(
     *,
     optimization: str = "all",
@@ -138,8 +144,8 @@ def session_options(
         # and each arena keeps its largest run's activations (the PaddleOCR detector at batch 16:
         # 1.55 GB peak with arenas). Timed sessions (optimized) keep theirs: allocation is part of speed.
         options.enable_cpu_mem_arena = False
-    if intra_op_threads:
-        options.intra_op_num_threads = int(intra_op_threads)
+    if intra_op_threads or DEFAULT_INTRA_OP_THREADS:
+        options.intra_op_num_threads = int(intra_op_threads or DEFAULT_INTRA_OP_THREADS)
     if inter_op_threads:
         options.inter_op_num_threads = int(inter_op_threads)
     if optimized_model_path:

@@ -1,0 +1,285 @@
+"""onnxopt sweep: grids, the process pool with its cache, failures, the front, Ray (real or fake)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import types
+
+import pytest
+
+from onnxopt import OptionError, Recipe, runtime
+from onnxopt.sweep import build_recipe, expand_grid, load_grid, pareto_flags, run_sweep
+
+DIGITS = os.path.abspath("models/digits/digits_cnn.onnx")
+TEST = os.path.abspath("models/digits/digits_test.npz")
+BASE = {"passes": ["simplify", "fold-bn", "share-init"]}
+GRID = {"base": BASE, "cluster_bits": ["none", 4], "prune": ["none", 0.25]}
+FAILING = {"fix_dims": {"nosuch": 1}}  # the model has no such dim: optimize() refuses it in the worker
+
+
+# -- the grid ---------------------------------------------------------------------------------------
+
+
+def test_a_grid_is_the_product_of_its_lists_over_base_and_none_is_none():
+    recipes = expand_grid({"base": {"data": "x.npz", "passes": ["simplify"]}, "prune": ["none", 0.25, 0.5],
+                           "quantize": ["none", "int8"], "calibrate": ["minmax"]})
+    assert len(recipes) == 6
+    assert {(r.prune, r.quantize) for r in recipes} == {(p, q) for p in (None, 0.25, 0.5) for q in (None, "int8")}
+    assert all(r.data == "x.npz" and list(r.passes) == ["simplify"] for r in recipes)
+
+
+def test_recipe_tables_list_recipes_one_by_one_and_duplicates_are_kept_once():
+    recipes = expand_grid({"base": BASE, "recipe": [{"cluster_bits": 3}, {"sparsity": 0.5}, {"cluster_bits": 3}]})
+    assert [(r.cluster_bits, r.sparsity) for r in recipes] == [(3, None), (None, 0.5)]
+    both = expand_grid({"base": BASE, "passes": [["simplify"], ["simplify", "fold-bn"]], "recipe": [{"prune": 0.1}]})
+    assert [list(r.passes) for r in both] == [["simplify"], ["simplify", "fold-bn"], BASE["passes"]]
+    assert both[2].prune == 0.1
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"prunee": [0.1]}, "unknown option 'prunee'"),
+    ({"base": {"nosuch": 1}, "prune": [0.1]}, "[base]: unknown option 'nosuch'"),
+    ({"recipe": [{"prune": 0.1}, {"bits": 2}]}, "[[recipe]] 2: unknown option 'bits'"),
+    ({"passes": ["simplify", "fold-bn"]}, "passes: give a list of lists"),
+    ({"cluster_bits": [4, 9]}, "recipe 2 (cluster_bits=9): --cluster-bits 9"),
+    ({"prune": []}, "an empty list"),
+    ({}, "no recipes"),
+])
+def test_a_bad_grid_is_one_line_naming_the_key_or_recipe(table, words):
+    with pytest.raises(OptionError) as info:
+        expand_grid(table)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_grid_reads_toml_and_refuses_a_bad_file(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('prune = ["none", 0.25]\n[base]\npasses = ["simplify"]\n')
+    assert [r.prune for r in load_grid(grid)] == [None, 0.25]
+    grid.write_text("prune = [")
+    with pytest.raises(OptionError, match="not valid TOML"):
+        load_grid(grid)
+    with pytest.raises(OptionError, match="no such file"):
+        load_grid(tmp_path / "none.toml")
+
+
+def test_pareto_flags_keep_exactly_the_non_dominated_points():
+    points = [(1, 1), (2, 0), (0, 2), (1, 0), (2, 0), (0.5, 0.5)]
+    assert pareto_flags(points) == [True, True, True, False, True, False]
+
+
+# -- a sweep on the process pool --------------------------------------------------------------------
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    better = [a["accuracy"] - b["accuracy"], b["latency_ratio"] - a["latency_ratio"], b["file_bytes"] - a["file_bytes"]]
+    return all(d >= 0 for d in better) and any(d > 0 for d in better)
+
+
+@pytest.fixture(scope="module")
+def pool_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    recipes = expand_grid({**GRID, "recipe": [FAILING]})
+    result = run_sweep(DIGITS, recipes, eval=TEST, out_dir=out, workers=2, latency_budget=0.3)
+    return out, recipes, result
+
+
+def test_a_sweep_records_every_recipe_a_failing_one_with_its_error(pool_sweep):
+    out, recipes, result = pool_sweep
+    assert len(result.entries) == 5
+    failed = [e for e in result.entries if e.error]
+    assert len(failed) == 1 and "--fix-dim nosuch" in failed[0].error and failed[0].recipe.fix_dims == {"nosuch": 1}
+    assert not failed[0].pareto and failed[0].model is None
+    for e in result.entries[:4]:
+        assert e.error is None and not e.cached and os.path.isfile(e.model)
+        m = e.metrics
+        assert m["file_bytes"] == os.path.getsize(e.model) and 0 <= m["accuracy"] <= 1 and m["macs"] > 0
+        assert m["latency_ratio"] > 0  # its interval is None where the budget gave too few blocks
+        assert m["latency_low"] is None or m["latency_low"] <= m["latency_ratio"] <= m["latency_high"]
+    plain, pruned = result.entries[0], result.entries[1]
+    assert plain.metrics["accuracy"] == plain.metrics["accuracy_before"]  # lossless passes only
+    assert pruned.metrics["macs"] < plain.metrics["macs"]
+    data = json.loads((out / "sweep.json").read_text())
+    assert [set(r) >= {"recipe", "metrics", "model", "cached", "pareto", "error"} for r in data["results"]] == [True] * 5
+    assert data["results"][2]["recipe"] == {**BASE, "data": TEST, "cluster_bits": 4}
+
+
+def test_pareto_flags_match_a_brute_force_dominance_check(pool_sweep):
+    _, _, result = pool_sweep
+    good = [e for e in result.entries if not e.error]
+    for e in good:
+        assert e.pareto == (not any(_dominates(o.metrics, e.metrics) for o in good if o is not e))
+    assert result.quality == "accuracy" and any(e.pareto for e in good)
+
+
+def test_front_recipes_replay_with_dash_dash_recipe(pool_sweep, tmp_path, monkeypatch):
+    from onnxopt.cli import main
+
+    out, _, result = pool_sweep
+    front = sorted(out.glob("front-*.toml"))
+    assert len(front) == len(result.front) == len(result.fronts)
+    monkeypatch.chdir(tmp_path)  # the data paths in a front recipe do not depend on the folder
+    replayed = Recipe.from_toml(front[0])
+    entry = next(e for e in result.front if e.recipe.replace(data=TEST).to_toml() == replayed.to_toml())
+    assert main([DIGITS, "--recipe", str(front[0]), "--no-latency", "-o", "replay.onnx", "-q"]) == 0
+    assert os.path.getsize("replay.onnx") == entry.metrics["file_bytes"]
+
+
+def test_a_rerun_builds_nothing_and_an_extended_grid_builds_only_the_new_recipes(pool_sweep):
+    out, recipes, first = pool_sweep
+    stamps = {e.key: e.built for e in first.entries if not e.error}
+    good = recipes[:4]
+    again = run_sweep(DIGITS, good, eval=TEST, out_dir=out, workers=2, latency_budget=0.3)
+    assert all(e.cached for e in again.entries)
+    assert [e.built for e in again.entries] == [stamps[e.key] for e in again.entries]  # no build ran
+    assert [e.metrics for e in again.entries] == [e.metrics for e in first.entries[:4]]
+    extended = expand_grid({**GRID, "cluster_bits": ["none", 4, 3]})
+    third = run_sweep(DIGITS, extended, eval=TEST, out_dir=out, workers=2, latency_budget=0.3)
+    new = [e for e in third.entries if e.built not in stamps.values()]
+    assert [e.recipe.cluster_bits for e in new] == [3, 3] and not any(e.cached for e in new)
+    assert sum(e.cached for e in third.entries) == 4
+
+
+def die_on_sparsity(model, recipe, out):
+    """A build that kills its worker process for a recipe with sparsity (a crash, an OOM kill)."""
+    if recipe.sparsity is not None:
+        os._exit(3)
+    return build_recipe(model, recipe, out)
+
+
+def test_a_worker_that_dies_fails_its_recipe_only(tmp_path):
+    recipes = expand_grid({"base": BASE, "recipe": [{"sparsity": 0.5}, {"cluster_bits": 4}]})
+    result = run_sweep(DIGITS, recipes, eval=TEST, out_dir=tmp_path, workers=2, latency_budget=0,
+                       _build=die_on_sparsity)
+    dead, ok = result.entries
+    assert "worker process died" in dead.error
+    assert ok.error is None and os.path.isfile(ok.model)
+
+
+def test_bad_input_to_the_command_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from onnxopt.sweep_cli import main
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text("cluster_bits = [4]\n")
+    assert main([DIGITS, "--grid", str(tmp_path / "none.toml")]) == 2
+    assert main([DIGITS, "--grid", str(grid), "--eval", str(tmp_path / "none.npz")]) == 2
+    assert main([DIGITS, "--grid", str(grid), "--workers", "0", "--out", str(tmp_path / "o")]) == 2
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    assert main([DIGITS, "--grid", str(grid), "--ray", "auto", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("onnxopt: error: ") for line in err)
+    assert err[3] == "onnxopt: error: --ray needs the ray package: pip install 'onnxopt[ray]'"
+
+
+def test_the_command_prints_the_front_first(tmp_path, capsys, pool_sweep):
+    from onnxopt.sweep_cli import main
+
+    out, _, _ = pool_sweep
+    grid = tmp_path / "grid.toml"
+    grid.write_text('cluster_bits = ["none", 4]\nprune = ["none", 0.25]\n[base]\npasses = ["simplify", "fold-bn", '
+                    '"share-init"]\n')
+    assert main([DIGITS, "--grid", str(grid), "--eval", TEST, "--out", str(out), "--workers", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if "(cached)" in line]
+    assert len(rows) == 4  # all four built before: nothing new
+    marks = [row.startswith("*") for row in rows]
+    assert marks == sorted(marks, reverse=True)  # front points first
+
+
+# -- Ray --------------------------------------------------------------------------------------------
+
+
+class FakeRay(types.ModuleType):
+    """Ray's calls that onnxopt.sweep_ray makes, run at once in this process; ``crash`` names a
+    recipe whose task dies as a worker would."""
+
+    class WorkerCrashedError(Exception):
+        pass
+
+    def __init__(self, crash):
+        super().__init__("ray")
+        self.crash, self.store, self.puts, self.started = crash, {}, 0, False
+
+    def is_initialized(self):
+        return self.started
+
+    def init(self, **kwargs):
+        self.started, self.init_kwargs = True, kwargs
+
+    def shutdown(self):
+        self.started = False
+
+    def put(self, value):
+        self.puts += 1
+        return self._keep(("ok", value))
+
+    class Ref:
+        pass
+
+    def _keep(self, value):
+        ref = FakeRay.Ref()
+        self.store[ref] = value
+        return ref
+
+    def remote(self, **options):
+        def wrap(fn):
+            fake = self
+
+            class Task:
+                def remote(self, *args):
+                    args = [fake.store[a][1] if isinstance(a, FakeRay.Ref) else a for a in args]
+                    if fake.crash(args[2]):
+                        return fake._keep(("err", FakeRay.WorkerCrashedError("the worker died")))
+                    return fake._keep(("ok", fn(*args)))
+            return Task()
+        return wrap
+
+    def wait(self, refs, num_returns=1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        kind, value = self.store[ref]
+        if kind == "err":
+            raise value
+        return value
+
+
+def test_the_ray_path_ships_model_and_data_once_and_records_a_dead_task(tmp_path, monkeypatch):
+    fake = FakeRay(crash=lambda recipe: recipe.cluster_bits == 3)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(runtime, "DEFAULT_INTRA_OP_THREADS", None)
+    level = logging.getLogger().level
+    try:
+        recipes = expand_grid({"base": BASE, "cluster_bits": [4, 3], "prune": ["none", 0.25]})
+        result = run_sweep(DIGITS, recipes, eval=TEST, out_dir=tmp_path, ray="auto", latency_budget=0)
+    finally:
+        logging.getLogger().setLevel(level)
+    assert fake.puts == 2 and not fake.started  # model once, data once; the cluster it started, shut down
+    assert result.engine == "ray"
+    for e in result.entries:
+        if e.recipe.cluster_bits == 3:
+            assert "WorkerCrashedError" in e.error
+        else:
+            assert e.error is None and os.path.getsize(e.model) == e.metrics["file_bytes"]
+    direct = build_recipe(DIGITS, recipes[0].replace(data=TEST), str(tmp_path / "direct.onnx"))
+    assert direct["metrics"]["accuracy"] == result.entries[0].metrics["accuracy"]
+
+
+def test_a_local_ray_cluster_gives_the_pools_results(pool_sweep, tmp_path):
+    pytest.importorskip("ray")
+    _, recipes, pool = pool_sweep
+    result = run_sweep(DIGITS, recipes, eval=TEST, out_dir=tmp_path, ray="auto", latency_budget=0)
+    assert [e.error is None for e in result.entries] == [e.error is None for e in pool.entries]
+    assert not any(e.cached for e in result.entries)
+    for a, b in zip(result.entries, pool.entries):
+        if a.error is None:
+            assert (a.metrics["accuracy"], a.metrics["file_bytes"]) == (b.metrics["accuracy"], b.metrics["file_bytes"])
+
+
+def test_the_grid_in_docs_sweeps_md_expands(tmp_path):
+    text = open("docs/sweeps.md", encoding="utf-8").read()
+    grid = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "grid.toml").write_text(grid)
+    assert len(load_grid(tmp_path / "grid.toml")) == 14
