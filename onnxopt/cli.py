@@ -16,7 +16,8 @@ from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
 from onnxopt.passes import REGISTRY
 from onnxopt.pipeline import optimize
-from onnxopt.recipe import DEFAULT_PASSES, Recipe
+from onnxopt.recipe import DEFAULT_PASSES, QUANTIZE_MODES, Recipe
+from onnxopt.html_report import stage_html, write_html
 from onnxopt.report import failure_reason, render_table, stage_json_file, write_json
 from onnxopt.target import TARGETS
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
@@ -27,7 +28,8 @@ from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParse
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="onnxopt",
-        usage="%(prog)s MODEL [options]\n       %(prog)s bench MODEL [--vs BASELINE] [options]   (latency check: %(prog)s bench --help)",
+        usage="%(prog)s MODEL [options]\n       %(prog)s bench MODEL [--vs BASELINE] [options]   (latency check: %(prog)s bench --help)"
+              "\n       %(prog)s sweep MODEL --grid GRID.toml [options]   (many recipes, a Pareto front: %(prog)s sweep --help)",
         description="Optimize an ONNX model with graph passes and prove the result under onnxruntime.",
         epilog=f"passes: {', '.join(REGISTRY)}. Exit codes: 0 validated, 1 validation failed, 2 bad input. "
         "'onnxopt bench' times a model against a baseline and exits 1 when it is slower.",
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
     parser.add_argument("--report", metavar="JSON", help="write the report as JSON")
+    parser.add_argument("--html", metavar="PATH", help="write the report as one self-contained HTML page, with per-layer charts")
     parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation under onnxruntime")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency comparison")
     parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
@@ -68,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         help="calibration data for --quantize and --importance activation (.npz, folder of .npy, onnx test data, or 'synthetic')",
     )
-    parser.add_argument("--quantize", choices=("int8",), help="static int8 QDQ quantization (adds the 'quantize' pass; needs --calibration)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES,
+                        help="int8: static QDQ with calibrated ranges (needs --calibration); int8-dynamic: int8 weights, "
+                             "activations quantized at run time; int4: weight-only block int4 (MatMulNBits)")
     parser.add_argument("--calibrate", default="minmax", choices=METHODS, help="range method for --quantize (default minmax)")
     parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help=f"for --calibrate percentile (default {DEFAULT_PERCENTILE})")
     parser.add_argument(
@@ -100,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy)")
     parser.add_argument("--lowrank-ratio", type=float, metavar="R", help="factorize to about this fraction of each layer's weights")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
+    parser.add_argument("--distill", action="store_true",
+                        help="after the lossy passes, train the weights to match the input model (the teacher) on --train-data; needs torch")
+    parser.add_argument("--train-data", metavar="FILE", help="inputs to distill on (.npz, folder of .npy, ...); labels optional")
+    parser.add_argument("--epochs", type=int, help="distillation epochs (default 10; stops early on a held-out 10%%)")
+    parser.add_argument("--steps", type=int, help="distillation steps instead of epochs")
+    parser.add_argument("--temperature", type=float, default=4.0, help="distillation softmax temperature for logits (default 4)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label loss when --train-data has labels (default 0.5)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the distillation (default 0)")
+    parser.add_argument("--int4-block-size", type=int, default=32, metavar="B", help="--quantize int4: weights per scale (default 32)")
+    parser.add_argument("--int4-method", default="rtn", choices=("rtn", "hqq"), help="--quantize int4: round to nearest or HQQ")
+    parser.add_argument("--int4-asymmetric", dest="int4_symmetric", action="store_false", help="--quantize int4: zero points per block")
+    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="--quantize int4: MatMulNBits accuracy_level")
     parser.add_argument("--recipe", metavar="TOML", help="read the run's options from a recipe file (flags given here win)")
     parser.add_argument("--save-recipe", metavar="TOML", help="write this run's options as a recipe file, to replay it with --recipe")
     parser.add_argument("--explain", action="store_true", help="print the channel groups that 'prune' sees, and exit")
@@ -110,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "sweep":
+        from onnxopt.sweep_cli import main as sweep_main  # the sweep subcommand
+
+        return sweep_main(argv[1:])
     if argv and argv[0] == "bench":
         from onnxopt.bench import main as bench_main  # the latency subcommand
 
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Flags that are not options of a run (they say where its files go, how it talks), and the
 # flags whose Recipe field has another name or sense.
-_NOT_RECIPE = {"model", "output", "report", "in_place", "explain", "quiet", "verbose", "recipe", "save_recipe", "eval"}
+_NOT_RECIPE = {"model", "output", "report", "html", "in_place", "explain", "quiet", "verbose", "recipe", "save_recipe", "eval"}
 _RENAMED = {"dim": "dims", "fix_dim": "fix_dims"}
 
 
@@ -170,6 +192,8 @@ def _check_destinations(args, output: str) -> None:
         io.check_destination(args.report, "--report")
     if args.save_recipe:
         io.check_destination(args.save_recipe, "--save-recipe")
+    if args.html:
+        io.check_destination(args.html, "--html")
 
 
 def _check_paths(args, output: str) -> None:
@@ -180,10 +204,10 @@ def _check_paths(args, output: str) -> None:
 
     inputs = [("the input model", args.model)] + [("the input model's external data", str(f))
                                                   for f in sorted(io.referenced_files(args.model))]
-    for flag in ("calibration", "data", "recipe"):
+    for flag in ("calibration", "data", "recipe", "train_data"):
         value = getattr(args, flag)
         if value and value != "synthetic" and os.path.isfile(value):
-            inputs.append((f"the --{'eval/--data' if flag == 'data' else flag} file", value))
+            inputs.append((f"the --{'eval/--data' if flag == 'data' else flag.replace('_', '-')} file", value))
     for what, path in inputs:
         if same(output, path) and not (args.in_place and path == args.model):
             raise OutputPathError(f"{output}: refusing to overwrite {what}; choose another -o path")
@@ -191,14 +215,16 @@ def _check_paths(args, output: str) -> None:
             raise OptionError(f"--report {args.report}: refusing to overwrite {what}")
         if args.save_recipe and same(args.save_recipe, path):
             raise OptionError(f"--save-recipe {args.save_recipe}: refusing to overwrite {what}")
+        if args.html and same(args.html, path):
+            raise OptionError(f"--html {args.html}: refusing to overwrite {what}")
     if args.report and same(args.report, output):
         raise OptionError(f"--report {args.report}: is the output model's path; give the JSON report its own")
 
 
 def _commit(result, output: str, report_path: str | None, in_place: bool,
-            recipe: tuple[str, str] | None = None) -> None:
-    """Write the model, the JSON report and the recipe (``(path, text)``), all or none: the report
-    and the recipe are written first to temporary files beside their paths, the model saved, then
+            recipe: tuple[str, str] | None = None, html_path: str | None = None) -> None:
+    """Write the model, the JSON report, the recipe (``(path, text)``) and the HTML report, all or
+    none: the reports and the recipe are written first to temporary files beside their paths, the model saved, then
     they are moved into place. Where that last step fails, the new model is removed again (unless
     it replaced the input, --in-place)."""
     staged: list[tuple[str, str, str]] = []  # (temporary file, destination, flag)
@@ -208,6 +234,9 @@ def _commit(result, output: str, report_path: str | None, in_place: bool,
             staged.append((stage_json_file(result.report.to_dict(), report_path), report_path, "--report"))
         if recipe:
             staged.append((io.stage_text(recipe[1], recipe[0], "--save-recipe"), recipe[0], "--save-recipe"))
+        if html_path:
+            result.report.output = output
+            staged.append((stage_html(result.report, html_path), html_path, "--html"))
         result.save(output, in_place=in_place)
     except BaseException:
         for tmp, _, _ in staged:
@@ -245,12 +274,14 @@ def _run(args, progress: Progress, parser) -> int:
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
     recipe = _recipe(args, parser)
-    for path, flag in ((args.report, "--report"), (args.save_recipe, "--save-recipe")):
-        if path and os.path.realpath(path) == os.path.realpath(output):
+    written = [(p, f) for p, f in ((args.report, "--report"), (args.save_recipe, "--save-recipe"), (args.html, "--html")) if p]
+    for i, (path, flag) in enumerate(written):
+        if os.path.realpath(path) == os.path.realpath(output):
             raise OptionError(f"{flag} {path}: is the output model's path; give it its own")
-    if args.report and args.save_recipe and os.path.realpath(args.report) == os.path.realpath(args.save_recipe):
-        raise OptionError(f"--save-recipe {args.save_recipe}: is the --report path; give each its own")
-    args.calibration, args.data = recipe.calibration, recipe.data  # as the recipe file may give them
+        for other, other_flag in written[:i]:
+            if os.path.realpath(path) == os.path.realpath(other):
+                raise OptionError(f"{flag} {path}: is the {other_flag} path; give each its own")
+    args.calibration, args.data, args.train_data = recipe.calibration, recipe.data, recipe.train_data  # as a recipe file may give them
     _check_destinations(args, output)
     _check_paths(args, output)
     recipe_text = recipe.to_toml() if args.save_recipe else None  # a recipe it cannot hold fails now
@@ -258,11 +289,13 @@ def _run(args, progress: Progress, parser) -> int:
     report = result.report
     if result.ok:
         _commit(result, output, args.report, args.in_place,
-                (args.save_recipe, recipe_text) if args.save_recipe else None)
+                (args.save_recipe, recipe_text) if args.save_recipe else None, args.html)
     else:
         report.notes.append(f"validation failed: {output} not written")
         if args.report:
             write_json(report, args.report)
+        if args.html:
+            write_html(report, args.html)
     progress.clear()
     if not args.quiet:
         print(render_table(report))

@@ -133,6 +133,14 @@ def _optimize(
     fix_dims: Mapping[str, int] | Sequence[str] | None = None,
     target: str | None = "auto",
     max_samples: int | None = None,
+    distill: bool = False,
+    train_data=None,
+    epochs: int | None = None,
+    steps: int | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    lr: float = 1e-3,
+    seed: int = 0,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -214,6 +222,9 @@ def _optimize(
     # MACs per sample at the data's other dims (a transformer's sequence length), unless --dim says.
     stat_dims = {**feed_dims(working, dataset.batches[0] if (validate or latency) and dataset.batches else None), **dims,
                  **fixed_dims}
+    train = None
+    if distill:  # read and checked before any pass runs
+        train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
     # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is
@@ -252,6 +263,11 @@ def _optimize(
                 if not why.startswith("kept float")]
         for what, reason in left[:3]:
             report.notes.append(f"{name}: {what} left: {reason}")
+    if distill:  # the lossy passes' cost, won back from the input model as teacher
+        report.passes.append(_distill_step(model, working, train, dict(
+            epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
+            batch_size=batch_size or 32), progress, stat_dims))
+        report.lossy = True
     report.after = report.passes[-1].after if report.passes else before
     if validate or latency:
         candidate = ModelSnapshot(working)
@@ -294,6 +310,35 @@ def _optimize(
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source, declared)
+
+
+def _distill_step(model, working: ir.Model, train: Dataset, options: dict, progress: Progress | None,
+                  stat_dims: dict[str, int]) -> PassRecord:
+    """Train ``working``'s weights (in place; nodes and shapes unchanged) to match the input
+    ``model`` on ``train``, with torch (``onnxopt[train]``): see ``onnxopt.distill``."""
+    try:
+        from onnxopt.distill import distill as run_distillation
+    except ImportError as exc:
+        raise OptionError(f"--distill needs torch ({exc.name} is missing): pip install 'onnxopt[train]'") from None
+    teacher = io.load_model(model)
+    start = time.perf_counter()
+    result = run_distillation(working, teacher, train, threads=1,
+                              progress=(lambda d: progress("distill", int(d["step"]), int(d["steps"]))) if progress else None,
+                              **options)
+    initial, best = result.initial, result.best
+
+    def figure(entry: dict) -> str:
+        for key, label in (("accuracy", "accuracy"), ("agreement", "agreement")):
+            if entry.get(key) is not None:
+                return f"{label} {entry[key]:.2%}"
+        return f"loss {entry.get('loss', float('nan')):.4g}"
+
+    summary = (f"{result.steps} steps on {train.num_samples} samples ({train.source}); held out: "
+               f"{figure(initial)} -> {figure(best)}{', stopped early' if result.stopped_early else ''}")
+    details = {"steps": result.steps, "best_step": result.best_step, "initial": initial, "best": best,
+               "history": result.history, "kinds": result.kinds, "device": result.device, "samples": train.num_samples}
+    return PassRecord(name="distill", modified=True, seconds=time.perf_counter() - start, summary=summary,
+                      after=model_stats(working, dims=stat_dims), details=details)
 
 
 def _passes_that_break(model, passes, original: ModelSnapshot, dataset: Dataset, providers, rtol, atol,

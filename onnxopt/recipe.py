@@ -40,13 +40,24 @@ import onnx_ir as ir
 from onnxopt.calibrate import DEFAULT_PERCENTILE
 from onnxopt.errors import OptionError, UnknownPassError
 from onnxopt.options import check_arguments
-from onnxopt.passes import REGISTRY, ClusterWeights, LowRankFactorize, QuantizeQDQ, SparsifyWeights
+from onnxopt.passes import (
+    REGISTRY,
+    ClusterWeights,
+    LowRankFactorize,
+    QuantizeDynamic,
+    QuantizeQDQ,
+    QuantizeWeightsInt4,
+    SparsifyWeights,
+)
 from onnxopt.validate import DEFAULT_ATOL
 
 DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
 # --quantize int8 with the default passes: prune's lossless removal is left to a run of its own.
 QUANTIZE_PRESET = ("simplify", "fold-bn", "share-init", "quantize")
 # Options of the compression family's passes: each adds its pass (after the others) when given.
+_DISTILL_OPTIONS = ("train_data", "epochs", "steps", "temperature", "alpha", "lr", "seed")
+_INT4_OPTIONS = ("int4_block_size", "int4_method", "int4_symmetric", "accuracy_level")
+QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
 _QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target")
 
@@ -90,6 +101,20 @@ class Recipe:
     max_drop: float | None = None
     min_cosine: float | None = None
     speed_fallback: bool | None = None
+    # weight-only int4 (quantize = "int4") and dynamic int8 (quantize = "int8-dynamic")
+    int4_block_size: int = 32
+    int4_method: str = "rtn"
+    int4_symmetric: bool = True
+    accuracy_level: int | None = None
+    # knowledge distillation from the input model, after the lossy passes
+    distill: bool = False
+    train_data: Any = None
+    epochs: int | None = None
+    steps: int | None = None
+    temperature: float = 4.0
+    alpha: float = 0.5
+    lr: float = 1e-3
+    seed: int = 0
     # the rest of the compression family (lossy: reported, not judged by the lossless tolerance)
     cluster_bits: int | None = None
     cluster_per_channel: bool = False
@@ -140,8 +165,9 @@ class Recipe:
 
     def check_options(self) -> None:
         """Refuse a field whose type or value cannot work (``OptionError``, the command line's words)."""
-        if self.quantize not in (None, "int8"):
-            raise OptionError(f"--quantize {self.quantize!r}: not one of int8")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise OptionError(f"--quantize {self.quantize!r}: not one of {', '.join(QUANTIZE_MODES)}")
+        self._check_int4_and_distill()
         if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
             raise OptionError(f"--exclude: give a list of node names, op types or patterns, not {self.exclude!r}")
         for name in ("per_tensor", "bias_correction"):
@@ -154,6 +180,37 @@ class Recipe:
         if not self._quantizes() and self._quantize_options_changed():
             raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
                               "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
+
+    def _check_int4_and_distill(self) -> None:
+        if self.int4_block_size not in (16, 32, 64, 128, 256) or isinstance(self.int4_block_size, bool):
+            raise OptionError(f"--int4-block-size {self.int4_block_size!r}: not one of 16, 32, 64, 128, 256")
+        if self.int4_method not in ("rtn", "hqq"):
+            raise OptionError(f"--int4-method {self.int4_method!r}: not one of rtn, hqq")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise OptionError(f"--accuracy-level {self.accuracy_level!r}: not one of 0, 1, 2, 3, 4")
+        default = Recipe()
+        if self.quantize != "int4" and any(getattr(self, n) != getattr(default, n) for n in _INT4_OPTIONS):
+            raise OptionError("--int4-block-size, --int4-method, --int4-asymmetric and --accuracy-level apply to --quantize int4")
+        if not isinstance(self.distill, bool):
+            raise OptionError(f"--distill: distill must be true or false, not {self.distill!r}")
+        if not self.distill:
+            if any(getattr(self, n) != getattr(default, n) for n in _DISTILL_OPTIONS):
+                raise OptionError("--train-data, --epochs, --steps, --temperature, --alpha, --lr and --seed apply to --distill")
+            return
+        if self.train_data is None:
+            raise OptionError("--distill needs --train-data (inputs to train on; labels are not needed)")
+        if self.epochs is not None and self.steps is not None:
+            raise OptionError("--distill: give --epochs or --steps, not both")
+        for flag, value, low in (("--epochs", self.epochs, 1), ("--steps", self.steps, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise OptionError(f"{flag} {value!r}: must be a positive whole number")
+        for flag, value, low, high in (("--temperature", self.temperature, 0.0, math.inf), ("--alpha", self.alpha, 0.0, 1.0),
+                                       ("--lr", self.lr, 0.0, math.inf)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high and not (
+                    flag == "--alpha" and value == 0.0):
+                raise OptionError(f"{flag} {value!r}: must be a number in ({low:g}, {high:g}]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise OptionError(f"--seed {self.seed!r}: must be a whole number")
 
     def _check_family(self) -> None:
         def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False) -> None:
@@ -192,10 +249,12 @@ class Recipe:
                             ("cluster", self.cluster_bits is not None)):
             if given and name not in items and not any(getattr(p, "name", None) == name for p in items):
                 items.append(name)
-        if self.quantize and not any(_is_quantize(p) for p in items):
-            items = list(QUANTIZE_PRESET) if tuple(items) == DEFAULT_PASSES else [*items, "quantize"]
+        mode_pass = {"int8": "quantize", "int8-dynamic": "quantize-dynamic", "int4": "quantize-int4"}.get(self.quantize)
+        if mode_pass and not any(_is_quantize(p) or p == mode_pass or getattr(p, "name", None) == mode_pass for p in items):
+            preset = [*QUANTIZE_PRESET[:-1], mode_pass]
+            items = preset if tuple(items) == DEFAULT_PASSES else [*items, mode_pass]
         built = {"quantize": self._quantize_pass, "cluster": self._cluster_pass, "sparsify": self._sparsify_pass,
-                 "lowrank": self._lowrank_pass}
+                 "lowrank": self._lowrank_pass, "quantize-dynamic": self._dynamic_pass, "quantize-int4": self._int4_pass}
         return [built[p]() if isinstance(p, str) and p in built else p for p in items]
 
     def resolved_passes(self) -> list[ir.passes.PassBase]:
@@ -213,15 +272,26 @@ class Recipe:
 
     def arguments(self) -> dict[str, Any]:
         """The fields that ``onnxopt.pipeline`` reads, by name (the quantize pass's own options go into its object)."""
-        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude", *_FAMILY_OPTIONS}
+        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude", *_FAMILY_OPTIONS,
+                *_INT4_OPTIONS}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def _quantizes(self) -> bool:
-        return any(_is_quantize(p) for p in self.pass_list())
+        return any(_is_quantize(p) for p in self.pass_list()) or self.quantize in ("int8-dynamic", "int4")
 
     def _quantize_options_changed(self) -> bool:
         default = Recipe()
         return any(getattr(self, n) != getattr(default, n) for n in _QUANTIZE_OPTIONS) or self.speed_fallback is False
+
+    def _dynamic_pass(self) -> QuantizeDynamic:
+        from onnxopt.target import resolve
+
+        # The weights the target's kernels sum exactly: 7-bit on x86 without VNNI, as for static int8.
+        return QuantizeDynamic(exclude=tuple(self.exclude)).for_target(resolve(self.target, self.providers).name)
+
+    def _int4_pass(self) -> QuantizeWeightsInt4:
+        return QuantizeWeightsInt4(block_size=self.int4_block_size, symmetric=self.int4_symmetric, method=self.int4_method,
+                                   accuracy_level=self.accuracy_level, exclude=tuple(self.exclude))
 
     def _cluster_pass(self) -> ClusterWeights:
         return ClusterWeights(bits=4 if self.cluster_bits is None else self.cluster_bits, per_channel=self.cluster_per_channel)

@@ -312,13 +312,7 @@ def test_a_headless_browser_draws_the_page(quantized, tmp_path):
 # --- the command line's --html (wired by onnxopt/cli.py) ---------------------------------------------
 
 
-def _cli_has_html() -> bool:
-    from onnxopt.cli import build_parser
 
-    return any("--html" in a.option_strings for a in build_parser()._actions)
-
-
-@pytest.mark.skipif(not _cli_has_html(), reason="onnxopt/cli.py has no --html yet")
 def test_cli_html_is_written_with_the_model_and_the_report_all_or_none(tmp_path, capsys):
     from onnxopt.cli import main
 

@@ -49,7 +49,7 @@ def test_the_quantize_preset_and_its_options_go_into_the_pass_object():
     ("batch_size = \"3\"\n", ["--batch-size", "whole number"]),
     ("percentile = 20.0\n", ["--percentile"]),
     ("activations = \"int8\"\n", ["apply to --quantize int8"]),
-    ("quantize = \"int4\"\n", ["--quantize 'int4'"]),
+    ("quantize = \"int2\"\n", ["--quantize 'int2'"]),
     ("passes = [\"simplify\", \"nope\"]\n", []),
     ("this is = not toml [\n", ["not valid TOML"]),
 ])
@@ -136,3 +136,40 @@ def test_bad_compression_values_are_one_line(tmp_path, capsys, flags, words):
     assert main([DIGITS, *flags, "-o", str(tmp_path / "o.onnx")]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+# -- the modes wired through the recipe: distillation, dynamic int8, int4 --------------------------
+
+CALIB = "models/digits/digits_calib.npz"
+
+
+def test_distill_wins_back_accuracy_that_pruning_cost_and_keeps_the_graph(tmp_path):
+    pytest.importorskip("torch")
+    pruned = onnxopt.optimize(DIGITS, prune=0.5, data=TEST, latency=False)
+    result = onnxopt.optimize(DIGITS, prune=0.5, data=TEST, latency=False, distill=True, train_data=CALIB, epochs=20)
+    record = result.report.passes[-1]
+    assert record.name == "distill" and record.details["steps"] > 0
+    before, after = pruned.report.validation.accuracy_after, result.report.validation.accuracy_after
+    assert after > before + 0.1, (before, after)  # 27% pruned; distilled on 180 unlabeled images
+    assert [n.op_type for n in result.model.graph] == [n.op_type for n in pruned.model.graph]
+    assert {k: v.shape for k, v in result.model.graph.initializers.items()} == \
+        {k: v.shape for k, v in pruned.model.graph.initializers.items()}
+
+
+def test_distill_options_are_checked_before_work(tmp_path, capsys):
+    for flags, words in ((["--distill"], "needs --train-data"), (["--epochs", "3"], "apply to --distill"),
+                         (["--distill", "--train-data", CALIB, "--epochs", "2", "--steps", "3"], "not both")):
+        assert main([DIGITS, *flags, "-o", str(tmp_path / "o.onnx")]) == 2
+        assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode,op", [("int8-dynamic", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    model = "models/zoo/transformer_encoder.onnx"
+    assert main([model, "--quantize", mode, "--no-latency", "-o", str(out), "--report", str(report), "--dim", "seq=16", "-q"]) == 0
+    saved = onnx.load(out)
+    assert any(n.op_type == op for n in saved.graph.node)
+    data = json.loads(report.read_text())
+    assert data["ok"] and data["validation"]["outputs"][0]["cosine"] > 0.9  # lossy: reported, with its cost
+    assert out.stat().st_size < 0.6 * __import__("os").path.getsize(model)
