@@ -564,7 +564,7 @@ def test_bad_quantize_options(digits, capsys):
     refused(capsys, digits, model, "--max-drop", "1", words=("--quantize",))
     refused(capsys, digits, model, "--no-bias-correction", words=("--quantize",))
     refused(capsys, digits, model, "--quantize", "int8", "--calibration", "synthetic", "--max-drop", "-1", words=("--max-drop",))
-    refused(capsys, digits, model, "--quantize", "int4", words=("--quantize",))
+    refused(capsys, digits, model, "--quantize", "int2", words=("--quantize",))
 
 
 def test_synthetic_calibration_is_flagged(digits):
