@@ -70,10 +70,12 @@ def check_arguments(args: Mapping[str, Any]) -> None:
         if not (isinstance(providers, str) or (isinstance(providers, Iterable) and providers
                                                 and all(isinstance(p, str) for p in providers))):
             raise OptionError(f"--providers: give a name ('cpu', 'cuda') or a list of names, not {providers!r}")
-    if not _quantizes(args.get("passes", ())):
+    lossy = given("prune") or any(getattr(p, "lossy", False) for p in args.get("passes", ()) if not isinstance(p, str))
+    if not _quantizes(args.get("passes", ())) and not lossy:
         for name in ("max_drop", "min_cosine"):
             if given(name):
-                raise OptionError(f"{_FLAGS[name]} applies to --quantize int8 (the 'quantize' pass), which is not in passes")
+                raise OptionError(f"{_FLAGS[name]} applies to a lossy run (--quantize, --cluster-bits, --sparsity, "
+                                  "--lowrank-energy, ...), and no pass of this one is lossy")
 
 
 def _check_passes(passes) -> None:

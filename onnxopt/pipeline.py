@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_PASSES", "OptimizeResult", "Recipe", "optimize", "resolve_passes", "check_model"]
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
+from onnxopt.budget import LossyFallback, judge, lossy_units
 from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
@@ -23,7 +25,7 @@ from onnxopt.recipe import DEFAULT_PASSES, Recipe
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.quantization import QuantizationStep
-from onnxopt.report import PassRecord, Report, Validation
+from onnxopt.report import PassRecord, Report, Validation, plural
 from onnxopt.runtime import ModelSnapshot, run_session
 from onnxopt.stats import model_stats
 from onnxopt.synthetic import runnable_synthetic_data
@@ -230,8 +232,15 @@ def _optimize(
     # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is
     # reported, not judged by the lossless tolerance.
     report.lossy = any(getattr(p, "lossy", False) for p in pass_objects if not isinstance(p, QuantizeQDQ))
+    # With a budget, lossy passes that rewrite layers one by one are judged by it and undone layer by
+    # layer while it misses (onnxopt.budget); without, they are reported, not judged.
+    budgeted = validate and (max_drop is not None or min_cosine is not None) and quantization is None
+    undoable = lossy_units(pass_objects) if budgeted else []
+    fallback_start = fallback_from = None
     for step, p in enumerate(pass_objects):
         name = _pass_name(p)
+        if undoable and fallback_start is None and p in undoable:
+            fallback_start, fallback_from = working.clone(), step
         if progress:
             progress(f"pass {name}", step, len(pass_objects))
         if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz") and p.ratio is not None and p.activation is None:
@@ -263,6 +272,21 @@ def _optimize(
                 if not why.startswith("kept float")]
         for what, reason in left[:3]:
             report.notes.append(f"{name}: {what} left: {reason}")
+    fallback = None
+    if fallback_start is not None:
+        fallback = LossyFallback(fallback_start, pass_objects[fallback_from:], original, dataset, max_drop=max_drop,
+                                 min_cosine=min_cosine, providers=providers)
+        working, rerun, _, _ = fallback.run(working)
+        for record, p in zip(report.passes[fallback_from:], rerun):
+            record.summary = getattr(p, "summary", "") or record.summary
+            record.details = dict(getattr(p, "details", {}) or {})
+            record.after = model_stats(working, dims=stat_dims) if p is rerun[-1] else record.after
+        if fallback.details["kept"]:
+            report.notes.append(f"budget: kept {plural(len(fallback.details['kept']), 'layer')} as they were: "
+                                f"{', '.join(k['unit'] for k in fallback.details['kept'][:6])}"
+                                f"{' …' if len(fallback.details['kept']) > 6 else ''} ({fallback.details['figure']})")
+        if fallback.details.get("stuck"):
+            report.notes.append(f"budget: {fallback.details['stuck']}")
     if distill:  # the lossy passes' cost, won back from the input model as teacher
         report.passes.append(_distill_step(model, working, train, dict(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
@@ -291,6 +315,8 @@ def _optimize(
                 retried = _optimize(**{**arguments, "passes": kept})
                 retried.report.notes[:0] = [f"{_pass_name(q)} left out: {why}" for q, why in left_out]
                 return retried
+        if budgeted and report.lossy and report.validation is not None and report.validation.error is None:
+            _judge_by_budget(report, max_drop, min_cosine)
         if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:
             report.notes.append(_fixed_dims_failure(fixed_dims, original, dataset, providers))
         if latency and (report.validation is None or report.validation.error is None):
@@ -310,6 +336,17 @@ def _optimize(
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source, declared)
+
+
+def _judge_by_budget(report: Report, max_drop: float | None, min_cosine: float | None) -> None:
+    """A lossy run with a budget is judged by it (not reported as CHANGED): the verdict, per output too."""
+    v = report.validation
+    met, figure = judge(v, max_drop, min_cosine)
+    v.criterion = f"{figure} (the lossy passes' budget, not the lossless tolerance)"
+    for o in v.outputs:
+        o.ok = min_cosine is None or (not math.isnan(o.cosine) and o.cosine >= min_cosine)
+    v.ok = met
+    report.lossy = False
 
 
 def _distill_step(model, working: ir.Model, train: Dataset, options: dict, progress: Progress | None,

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.budget import judge as judge_budget
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError, one_line
@@ -471,17 +472,7 @@ class QuantizationStep:
         """The lossy verdict on a validation: accuracy drop with labels, else every output's cosine."""
         if v.error:
             return False, v.error
-        max_drop, min_cosine = self._limits(v.accuracy_before is not None)
-        parts, ok = [], True
-        if max_drop is not None and v.accuracy_before is not None and v.accuracy_after is not None:
-            drop = (v.accuracy_before - v.accuracy_after) * 100
-            ok &= drop <= max_drop + 1e-9
-            parts.append(f"accuracy drop {drop:.2f} points (budget {max_drop:g})")
-        if min_cosine is not None:
-            worst = min((o.cosine for o in v.outputs if not math.isnan(o.cosine)), default=float("nan"))
-            ok &= worst >= min_cosine
-            parts.append(f"min cosine {worst:.5f} (budget {min_cosine:g})")
-        return bool(ok), "; ".join(parts)
+        return judge_budget(v, *self._limits(v.accuracy_before is not None))
 
     def _errors(self, float_model: ir.Model, model: ir.Model, tensor_map: dict[str, str], evaluation: Dataset,
                 tensors: list[str]) -> dict[str, float]:

@@ -241,7 +241,7 @@ def _wrapped(text: str, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, TABLE_WIDTH, subsequent_indent=indent, break_on_hyphens=False) or [""]
 
 
-def _count(n: int, noun: str) -> str:
+def plural(n: int, noun: str) -> str:
     """``1 sample``, ``2 samples``."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -287,7 +287,7 @@ def render_table(report: Report) -> str:
         head = "PASS" if v.ok else "CHANGED (lossy by request: reported, not judged)" if report.lossy and not v.error else "FAIL"
         lines += _wrapped(
             f"validation {head} on {', '.join(p.replace('ExecutionProvider', '') for p in v.providers)}: "
-            + (f"{_count(v.samples, 'synthetic sample')}" if v.synthetic else f"{_count(v.samples, 'sample')} from {v.data}")
+            + (f"{plural(v.samples, 'synthetic sample')}" if v.synthetic else f"{plural(v.samples, 'sample')} from {v.data}")
             + (f"; judged by {v.criterion}" if v.criterion else f"; tolerance |err| <= {v.atol:g} + {_rtols(v)}*max|ref|")
         )
         if v.error:
@@ -314,7 +314,7 @@ def render_table(report: Report) -> str:
     if lat is not None:
         lines.append("")
         if math.isinf(lat.ratio_high):  # too few pairs for a sign-test interval (fewer than 6 at 95%)
-            judged = f"(only {_count(lat.repetitions, 'interleaved pair')} in the budget: no interval, no verdict; raise --latency-budget)"
+            judged = f"(only {plural(lat.repetitions, 'interleaved pair')} in the budget: no interval, no verdict; raise --latency-budget)"
         else:
             judged = (f"[{lat.ratio_low:.3f}, {lat.ratio_high:.3f}] ({lat.confidence * 100:.0f}% CI, "
                       f"{lat.repetitions} interleaved pairs): {lat.verdict}")

@@ -7,6 +7,7 @@ __all__ = [
     "along_axis",
 ]
 
+import copy
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -24,6 +25,43 @@ class OnnxoptPass(ir.passes.InPlacePass):
         super().__init__()
         self.summary = ""
         self.details: dict[str, Any] = {}
+
+
+class LossyLayers:
+    """The way back of a lossy pass that rewrites layers one by one (clustering, sparsity, low rank):
+    after a run, ``units`` names the layers it changed (its ``details["layers"]`` keys: a weight's
+    or a node's name), and ``excluding(units)`` is the same pass, leaving those alone. The pipeline's
+    accuracy budget (``onnxopt.budget``) undoes the most harmful layers with it, whatever the pass."""
+
+    exclude: frozenset[str] = frozenset()
+
+    @property
+    def units(self) -> list[str]:
+        return list(self.details.get("layers", {}))
+
+    def excluding(self, units) -> LossyLayers:
+        new = copy.copy(self)
+        new.exclude = frozenset(self.exclude) | set(units)
+        new.details, new.summary = {}, ""
+        return new
+
+
+class LossyNodes:
+    """The way back of a lossy pass that rewrites nodes and leaves those its ``exclude`` names (by
+    name or label): ``units`` are the node labels of its last run (``details["quantized"]`` and
+    ``details["embeddings"]``), ``excluding(units)`` the same pass with those excluded too."""
+
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def units(self) -> list[str]:
+        return [*self.details.get("quantized", []), *self.details.get("embeddings", [])]
+
+    def excluding(self, units) -> LossyNodes:
+        new = copy.copy(self)
+        new.exclude = (*self.exclude, *[u for u in units if u not in self.exclude])
+        new.details, new.summary = {}, ""
+        return new
 
 
 def graphs_of(model: ir.Model) -> Iterator[ir.Graph]:

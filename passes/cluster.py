@@ -27,7 +27,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass
+from onnxopt.passes._base import LossyLayers, NameScope, OnnxoptPass
 from onnxopt.passes._weights import Weight, find_weights, insert_front, output_axis
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _ternary(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([-alpha, 0.0, alpha], dtype=w.dtype), labels
 
 
-class ClusterWeights(OnnxoptPass):
+class ClusterWeights(LossyLayers, OnnxoptPass):
     """Replace weights by a codebook of 2^bits values and uint8 codes, decoded by a Gather.
 
     Rules:
@@ -137,6 +137,8 @@ class ClusterWeights(OnnxoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         weights, skipped = find_weights(model, self.layers, self.min_elements)
+        skipped.update({w.name: "kept for the accuracy budget" for w in weights if w.name in self.exclude})
+        weights = [w for w in weights if w.name not in self.exclude]
         self.details = {"bits": self.bits, "layers": {}, "skipped": skipped}
         scopes: dict[int, NameScope] = {}
         before = after = 0

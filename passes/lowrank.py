@@ -32,7 +32,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused, graphs_of
+from onnxopt.passes._base import LossyLayers, NameScope, OnnxoptPass, constant_array, drop_if_unused, graphs_of
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def factorize(
     return p, q, info
 
 
-class LowRankFactorize(OnnxoptPass):
+class LowRankFactorize(LossyLayers, OnnxoptPass):
     """Factorize MatMul, Gemm and 2-D Conv weights into two layers of rank r where that is smaller.
 
     Rules:
@@ -147,6 +147,9 @@ class LowRankFactorize(OnnxoptPass):
                     continue
                 key = weight.name or node.name
                 if self.layers is not None and weight.name not in self.layers and node.name not in self.layers:
+                    continue
+                if key in self.exclude or node.name in self.exclude:
+                    self.details["skipped"][key] = "kept for the accuracy budget"
                     continue
                 reason = self._refusal(node, weight)
                 if reason is None:

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused
+from onnxopt.passes._base import LossyNodes, NameScope, OnnxoptPass, constant_array, drop_if_unused
 from onnxopt.passes.quantize import TARGET_WEIGHT_BITS, _matches, already_quantized, node_label
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _quantize_weight(w: np.ndarray, per_channel: bool, weight_max: int) -> tuple
     return q, scale
 
 
-class QuantizeDynamic(OnnxoptPass):
+class QuantizeDynamic(LossyNodes, OnnxoptPass):
     """Replace MatMul/Gemm with constant weights by DynamicQuantizeLinear → MatMulInteger → Cast → Mul.
 
     Rules:

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass, constant_array, drop_if_unused
+from onnxopt.passes._base import LossyNodes, NameScope, OnnxoptPass, constant_array, drop_if_unused
 from onnxopt.passes.quantize import _matches, already_quantized, node_label
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def _pack_zero_points(zero: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the pass
-class QuantizeWeightsInt4(OnnxoptPass):
+class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
     """Replace MatMul (and Gemm) weights by 4-bit blocks in MatMulNBits; embedding tables by GatherBlockQuantized.
 
     Rules:

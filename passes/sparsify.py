@@ -29,7 +29,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._base import NameScope, OnnxoptPass
+from onnxopt.passes._base import LossyLayers, NameScope, OnnxoptPass
 from onnxopt.passes._weights import Weight, find_weights, input_axis, insert_front
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def sparse_bytes(nnz: int, numel: int, ndim: int, itemsize: int) -> int:
     return nnz * (itemsize + index_bytes) + 8 + 8 * ndim
 
 
-class SparsifyWeights(OnnxoptPass):
+class SparsifyWeights(LossyLayers, OnnxoptPass):
     """Zero the smallest weights; store each pruned weight sparse where that is smaller.
 
     Rules:
@@ -118,6 +118,8 @@ class SparsifyWeights(OnnxoptPass):
             self.summary = "sparsity 0: nothing pruned"
             return ir.passes.PassResult(model, modified=False)
         weights, skipped = find_weights(model, self.layers, self.min_elements)
+        skipped.update({w.name: "kept for the accuracy budget" for w in weights if w.name in self.exclude})
+        weights = [w for w in weights if w.name not in self.exclude]
         self.details["skipped"] = skipped
         weights = [w for w in weights if not w.sparse_values]  # already sparse
         masks = self._masks(weights)

@@ -1,0 +1,174 @@
+"""One accuracy budget and one way back for the lossy passes that rewrite layers one by one.
+
+A lossy pass (clustering, sparsity, low rank, dynamic int8, weight-only int4) says which layers it
+changed (``units``) and can run again leaving some alone (``excluding(units)``; see
+``passes._base.LossyLayers`` and ``LossyNodes``). With a budget (``max_drop`` accuracy points with
+labels, else ``min_cosine`` per output), the pipeline judges the result and, while it misses,
+undoes the most harmful layers, 1 then 2, 4 … of them, re-running the lossy passes on the model
+they started from.
+
+Harm is measured, not guessed: each unit's output tensor is compared with the same tensor of the
+model before the lossy passes (SQNR, dB, on the first evaluation samples), and a unit's harm is the
+SQNR its output loses against its worst input (what it added to the error, not what it inherited),
+as the int8 step ranks its nodes (``onnxopt.quantization``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["judge", "LossyFallback", "lossy_units", "tensor_sqnr", "unit_tensors"]
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.data import Dataset
+from onnxopt.observe import ErrorObserver, expose
+from onnxopt.report import Validation
+from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
+from onnxopt.validate import compare_models
+
+DEFAULT_MAX_DROP = 1.0  # accuracy points, with labels
+DEFAULT_MIN_COSINE = 0.99  # per output, without
+SQNR_SAMPLES = 8
+MAX_ROUNDS = 8
+
+
+def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[bool, str]:
+    """The budget's verdict on a validation: the accuracy drop with labels (``max_drop``, default 1
+    point), else every output's cosine (``min_cosine``, default 0.99); with a figure that says why."""
+    if v.error:
+        return False, v.error
+    labelled = v.accuracy_before is not None and v.accuracy_after is not None
+    if max_drop is None and min_cosine is None:
+        max_drop, min_cosine = (DEFAULT_MAX_DROP, None) if labelled else (None, DEFAULT_MIN_COSINE)
+    parts, ok = [], True
+    if max_drop is not None and labelled:
+        drop = (v.accuracy_before - v.accuracy_after) * 100
+        ok &= drop <= max_drop + 1e-9
+        parts.append(f"accuracy drop {drop:.2f} points (budget {max_drop:g})")
+    if min_cosine is not None:
+        worst = min((o.cosine for o in v.outputs if not math.isnan(o.cosine)), default=float("nan"))
+        ok &= worst >= min_cosine
+        parts.append(f"min cosine {worst:.5f} (budget {min_cosine:g})")
+    return bool(ok), "; ".join(parts)
+
+
+def unit_tensors(model: ir.Model, unit: str) -> tuple[list[str], str] | None:
+    """The data inputs and the output tensor of the node a unit names in ``model``: a node by name or
+    label (``Op(output)``), else the first node that reads an initializer of that name."""
+    graph = model.graph
+    node = next((n for n in graph if n.name == unit or f"{n.op_type}({n.outputs[0].name})" == unit), None)
+    if node is None and unit in graph.initializers:
+        node = next((u.node for u in graph.initializers[unit].uses() if u.node.graph is graph), None)
+    if node is None or not node.outputs or not node.outputs[0].name:
+        return None
+    inputs = [v.name for v in node.inputs if v is not None and v.name and v.const_value is None
+              and not v.is_initializer()]
+    return inputs, node.outputs[0].name
+
+
+def tensor_sqnr(reference: ir.Model, candidate: ir.Model, names: Sequence[str], data: Dataset,
+                providers="cpu", max_samples: int = SQNR_SAMPLES) -> dict[str, float]:
+    """SQNR (dB) of each named tensor as ``candidate`` computes it against ``reference``, on the first
+    ``max_samples`` samples of ``data`` (graph inputs are exact: +inf)."""
+    inputs = {v.name for v in reference.graph.inputs}
+    wanted = [n for n in dict.fromkeys(names) if n and n not in inputs]
+    ref_model, _ = expose(reference, wanted)
+    cand_model, _ = expose(candidate, wanted)
+    observers = {n: ErrorObserver() for n in wanted}
+    snapshots = [ModelSnapshot(ref_model), ModelSnapshot(cand_model)]
+    try:
+        resolved = resolve_providers(providers)
+        ref, cand = (s.session(providers=resolved, optimization="disabled") for s in snapshots)
+        seen = 0
+        for feed in data.batches:
+            if seen >= max_samples:
+                break
+            r_out, c_out = run_session(ref, feed), run_session(cand, feed)
+            seen += max((int(np.shape(a)[0]) for a in feed.values() if np.ndim(a) > 0), default=1)
+            for n in wanted:
+                if n in r_out and n in c_out:
+                    observers[n].update(r_out[n], c_out[n])
+    finally:
+        for s in snapshots:
+            s.close()
+    result = {n: o.sqnr_db for n, o in observers.items() if o.signal > 0}
+    result.update({n: math.inf for n in names if n in inputs})
+    return result
+
+
+class LossyFallback:
+    """Judge a model made by lossy passes against the budget and, while it misses, undo the most
+    harmful units of those passes (see the module docstring). ``start`` is the model before the
+    first lossy pass; ``passes`` the lossy passes in order (each with ``units`` and ``excluding``)."""
+
+    def __init__(self, start: ir.Model, passes: list, original: ModelSnapshot, data: Dataset, *,
+                 max_drop: float | None, min_cosine: float | None, providers="cpu") -> None:
+        self.start, self.passes, self.original, self.data = start, list(passes), original, data
+        self.max_drop, self.min_cosine, self.providers = max_drop, min_cosine, providers
+        self.details: dict[str, Any] = {"rounds": [], "kept": []}
+
+    def run(self, model: ir.Model) -> tuple[ir.Model, list, bool, str]:
+        """The model, the passes as last run, whether the budget holds, and the figure."""
+        met, figure = self._judge(model)
+        for round_ in range(1, MAX_ROUNDS + 1):
+            if met:
+                break
+            harm = self._harm(model)
+            candidates = [(h, u) for u, h in harm if h > 0]
+            if not candidates:
+                self.details["stuck"] = ("no layer adds error at its own output: the loss is spread over "
+                                         "every layer, or comes from a pass without layers to undo")
+                break
+            take = candidates[: 2 ** (round_ - 1)]
+            for h, unit in take:
+                self.details["kept"].append({"unit": unit, "round": round_, "harm_db": round(h, 2), "figure": figure})
+            units = {u for _, u in take}
+            self.passes = [p.excluding([u for u in p.units if u in units]) if p in lossy_units(self.passes) else p
+                           for p in self.passes]
+            model = self._apply()
+            met, figure = self._judge(model)
+            self.details["rounds"].append({"round": round_, "undone": sorted(units), "met": met, "figure": figure})
+        self.details.update(met=met, figure=figure)
+        return model, self.passes, met, figure
+
+    def _apply(self) -> ir.Model:
+        working = self.start.clone()
+        for p in self.passes:
+            working = p(working).model
+        return working
+
+    def _judge(self, model: ir.Model) -> tuple[bool, str]:
+        candidate = ModelSnapshot(model)
+        try:
+            v = compare_models(self.original, candidate, self.data, providers=self.providers, runtime_floor=False)
+        finally:
+            candidate.close()
+        return judge(v, self.max_drop, self.min_cosine)
+
+    def _harm(self, model: ir.Model) -> list[tuple[str, float]]:
+        """Units of the last run, most harmful first: SQNR lost at the unit's own output."""
+        where: dict[str, tuple[list[str], str]] = {}
+        for p in self.passes:
+            for unit in getattr(p, "units", []):
+                found = unit_tensors(self.start, unit)
+                if found is not None:
+                    where[unit] = found
+        names = [t for ins, out in where.values() for t in (*ins, out)]
+        errors = tensor_sqnr(self.start, model, names, self.data, self.providers)
+        harm = []
+        for unit, (ins, out) in where.items():
+            if out not in errors:
+                continue
+            before = min([min(errors.get(t, math.inf), 60.0) for t in ins] or [60.0])
+            harm.append((unit, float(before - errors[out])))
+        harm.sort(key=lambda kv: -kv[1])
+        return harm
+
+
+def lossy_units(passes: Sequence) -> list:
+    """The passes that can be undone unit by unit (``units`` and ``excluding``), lossy as configured."""
+    return [p for p in passes if getattr(p, "lossy", False) and hasattr(p, "excluding") and hasattr(p, "units")]
