@@ -102,7 +102,11 @@ class QuantizationStep:
         speed_fallback: bool = True,
         target: str | None = "auto",
         max_samples: int | None = None,
+        judged_outputs: Sequence[str] | None = None,
+        smooth_alpha: float | str | None = None,
     ) -> None:
+        """``judged_outputs``: the outputs the budget judges (None: all; ``--outputs``); the others are
+        reported. ``smooth_alpha``: SmoothQuant before quantizing (a float in (0, 1) or "auto"; None: off)."""
         if calibration is None:
             raise OptionError(
                 "quantize needs calibration data: pass --calibration FILE (.npz, folder of .npy, onnx test data), "
@@ -124,6 +128,8 @@ class QuantizationStep:
         self.target = resolve_target(target, providers)  # an unknown --target fails before any work
         self.method, self.percentile = method, percentile
         self.max_drop, self.min_cosine = max_drop, min_cosine
+        self.judged_outputs = None if judged_outputs is None else list(judged_outputs)
+        self.smooth_alpha = smooth_alpha
         self.providers = providers
         self.threads, self.speed_fallback = threads, speed_fallback
         self.synthetic = isinstance(calibration, str) and calibration == "synthetic"
@@ -448,7 +454,7 @@ class QuantizationStep:
         candidate = ModelSnapshot(model)
         try:
             v = compare_models(original, candidate, evaluation, providers=self.providers, runtime_floor=False,
-                               reference_outputs=self.reference_outputs)
+                               reference_outputs=self.reference_outputs, judged_outputs=self.judged_outputs)
             key = _snapshot_key(candidate)
             if key is not None:
                 self._judged[key] = v
@@ -478,9 +484,11 @@ class QuantizationStep:
             ok &= drop <= max_drop + 1e-9
             parts.append(f"accuracy drop {drop:.2f} points (budget {max_drop:g})")
         if min_cosine is not None:
-            worst = min((o.cosine for o in v.outputs if not math.isnan(o.cosine)), default=float("nan"))
+            judged = [o for o in v.outputs if o.judged]
+            worst = min((o.cosine for o in judged if not math.isnan(o.cosine)), default=float("nan"))
             ok &= worst >= min_cosine
-            parts.append(f"min cosine {worst:.5f} (budget {min_cosine:g})")
+            which = "" if len(judged) == len(v.outputs) else f" of {', '.join(o.name for o in judged)}"
+            parts.append(f"min cosine per sample{which} {worst:.5f} (budget {min_cosine:g})")
         return bool(ok), "; ".join(parts)
 
     def _errors(self, float_model: ir.Model, model: ir.Model, tensor_map: dict[str, str], evaluation: Dataset,
