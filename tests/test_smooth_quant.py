@@ -124,3 +124,30 @@ def test_the_outlier_channels_are_what_the_model_has():
     absmax = _absmax(model, outlier_feeds(4, 8))
     x = absmax["n0"]
     assert set(np.argsort(x)[-len(OUTLIERS):]) == set(OUTLIERS)
+
+
+def test_gemm_transb_and_a_transposed_constant_weight_are_smoothed_exactly():
+    """torch's export before constant folding reads a Linear's weight through Transpose(constant);
+    a Shape reader only sees the shape, which smoothing keeps."""
+    rng = np.random.default_rng(4)
+    g = np.ones(8, np.float32)
+    g[2] = 60.0
+    model = build("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[M, 8] x) => (float[M, 6] y, float[M, 5] z, int64[2] sh) {
+            n = LayerNormalization <axis = -1> (x, G, Bt)
+            wt = Transpose <perm = [1, 0]> (Wc)
+            y = MatMul(n, wt)
+            z = Gemm <transB = 1> (n, Wg, bg)
+            sh = Shape(n)
+        }""", {"G": g, "Bt": (0.1 * rng.standard_normal(8)).astype(np.float32),
+               "Wc": rng.standard_normal((6, 8)).astype(np.float32), "Wg": rng.standard_normal((5, 8)).astype(np.float32),
+               "bg": rng.standard_normal(5).astype(np.float32)})
+    feed = {"x": rng.standard_normal((10, 8)).astype(np.float32)}
+    before = _run(model, feed)
+    assert list(SmoothQuant.smoothable(model)) == ["n"]
+    p = SmoothQuant("auto", _absmax(model, feed))
+    assert p(model).modified and p.details["smoothed"]["n"]["alpha"] is not None
+    after = _run(model, feed)
+    for name in ("y", "z"):
+        assert np.abs(after[name] - before[name]).max() <= 1e-5 * np.abs(before[name]).max()
+    np.testing.assert_array_equal(after["sh"], before["sh"])
