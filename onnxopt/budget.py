@@ -49,10 +49,12 @@ def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tu
         drop = (v.accuracy_before - v.accuracy_after) * 100
         ok &= drop <= max_drop + 1e-9
         parts.append(f"accuracy drop {drop:.2f} points (budget {max_drop:g})")
-    if min_cosine is not None:
-        worst = min((o.cosine for o in v.outputs if not math.isnan(o.cosine)), default=float("nan"))
+    if min_cosine is not None:  # over the outputs the user judges (--outputs), each its worst sample
+        judged = [o for o in v.outputs if getattr(o, "judged", True)]
+        worst = min((o.cosine for o in judged if not math.isnan(o.cosine)), default=float("nan"))
         ok &= worst >= min_cosine
-        parts.append(f"min cosine {worst:.5f} (budget {min_cosine:g})")
+        which = "" if len(judged) == len(v.outputs) else f" of {', '.join(o.name for o in judged)}"
+        parts.append(f"min cosine per sample{which} {worst:.5f} (budget {min_cosine:g})")
     return bool(ok), "; ".join(parts)
 
 

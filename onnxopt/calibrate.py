@@ -17,7 +17,7 @@ range grows), so memory does not depend on the number of samples.
 
 from __future__ import annotations
 
-__all__ = ["METHODS", "DEFAULT_PERCENTILE", "calibrate", "range_of", "percentile_range", "entropy_range", "mse_range"]
+__all__ = ["METHODS", "DEFAULT_PERCENTILE", "calibrate", "channel_absmax", "range_of", "percentile_range", "entropy_range", "mse_range"]
 
 import logging
 import time
@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.errors import OptionError
-from onnxopt.observe import ChannelMeanObserver, HistogramObserver, MinMaxObserver, observe
+from onnxopt.observe import ChannelAbsMaxObserver, ChannelMeanObserver, HistogramObserver, MinMaxObserver, observe
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,24 @@ def calibrate(
         if r is not None:
             ranges[name] = r
     return ranges
+
+
+def channel_absmax(
+    model: ir.Model,
+    tensors: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    providers: str | Sequence[str] = "cpu",
+    total: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max|x| of each of ``tensors`` over ``batches``, streamed: what
+    SmoothQuant needs. A run of its own, before ranges are calibrated: smoothing changes the very
+    tensors whose ranges calibration then measures (padding included: it is quantized too)."""
+    observers = {name: ChannelAbsMaxObserver(-1) for name in tensors}
+    observe(model, list(observers), batches, lambda name, array: observers[name].update(array),
+            providers=providers, total=total, progress=progress, where="calibration batch")
+    return {name: obs.absmax for name, obs in observers.items() if obs.absmax is not None}
 
 
 def range_of(observer: MinMaxObserver, method: str, *, percentile: float = DEFAULT_PERCENTILE,

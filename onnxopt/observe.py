@@ -10,7 +10,7 @@ only see values.
 
 from __future__ import annotations
 
-__all__ = ["MinMaxObserver", "HistogramObserver", "ChannelMeanObserver", "ErrorObserver", "BatchSplitter", "observe", "expose", "optimized_ops",
+__all__ = ["MinMaxObserver", "HistogramObserver", "ChannelMeanObserver", "ChannelAbsMaxObserver", "ErrorObserver", "BatchSplitter", "observe", "expose", "optimized_ops",
            "DEFAULT_MAX_BYTES"]
 
 import logging
@@ -138,6 +138,27 @@ class ChannelMeanObserver:
         if self.total is None or not (self.count > 0).all():
             return None
         return self.total / self.count
+
+
+class ChannelAbsMaxObserver:
+    """Running max|x| per index of one axis (a channel), over every other axis and every batch:
+    the activation statistic SmoothQuant reads (``onnxopt.passes.smooth_quant``)."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
+        self.absmax: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.ndim == 0 or x.size == 0:
+            return
+        rows = np.abs(np.moveaxis(x, self.axis % x.ndim, 0).reshape(x.shape[self.axis % x.ndim], -1))
+        if not np.isfinite(rows).all():
+            rows = np.where(np.isfinite(rows), rows, 0)
+        peak = rows.max(axis=1).astype(np.float64)
+        if self.absmax is not None and self.absmax.shape != peak.shape:
+            return  # a ragged channel count: not a channel axis
+        self.absmax = peak if self.absmax is None else np.maximum(self.absmax, peak)
 
 
 class ErrorObserver:

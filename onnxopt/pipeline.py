@@ -143,6 +143,8 @@ def _optimize(
     alpha: float = 0.5,
     lr: float = 1e-3,
     seed: int = 0,
+    outputs: Sequence[str] | None = None,
+    smooth_quant: float | str | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -195,7 +197,7 @@ def _optimize(
             data_model, label, calibration=calibration, method=calibrate, percentile=percentile, max_drop=max_drop,
             min_cosine=min_cosine, batch_size=batch_size, dims=dims, providers=providers, threads=threads,
             speed_fallback=latency if speed_fallback is None else speed_fallback, target=target,
-            max_samples=max_samples,
+            max_samples=max_samples, judged_outputs=outputs, smooth_alpha=smooth_quant,
         )
         quantization.notes += [upgraded] if upgraded else []
     if validate or latency:
@@ -304,6 +306,7 @@ def _optimize(
                     runtime_floor=quantization is None and not report.lossy,
                     progress=(lambda i, n: progress("validate", i, n)) if progress else None,
                     reference_outputs=quantization.reference_outputs if quantization is not None else None,
+                    judged_outputs=outputs,
                 )
         if (validate and quantization is None and not report.lossy and prune is None and report.validation is not None
                 and not report.validation.ok and report.validation.error is None and len(requested) > 0):

@@ -103,7 +103,11 @@ class QuantizationStep:
         speed_fallback: bool = True,
         target: str | None = "auto",
         max_samples: int | None = None,
+        judged_outputs: Sequence[str] | None = None,
+        smooth_alpha: float | str | None = None,
     ) -> None:
+        """``judged_outputs``: the outputs the budget judges (None: all; ``--outputs``); the others are
+        reported. ``smooth_alpha``: SmoothQuant before quantizing (a float in (0, 1) or "auto"; None: off)."""
         if calibration is None:
             raise OptionError(
                 "quantize needs calibration data: pass --calibration FILE (.npz, folder of .npy, onnx test data), "
@@ -115,6 +119,9 @@ class QuantizationStep:
             raise OptionError(f"--max-drop {max_drop}: must be zero or positive (accuracy points)")
         if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
             raise OptionError(f"--min-cosine {min_cosine}: must be between -1 and 1")
+        if smooth_alpha is not None and not (smooth_alpha == "auto" or (
+                isinstance(smooth_alpha, (int, float)) and 0.0 <= smooth_alpha <= 1.0)):
+            raise OptionError(f"--smooth-quant {smooth_alpha}: a number in [0, 1] or 'auto'")
         marks = already_quantized(model)
         if marks:
             raise ModelLoadError(
@@ -125,6 +132,8 @@ class QuantizationStep:
         self.target = resolve_target(target, providers)  # an unknown --target fails before any work
         self.method, self.percentile = method, percentile
         self.max_drop, self.min_cosine = max_drop, min_cosine
+        self.judged_outputs = None if judged_outputs is None else list(judged_outputs)
+        self.smooth_alpha = smooth_alpha
         self.providers = providers
         self.threads, self.speed_fallback = threads, speed_fallback
         self.synthetic = isinstance(calibration, str) and calibration == "synthetic"
@@ -171,6 +180,8 @@ class QuantizationStep:
         """Calibrate, quantize, fall back for accuracy (with ``evaluation`` and ``original``), then for
         speed on ``timing_feed`` (else the first calibration batch)."""
         p = self._for_target(p)
+        if self.smooth_alpha is not None:
+            self._smooth(model, progress)
         plan = p.plan(model)
         start = time.perf_counter()
         means = {}
@@ -256,6 +267,24 @@ class QuantizationStep:
         self.pass_ = p
         self.float_model = float_model
         return ir.passes.PassResult(model, modified=result.modified)
+
+    def _smooth(self, model: ir.Model, progress: Callable[[str, int, int], None] | None) -> None:
+        """SmoothQuant (``onnxopt.passes.smooth_quant``) on ``model`` in place, before it is calibrated:
+        the LayerNorms whose outputs only projections read, with their per-channel max|x| gathered in
+        a streamed run over the calibration data. Residual Adds, LayerNorm and Softmax stay float
+        (``QuantizeQDQ``'s placement: sensitive ops, and Adds that feed no integer op)."""
+        from onnxopt.calibrate import channel_absmax
+        from onnxopt.passes.smooth_quant import SmoothQuant
+
+        targets = SmoothQuant.smoothable(model)
+        absmax = channel_absmax(model, list(targets), self.calibration, providers=self.providers,
+                                total=len(self.calibration) or None,
+                                progress=(lambda i, n: progress("smooth", i, n)) if progress else None) if targets else {}
+        smooth = SmoothQuant(self.smooth_alpha, absmax)
+        smooth(model)
+        self.details["smooth_quant"] = {"alpha": self.smooth_alpha, **smooth.details}
+        self.notes.append(f"quantize: smooth-quant (alpha {self.smooth_alpha}): {smooth.summary}"
+                          + (f" ({next(iter(smooth.details['skipped'].values()))}, ...)" if smooth.details["skipped"] else ""))
 
     def _for_target(self, p: QuantizeQDQ) -> QuantizeQDQ:
         """``p`` with the weight bits (and activations) of the resolved target, unless it names its own;
@@ -449,7 +478,7 @@ class QuantizationStep:
         candidate = ModelSnapshot(model)
         try:
             v = compare_models(original, candidate, evaluation, providers=self.providers, runtime_floor=False,
-                               reference_outputs=self.reference_outputs)
+                               reference_outputs=self.reference_outputs, judged_outputs=self.judged_outputs)
             key = _snapshot_key(candidate)
             if key is not None:
                 self._judged[key] = v

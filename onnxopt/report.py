@@ -62,7 +62,10 @@ class OutputComparison:
     """How one output of the candidate differs from the reference, over all batches.
 
     ``max_rel`` is ``max_abs`` divided by the largest magnitude in the reference output, so
-    that values near zero do not blow it up.
+    that values near zero do not blow it up. ``cosine`` is the worst cosine over samples (each index
+    of the first axis; one over everything for outputs of rank 0 or 1), ``cosine_mean`` their mean:
+    a lossy budget judges the worst. ``judged`` False: reported, not judged (``--outputs``).
+    ``masked``: values left out as padding (an attention mask).
     """
 
     name: str
@@ -73,6 +76,11 @@ class OutputComparison:
     ok: bool
     rtol: float | None = None  # the relative tolerance this output was judged by
     runtime_floor: float | None = None  # max difference onnxruntime's own optimizations make on the original
+    cosine_mean: float | None = None  # mean over samples (None: not computed, e.g. an old report)
+    cosine_worst: float | None = None  # least over samples: the same as ``cosine``
+    samples: int | None = None  # samples the per-sample cosines are over
+    masked: int = 0
+    judged: bool = True
 
 
 @dataclass
@@ -145,7 +153,7 @@ def failure_reason(report: Report) -> str:
     if failed:
         return failed
     if v is not None:
-        outside = [o.name for o in v.outputs if not o.ok]
+        outside = [o.name for o in v.outputs if not o.ok and o.judged]
         if outside:
             return f"output(s) {', '.join(outside)} outside {v.criterion or 'the tolerance'}"
         if v.criterion:
@@ -251,6 +259,10 @@ def _rtols(v: Validation) -> str:
     return "/".join(f"{r:g}" for r in used) or "default"
 
 
+def _cosine_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
 def render_table(report: Report) -> str:
     """The terminal view: passes, figures before/after, validation, latency; about 25 lines."""
     lines = [f"onnxopt: {report.model}" + (f" -> {report.output}" if report.output else "")]
@@ -297,14 +309,17 @@ def render_table(report: Report) -> str:
                 o.name,
                 f"{o.max_abs:.3g}",
                 f"{o.max_rel:.3g}",
+                _cosine_cell(o.cosine_mean),
                 f"{o.cosine:.6f}",
                 "-" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%",
-                "ok" if o.ok else "changed" if report.lossy and not v.error else "FAIL",
+                ("ok" if o.ok else "changed" if report.lossy and not v.error else "FAIL") if o.judged
+                else "not judged" + ("" if o.ok else " (misses)"),
             ]
             for o in v.outputs[:8]
         ]
         if out_rows:
-            lines += ["  " + r for r in _table(out_rows, ["output", "max abs", "max rel", "cosine", "top-1", "status"])]
+            lines += ["  " + r for r in _table(out_rows, ["output", "max abs", "max rel", "cos mean", "cos worst", "top-1",
+                                                          "status"])]
         if len(v.outputs) > 8:
             lines.append(f"  … {len(v.outputs) - 8} more outputs (see --report)")
         if v.accuracy_before is not None:

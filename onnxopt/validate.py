@@ -1,5 +1,12 @@
 """Compare two models on the same inputs under onnxruntime: per-output error, cosine, top-1, accuracy.
 
+Cosine is taken per sample (each index of an output's first axis), then reported as the mean and
+the worst over samples: one bad sentence in a batch of good ones shows, where a cosine over the
+flattened batch averages it away. ``cosine`` is the worst, the figure a lossy budget judges.
+An attention-mask input (``mask`` in its name, an integer or bool tensor of rank 2, ``[B, S]``)
+marks padding: where it is 0, the values of every output whose leading dims are ``[B, S]`` are
+left out of every figure (padding is computed, but nobody reads it).
+
 The reference runs with graph optimizations disabled, so that onnxruntime's own fusions cannot
 hide or cause a difference; the candidate runs as it will ship (all optimizations on). Where the
 candidate misses the tolerance, the original is run as it would ship too: onnxruntime's own
@@ -10,7 +17,7 @@ before a Sigmoid: 1e-4), and a pass is not blamed for that noise (see ``RUNTIME_
 from __future__ import annotations
 
 __all__ = ["DEFAULT_RTOL", "DEFAULT_ATOL", "HALF_RTOL", "default_rtol", "compare_models", "OutputAccumulator",
-           "ReferenceOutputs"]
+           "ReferenceOutputs", "mask_input"]
 
 from collections.abc import Callable, Sequence
 
@@ -60,8 +67,14 @@ class OutputAccumulator:
         self.finite = 0  # values finite in both, the ones the figures are over
         self.ref_nonfinite = 0
         self.dtype: np.dtype | None = None
+        self.sample_cos_sum = 0.0  # per-sample cosines: their sum, count and least
+        self.sample_cos_count = 0
+        self.sample_cos_worst = float("inf")
+        self.masked = 0  # values left out as padding
 
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add one batch; ``mask`` ([B, S], nonzero where real) leaves padding out when the output's
+        leading dims are [B, S]."""
         self.dtype = ref.dtype if self.dtype is None else self.dtype
         if ref.shape != cand.shape:
             self.shape_error = f"shape {list(cand.shape)} != reference {list(ref.shape)}"
@@ -72,20 +85,28 @@ class OutputAccumulator:
             return
         # In slices along axis 0: the float64 temporaries of a large output (a recognizer's 32x40x6625
         # probabilities: 68 MB each, eight of them) stay a few MB.
+        if mask is not None and not (ref.ndim >= 2 and tuple(ref.shape[:2]) == tuple(np.shape(mask))):
+            mask = None
         rows = max(1, _CHUNK_VALUES // max(ref[:1].size, 1)) if ref.ndim else 1
         if ref.ndim == 0 or rows >= ref.shape[0]:
-            self._update(ref, cand)
+            self._update(ref, cand, mask)
             return
         for start in range(0, ref.shape[0], rows):
-            self._update(ref[start:start + rows], cand[start:start + rows])
+            self._update(ref[start:start + rows], cand[start:start + rows],
+                         None if mask is None else mask[start:start + rows])
 
-    def _update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def _update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None) -> None:
         r = ref.astype(np.float64, copy=False)
         c = cand.astype(np.float64, copy=False)
         if r.size == 0:
             return
+        real = None
+        if mask is not None:  # padding: zeros in both, counted nowhere
+            real = np.broadcast_to(np.asarray(mask).reshape(mask.shape + (1,) * (r.ndim - 2)) != 0, r.shape)
+            self.masked += int(r.size - real.sum())
+            r, c = np.where(real, r, 0.0), np.where(real, c, 0.0)
         ref_finite, cand_finite = np.isfinite(r), np.isfinite(c)
-        self.values += r.size
+        self.values += r.size if real is None else int(real.sum())
         if (ref_finite & ~cand_finite).any():
             self.nonfinite = True
         if not ref_finite.all():
@@ -95,7 +116,7 @@ class OutputAccumulator:
             if not ((np.isnan(rn) & np.isnan(cn)) | (rn == cn)).all():
                 self.nonfinite = True
         finite = ref_finite & cand_finite
-        self.finite += int(finite.sum())
+        self.finite += int(finite.sum() if real is None else (finite & real).sum())
         diff = np.abs(r - c)[finite]
         if diff.size:
             self.max_abs = max(self.max_abs, float(diff.max()))
@@ -104,8 +125,20 @@ class OutputAccumulator:
         self.dot += float((rf * cf).sum())
         self.ref_sq += float((rf * rf).sum())
         self.cand_sq += float((cf * cf).sum())
+        if r.ndim >= 2:  # per sample: each index of the first axis
+            flat = (r.shape[0], -1)
+            dots = (rf * cf).reshape(flat).sum(axis=1)
+            rsq, csq = (rf * rf).reshape(flat).sum(axis=1), (cf * cf).reshape(flat).sum(axis=1)
+            seen = (finite if real is None else finite & real).reshape(flat).any(axis=1)
+            cos = _cosines(dots[seen], rsq[seen], csq[seen])
+            if cos.size:
+                self.sample_cos_sum += float(cos.sum())
+                self.sample_cos_count += int(cos.size)
+                self.sample_cos_worst = min(self.sample_cos_worst, float(cos.min()))
         if r.ndim == 2 and r.shape[1] > 1:
-            rows = ref_finite.all(axis=1)  # a row with NaN has no meaningful argmax
+            rows = ref_finite.all(axis=1) if real is None else ref_finite.all(axis=1) & real.any(axis=1)
+            if real is not None:  # padded positions never win the argmax
+                r, c = np.where(real, r, -np.inf), np.where(real, c, -np.inf)
             self.agree += int((r[rows].argmax(axis=1) == c[rows].argmax(axis=1)).sum())
             self.rows += int(rows.sum())
 
@@ -127,18 +160,39 @@ class OutputAccumulator:
             rtol = default_rtol(self.dtype) if self.dtype is not None else DEFAULT_RTOL
         if self.shape_error:
             return OutputComparison(self.name, float("inf"), float("inf"), float("nan"), None, False, rtol)
-        denom = np.sqrt(self.ref_sq) * np.sqrt(self.cand_sq)
         if self.values and not self.finite:  # nothing to compare: no cosine, no pass
-            cosine = float("nan")
-        elif denom > 0:
-            cosine = self.dot / denom
-        else:
-            cosine = 1.0 if self.ref_sq == self.cand_sq else 0.0
+            cosine = mean = float("nan")
+        elif self.sample_cos_count:
+            cosine, mean = self.sample_cos_worst, self.sample_cos_sum / self.sample_cos_count
+        else:  # a scalar or a vector per batch: one cosine over all of it
+            cosine = mean = float(_cosines(np.array([self.dot]), np.array([self.ref_sq]), np.array([self.cand_sq]))[0])
         max_rel = self.max_abs / self.ref_max if self.ref_max > 0 else (0.0 if self.max_abs == 0 else float("inf"))
         allowed = atol + rtol * self.ref_max + RUNTIME_FLOOR_FACTOR * (floor or 0.0)
         ok = (not self.nonfinite) and self.max_abs <= allowed and (self.finite > 0 or self.values == 0)
         top1 = self.agree / self.rows if self.rows else None
-        return OutputComparison(self.name, self.max_abs, max_rel, float(cosine), top1, bool(ok), rtol, floor)
+        return OutputComparison(self.name, self.max_abs, max_rel, float(cosine), top1, bool(ok), rtol, floor,
+                                cosine_mean=float(mean), cosine_worst=float(cosine),
+                                samples=self.sample_cos_count or None, masked=self.masked)
+
+
+def _cosines(dot: np.ndarray, ref_sq: np.ndarray, cand_sq: np.ndarray) -> np.ndarray:
+    """Cosine per entry; where either side is all zeros, 1 when both are, else 0."""
+    denom = np.sqrt(ref_sq) * np.sqrt(cand_sq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), np.where(ref_sq == cand_sq, 1.0, 0.0))
+    return np.clip(cos, -1.0, 1.0)
+
+
+_MASK_TYPES = {"tensor(int64)", "tensor(int32)", "tensor(int8)", "tensor(uint8)", "tensor(bool)", "tensor(int16)"}
+
+
+def mask_input(inputs) -> str | None:
+    """The attention-mask input among onnxruntime's ``inputs`` (NodeArg-like: ``name``, ``type``,
+    ``shape``): ``mask`` in its name, an integer or bool tensor of rank 2; None when there is none
+    or more than one (which one marks padding would be a guess)."""
+    found = [i.name for i in inputs
+             if "mask" in i.name.lower() and i.type in _MASK_TYPES and len(i.shape or ()) == 2]
+    return found[0] if len(found) == 1 else None
 
 
 def compare_models(
@@ -153,6 +207,7 @@ def compare_models(
     runtime_floor: bool = True,
     progress: Callable[[int, int], None] | None = None,
     reference_outputs: ReferenceOutputs | None = None,
+    judged_outputs: Sequence[str] | None = None,
 ) -> Validation:
     """Run both models on every batch of ``data`` and judge each output against the tolerance.
 
@@ -162,6 +217,9 @@ def compare_models(
     turn it off. A candidate that onnxruntime refuses to load or run is a failed validation, not a crash.
     ``reference_outputs`` keeps the reference's outputs on ``data`` between calls (a lossy search that
     validates many candidates against one reference runs the reference once).
+    ``judged_outputs`` names the outputs the verdict judges (None: all); the others are compared and
+    reported (``OutputComparison.judged`` False) but never fail it. An unknown name is an ``OptionError``.
+    Padding that an attention-mask input marks (``mask_input``) is left out of every figure.
     """
     resolved = resolve_providers(providers)
     common = dict(
@@ -177,6 +235,8 @@ def compare_models(
     cand_names = [o.name for o in cand_session.get_outputs()]
     if ref_names != cand_names:
         return Validation(**common, error=f"outputs differ: {ref_names} vs {cand_names}")
+    judged = _judged_names(judged_outputs, ref_names)
+    mask_name = mask_input(ref_session.get_inputs())
     accumulators = {name: OutputAccumulator(name) for name in ref_names}
     ref_logits, cand_logits = [], []
     for i, feed in enumerate(data):
@@ -194,8 +254,9 @@ def compare_models(
             return Validation(**common, error=f"onnxruntime cannot run the optimized model: {one_line(exc)}")
         if i == 0 and data.labels is not None:
             check_labels(data.labels, np.asarray(ref_out[ref_names[0]]), ref_names[0], data.source)
+        mask = np.asarray(feed[mask_name]) if mask_name is not None and mask_name in feed else None
         for name in ref_names:
-            accumulators[name].update(np.asarray(ref_out[name]), np.asarray(cand_out[name]))
+            accumulators[name].update(np.asarray(ref_out[name]), np.asarray(cand_out[name]), mask)
         if data.labels is not None:
             ref_logits.append(np.asarray(ref_out[ref_names[0]]))
             cand_logits.append(np.asarray(cand_out[ref_names[0]]))
@@ -212,11 +273,33 @@ def compare_models(
                 f"the tolerance adds {RUNTIME_FLOOR_FACTOR:g}x that per output"
             )
     common["notes"] += [n for n in (acc.note() for acc in accumulators.values()) if n]
-    validation = Validation(**(common | {"ok": all(o.ok for o in outputs), "outputs": outputs}))
+    padded = [acc.name for acc in accumulators.values() if acc.masked]
+    if padded:
+        common["notes"].append(f"padding positions excluded: mask input '{mask_name}' "
+                               f"(outputs {', '.join(padded)}; {sum(accumulators[n].masked for n in padded)} values)")
+    for o in outputs:
+        o.judged = o.name in judged
+    if len(judged) < len(outputs):
+        common["notes"].append(f"judged outputs: {', '.join(judged)}; the others are reported, not judged")
+    validation = Validation(**(common | {"ok": all(o.ok for o in outputs if o.judged), "outputs": outputs}))
     if data.labels is not None:
         validation.accuracy_before = _accuracy(ref_logits, data.labels)
         validation.accuracy_after = _accuracy(cand_logits, data.labels)
     return validation
+
+
+def _judged_names(judged_outputs: Sequence[str] | None, names: list[str]) -> list[str]:
+    """The outputs a verdict judges: ``judged_outputs`` (checked against ``names``), else all."""
+    if judged_outputs is None:
+        return list(names)
+    from onnxopt.errors import OptionError
+
+    wanted = [judged_outputs] if isinstance(judged_outputs, str) else list(judged_outputs)
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise OptionError(f"--outputs {','.join(wanted)}: {'no such output ' + ', '.join(unknown) if unknown else 'empty'} "
+                          f"(the model's outputs: {', '.join(names)})")
+    return [n for n in names if n in wanted]
 
 
 class ReferenceOutputs:

@@ -17,12 +17,13 @@ from onnxopt.passes.quantize_dynamic import QuantizeDynamic
 from onnxopt.passes.quantize_int4 import QuantizeWeightsInt4
 from onnxopt.passes.share_initializers import ShareInitializers
 from onnxopt.passes.simplify import Simplify
+from onnxopt.passes.smooth_quant import SmoothQuant
 from onnxopt.passes.sparsify import SparsifyWeights
 
 __all__ = [
     "OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "EqualizeCrossLayer",
     "FixInputShapes", "LowRankFactorize", "ClusterWeights", "SparsifyWeights", "QuantizeDynamic", "QuantizeWeightsInt4",
-    "REGISTRY",
+    "SmoothQuant", "REGISTRY",
 ]
 
 REGISTRY: dict[str, type[OnnxoptPass]] = {

@@ -81,7 +81,7 @@ def test_judge_uses_accuracy_with_labels_and_cosine_without():
     assert not judge(_validation(None, None, [0.98, 0.999]), None, None)[0]  # worst output under 0.99
     assert judge(_validation(None, None, [0.98, 0.999]), None, 0.97)[0]
     ok, figure = judge(_validation(0.99, 0.98, [0.9]), 2.0, 0.95)
-    assert not ok and "accuracy drop 1.00" in figure and "min cosine 0.90000" in figure
+    assert not ok and "accuracy drop 1.00" in figure and "min cosine per sample 0.90000" in figure
 
 
 def test_a_budget_undoes_the_most_harmful_layers_until_it_holds():

@@ -599,7 +599,7 @@ def test_ragged_calibration_batches_on_the_transformer():
 def test_fallback_keeps_the_most_harmful_layers_in_float_until_the_budget_is_met():
     model = residual_cnn()
     feeds = [random_feeds(model, {"N": 8}, seed=i) for i in range(3)]
-    strict = onnxopt.optimize(model, passes=["quantize"], calibration=feeds, data=feeds, latency=False, min_cosine=0.99999)
+    strict = onnxopt.optimize(model, passes=["quantize"], calibration=feeds, data=feeds, latency=False, min_cosine=0.99997)  # per-sample worst: all-int8 0.99995
     details = strict.report.passes[0].details
     assert details["fallback"], details
     assert all("dB SQNR" in item["reason"] for item in details["fallback"])
