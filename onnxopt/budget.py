@@ -108,9 +108,11 @@ class LossyFallback:
     first lossy pass; ``passes`` the lossy passes in order (each with ``units`` and ``excluding``)."""
 
     def __init__(self, start: ir.Model, passes: list, original: ModelSnapshot, data: Dataset, *,
-                 max_drop: float | None, min_cosine: float | None, providers="cpu") -> None:
+                 max_drop: float | None, min_cosine: float | None, providers="cpu",
+                 judged_outputs: Sequence[str] | None = None) -> None:
         self.start, self.passes, self.original, self.data = start, list(passes), original, data
         self.max_drop, self.min_cosine, self.providers = max_drop, min_cosine, providers
+        self.judged_outputs = judged_outputs
         self.details: dict[str, Any] = {"rounds": [], "kept": []}
 
     def run(self, model: ir.Model) -> tuple[ir.Model, list, bool, str]:
@@ -146,7 +148,8 @@ class LossyFallback:
     def _judge(self, model: ir.Model) -> tuple[bool, str]:
         candidate = ModelSnapshot(model)
         try:
-            v = compare_models(self.original, candidate, self.data, providers=self.providers, runtime_floor=False)
+            v = compare_models(self.original, candidate, self.data, providers=self.providers, runtime_floor=False,
+                               judged_outputs=self.judged_outputs)
         finally:
             candidate.close()
         return judge(v, self.max_drop, self.min_cosine)

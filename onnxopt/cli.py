@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lowrank-energy", type=float, metavar="E",
                         help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy)")
     parser.add_argument("--lowrank-ratio", type=float, metavar="R", help="factorize to about this fraction of each layer's weights")
+    parser.add_argument("--outputs", metavar="NAME[,NAME]",
+                        help="outputs the accuracy budget judges (default: all); the others are reported, not judged")
+    parser.add_argument("--smooth-quant", metavar="ALPHA|auto",
+                        help="--quantize int8: SmoothQuant (per-channel activation range moved into the projection weights "
+                             "after each LayerNorm) before calibrating; alpha in [0, 1] or auto (per layer)")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
     parser.add_argument("--distill", action="store_true",
                         help="after the lossy passes, train the weights to match the input model (the teacher) on --train-data; needs torch")
@@ -177,6 +182,13 @@ def _recipe(args, parser) -> Recipe:
             value = [n.strip() for n in value.split(",") if n.strip()]
         elif name == "exclude":
             value = [e.strip() for item in value for e in item.split(",") if e.strip()]
+        elif name == "outputs":
+            value = [o.strip() for o in value.split(",") if o.strip()]
+        elif name == "smooth_quant":
+            try:
+                value = value if value == "auto" else float(value)
+            except ValueError:
+                raise OptionError(f"--smooth-quant {value!r}: give alpha in [0, 1] or auto") from None
         elif name == "speed_fallback":
             value = False  # --no-speed-fallback; None (the default) is 'when latency is measured'
         changes[_RENAMED.get(name, name)] = value

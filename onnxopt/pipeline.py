@@ -277,7 +277,7 @@ def _optimize(
     fallback = None
     if fallback_start is not None:
         fallback = LossyFallback(fallback_start, pass_objects[fallback_from:], original, dataset, max_drop=max_drop,
-                                 min_cosine=min_cosine, providers=providers)
+                                 min_cosine=min_cosine, providers=providers, judged_outputs=outputs)
         working, rerun, _, _ = fallback.run(working)
         for record, p in zip(report.passes[fallback_from:], rerun):
             record.summary = getattr(p, "summary", "") or record.summary

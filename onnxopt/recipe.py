@@ -59,7 +59,8 @@ _DISTILL_OPTIONS = ("train_data", "epochs", "steps", "temperature", "alpha", "lr
 _INT4_OPTIONS = ("int4_block_size", "int4_method", "int4_symmetric", "accuracy_level")
 QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
-_QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target")
+_QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target",
+                     "smooth_quant")
 
 
 @dataclass
@@ -100,7 +101,9 @@ class Recipe:
     target: str | None = "auto"
     max_drop: float | None = None
     min_cosine: float | None = None
+    outputs: Sequence[str] | None = None  # the outputs a budget judges (the others are reported)
     speed_fallback: bool | None = None
+    smooth_quant: float | str | None = None  # int8: SmoothQuant's alpha, or "auto"
     # weight-only int4 (quantize = "int4") and dynamic int8 (quantize = "int8-dynamic")
     int4_block_size: int = 32
     int4_method: str = "rtn"
@@ -173,6 +176,8 @@ class Recipe:
         for name in ("per_tensor", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}: must be true or false, not {getattr(self, name)!r}")
+        if self.outputs is not None and (isinstance(self.outputs, str) or not all(isinstance(o, str) for o in self.outputs)):
+            raise OptionError(f"--outputs: give a list of output names, not {self.outputs!r}")
         if self.activations not in ("uint8", "int8", "auto"):
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
         self._check_family()

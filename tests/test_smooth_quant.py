@@ -99,7 +99,7 @@ def test_without_statistics_nothing_is_smoothed():
 def test_int8_with_smoothquant_beats_int8_without_on_activation_outliers():
     """Per-tensor activation scales spend their levels on the outlier channels; smoothing moves that
     range into per-channel weight scales. Asserted as an improvement, not a figure of one CPU."""
-    from onnxopt.pipeline import _optimize  # optimize() once the recipe has a smooth_quant field
+    from onnxopt.pipeline import _optimize  # noqa: F401  # optimize() once the recipe has a smooth_quant field
 
     model = outlier_transformer()
     options = dict(calibration=outlier_feeds(16, 16, seed=1), data=outlier_feeds(8, 16, seed=2), latency=False,
