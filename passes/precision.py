@@ -246,7 +246,7 @@ class ConvertFloat16(OnnxoptPass):
         for node in graph:
             for out in node.outputs:
                 if out.dtype is None and out.name in types:
-                    out.dtype = types[out.name]
+                    _retype(out, types[out.name])
         floats = [v for v in (*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs))
                   if v.dtype == _FLOAT]
         if not floats:
@@ -259,7 +259,7 @@ class ConvertFloat16(OnnxoptPass):
         if not self.keep_io_types:
             for v in graph.inputs:
                 if v.dtype == _FLOAT and not v.is_initializer():
-                    v.dtype = self.low
+                    _retype(v, self.low)
         schemas = _Schemas(model)
         converted = 0
         for node in list(graph):
@@ -319,7 +319,7 @@ class ConvertFloat16(OnnxoptPass):
             if value.dtype != want:
                 node.replace_input_with(i, self._cast(value, want))
         for out in float_outputs:
-            out.dtype = self.low
+            _retype(out, self.low)
         if node.op_type == "Cast" and node.attributes.get_int("to") == _FLOAT:
             node.attributes["to"] = ir.AttrInt64("to", self.low)
         elif node.op_type == "ConstantOfShape" and float_outputs:
@@ -378,7 +378,8 @@ class ConvertFloat16(OnnxoptPass):
         node = ir.node("Cast", [value], attributes={"to": dtype}, name=self._names.fresh(f"{base}_cast_{dtype.name.lower()}"))
         out = node.outputs[0]
         out.name = self._names.fresh(f"{base}_{dtype.name.lower()}")
-        out.dtype, out.shape = dtype, value.shape
+        _retype(out, dtype)
+        out.shape = value.shape
         self._graph.append(node)
         self.details["casts"] += 1
         return out
@@ -398,7 +399,8 @@ class ConvertFloat16(OnnxoptPass):
         else:
             out = ir.Value(name=name, const_value=ir.tensor(array, name=name))
             self._graph.register_initializer(out)
-        out.dtype, out.shape = dtype, ir.Shape(array.shape)
+        _retype(out, dtype)
+        out.shape = ir.Shape(array.shape)
         return out
 
     def _fold_casts(self) -> int:
@@ -426,6 +428,12 @@ class ConvertFloat16(OnnxoptPass):
                     graph.remove(node, safe=True)
                     changed, folded = True, folded + 1
         return folded
+
+
+def _retype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give ``value`` a new tensor type: setting ``dtype`` changes a type object that a clone of the
+    model shares (onnx-ir copies types by reference)."""
+    value.type = ir.TensorType(dtype)
 
 
 def _inner_nodes(node: ir.Node):
