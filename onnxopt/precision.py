@@ -117,10 +117,12 @@ def emulate(reference: ir.Model, converted: ir.Model, low: ir.DataType) -> tuple
     the Cast pairs it inserted around them, so an activation beyond 65504 never overflows there and
     CPU validation sees only the weights' rounding. User Casts it keeps: this model overflows where a
     float16 device stores the tensor (each op still computes inside in float32, as float16 kernels
-    accumulate). Returns the model and, per rounded tensor, the name of its rounded copy.
+    accumulate). Nodes are matched by name (``choose_float_islands`` names every node first). Returns the
+    model and, per rounded output tensor, the name of its rounded copy.
     """
     model = reference.clone()
     graph = model.graph
+    _fill_types(model)
     names = NameScope(graph)
     low_nodes = {n.name: n for n in converted.graph if n.name and any(o.dtype == low for o in n.outputs)}
     rounded: dict[str, str] = {}
@@ -180,14 +182,19 @@ def emulate(reference: ir.Model, converted: ir.Model, low: ir.DataType) -> tuple
     return model, rounded
 
 
+def _fill_types(model: ir.Model) -> None:
+    """Element types of the main graph's values that the model does not record, by shape inference."""
+    types, _ = _inferred_types(model)
+    for node in model.graph:
+        for out in node.outputs:
+            if out.dtype is None and out.name in types:
+                out.type = ir.TensorType(types[out.name])  # a new type: a clone shares the old
+
+
 def _named(model: ir.Model) -> ir.Model:
     """A copy whose every main-graph node has a unique name (its label where it had none)."""
     copy = model.clone()
-    types, _ = _inferred_types(copy)  # the per-node measure needs each tensor's type
-    for node in copy.graph:
-        for out in node.outputs:
-            if out.dtype is None and out.name in types:
-                out.type = ir.TensorType(types[out.name])  # a new type: the input model shares the old
+    _fill_types(copy)  # the per-node measure needs each tensor's type
     taken: set[str] = set()
     for node in copy.graph:
         name = node.name or node_label(node)
