@@ -161,8 +161,13 @@ def create_session(
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
     optimized_model_path: str | None = None,
+    disabled_optimizers: Sequence[str] | None = None,
 ) -> ort.InferenceSession:
-    """An ``InferenceSession`` for an ``ir.Model``, serialized bytes or a path."""
+    """An ``InferenceSession`` for an ``ir.Model``, serialized bytes or a path.
+
+    ``disabled_optimizers`` names onnxruntime graph transformers to leave out (float16 models on CPU:
+    ``onnxopt.precision.CPU_FLOAT16_DISABLED``).
+    """
     options = session_options(
         optimization=optimization,
         intra_op_threads=intra_op_threads,
@@ -179,10 +184,14 @@ def create_session(
                 intra_op_threads=intra_op_threads,
                 inter_op_threads=inter_op_threads,
                 optimized_model_path=optimized_model_path,
+                disabled_optimizers=tuple(disabled_optimizers) if disabled_optimizers else None,
             )
         finally:
             snapshot.close()
     source = model if isinstance(model, bytes) else os.fspath(model)
+    if disabled_optimizers:
+        return ort.InferenceSession(source, sess_options=options, providers=resolved,
+                                    disabled_optimizers=list(disabled_optimizers))
     return ort.InferenceSession(source, sess_options=options, providers=resolved)
 
 

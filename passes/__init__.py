@@ -11,6 +11,7 @@ from onnxopt.passes.equalize import EqualizeCrossLayer
 from onnxopt.passes.fix_shapes import FixInputShapes
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 from onnxopt.passes.lowrank import LowRankFactorize
+from onnxopt.passes.precision import ConvertFloat16
 from onnxopt.passes.prune_channels import PruneChannels
 from onnxopt.passes.quantize import QuantizeQDQ
 from onnxopt.passes.quantize_dynamic import QuantizeDynamic
@@ -23,13 +24,13 @@ from onnxopt.passes.sparsify import SparsifyWeights
 __all__ = [
     "OnnxoptPass", "Simplify", "FoldBatchNorm", "ShareInitializers", "QuantizeQDQ", "PruneChannels", "EqualizeCrossLayer",
     "FixInputShapes", "LowRankFactorize", "ClusterWeights", "SparsifyWeights", "QuantizeDynamic", "QuantizeWeightsInt4",
-    "SmoothQuant", "REGISTRY",
+    "SmoothQuant", "ConvertFloat16", "REGISTRY",
 ]
 
 REGISTRY: dict[str, type[OnnxoptPass]] = {
     cls.name: cls
     for cls in (
         Simplify, FoldBatchNorm, ShareInitializers, QuantizeQDQ, PruneChannels, EqualizeCrossLayer, FixInputShapes,
-        LowRankFactorize, ClusterWeights, SparsifyWeights, QuantizeDynamic, QuantizeWeightsInt4,  # lossy: never in DEFAULT_PASSES
+        LowRankFactorize, ClusterWeights, SparsifyWeights, QuantizeDynamic, QuantizeWeightsInt4, ConvertFloat16,  # lossy: never in DEFAULT_PASSES
     )
 }
