@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lowrank-energy", type=float, metavar="E",
                         help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy)")
     parser.add_argument("--lowrank-ratio", type=float, metavar="R", help="factorize to about this fraction of each layer's weights")
+    parser.add_argument("--precision", choices=("fp16", "bf16"),
+                        help="convert weights and compute to half precision, inputs/outputs kept float32; float32 islands "
+                             "where the cosine per sample would miss --min-cosine (default 0.9999)")
     parser.add_argument("--outputs", metavar="NAME[,NAME]",
                         help="outputs the accuracy budget judges (default: all); the others are reported, not judged")
     parser.add_argument("--smooth-quant", metavar="ALPHA|auto",

@@ -98,7 +98,7 @@ import onnxruntime as ort
 
 from onnxopt.errors import DataError, ModelLoadError, OptionError
 from onnxopt.report import LatencyComparison
-from onnxopt.runtime import OPTIMIZATION_LEVELS, ModelSnapshot, resolve_providers, session_options
+from onnxopt.runtime import CPU_FLOAT16_DISABLED, OPTIMIZATION_LEVELS, ModelSnapshot, resolve_providers, session_options
 
 DEFAULT_BUDGET_SECONDS = 20.0
 DEFAULT_MAX_SLOWDOWN = 0.05
@@ -430,8 +430,9 @@ def timing_session(snapshot: ModelSnapshot, settings: TimingSettings, label: str
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     source = snapshot.data if snapshot.data is not None else snapshot.path
+    extra = {"disabled_optimizers": list(CPU_FLOAT16_DISABLED)} if getattr(snapshot, "float16", False) else {}
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=list(settings.providers))
+        return ort.InferenceSession(source, sess_options=options, providers=list(settings.providers), **extra)
     except Exception as exc:
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {text}") from None

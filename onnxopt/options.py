@@ -70,7 +70,7 @@ def check_arguments(args: Mapping[str, Any]) -> None:
         if not (isinstance(providers, str) or (isinstance(providers, Iterable) and providers
                                                 and all(isinstance(p, str) for p in providers))):
             raise OptionError(f"--providers: give a name ('cpu', 'cuda') or a list of names, not {providers!r}")
-    lossy = given("prune") or any(getattr(p, "lossy", False) for p in args.get("passes", ()) if not isinstance(p, str))
+    lossy = given("prune") or given("precision") or any(getattr(p, "lossy", False) for p in args.get("passes", ()) if not isinstance(p, str))
     if not _quantizes(args.get("passes", ())) and not lossy:
         for name in ("max_drop", "min_cosine"):
             if given(name):

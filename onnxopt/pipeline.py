@@ -145,6 +145,7 @@ def _optimize(
     seed: int = 0,
     outputs: Sequence[str] | None = None,
     smooth_quant: float | str | None = None,
+    precision: str | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (a path, ``onnx.ModelProto`` or ``ir.Model``; never modified) with ``passes``.
 
@@ -294,6 +295,14 @@ def _optimize(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
             batch_size=batch_size or 32), progress, stat_dims))
         report.lossy = True
+    precision_missed = None
+    if precision:  # last: islands are measured on the model as it ships
+        record = _precision_step(working, precision, dataset if validate else None, providers, min_cosine, stat_dims)
+        working = record.details.pop("model")
+        report.passes.append(record)
+        report.lossy = True
+        if record.details.get("met") is False:
+            precision_missed = record.summary
     report.after = report.passes[-1].after if report.passes else before
     if validate or latency:
         candidate = ModelSnapshot(working)
@@ -320,6 +329,9 @@ def _optimize(
                 return retried
         if budgeted and report.lossy and report.validation is not None and report.validation.error is None:
             _judge_by_budget(report, max_drop, min_cosine)
+        if precision_missed and report.validation is not None:
+            report.validation.ok, report.lossy = False, False
+            report.validation.criterion = f"{precision} budget not met: {precision_missed}"
         if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:
             report.notes.append(_fixed_dims_failure(fixed_dims, original, dataset, providers))
         if latency and (report.validation is None or report.validation.error is None):
@@ -339,6 +351,20 @@ def _optimize(
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source, declared)
+
+
+def _precision_step(working: ir.Model, precision: str, dataset: Dataset | None, providers, min_cosine: float | None,
+                    stat_dims: dict[str, int]) -> PassRecord:
+    """``working`` in float16 or bfloat16 (``onnxopt.precision``): float32 islands chosen by measurement
+    on ``dataset`` until the cosine per sample meets ``min_cosine`` (default 0.9999)."""
+    from onnxopt.precision import convert_precision
+
+    start = time.perf_counter()
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    converted, details = convert_precision(working, dataset, dtype, providers, 0.9999 if min_cosine is None else min_cosine)
+    return PassRecord(name="precision", modified=True, seconds=time.perf_counter() - start,
+                      summary=details.get("summary", ""), after=model_stats(converted, dims=stat_dims),
+                      details={**details, "model": converted})
 
 
 def _judge_by_budget(report: Report, max_drop: float | None, min_cosine: float | None) -> None:

@@ -109,6 +109,8 @@ class Recipe:
     int4_method: str = "rtn"
     int4_symmetric: bool = True
     accuracy_level: int | None = None
+    # half precision, after the other passes: "fp16" or "bf16" (float32 islands chosen by measurement)
+    precision: str | None = None
     # knowledge distillation from the input model, after the lossy passes
     distill: bool = False
     train_data: Any = None
@@ -178,6 +180,8 @@ class Recipe:
                 raise OptionError(f"{name}: must be true or false, not {getattr(self, name)!r}")
         if self.outputs is not None and (isinstance(self.outputs, str) or not all(isinstance(o, str) for o in self.outputs)):
             raise OptionError(f"--outputs: give a list of output names, not {self.outputs!r}")
+        if self.precision not in (None, "fp16", "bf16"):
+            raise OptionError(f"--precision {self.precision!r}: not one of fp16, bf16")
         if self.activations not in ("uint8", "int8", "auto"):
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
         self._check_family()

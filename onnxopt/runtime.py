@@ -73,6 +73,19 @@ def resolve_providers(names: str | Sequence[str] = "cpu") -> list[str]:
     return resolved
 
 
+# onnxruntime 1.32 on CPU crashes the process (SIGSEGV) creating a fully optimized session of a
+# float16 MatMul that reads Transpose(perm=[1, 0, 2]) (every nn.TransformerEncoder export): its
+# MatmulTransposeFusion then the NCHWc transformer. Float16 models leave that fusion out on CPU.
+CPU_FLOAT16_DISABLED = ("MatmulTransposeFusion",)
+
+
+def _has_float16(model: ir.Model) -> bool:
+    half = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    if any(v.dtype in half for v in model.graph.initializers.values()):
+        return True
+    return any(o.dtype in half for node in model.graph for o in node.outputs)
+
+
 class ModelSnapshot:
     """A frozen, onnxruntime-ready copy of a model: serialized bytes, or a temporary folder.
 
@@ -85,6 +98,7 @@ class ModelSnapshot:
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self.path: str | None = None
         self.data: bytes | None = None
+        self.float16 = _has_float16(model)
         # Bytes cannot carry external data (its paths are relative to a folder): past 2 GB, or when
         # weights are still read lazily from files, the snapshot is a temporary folder instead.
         if not has_external_data(model) and weight_bytes(model) < INLINE_WEIGHT_LIMIT:
@@ -106,6 +120,8 @@ class ModelSnapshot:
 
     def session(self, **options) -> ort.InferenceSession:
         """A session with these options; created once, then reused (creation costs seconds on big models)."""
+        if self.float16 and options.get("optimization", "all") != "disabled" and "disabled_optimizers" not in options:
+            options["disabled_optimizers"] = CPU_FLOAT16_DISABLED  # see CPU_FLOAT16_DISABLED
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
         if key not in self._sessions:
             self._sessions[key] = create_session(self.data if self.data is not None else self.path, **options)

@@ -173,3 +173,23 @@ def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
     data = json.loads(report.read_text())
     assert data["ok"] and data["validation"]["outputs"][0]["cosine"] > 0.9  # lossy: reported, with its cost
     assert out.stat().st_size < 0.6 * __import__("os").path.getsize(model)
+
+
+def test_precision_fp16_from_the_command_line_halves_the_file_and_times_without_crashing(tmp_path):
+    """The zoo transformer in float16 with latency timed: onnxruntime 1.32 crashed the process
+    (SIGSEGV) on its fully optimized CPU session unless MatmulTransposeFusion is left out."""
+    import subprocess
+    import sys
+
+    model = "models/zoo/transformer_encoder.onnx"
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "onnxopt", model, "--precision", "fp16", "--latency-budget", "0.3",
+                           "-o", str(out), "--report", str(report), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    data = json.loads(report.read_text())
+    record = data["passes"][-1]
+    assert record["name"] == "precision" and data["latency"] is not None
+    assert out.stat().st_size < 0.6 * __import__("os").path.getsize(model)
+    saved = onnx.load(out)
+    assert saved.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert saved.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
