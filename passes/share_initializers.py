@@ -95,7 +95,7 @@ class _TensorReader:
         """The bytes of the elements at these flat ``indices``."""
         if not self.external:
             return self.tensor.numpy().reshape(-1)[indices].tobytes()
-        size = self.tensor.dtype.itemsize
+        size = int(self.tensor.dtype.itemsize)
         base = self.tensor.offset or 0
         fd = os.open(self.tensor.path, os.O_RDONLY)
         try:
