@@ -336,7 +336,7 @@ def weight_bytes(model: ir.Model) -> int:
 SPILL_MIN_BYTES = 1 * 2**20
 
 
-def spill_tensors(model: ir.Model, min_bytes: int = SPILL_MIN_BYTES) -> int:
+def spill_tensors(model: ir.Model, min_bytes: int | None = None) -> int:
     """Write every in-memory initializer of ``model`` of ``min_bytes`` or more to a file of a temporary
     folder, one tensor at a time, and read it lazily from there (an ``ir.ExternalTensor``); returns
     the bytes written.
@@ -345,8 +345,9 @@ def spill_tensors(model: ir.Model, min_bytes: int = SPILL_MIN_BYTES) -> int:
     rescales a whole weight); spilled after each pass, they stop adding up, and the sessions and the
     save that follow read them from the page cache rather than from the process's own memory. The
     folder lives as long as ``model`` (removed when it is garbage collected); ``save_model`` copies
-    the tensors out of it, and never removes it.
+    the tensors out of it, and never removes it. ``min_bytes`` defaults to ``SPILL_MIN_BYTES``.
     """
+    min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
     pending = [
         value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
         if value.const_value is not None and not isinstance(value.const_value, ir.ExternalTensor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_PASSES", "OptimizeResult", "Recipe", "optimize", "resolve_passes", "check_model"]
 
+import gc
 import logging
 import os
 import time
@@ -264,6 +265,7 @@ def _optimize(
         working = result.model
         if large:
             io.spill_tensors(working)
+            gc.collect()  # replaced weights sit in reference cycles (values and nodes) with their file maps
         if check:
             check_model(working)
         after = model_stats(working, dims=stat_dims)
