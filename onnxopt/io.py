@@ -346,8 +346,10 @@ def spill_tensors(model: ir.Model, min_bytes: int | None = None) -> int:
     save that follow read them from the page cache rather than from the process's own memory. The
     folder lives as long as ``model`` (removed when it is garbage collected); ``save_model`` copies
     the tensors out of it, and never removes it. ``min_bytes`` defaults to ``SPILL_MIN_BYTES``.
+    External tensors that were memory-mapped meanwhile are replaced by unmapped ones (``_unmap``).
     """
     min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+    _unmap(model)
     pending = [
         value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
         if value.const_value is not None and not isinstance(value.const_value, ir.ExternalTensor)
@@ -371,6 +373,20 @@ def spill_tensors(model: ir.Model, min_bytes: int | None = None) -> int:
             written += length
             f.seek((f.tell() + 4095) // 4096 * 4096)  # page-aligned: onnxruntime maps the file
     return written
+
+
+def _unmap(model: ir.Model) -> None:
+    """Replace each external tensor that a pass memory-mapped (``numpy()`` maps its file) by a fresh,
+    unmapped one of the same file: the pages a pass read leave the process once nothing holds them."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
+                value.const_value = ir.ExternalTensor(
+                    tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()),
+                    name=tensor.name, base_dir=tensor.base_dir, doc_string=tensor.doc_string,
+                    metadata_props=dict(tensor.metadata_props) or None,
+                )
 
 
 _SPILL_FOLDERS: dict[int, str] = {}
