@@ -14,12 +14,15 @@ __all__ = [
     "model_bytes",
     "TWO_GB",
     "INLINE_WEIGHT_LIMIT",
+    "spill_tensors",
 ]
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
+import weakref
 from collections.abc import Collection
 from pathlib import Path
 
@@ -327,6 +330,80 @@ def has_external_data(model: ir.Model) -> bool:
 def weight_bytes(model: ir.Model) -> int:
     """Bytes of every initializer and Constant tensor, subgraphs included."""
     return sum(t.nbytes for _, t in _iter_tensors(model) if t is not None)
+
+
+# In-memory tensors of at least this many bytes are what ``spill_tensors`` writes out.
+SPILL_MIN_BYTES = 1 * 2**20
+
+
+def spill_tensors(model: ir.Model, min_bytes: int | None = None) -> int:
+    """Write every in-memory initializer of ``model`` of ``min_bytes`` or more to a file of a temporary
+    folder, one tensor at a time, and read it lazily from there (an ``ir.ExternalTensor``); returns
+    the bytes written.
+
+    A pass over a model larger than memory makes its new weights in memory (a folded BatchNorm
+    rescales a whole weight); spilled after each pass, they stop adding up, and the sessions and the
+    save that follow read them from the page cache rather than from the process's own memory. The
+    folder lives as long as ``model`` (removed when it is garbage collected); ``save_model`` copies
+    the tensors out of it, and never removes it. ``min_bytes`` defaults to ``SPILL_MIN_BYTES``.
+    External tensors that were memory-mapped meanwhile are replaced by unmapped ones (``_unmap``).
+    """
+    min_bytes = SPILL_MIN_BYTES if min_bytes is None else min_bytes
+    _unmap(model)
+    pending = [
+        value for graph in (model.graph, *model.graph.subgraphs()) for value in graph.initializers.values()
+        if value.const_value is not None and not isinstance(value.const_value, ir.ExternalTensor)
+        and value.const_value.nbytes >= min_bytes and value.const_value.dtype.bitwidth % 8 == 0
+    ]
+    if not pending:
+        return 0
+    folder = _spill_folder(model)
+    fd, data_path = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=folder)
+    written = 0
+    with os.fdopen(fd, "wb") as f:
+        for value in pending:
+            tensor = value.const_value
+            offset = f.tell()
+            tensor.tofile(f) if hasattr(tensor, "tofile") else f.write(tensor.tobytes())
+            length = f.tell() - offset
+            value.const_value = ir.ExternalTensor(
+                os.path.basename(data_path), offset, length, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()),
+                name=tensor.name or value.name, base_dir=folder,
+            )
+            written += length
+            f.seek((f.tell() + 4095) // 4096 * 4096)  # page-aligned: onnxruntime maps the file
+    return written
+
+
+def _unmap(model: ir.Model) -> None:
+    """Replace each external tensor that a pass memory-mapped (``numpy()`` maps its file) by a fresh,
+    unmapped one of the same file: the pages a pass read leave the process once nothing holds them."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
+                value.const_value = ir.ExternalTensor(
+                    tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()),
+                    name=tensor.name, base_dir=tensor.base_dir, doc_string=tensor.doc_string,
+                    metadata_props=dict(tensor.metadata_props) or None,
+                )
+
+
+_SPILL_FOLDERS: dict[int, str] = {}
+
+
+def _spill_folder(model: ir.Model) -> str:
+    folder = _SPILL_FOLDERS.get(id(model))
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="onnxopt-spill-")
+        _SPILL_FOLDERS[id(model)] = folder
+
+        def remove(key=id(model), folder=folder):
+            _SPILL_FOLDERS.pop(key, None)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        weakref.finalize(model, remove)
+    return folder
 
 
 def check_destination(path: str | os.PathLike, what: str | None = None) -> Path:

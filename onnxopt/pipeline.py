@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_PASSES", "OptimizeResult", "Recipe", "optimize", "resolve_passes", "check_model"]
 
+import gc
 import logging
 import math
 import os
@@ -29,12 +30,19 @@ from onnxopt.report import PassRecord, Report, Validation, plural
 from onnxopt.runtime import ModelSnapshot, run_session
 from onnxopt.stats import model_stats
 from onnxopt.synthetic import runnable_synthetic_data
-from onnxopt.validate import DEFAULT_ATOL, compare_models
+from onnxopt.validate import DEFAULT_ATOL, ReferenceOutputs, compare_models
 
 logger = logging.getLogger(__name__)
 
 # Without --data, a quantized model is validated on this many calibration samples (not random inputs).
 CALIBRATION_VALIDATION_SAMPLES = 512
+
+# A model read from a file with external data and weights above this size is run so that memory
+# peaks near its weights once, not four times: onnxruntime reads the input file itself (no copy),
+# each pass's new weights are written out (``io.spill_tensors``), the reference runs on the data
+# before the passes and its session is dropped, and the latency comparison (two sessions alive at
+# once) is left to ``onnxopt bench`` with a note. See docs/benchmarks.md (models larger than memory).
+LARGE_MODEL_BYTES = 2**30
 
 Progress = Callable[[str, int, int], None]
 
@@ -182,6 +190,7 @@ def _optimize(
     label = source or type(model).__name__
     working = io.load_model(model)
     declared = io.declared_value_names(working)
+    large = io.has_external_data(working) and io.weight_bytes(working) > LARGE_MODEL_BYTES
     pass_objects, fixed_dims = with_fixed_dims(pass_objects, parse_dims(fix_dims, "--fix-dim"), dims, working, label)
     dims = {k: v for k, v in dims.items() if k not in fixed_dims}  # data meets those dims fixed
     quantizing = [p for p in pass_objects if isinstance(p, QuantizeQDQ) and p.ranges is None]
@@ -201,10 +210,14 @@ def _optimize(
             max_samples=max_samples, judged_outputs=outputs, smooth_alpha=smooth_quant,
         )
         quantization.notes += [upgraded] if upgraded else []
+    reference_outputs = None
     if validate or latency:
+        # A large model's input file is the original as onnxruntime should read it: no copy is made.
+        original = (ModelSnapshot.from_file(source) if large and source is not None and quantization is None
+                    else ModelSnapshot(working))
         # Fail on bad data before spending time on passes.
-        dataset = _dataset(data, data_model, dims, batch_size, quantization, max_samples, providers)
-        original = ModelSnapshot(working)
+        dataset = _dataset(data, data_model, dims, batch_size, quantization, max_samples, providers,
+                           snapshot=original if data_model is working else None)
         try:
             original.session(optimization="disabled", providers=providers)
         except OnnxoptError:  # an unavailable provider says so itself
@@ -221,6 +234,10 @@ def _optimize(
             if dataset.labels is not None and first:  # labels past the classes: refused before any pass
                 name = next(iter(first))
                 check_labels(dataset.labels, np.asarray(first[name]), name, dataset.source)
+        if large and validate and quantization is None:
+            reference_outputs = _reference_outputs(original, dataset, providers)
+        if large:
+            original.release()  # its weights would sit beside each pass's and the candidate's
         if quantization is not None and max_drop is not None and validate and dataset.labels is None:
             raise OptionError(f"--max-drop needs labels in the --eval data ({dataset.source} has none); "
                               "without labels the budget is --min-cosine")
@@ -258,6 +275,9 @@ def _optimize(
             result = p(working)
         seconds = time.perf_counter() - start
         working = result.model
+        if large:
+            io.spill_tensors(working)
+            gc.collect()  # replaced weights sit in reference cycles (values and nodes) with their file maps
         if check:
             check_model(working)
         after = model_stats(working, dims=stat_dims)
@@ -314,9 +334,12 @@ def _optimize(
                     original, candidate, dataset, providers=providers, rtol=rtol, atol=atol,
                     runtime_floor=quantization is None and not report.lossy,
                     progress=(lambda i, n: progress("validate", i, n)) if progress else None,
-                    reference_outputs=quantization.reference_outputs if quantization is not None else None,
+                    reference_outputs=quantization.reference_outputs if quantization is not None else reference_outputs,
                     judged_outputs=outputs,
                 )
+            if large:
+                candidate.release()
+                original.release()
         if (validate and quantization is None and not report.lossy and prune is None and report.validation is not None
                 and not report.validation.ok and report.validation.error is None and len(requested) > 0):
             left_out = _passes_that_break(model, requested, original, dataset, providers, rtol, atol, progress)
@@ -334,7 +357,11 @@ def _optimize(
             report.validation.criterion = f"{precision} budget not met: {precision_missed}"
         if fixed_dims and report.validation is not None and report.validation.error and not report.validation.outputs:
             report.notes.append(_fixed_dims_failure(fixed_dims, original, dataset, providers))
-        if latency and (report.validation is None or report.validation.error is None):
+        if latency and large:
+            report.notes.append(
+                f"latency not compared: side by side, two sessions would each hold the model's "
+                f"{io.weight_bytes(working) / 1e9:.1f} GB of weights; time it with onnxopt bench")
+        elif latency and (report.validation is None or report.validation.error is None):
             report.latency = compare_latency(
                 original, candidate, dataset.batches[0], providers=providers, threads=threads,
                 budget_seconds=latency_budget,
@@ -473,9 +500,22 @@ def _growth_note(name: str, before, after) -> str | None:
             f"(+{(after.bytes - before.bytes) / max(before.bytes, 1):.1%}): please report it")
 
 
+def _reference_outputs(original: ModelSnapshot, dataset: Dataset, providers) -> ReferenceOutputs:
+    """The original's outputs on every batch of ``dataset`` (a large model: computed once, so that its
+    session need not live beside the candidate's); an input that does not run is the data's error."""
+    outputs = ReferenceOutputs(max_bytes=2**30)
+    session = original.session(optimization="disabled", providers=providers)
+    for i, feed in enumerate(dataset):
+        try:
+            outputs.keep(i, run_session(session, feed))
+        except Exception as exc:
+            raise cannot_run(f"{dataset.source} batch {i}", feed, [], exc) from None
+    return outputs
+
+
 def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None,
              quantization: QuantizationStep | None = None, max_samples: int | None = None,
-             providers="cpu") -> Dataset:
+             providers="cpu", snapshot: ModelSnapshot | None = None) -> Dataset:
     if data is None and quantization is not None and not quantization.synthetic:
         # Random inputs fall outside the calibrated ranges and say nothing about a lossy result.
         dataset = head(quantization.calibration, CALIBRATION_VALIDATION_SAMPLES)
@@ -484,7 +524,8 @@ def _dataset(data, model: ir.Model, dims: dict[str, int], batch_size: int | None
                                     "samples (seen by calibration; pass --eval for held-out figures)")
             return dataset
     if data is None:  # inputs the model runs: sizes and values read from the graph, tried on it
-        dataset = runnable_synthetic_data(model, dims=dims, providers=providers, batch_size=batch_size)
+        dataset = runnable_synthetic_data(model, dims=dims, providers=providers, batch_size=batch_size,
+                                          snapshot=snapshot)
         dataset.notes.insert(0, "no --data given: validated on synthetic inputs")
         return dataset
     return load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)

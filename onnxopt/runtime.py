@@ -93,11 +93,14 @@ class ModelSnapshot:
     reloading it, and later changes to the ``ir.Model`` do not affect it.
     """
 
-    def __init__(self, model: ir.Model):
+    def __init__(self, model: ir.Model | None):
         self._tmp_dir: str | None = None
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self.path: str | None = None
         self.data: bytes | None = None
+        self.float16 = False
+        if model is None:  # ``from_file``
+            return
         self.float16 = _has_float16(model)
         # Bytes cannot carry external data (its paths are relative to a folder): past 2 GB, or when
         # weights are still read lazily from files, the snapshot is a temporary folder instead.
@@ -111,11 +114,22 @@ class ModelSnapshot:
             self.path = os.path.join(self._tmp_dir, "model.onnx")
             save_model(model, self.path, external_data=True)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelSnapshot":
+        """The model as the file at ``path`` holds it (its external data beside it), read by
+        onnxruntime from there: nothing is copied. The caller keeps the file unchanged while the
+        snapshot lives (the input model of a run: ``io.save_model`` never writes it)."""
+        snapshot = cls(None)
+        snapshot.path = os.fspath(path)
+        return snapshot
+
     @property
     def nbytes(self) -> int:
         if self.data is not None:
             return len(self.data)
         assert self.path is not None
+        if self._tmp_dir is None:
+            return os.path.getsize(self.path)
         return sum(os.path.getsize(os.path.join(self._tmp_dir, f)) for f in os.listdir(self._tmp_dir))
 
     def session(self, **options) -> ort.InferenceSession:
@@ -126,6 +140,10 @@ class ModelSnapshot:
         if key not in self._sessions:
             self._sessions[key] = create_session(self.data if self.data is not None else self.path, **options)
         return self._sessions[key]
+
+    def release(self) -> None:
+        """Drop the sessions made so far (each holds the model's weights); later calls make new ones."""
+        self._sessions.clear()
 
     def close(self) -> None:
         self._sessions.clear()

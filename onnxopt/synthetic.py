@@ -418,7 +418,8 @@ def _notes(choice: Choice, specs, hints, variables, user_dims) -> list[str]:
 
 
 def runnable_synthetic_data(model: ir.Model, *, dims: Mapping[str, int] | None = None, providers="cpu",
-                            batch_size: int | None = None, seed: int = 0) -> Dataset:
+                            batch_size: int | None = None, seed: int = 0,
+                            snapshot: ModelSnapshot | None = None) -> Dataset:
     """One synthetic batch that ``model`` runs under onnxruntime (see the module docstring), with
     notes that say which sizes and values were chosen and why; a one-line ``DataError`` otherwise."""
     dims = dict(dims or {})
@@ -428,7 +429,8 @@ def runnable_synthetic_data(model: ir.Model, *, dims: Mapping[str, int] | None =
         if spec.shape is None:
             raise DataError(f"input '{spec.name}' has no shape; synthetic data needs one (pass --data)")
     hints = analyze(model)
-    snapshot = ModelSnapshot(model)
+    own = snapshot is None  # a caller's snapshot of ``model`` (a big model's file) is reused, not copied
+    snapshot = ModelSnapshot(model) if own else snapshot
     try:
         try:
             session = snapshot.session(optimization="disabled", providers=providers)
@@ -439,6 +441,7 @@ def runnable_synthetic_data(model: ir.Model, *, dims: Mapping[str, int] | None =
         choice = search(specs, hints, dims, lambda feed: list(run_session(session, feed).values()),
                         batch_size=batch_size, seed=seed)
     finally:
-        snapshot.close()
+        if own:
+            snapshot.close()
     notes = _notes(choice, specs, hints, dim_vars(specs), dims)
     return Dataset([choice.feed], None, "synthetic", synthetic=True, notes=notes)

@@ -1,7 +1,10 @@
 """Share identical weights: one tensor for every repeated initializer or Constant, transposes included.
 
 Tensors are grouped by dtype, shape and a probe of a few elements, hashed only where such a group
-has two or more members, and confirmed equal byte for byte on a hash match. A weight that equals another's transpose (a tied
+has two or more members, and confirmed equal byte for byte on a hash match. Weights kept in
+external-data files are read in chunks through the file (``_TensorReader``), never memory-mapped
+nor copied whole: on a model larger than memory, the pass holds one chunk at a time and leaves
+every tensor lazy. A weight that equals another's transpose (a tied
 embedding exported as two tensors) is read through ``transA``/``transB`` of a Gemm, or through a
 Transpose node in front of a MatMul.
 """
@@ -12,6 +15,7 @@ __all__ = ["ShareInitializers"]
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -58,8 +62,72 @@ def _collect(model: ir.Model) -> list[_Entry]:
     return [e for e in entries if not e.tensor.dtype.is_string()]
 
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+# Bytes read at once when hashing or comparing a tensor kept in an external-data file.
+_CHUNK_BYTES = 16 * 2**20
+
+
+class _TensorReader:
+    """Reads a tensor's bytes: through its file for an external tensor (``os.pread``: no memory map,
+    so its pages never join the process's memory and the tensor stays lazy), else from its array."""
+
+    def __init__(self, tensor: ir.TensorProtocol):
+        self.tensor = tensor
+        self.external = isinstance(tensor, ir.ExternalTensor) and getattr(tensor, "raw", None) is None \
+            and tensor.dtype.bitwidth % 8 == 0
+        self.nbytes = int(tensor.nbytes)
+
+    def chunks(self):
+        """The tensor's bytes, ``_CHUNK_BYTES`` at a time."""
+        if not self.external:
+            data = memoryview(np.ascontiguousarray(self.tensor.numpy()).reshape(-1).view(np.uint8))
+            for start in range(0, len(data), _CHUNK_BYTES):
+                yield data[start:start + _CHUNK_BYTES]
+            return
+        fd = os.open(self.tensor.path, os.O_RDONLY)
+        try:
+            base = self.tensor.offset or 0
+            for start in range(0, self.nbytes, _CHUNK_BYTES):
+                yield os.pread(fd, min(_CHUNK_BYTES, self.nbytes - start), base + start)
+        finally:
+            os.close(fd)
+
+    def elements(self, indices: np.ndarray) -> bytes:
+        """The bytes of the elements at these flat ``indices``."""
+        if not self.external:
+            return self.tensor.numpy().reshape(-1)[indices].tobytes()
+        size = int(self.tensor.dtype.itemsize)
+        base = self.tensor.offset or 0
+        fd = os.open(self.tensor.path, os.O_RDONLY)
+        try:
+            return b"".join(os.pread(fd, size, base + int(i) * size) for i in indices)
+        finally:
+            os.close(fd)
+
+
+def _digest(tensor: ir.TensorProtocol) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in _TensorReader(tensor).chunks():
+        h.update(chunk)
+    return h.digest()
+
+
+def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    """Whether two tensors of one dtype and shape hold the same bytes, compared chunk by chunk."""
+    return all(x == y for x, y in zip(_TensorReader(a).chunks(), _TensorReader(b).chunks()))
+
+
+def _probe_indices(size: int) -> np.ndarray:
+    """Up to 257 evenly spaced flat indices, the last element included."""
+    step = max(1, size // 256)
+    return np.unique(np.append(np.arange(0, size, step), size - 1)) if size else np.zeros(0, np.int64)
+
+
+def _equal_transposed(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    """Whether 2-D ``b`` is ``a`` transposed, compared a block of rows at a time."""
+    x, y = a.numpy(), b.numpy()
+    x, y = x.view(f"u{x.itemsize}"), y.view(f"u{y.itemsize}")  # bytes, not values: -0.0 is not 0.0
+    rows = max(1, _CHUNK_BYTES // max(1, x.shape[1] * x.itemsize))
+    return all(np.array_equal(x[i:i + rows], y[:, i:i + rows].T) for i in range(0, x.shape[0], rows))
 
 
 class ShareInitializers(OnnxoptPass):
@@ -117,27 +185,26 @@ class ShareInitializers(OnnxoptPass):
                 continue
             by_probe: dict[bytes, list[_Entry]] = defaultdict(list)
             for e in group:
-                flat = e.tensor.numpy().reshape(-1)
-                step = max(1, flat.size // 256)
-                by_probe[flat[::step].tobytes() + flat[-1:].tobytes()].append(e)
+                size = int(np.prod(e.tensor.shape.numpy(), dtype=np.int64))
+                by_probe[_TensorReader(e.tensor).elements(_probe_indices(size))].append(e)
             out.extend(g for g in by_probe.values() if len(g) > 1)
         return out
 
     @staticmethod
     def _equal_sets(group: list[_Entry]) -> list[list[_Entry]]:
-        """Split entries of one dtype and shape into sets of byte-identical tensors."""
-        by_hash: dict[bytes, list[tuple[_Entry, bytes]]] = defaultdict(list)
+        """Split entries of one dtype and shape into sets of byte-identical tensors (hashed and
+        compared in chunks: no tensor is held whole in memory)."""
+        by_hash: dict[bytes, list[_Entry]] = defaultdict(list)
         for e in group:
-            data = e.tensor.tobytes()
-            by_hash[_digest(data)].append((e, data))
+            by_hash[_digest(e.tensor)].append(e)
         sets = []
         for candidates in by_hash.values():
             while candidates:
-                first, first_data = candidates[0]
+                first = candidates[0]
                 same = [first]
                 rest = []
-                for e, data in candidates[1:]:
-                    (same if data == first_data else rest).append(e)  # confirm: hashes can collide
+                for e in candidates[1:]:
+                    (same if _same_bytes(e.tensor, first.tensor) else rest).append(e)  # confirm: hashes can collide
                 if len(same) > 1:
                     sets.append(same)
                 candidates = rest
@@ -192,9 +259,15 @@ class ShareInitializers(OnnxoptPass):
             partners = by_key.get((e.tensor.dtype, (cols, rows)))
             if not partners or id(e) in done:
                 continue
-            transposed = np.ascontiguousarray(e.tensor.numpy().T).tobytes()
+            # A probe first: the element (i, j) of one at (j, i) of the other. Only on a match is the
+            # whole tensor compared (most weights of transposed shapes differ at the first probe).
+            probe = _probe_indices(int(rows) * int(cols))
+            mine = _TensorReader(e.tensor).elements(probe)
+            at_transposed = (probe % cols) * rows + probe // cols
             for other in partners:
-                if id(other) in done or other.tensor.tobytes() != transposed:
+                if id(other) in done or _TensorReader(other.tensor).elements(at_transposed) != mine:
+                    continue
+                if not _equal_transposed(e.tensor, other.tensor):
                     continue
                 # Keep the one whose readers cannot take a transpose; drop the other.
                 for keep, drop in ((e, other), (other, e)):
