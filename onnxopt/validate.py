@@ -239,7 +239,7 @@ def compare_models(
     if ref_names != cand_names:
         return Validation(**common, error=f"outputs differ: {ref_names} vs {cand_names}")
     judged = _judged_names(judged_outputs, ref_names)
-    mask_name = mask_input(ref_session.get_inputs())
+    mask_name = mask_input((ref_session or cand_session).get_inputs())
     accumulators = {name: OutputAccumulator(name) for name in ref_names}
     ref_logits, cand_logits = [], []
     for i, feed in enumerate(data):
