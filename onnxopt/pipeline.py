@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from onnxopt import io
 from onnxopt.budget import LossyFallback, judge, lossy_units
+from onnxopt.compressed_size import run_sizes
 from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
@@ -232,6 +233,7 @@ def _optimize(
         train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
+    sizes_before = run_sizes(working, declared)  # file, gzip, Deep Compression: after the passes too
     # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is
     # reported, not judged by the lossless tolerance.
     report.lossy = any(getattr(p, "lossy", False) for p in pass_objects if not isinstance(p, QuantizeQDQ))
@@ -304,6 +306,7 @@ def _optimize(
         if record.details.get("met") is False:
             precision_missed = record.summary
     report.after = report.passes[-1].after if report.passes else before
+    report.sizes = {"before": sizes_before, "after": run_sizes(working, declared)}
     if validate or latency:
         candidate = ModelSnapshot(working)
         if validate:
