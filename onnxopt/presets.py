@@ -10,10 +10,11 @@ clustering: one distillation after all three left the digits CNN at 80.6% (prune
 Compression storage (``onnxopt.compressed_size``) whose accuracy on ``--eval`` stays within
 ``--max-drop`` (default 1 point) wins.
 
-The search is cheap where it can be: a setting's storage does not depend on distillation (it only
-changes the values of codebooks and of kept weights, not what is stored), so every setting is first
-sized without data, and the distilled runs go smallest first, stopping at the first that meets the
-budget. Where none does, the mildest setting runs again with the budget (``onnxopt.budget``: the
+The search is cheap where it can be: a setting's storage hardly depends on distillation (the
+tensors and their shapes are the same; only the clusters' frequencies, which the Huffman codes
+follow, differ: 2571 vs 2577 bytes on the digits CNN), so every setting is first sized without
+distillation, and the distilled runs go smallest first, stopping at the first that meets the
+budget; the chosen run's own storage is what the report gives. Where none does, the mildest setting runs again with the budget (``onnxopt.budget``: the
 layers that harm most are kept as they were, judged before distillation, then distilled).
 
 The accuracy that selects is measured on ``--eval``: a figure chosen on the data it is reported on
@@ -104,7 +105,7 @@ def deep_compression(model, recipe: Recipe, *, grid: Mapping[str, Sequence] | No
         lr=PRESET_LR if recipe.lr == defaults.lr else recipe.lr,
     )
     settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    # 1. Storage of every setting, without data (distillation does not change it).
+    # 1. Storage of every setting, without data (distillation changes it little).
     trials = []
     for i, s in enumerate(settings):
         if progress:
