@@ -248,9 +248,10 @@ def _optimize(
             fallback_start, fallback_from = working.clone(), step
         if progress:
             progress(f"pass {name}", step, len(pass_objects))
-        if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz") and p.ratio is not None and p.activation is None:
+        if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz", "entropy") and p.ratio is not None and p.activation is None:
             p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size,
-                                                 providers, nonzero=p.importance == "apoz", max_samples=max_samples)
+                                                 providers, nonzero=p.importance == "apoz", max_samples=max_samples,
+                                                 entropy=p.importance == "entropy")
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -537,7 +538,8 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     inserted before ``fold-bn`` (BatchNorm scales are a criterion, and BN slices with its channels)."""
     try:
         pruner = PruneChannels(ratio=ratio, importance=importance, scope=scope, round_to=round_to,
-                               protect_first=protect_first, activation={} if importance in ("activation", "apoz") else None)
+                               protect_first=protect_first,
+                               activation={} if importance in ("activation", "apoz", "entropy") else None)
     except ValueError as exc:
         raise OptionError(f"--prune: {exc}") from None
     pruner.activation = None
@@ -549,19 +551,27 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
 
 
 def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False,
-                          max_samples: int | None = None) -> dict:
-    """Mean |x| per channel (``nonzero``: the fraction of non-zero values) of every tensor that a
-    channel group's consumer reads, over ``data`` (the calibration set), streamed batch by batch
-    through ``onnxopt.observe``."""
+                          max_samples: int | None = None, entropy: bool = False) -> dict:
+    """Mean |x| per channel (``nonzero``: the fraction of non-zero values; ``entropy``: the entropy,
+    in bits, of the channel's histogram, ``onnxopt.observe.ChannelEntropyObserver``) of every tensor
+    that a channel group's consumer reads, over ``data`` (the calibration set), streamed batch by
+    batch through ``onnxopt.observe``."""
     from onnxopt.observe import observe
     from onnxopt.passes.channel_groups import analyze
 
     if data is None:
-        raise OptionError("--importance activation/apoz needs --calibration (or --data)")
+        raise OptionError("--importance activation/apoz/entropy needs --calibration (or --data)")
     axes = {p.value: p.axis for g in analyze(model).groups for p in g.probes}
     dataset = load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
+
+    if entropy:
+        from onnxopt.observe import ChannelEntropyObserver
+
+        observers = {name: ChannelEntropyObserver(axis) for name, axis in axes.items()}
+        observe(model, sorted(axes), dataset.batches, lambda name, array: observers[name].update(array), providers=providers)
+        return {name: o.entropy for name, o in observers.items() if o.entropy is not None}
 
     def update(name: str, array: np.ndarray) -> None:
         a = np.moveaxis(np.abs(np.asarray(array, dtype=np.float64)), axes[name], 0)
