@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels by importance (lossy; 'prune' pass)")
-    parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation", "apoz"),
-                        help="pruning criterion (default l1; activation: mean |x|, apoz: non-zero fraction, both from --calibration)")
+    parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation", "apoz", "entropy"),
+                        help="pruning criterion (default l1; activation: mean |x|, apoz: non-zero fraction, entropy: of each "
+                             "channel's histogram, low pruned first; all three from --calibration)")
     parser.add_argument("--prune-scope", default="layer", choices=("layer", "global"), help="ratio per channel group (default) or over all groups")
     parser.add_argument("--round-to", type=int, default=1, metavar="N", help="keep pruned channel counts multiples of N")
     parser.add_argument("--prune-first", dest="protect_first", action="store_false", help="let pruning touch the first layer")
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int4-method", default="rtn", choices=("rtn", "hqq"), help="--quantize int4: round to nearest or HQQ")
     parser.add_argument("--int4-asymmetric", dest="int4_symmetric", action="store_false", help="--quantize int4: zero points per block")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="--quantize int4: MatMulNBits accuracy_level")
+    parser.add_argument("--preset", choices=("deep-compression",),
+                        help="deep-compression: prune, sparsify, distill, cluster, distill over a small grid of settings "
+                             "(needs --train-data and labelled --eval); the smallest storage within --max-drop wins")
     parser.add_argument("--recipe", metavar="TOML", help="read the run's options from a recipe file (flags given here win)")
     parser.add_argument("--save-recipe", metavar="TOML", help="write this run's options as a recipe file, to replay it with --recipe")
     parser.add_argument("--explain", action="store_true", help="print the channel groups that 'prune' sees, and exit")
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # Flags that are not options of a run (they say where its files go, how it talks), and the
 # flags whose Recipe field has another name or sense.
-_NOT_RECIPE = {"model", "output", "report", "html", "in_place", "explain", "quiet", "verbose", "recipe", "save_recipe", "eval"}
+_NOT_RECIPE = {"model", "output", "report", "html", "in_place", "explain", "quiet", "verbose", "recipe", "save_recipe", "eval",
+               "preset"}
 _RENAMED = {"dim": "dims", "fix_dim": "fix_dims"}
 
 
@@ -288,7 +293,12 @@ def _run(args, progress: Progress, parser) -> int:
     output = args.output or (args.model if args.in_place else str(io.default_output_path(args.model)))
     if os.path.abspath(output) == os.path.abspath(args.model) and not args.in_place:
         raise OutputPathError(f"{output}: refusing to overwrite the input model; choose another -o path or pass --in-place")
+    preset_drop = None
+    if args.preset:  # the preset distills (--train-data belongs to it) and judges --max-drop itself
+        args.distill, preset_drop, args.max_drop = True, args.max_drop, None
     recipe = _recipe(args, parser)
+    if args.preset and preset_drop is not None:
+        recipe = recipe.replace(max_drop=preset_drop)
     written = [(p, f) for p, f in ((args.report, "--report"), (args.save_recipe, "--save-recipe"), (args.html, "--html")) if p]
     for i, (path, flag) in enumerate(written):
         if os.path.realpath(path) == os.path.realpath(output):
@@ -300,7 +310,12 @@ def _run(args, progress: Progress, parser) -> int:
     _check_destinations(args, output)
     _check_paths(args, output)
     recipe_text = recipe.to_toml() if args.save_recipe else None  # a recipe it cannot hold fails now
-    result = optimize(args.model, recipe, progress=progress)
+    if args.preset:
+        from onnxopt.presets import run_preset
+
+        result = run_preset(args.preset, args.model, recipe, progress=progress)
+    else:
+        result = optimize(args.model, recipe, progress=progress)
     report = result.report
     if result.ok:
         _commit(result, output, args.report, args.in_place,

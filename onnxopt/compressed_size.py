@@ -19,7 +19,8 @@ the Deep Compression storage figure.
 
 from __future__ import annotations
 
-__all__ = ["compressed_sizes", "huffman_bits", "relative_index_entries"]
+__all__ = ["compressed_sizes", "huffman_bits", "relative_index_entries", "run_sizes", "GZIP9_LIMIT",
+           "DEEP_COMPRESSION_LIMIT"]
 
 import gzip
 import heapq
@@ -84,8 +85,15 @@ def _graphs(graph: onnx.GraphProto):
                     yield from _graphs(g)
 
 
-def _gzip(data: bytes) -> int:
-    return len(gzip.compress(data, compresslevel=9, mtime=0))
+def _gzip(data: bytes, level: int = 9) -> int:
+    return len(gzip.compress(data, compresslevel=level, mtime=0))
+
+
+# What every run's report measures, kept cheap: gzip -9 of 100 MB takes seconds, so larger files
+# get level 6; the Deep Compression estimate parses every tensor, so it is left out past 500 MB.
+GZIP9_LIMIT = 50 * 2**20
+DEEP_COMPRESSION_LIMIT = 500 * 2**20
+_SERIALIZE_LIMIT = 2**31 - 2**26  # protobuf's 2 GB: a larger model is only written with external data
 
 
 class _Graph:
@@ -259,4 +267,35 @@ def compressed_sizes(model_or_path) -> dict:
         compressor = zstandard.ZstdCompressor(level=19)
         sizes["file_zstd19"] = len(compressor.compress(data))
         sizes["weight_zstd19"] = len(compressor.compress(weights))
+    return sizes
+
+
+def run_sizes(model: ir.Model, value_info=None) -> dict:
+    """The sizes a run reports for ``model`` (before or after the passes), in bytes:
+
+    - ``file_bytes``: the model serialized as ``onnxopt.io.save_model`` writes it (``model_bytes``);
+    - ``file_gzip`` at ``gzip_level`` (9 below ``GZIP9_LIMIT``, else 6, to stay within seconds);
+    - ``weight_bytes`` / ``weight_gzip9`` and ``deep_compression_bytes`` (see the module docstring),
+      left out (None) when the weights pass ``DEEP_COMPRESSION_LIMIT``;
+    - ``notes``: what was left out and why.
+    """
+    from onnxopt.io import has_external_data, model_bytes, weight_bytes
+
+    weights = weight_bytes(model)
+    sizes = {"file_bytes": None, "file_gzip": None, "gzip_level": None, "weight_bytes": None, "weight_gzip9": None,
+             "deep_compression_bytes": None, "notes": []}
+    if has_external_data(model) or weights > _SERIALIZE_LIMIT:
+        sizes["notes"].append(f"weights of {weights:,} bytes (or external data): file sizes not measured")
+        return sizes
+    data = model_bytes(model, value_info)
+    level = 9 if len(data) < GZIP9_LIMIT else 6
+    sizes.update(file_bytes=len(data), file_gzip=_gzip(data, level), gzip_level=level)
+    if level != 9:
+        sizes["notes"].append(f"file of {len(data) / 2**20:.0f} MB: gzip -6, not -9 (cheaper)")
+    if weights > DEEP_COMPRESSION_LIMIT:
+        sizes["notes"].append(f"weights of {weights / 2**20:.0f} MB: Deep Compression estimate left out")
+        return sizes
+    g = _Graph(onnx.load_from_string(data))
+    blob = b"".join(g.protos)
+    sizes.update(weight_bytes=len(blob), weight_gzip9=_gzip(blob), deep_compression_bytes=_deep_compression(g)[0])
     return sizes

@@ -140,6 +140,63 @@ class ChannelMeanObserver:
         return self.total / self.count
 
 
+class ChannelEntropyObserver:
+    """A histogram of ``bins`` equal bins per index of one axis (a channel), over every other axis and
+    every batch, and the entropy (bits) of each: ``--importance entropy``.
+
+    Each channel's range is set by the first batch and widens as ``HistogramObserver``'s does (25%
+    headroom, old counts spread onto the new bins by overlap). A constant channel (a dead ReLU) puts
+    every value in one bin: entropy 0, the least information, pruned first. Memory: channels x bins.
+    """
+
+    def __init__(self, axis: int, bins: int = 64) -> None:
+        self.axis = axis
+        self.bins = int(bins)
+        self.counts: np.ndarray | None = None
+        self.lo: np.ndarray | None = None
+        self.hi: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 0 or x.size == 0:
+            return
+        rows = np.moveaxis(x, self.axis % x.ndim, 0).reshape(x.shape[self.axis % x.ndim], -1)
+        if self.counts is not None and rows.shape[0] != self.counts.shape[0]:
+            return  # a ragged channel count: not a channel axis
+        rows = np.where(np.isfinite(rows), rows, np.nan)
+        lo, hi = np.nanmin(rows, axis=1), np.nanmax(rows, axis=1)
+        lo, hi = np.where(np.isnan(lo), 0.0, lo), np.where(np.isnan(hi), 0.0, hi)
+        if self.counts is None:
+            pad = np.where(hi > lo, 0.0, 0.5 * np.maximum(np.abs(lo), 1e-6))
+            self.lo, self.hi = lo - pad, hi + pad
+            self.counts = np.zeros((rows.shape[0], self.bins))
+        else:
+            for c in np.flatnonzero((lo < self.lo) | (hi > self.hi)):
+                width = self.hi[c] - self.lo[c]
+                new_lo = min(self.lo[c], lo[c] - 0.25 * width) if lo[c] < self.lo[c] else self.lo[c]
+                new_hi = max(self.hi[c], hi[c] + 0.25 * width) if hi[c] > self.hi[c] else self.hi[c]
+                old = np.linspace(self.lo[c], self.hi[c], self.bins + 1)
+                cumulative = np.concatenate([[0.0], np.cumsum(self.counts[c])])
+                self.counts[c] = np.diff(np.interp(np.linspace(new_lo, new_hi, self.bins + 1), old, cumulative))
+                self.lo[c], self.hi[c] = new_lo, new_hi
+        width = (self.hi - self.lo)[:, None]
+        index = np.clip(np.floor((rows - self.lo[:, None]) / width * self.bins), 0, self.bins - 1)
+        channel = np.broadcast_to(np.arange(rows.shape[0])[:, None], rows.shape)
+        keep = ~np.isnan(index)
+        flat = channel[keep] * self.bins + index[keep].astype(np.int64)
+        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+
+    @property
+    def entropy(self) -> np.ndarray | None:
+        """Entropy in bits per channel, in [0, log2(bins)]; None before any value."""
+        if self.counts is None:
+            return None
+        total = self.counts.sum(axis=1, keepdims=True)
+        p = self.counts / np.maximum(total, 1e-300)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -np.where(p > 0, p * np.log2(p), 0.0).sum(axis=1)
+
+
 class ChannelAbsMaxObserver:
     """Running max|x| per index of one axis (a channel), over every other axis and every batch:
     the activation statistic SmoothQuant reads (``onnxopt.passes.smooth_quant``)."""

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxopt import io
 from onnxopt.budget import LossyFallback, judge, lossy_units
+from onnxopt.compressed_size import run_sizes
 from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
@@ -249,6 +250,7 @@ def _optimize(
         train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
+    sizes_before = run_sizes(working, declared)  # file, gzip, Deep Compression: after the passes too
     # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is
     # reported, not judged by the lossless tolerance.
     report.lossy = any(getattr(p, "lossy", False) for p in pass_objects if not isinstance(p, QuantizeQDQ))
@@ -263,9 +265,10 @@ def _optimize(
             fallback_start, fallback_from = working.clone(), step
         if progress:
             progress(f"pass {name}", step, len(pass_objects))
-        if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz") and p.ratio is not None and p.activation is None:
+        if isinstance(p, PruneChannels) and p.importance in ("activation", "apoz", "entropy") and p.ratio is not None and p.activation is None:
             p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size,
-                                                 providers, nonzero=p.importance == "apoz", max_samples=max_samples)
+                                                 providers, nonzero=p.importance == "apoz", max_samples=max_samples,
+                                                 entropy=p.importance == "entropy")
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -324,6 +327,7 @@ def _optimize(
         if record.details.get("met") is False:
             precision_missed = record.summary
     report.after = report.passes[-1].after if report.passes else before
+    report.sizes = {"before": sizes_before, "after": run_sizes(working, declared)}
     if validate or latency:
         candidate = ModelSnapshot(working)
         if validate:
@@ -575,7 +579,8 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     inserted before ``fold-bn`` (BatchNorm scales are a criterion, and BN slices with its channels)."""
     try:
         pruner = PruneChannels(ratio=ratio, importance=importance, scope=scope, round_to=round_to,
-                               protect_first=protect_first, activation={} if importance in ("activation", "apoz") else None)
+                               protect_first=protect_first,
+                               activation={} if importance in ("activation", "apoz", "entropy") else None)
     except ValueError as exc:
         raise OptionError(f"--prune: {exc}") from None
     pruner.activation = None
@@ -587,19 +592,27 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
 
 
 def activation_statistics(model: ir.Model, data, dims, batch_size, providers, nonzero: bool = False,
-                          max_samples: int | None = None) -> dict:
-    """Mean |x| per channel (``nonzero``: the fraction of non-zero values) of every tensor that a
-    channel group's consumer reads, over ``data`` (the calibration set), streamed batch by batch
-    through ``onnxopt.observe``."""
+                          max_samples: int | None = None, entropy: bool = False) -> dict:
+    """Mean |x| per channel (``nonzero``: the fraction of non-zero values; ``entropy``: the entropy,
+    in bits, of the channel's histogram, ``onnxopt.observe.ChannelEntropyObserver``) of every tensor
+    that a channel group's consumer reads, over ``data`` (the calibration set), streamed batch by
+    batch through ``onnxopt.observe``."""
     from onnxopt.observe import observe
     from onnxopt.passes.channel_groups import analyze
 
     if data is None:
-        raise OptionError("--importance activation/apoz needs --calibration (or --data)")
+        raise OptionError("--importance activation/apoz/entropy needs --calibration (or --data)")
     axes = {p.value: p.axis for g in analyze(model).groups for p in g.probes}
     dataset = load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
+
+    if entropy:
+        from onnxopt.observe import ChannelEntropyObserver
+
+        observers = {name: ChannelEntropyObserver(axis) for name, axis in axes.items()}
+        observe(model, sorted(axes), dataset.batches, lambda name, array: observers[name].update(array), providers=providers)
+        return {name: o.entropy for name, o in observers.items() if o.entropy is not None}
 
     def update(name: str, array: np.ndarray) -> None:
         a = np.moveaxis(np.abs(np.asarray(array, dtype=np.float64)), axes[name], 0)

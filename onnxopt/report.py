@@ -132,6 +132,10 @@ class Report:
     latency: LatencyComparison | None = None
     notes: list[str] = field(default_factory=list)
     lossy: bool = False  # a pass changes outputs by request (importance pruning): validation reports, never fails
+    # bytes before and after: {"before": {...}, "after": {...}} of onnxopt.compressed_size.run_sizes
+    sizes: dict[str, Any] | None = None
+    # a preset's search (onnxopt.presets): the settings tried, the chosen one stage by stage
+    search: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -263,6 +267,40 @@ def _cosine_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.6f}"
 
 
+def _search_lines(search: dict | None) -> list[str]:
+    """A preset's trials (settings, Deep Compression bytes, accuracy, verdict) and the chosen one's stages."""
+    if not search:
+        return []
+
+    def pct(x):
+        return "-" if x is None else f"{x * 100:.2f}%"
+
+    rows = [[", ".join(f"{k} {v:g}" for k, v in t["settings"].items()), _human(t["deep_compression_bytes"], "B"),
+             _human(t["weight_gzip9"], "B"), pct(t["accuracy_after"]),
+             {True: "meets", False: "misses", None: "not run"}[t["met"]]] for t in search.get("trials", [])]
+    lines = ["", f"{search.get('preset', 'preset')}: settings by size (budget {search.get('max_drop', 0):g} points)"]
+    lines += _table(rows, ["setting", "Deep Comp.", "weights gz", "accuracy", "budget"])
+    stages = search.get("stages") or []
+    if stages:
+        lines += ["", "chosen, stage by stage:"]
+        lines += _table([[s["stage"], _human(s.get("deep_compression_bytes"), "B"), _human(s.get("weight_gzip9"), "B"),
+                          pct(s.get("accuracy"))] for s in stages], ["stage", "Deep Comp.", "weights gz", "accuracy"])
+    return lines
+
+
+def _sizes_line(sizes: dict | None) -> str | None:
+    """``size: file X -> Y, gzip -9 X -> Y, weights gzip -9 X -> Y, Deep Compression X -> Y``."""
+    if not sizes or not sizes.get("before") or not sizes.get("after"):
+        return None
+    b, a = sizes["before"], sizes["after"]
+    level = a.get("gzip_level") or b.get("gzip_level") or 9
+    parts = [f"{label} {_human(b.get(key), 'B')} -> {_human(a.get(key), 'B')}"
+             for key, label in (("file_bytes", "file"), ("file_gzip", f"gzip -{level}"), ("weight_gzip9", "weights gzip -9"),
+                                ("deep_compression_bytes", "Deep Compression")) if b.get(key) is not None and a.get(key) is not None]
+    notes = sorted({n for s in (b, a) for n in s.get("notes", [])})
+    return ("size: " + ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else "")) if parts or notes else None
+
+
 def render_table(report: Report) -> str:
     """The terminal view: passes, figures before/after, validation, latency; about 25 lines."""
     lines = [f"onnxopt: {report.model}" + (f" -> {report.output}" if report.output else "")]
@@ -293,6 +331,10 @@ def render_table(report: Report) -> str:
         ["MACs", _human(b.macs), _human(a.macs), _change(b.macs, a.macs)],
     ]
     lines += [""] + _table(stat_rows, ["model", "before", "after", "change"])
+    size_line = _sizes_line(report.sizes)
+    if size_line:
+        lines += _wrapped(size_line)
+    lines += _search_lines(report.search)
     v = report.validation
     if v is not None:
         lines.append("")

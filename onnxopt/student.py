@@ -75,6 +75,7 @@ _WEIGHT_SLOTS: dict[str, set[int] | None] = {
     "Mul": None,
     "Div": None,
     "Gather": {0},
+    "ScatterElements": {2},  # a sparse weight's stored values (passes/sparsify.py): trained, positions held
     "Concat": None,
     "Slice": {0},
     "Reshape": {0},
@@ -416,6 +417,16 @@ def _gather(inputs, attrs, node):
     idx = torch.where(idx < 0, idx + x.shape[axis], idx).to(x.device)
     y = x.index_select(axis, idx.reshape(-1))
     return y.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+@_op("ScatterElements")
+def _scatter_elements(inputs, attrs, node):
+    x, idx, updates = inputs
+    if attrs.get("reduction", "none") != "none":
+        raise UnsupportedOpError(f"ScatterElements with reduction (node '{node.name}') is not supported by the training interpreter")
+    axis = attrs.get("axis", 0) % x.ndim
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx).to(torch.int64).to(x.device)
+    return x.scatter(axis, idx, updates.to(x.dtype))
 
 
 def _axes(inputs, attrs) -> list[int] | None:

@@ -102,3 +102,35 @@ def test_sparse_and_clustered_huffman_codes_the_entries():
     nnz = int(np.count_nonzero(w))
     assert record["nnz"] == nnz
     assert sizes["deep_compression_bytes"] < nnz * (4 + 2) / 8 + 64  # ~1 bit a value + 4-bit gaps
+
+
+def test_every_run_reports_sizes_before_and_after_in_its_json(tmp_path):
+    import json
+
+    import onnxopt
+    from onnxopt.report import render_table, write_json
+
+    rng = np.random.default_rng(0)
+    model = model_of(rng.standard_normal((64, 32)).astype(np.float32))
+    result = onnxopt.optimize(model, ["simplify"], data="synthetic", latency=False, cluster_bits=2)
+    write_json(result.report, tmp_path / "r.json")
+    sizes = json.loads((tmp_path / "r.json").read_text())["sizes"]
+    for side in ("before", "after"):
+        s = sizes[side]
+        assert s["gzip_level"] == 9 and 0 < s["file_gzip"] <= s["file_bytes"]
+        assert s["deep_compression_bytes"] > 0 and 0 < s["weight_gzip9"] <= s["weight_bytes"]
+    assert sizes["before"]["deep_compression_bytes"] == 64 * 32 * 4  # dense: its raw size
+    assert sizes["after"]["deep_compression_bytes"] < sizes["before"]["deep_compression_bytes"] / 8  # 2-bit codes
+    text = " ".join(line.strip() for line in render_table(result.report).splitlines())
+    assert "size: file " in text and "gzip -9 " in text and "Deep Compression 8.19kB -> " in text
+
+
+def test_run_sizes_fall_back_to_gzip_6_and_skip_the_estimate_on_large_models(monkeypatch):
+    from onnxopt import compressed_size
+
+    model = model_of(np.ones((64, 32), dtype=np.float32))
+    monkeypatch.setattr(compressed_size, "GZIP9_LIMIT", 100)
+    monkeypatch.setattr(compressed_size, "DEEP_COMPRESSION_LIMIT", 100)
+    sizes = compressed_size.run_sizes(model)
+    assert sizes["gzip_level"] == 6 and sizes["file_gzip"] <= sizes["file_bytes"]
+    assert sizes["deep_compression_bytes"] is None and len(sizes["notes"]) == 2

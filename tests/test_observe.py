@@ -190,3 +190,35 @@ def test_histogram_of_a_nearly_constant_tensor():
     obs.update(np.linspace(5.0, 5.0002, 100).astype(np.float32))
     obs.update(np.linspace(5.0, 5.002, 100).astype(np.float32))
     assert obs.counts.sum() == 200
+
+
+def test_channel_entropy_is_finite_per_channel_and_lowest_for_a_constant_channel():
+    from onnxopt.observe import ChannelEntropyObserver
+
+    rng = np.random.default_rng(0)
+    observer = ChannelEntropyObserver(axis=1, bins=32)
+    for scale in (1.0, 3.0):  # the second batch widens every range: counts are re-binned
+        x = rng.standard_normal((8, 4, 5, 5)) * scale
+        x[:, 0] = 2.5  # constant: one bin
+        x[:, 1] = rng.choice([0.0, 1.0], size=(8, 5, 5))  # two values: about one bit
+        x[:, 3] = rng.uniform(-1, 1, size=(8, 5, 5)) * scale
+        observer.update(x)
+    h = observer.entropy
+    assert h.shape == (4,) and np.isfinite(h).all() and (h >= 0).all() and (h <= np.log2(32) + 1e-9).all()
+    assert h[0] == 0 and np.argmin(h) == 0
+    assert abs(h[1] - 1.0) < 0.05
+    assert h[2] > 2 and h[3] > 2
+
+
+def test_entropy_statistics_cover_every_channel_probe_of_the_digits_cnn():
+    from pathlib import Path
+
+    from onnxopt.pipeline import activation_statistics
+    from onnxopt.passes.channel_groups import analyze
+
+    model = ir.load(Path(__file__).resolve().parents[1] / "models" / "digits" / "digits_cnn.onnx")
+    stats = activation_statistics(model, Path(__file__).resolve().parents[1] / "models" / "digits" / "digits_calib.npz",
+                                  {}, 64, "cpu", entropy=True)
+    assert stats and all(np.isfinite(v).all() and (v >= 0).all() for v in stats.values())
+    probes = {p.value for g in analyze(model).groups for p in g.probes}
+    assert set(stats) == probes
