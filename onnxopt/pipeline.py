@@ -314,7 +314,7 @@ def _optimize(
         if fallback.details.get("stuck"):
             report.notes.append(f"budget: {fallback.details['stuck']}")
     if distill:  # the lossy passes' cost, won back from the input model as teacher
-        report.passes.append(_distill_step(model, working, train, dict(
+        report.passes.append(distill_step(model, working, train, dict(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
             batch_size=batch_size or 32), progress, stat_dims))
         report.lossy = True
@@ -409,7 +409,7 @@ def _judge_by_budget(report: Report, max_drop: float | None, min_cosine: float |
     report.lossy = False
 
 
-def _distill_step(model, working: ir.Model, train: Dataset, options: dict, progress: Progress | None,
+def distill_step(model, working: ir.Model, train: Dataset, options: dict, progress: Progress | None,
                   stat_dims: dict[str, int]) -> PassRecord:
     """Train ``working``'s weights (in place; nodes and shapes unchanged) to match the input
     ``model`` on ``train``, with torch (``onnxopt[train]``): see ``onnxopt.distill``."""

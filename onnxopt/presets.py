@@ -158,7 +158,7 @@ def _run_setting(model, base: Recipe, settings: Mapping[str, float], sparse_runs
     """prune + sparsify + distill (``optimize``; cached per prune and sparsity), then cluster and
     distill again from the input model; validated against the input model on ``base.data``."""
     from onnxopt.passes import ClusterWeights
-    from onnxopt.pipeline import _distill_step
+    from onnxopt.pipeline import distill_step
     from onnxopt.compressed_size import run_sizes
     from onnxopt.data import parse_dims
     from onnxopt.report import PassRecord
@@ -187,7 +187,7 @@ def _run_setting(model, base: Recipe, settings: Mapping[str, float], sparse_runs
                                     details=dict(cluster.details)))
     tail.append(_stage("cluster", working, dataset, base.providers))
     train = load_data(base.train_data, working, batch_size=base.batch_size, dims=dims, max_samples=base.max_samples)
-    report.passes.append(_distill_step(model, working, train, dict(
+    report.passes.append(distill_step(model, working, train, dict(
         epochs=base.epochs, steps=base.steps, temperature=base.temperature, alpha=base.alpha, lr=base.lr, seed=base.seed,
         providers=base.providers, batch_size=base.batch_size or 32), progress, dims))
     report.after = report.passes[-1].after
