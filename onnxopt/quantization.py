@@ -39,7 +39,8 @@ import onnx_ir as ir
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError, one_line
-from onnxopt.latency import compare_latency, timing_settings
+from onnxopt.latency import compare_latency, median_interval, timing_settings
+from onnxopt.latency import verdict as latency_verdict
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
 from onnxopt.profiling import kernel_times, layer_times
@@ -309,7 +310,8 @@ class QuantizationStep:
             named = [_named(float_model), _named(model)]
             plain = ModelSnapshot(named[0])
             best = ModelSnapshot(named[1])
-            k_float, k_int8 = kernel_times([plain, best], feed, settings)
+            totals: list[list[float]] = []  # whole-run times of the profiled runs: the vs_float figure
+            k_float, k_int8 = kernel_times([plain, best], feed, settings, totals=totals)
             t_float = layer_times(named[0], k_float, quantized)
             t_int8 = layer_times(named[1], k_int8, quantized)
             info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
@@ -321,10 +323,21 @@ class QuantizationStep:
             call_seconds = sum(k_int8.values()) * 1e-6  # profiled: an overestimate, on the safe side
             budget = min(max(SPEED_BUDGET_CALLS * call_seconds, SPEED_BUDGET_SECONDS[0]), SPEED_BUDGET_SECONDS[1])
             ratio, misses = 1.0, 0
+            model_micros = sum(k_int8.values())
             for step, size in enumerate(sizes, 1):
                 if progress:
                     progress("speed", step, len(sizes))
                 attempt = chosen[:size]
+                gain = _profiled_gain(attempt, info["kept_float"], t_int8, t_float, model_micros)
+                if gain < SPEED_MIN_GAIN:
+                    # Not timed: the kernels these layers would save are less than the gain a timing must
+                    # show (the profile charges each int8 layer its QuantizeLinear: it errs towards gain).
+                    info["tried"].append({"float": attempt, "profiled_gain": round(gain, 4),
+                                          "verdict": "not timed: profiled gain below the threshold"})
+                    misses += 1
+                    if misses == 2:
+                        break
+                    continue
                 variant = float_model.clone()
                 q = p.excluding({n: f"kept float for speed: int8 kernels {t_int8[n]:.0f} us, float {t_float[n]:.0f} us"
                                  for n in attempt})
@@ -355,7 +368,11 @@ class QuantizationStep:
                 info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
                 if figure is not None:
                     self.details["budget"]["figure"] = figure
-            info["vs_float"] = self._against_float(plain, best, feed, settings.threads, budget)
+            if not info["kept_float"] and min(map(len, totals), default=0) >= 3:
+                # The chosen model is the all-int8 one, profiled side by side with the float model above.
+                info["vs_float"] = _profiled_ratio(totals[0], totals[1])
+            else:
+                info["vs_float"] = self._against_float(plain, best, feed, settings.threads, budget)
         except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: any failure here skips the rest
             logger.warning("quantize: speed fallback stopped: %s", exc)
             info["error"] = one_line(exc, 200)
@@ -675,7 +692,8 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
         notes += [f"quantize: kept {n} float for speed: int8 kernels {slow[n][0]:.0f} us, float {slow[n][1]:.0f} us"
                   for n in kept]
     elif slow and speed["tried"]:
-        tried = ", ".join(f"{t['ratio']:.2f}x" for t in speed["tried"])
+        tried = ", ".join(f"{t['ratio']:.2f}x" if "ratio" in t else f"{1 - t['profiled_gain']:.2f}x by its kernels, not timed"
+                          for t in speed["tried"])
         notes.append(f"quantize: {len(slow)} layers ran slower in int8 than in float ({where}), but the model was not "
                      f"faster with them float ({tried} of the all-int8 time); they stay int8")
     elif not speed["timed"] and "error" not in speed:
@@ -683,6 +701,27 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
     if "error" in speed:
         notes.append(f"quantize: speed fallback stopped: {speed['error']}")
     return notes
+
+
+def _profiled_gain(attempt: Sequence[str], kept: Sequence[str], t_int8: Mapping[str, float],
+                   t_float: Mapping[str, float], model_micros: float) -> float:
+    """The share of the all-int8 model's profiled time that keeping ``attempt`` float (beyond the
+    ``kept`` layers, already float in the model it is timed against) saves in kernel time."""
+    if model_micros <= 0:
+        return math.inf  # nothing to go by: time it
+    saved = sum(t_int8[n] - t_float[n] for n in attempt if n not in kept)
+    return saved / model_micros
+
+
+def _profiled_ratio(float_runs: Sequence[float], int8_runs: Sequence[float]) -> dict[str, Any]:
+    """The int8 model's time against the float model's from ``kernel_times``'s interleaved profiled
+    runs (paired in order), as ``_against_float`` reports a timing of its own."""
+    n = min(len(float_runs), len(int8_runs))
+    ratios = np.asarray(int8_runs[:n], dtype=float) / np.maximum(np.asarray(float_runs[:n], dtype=float), 1e-9)
+    ratio = float(np.median(ratios))
+    low, high = median_interval(ratios)
+    return {"ratio": round(ratio, 3), "low": round(low, 3), "high": round(high, 3),
+            "verdict": latency_verdict(ratio, low, high, SPEED_MIN_GAIN), "profiled": True}
 
 
 def _named(model: ir.Model) -> ir.Model:
