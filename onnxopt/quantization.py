@@ -253,6 +253,9 @@ class QuantizationStep:
             except Exception as exc:  # the validation that follows reports the failure itself
                 logger.warning("quantize: no SQNR report: %s", one_line(exc))
                 self.details["sqnr_db"] = {}
+        if getattr(self, "_exposure", None) is not None:  # the float model's exposed session: no longer needed
+            self._exposure[2].close()
+            self._exposure = None
         self.pass_ = p
         self.float_model = float_model
         return ir.passes.PassResult(model, modified=result.modified)
@@ -344,8 +347,9 @@ class QuantizationStep:
                 r = q(variant)
                 candidate = ModelSnapshot(variant)
                 try:
+                    # Only a "faster" verdict counts: a timing that cannot reach one in its budget stops early.
                     figures = compare_latency(best, candidate, feed, providers=self.providers, threads=settings.threads,
-                                              budget_seconds=budget, threshold=SPEED_MIN_GAIN)
+                                              budget_seconds=budget, threshold=SPEED_MIN_GAIN, stop_undecidable=True)
                     tried = {"float": attempt, "ratio": round(figures.ratio, 3), "verdict": figures.verdict}
                     info["tried"].append(tried)
                     faster, figure = figures.verdict == "faster", None
@@ -504,18 +508,15 @@ class QuantizationStep:
                 tensors: list[str]) -> dict[str, float]:
         """SQNR (dB) of each named float tensor as the quantized model computes it, over a few batches."""
         names = [t for t in tensors if t]
-        ref_model, ref_names = expose(float_model, names)
         quant_names = [tensor_map.get(t, t) for t in names]
         cand_model, cand_names = expose(model, quant_names)
-        ref_snap, cand_snap = ModelSnapshot(ref_model), ModelSnapshot(cand_model)
+        cand_snap = ModelSnapshot(cand_model)
         inputs = {v.name for v in float_model.graph.inputs}
         observers = {t: ErrorObserver() for t in names}
         try:
             providers = resolve_providers(self.providers)
-            ref = ref_snap.session(providers=providers, optimization="disabled")
+            ref, splitter = self._float_exposure(float_model, names, providers)
             cand = cand_snap.session(providers=providers, optimization="disabled")
-            # Both models' tensors are alive at once: each run gets half the observation budget.
-            splitter = BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2)
             seen = 0
             for feed in evaluation.batches:
                 if seen >= SQNR_SAMPLES:
@@ -536,9 +537,24 @@ class QuantizationStep:
                             observers[t].update(r, c)
                     del r_out, c_out
         finally:
-            ref_snap.close()
             cand_snap.close()
         return {t: obs.sqnr_db for t, obs in observers.items() if obs.signal > 0}
+
+    def _float_exposure(self, float_model: ir.Model, names: list[str], providers: list[str]):
+        """A session of ``float_model`` with ``names`` exposed, and the ``BatchSplitter`` that cuts its
+        feeds, made once per step: every fallback round compares against the same float model, and
+        asks for the same tensors or fewer (its layers kept float drop out), so that the model is not
+        serialized, loaded and probed again each round (extra outputs are not read)."""
+        held = getattr(self, "_exposure", None)
+        if held is None or held[0] is not float_model or not set(names) <= held[1]:
+            ref_model, _ = expose(float_model, names)
+            snapshot = ModelSnapshot(ref_model)
+            # Both models' tensors are alive at once: each run gets half the observation budget.
+            held = (float_model, set(names), snapshot, BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2))
+            if getattr(self, "_exposure", None) is not None:
+                self._exposure[2].close()
+            self._exposure = held
+        return held[2].session(providers=providers, optimization="disabled"), held[3]
 
     def _sqnr(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, evaluation: Dataset) -> dict[str, float]:
         io_map = p.details.get("io", {})
