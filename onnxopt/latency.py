@@ -173,6 +173,11 @@ def median_interval(values, confidence: float = DEFAULT_CONFIDENCE) -> tuple[flo
     return float(x[j - 1]), float(x[n - j])
 
 
+def interval_values(confidence: float = DEFAULT_CONFIDENCE) -> int:
+    """The fewest values whose ``median_interval`` is finite (6 at 95%)."""
+    return max(1, math.ceil(math.log((1 - confidence) / 2) / math.log(0.5) - 1e-12))
+
+
 def verdict(ratio: float, low: float, high: float, threshold: float) -> str:
     """``slower``, ``faster`` or ``no difference`` for a ratio B/A and its interval (module docstring)."""
     if ratio > 1 + threshold and low > 1:
@@ -210,13 +215,19 @@ class _GcPaused:
 
 
 def warm_up(runs: Sequence[Callable[[], object]], seconds: float) -> int:
-    """Run each callable in turn for ``seconds`` (at least 3 times each); return the inner count ``k``."""
+    """Run each callable in turn for ``seconds`` (at least 3 times each, or once each where a call
+    alone outlasts ``seconds``); return the inner count ``k``.
+
+    The first call allocates (arena, prepacked weights); where one call takes longer than the
+    whole warm-up (a batch of 32 text lines: 2.3 s), two more calls each only cost time: they
+    took 9 of the PaddleOCR recognizer's 22 s per side-by-side timing (2 shared cores)."""
     times: list[list[float]] = [[] for _ in runs]
     end = time.perf_counter() + seconds
     while True:
         for fn, out in zip(runs, times):
             _timed(fn, 1, out)
-        if len(times[0]) >= _MIN_WARMUP_CALLS and time.perf_counter() >= end:
+        if time.perf_counter() >= end and (len(times[0]) >= _MIN_WARMUP_CALLS
+                                           or min(t[-1] for t in times) >= seconds):
             break
     # The first calls are the slow ones: judge the cost of a call by the later half.
     per_call = min(float(np.median(t[len(t) // 2 :])) for t in times)
@@ -236,6 +247,7 @@ def measure_pair(
     target_halfwidth: float = _TARGET_HALFWIDTH,
     warmup_seconds: float = _WARMUP_SECONDS,
     progress: Progress | None = None,
+    stop_undecidable: bool = False,
 ) -> tuple[PairedTimes, int]:
     """Time two callables in ABBA/BAAB blocks until the verdict is settled or the budget is spent.
 
@@ -244,6 +256,11 @@ def measure_pair(
 
     Returns the timings and the number of calls per half-block ``k``. See the module docstring
     for the stopping rule; ``progress(blocks, elapsed_seconds)`` is called after each block.
+    With ``stop_undecidable``, timing also stops (``stopped == "undecidable"``) once the budget
+    cannot hold the blocks that a finite interval needs (6 at 95%), even were the next blocks a
+    quarter faster than the last: the verdict is then ``no difference`` whenever it stops, and a
+    caller that acts only on a ``faster``/``slower`` verdict (the speed fallback, whose models run
+    0.6-2.3 s a call on a batch of text images) saves the rest of the budget.
     """
     start = time.perf_counter()
     times = PairedTimes()
@@ -275,6 +292,11 @@ def measure_pair(
             if len(times) >= max_pairs:
                 times.stopped = "max_pairs"
                 break
+            if stop_undecidable and len(times) < interval_values(confidence):
+                reachable = len(times) + int(max(budget_seconds - (now - start), 0.0) // (0.75 * block_seconds))
+                if reachable < interval_values(confidence):
+                    times.stopped = "undecidable"
+                    break
             if len(times) >= next_check and now - timing_start >= min_seconds:
                 next_check = len(times) + max(1, len(times) // 50)
                 ratios = times.ratios
@@ -521,11 +543,12 @@ def compare_latency(
     threshold: float = DEFAULT_MAX_SLOWDOWN,
     confidence: float = DEFAULT_CONFIDENCE,
     progress: Progress | None = None,
+    stop_undecidable: bool = False,
 ) -> LatencyComparison:
     """Latency of ``model_b`` against ``model_a`` on one feed, interleaved, under the same settings.
 
     ``threads=None`` means one intra-op thread: a ratio measured on one thread is stable on a
-    shared machine (``threads=0`` gives onnxruntime's default).
+    shared machine (``threads=0`` gives onnxruntime's default). ``stop_undecidable``: see ``measure_pair``.
     """
     threads = 1 if threads is None else threads
     settings = timing_settings(providers, threads, 1, "all", False)
@@ -536,7 +559,7 @@ def compare_latency(
     times, _ = measure_pair(
         make_runner(session_a, feed, settings.device), make_runner(session_b, feed, settings.device),
         budget_seconds=max(budget_seconds - spent, 0.1), threshold=threshold, confidence=confidence,
-        progress=progress,
+        progress=progress, stop_undecidable=stop_undecidable,
     )
     figures = summarize(times, threshold=threshold, confidence=confidence)
     return LatencyComparison(

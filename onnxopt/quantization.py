@@ -40,7 +40,8 @@ from onnxopt.budget import judge as judge_budget
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError, one_line
-from onnxopt.latency import compare_latency, timing_settings
+from onnxopt.latency import compare_latency, median_interval, timing_settings
+from onnxopt.latency import verdict as latency_verdict
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
 from onnxopt.profiling import kernel_times, layer_times
@@ -264,6 +265,9 @@ class QuantizationStep:
             except Exception as exc:  # the validation that follows reports the failure itself
                 logger.warning("quantize: no SQNR report: %s", one_line(exc))
                 self.details["sqnr_db"] = {}
+        if getattr(self, "_exposure", None) is not None:  # the float model's exposed session: no longer needed
+            self._exposure[2].close()
+            self._exposure = None
         self.pass_ = p
         self.float_model = float_model
         return ir.passes.PassResult(model, modified=result.modified)
@@ -339,7 +343,8 @@ class QuantizationStep:
             named = [_named(float_model), _named(model)]
             plain = ModelSnapshot(named[0])
             best = ModelSnapshot(named[1])
-            k_float, k_int8 = kernel_times([plain, best], feed, settings)
+            totals: list[list[float]] = []  # whole-run times of the profiled runs: the vs_float figure
+            k_float, k_int8 = kernel_times([plain, best], feed, settings, totals=totals)
             t_float = layer_times(named[0], k_float, quantized)
             t_int8 = layer_times(named[1], k_int8, quantized)
             info["timed"] = [n for n in quantized if n in t_float and n in t_int8]
@@ -351,18 +356,30 @@ class QuantizationStep:
             call_seconds = sum(k_int8.values()) * 1e-6  # profiled: an overestimate, on the safe side
             budget = min(max(SPEED_BUDGET_CALLS * call_seconds, SPEED_BUDGET_SECONDS[0]), SPEED_BUDGET_SECONDS[1])
             ratio, misses = 1.0, 0
+            model_micros = sum(k_int8.values())
             for step, size in enumerate(sizes, 1):
                 if progress:
                     progress("speed", step, len(sizes))
                 attempt = chosen[:size]
+                gain = _profiled_gain(attempt, info["kept_float"], t_int8, t_float, model_micros)
+                if gain < SPEED_MIN_GAIN:
+                    # Not timed: the kernels these layers would save are less than the gain a timing must
+                    # show (the profile charges each int8 layer its QuantizeLinear: it errs towards gain).
+                    info["tried"].append({"float": attempt, "profiled_gain": round(gain, 4),
+                                          "verdict": "not timed: profiled gain below the threshold"})
+                    misses += 1
+                    if misses == 2:
+                        break
+                    continue
                 variant = float_model.clone()
                 q = p.excluding({n: f"kept float for speed: int8 kernels {t_int8[n]:.0f} us, float {t_float[n]:.0f} us"
                                  for n in attempt})
                 r = q(variant)
                 candidate = ModelSnapshot(variant)
                 try:
+                    # Only a "faster" verdict counts: a timing that cannot reach one in its budget stops early.
                     figures = compare_latency(best, candidate, feed, providers=self.providers, threads=settings.threads,
-                                              budget_seconds=budget, threshold=SPEED_MIN_GAIN)
+                                              budget_seconds=budget, threshold=SPEED_MIN_GAIN, stop_undecidable=True)
                     tried = {"float": attempt, "ratio": round(figures.ratio, 3), "verdict": figures.verdict}
                     info["tried"].append(tried)
                     faster, figure = figures.verdict == "faster", None
@@ -385,7 +402,11 @@ class QuantizationStep:
                 info["kept_float"], info["ratio"] = attempt, round(ratio, 3)
                 if figure is not None:
                     self.details["budget"]["figure"] = figure
-            info["vs_float"] = self._against_float(plain, best, feed, settings.threads, budget)
+            if not info["kept_float"] and min(map(len, totals), default=0) >= 3:
+                # The chosen model is the all-int8 one, profiled side by side with the float model above.
+                info["vs_float"] = _profiled_ratio(totals[0], totals[1])
+            else:
+                info["vs_float"] = self._against_float(plain, best, feed, settings.threads, budget)
         except Exception as exc:  # onnxruntime's errors are not RuntimeErrors: any failure here skips the rest
             logger.warning("quantize: speed fallback stopped: %s", exc)
             info["error"] = one_line(exc, 200)
@@ -507,18 +528,15 @@ class QuantizationStep:
                 tensors: list[str]) -> dict[str, float]:
         """SQNR (dB) of each named float tensor as the quantized model computes it, over a few batches."""
         names = [t for t in tensors if t]
-        ref_model, ref_names = expose(float_model, names)
         quant_names = [tensor_map.get(t, t) for t in names]
         cand_model, cand_names = expose(model, quant_names)
-        ref_snap, cand_snap = ModelSnapshot(ref_model), ModelSnapshot(cand_model)
+        cand_snap = ModelSnapshot(cand_model)
         inputs = {v.name for v in float_model.graph.inputs}
         observers = {t: ErrorObserver() for t in names}
         try:
             providers = resolve_providers(self.providers)
-            ref = ref_snap.session(providers=providers, optimization="disabled")
+            ref, splitter = self._float_exposure(float_model, names, providers)
             cand = cand_snap.session(providers=providers, optimization="disabled")
-            # Both models' tensors are alive at once: each run gets half the observation budget.
-            splitter = BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2)
             seen = 0
             for feed in evaluation.batches:
                 if seen >= SQNR_SAMPLES:
@@ -539,9 +557,24 @@ class QuantizationStep:
                             observers[t].update(r, c)
                     del r_out, c_out
         finally:
-            ref_snap.close()
             cand_snap.close()
         return {t: obs.sqnr_db for t, obs in observers.items() if obs.signal > 0}
+
+    def _float_exposure(self, float_model: ir.Model, names: list[str], providers: list[str]):
+        """A session of ``float_model`` with ``names`` exposed, and the ``BatchSplitter`` that cuts its
+        feeds, made once per step: every fallback round compares against the same float model, and
+        asks for the same tensors or fewer (its layers kept float drop out), so that the model is not
+        serialized, loaded and probed again each round (extra outputs are not read)."""
+        held = getattr(self, "_exposure", None)
+        if held is None or held[0] is not float_model or not set(names) <= held[1]:
+            ref_model, _ = expose(float_model, names)
+            snapshot = ModelSnapshot(ref_model)
+            # Both models' tensors are alive at once: each run gets half the observation budget.
+            held = (float_model, set(names), snapshot, BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2))
+            if getattr(self, "_exposure", None) is not None:
+                self._exposure[2].close()
+            self._exposure = held
+        return held[2].session(providers=providers, optimization="disabled"), held[3]
 
     def _sqnr(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, evaluation: Dataset) -> dict[str, float]:
         io_map = p.details.get("io", {})
@@ -695,7 +728,8 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
         notes += [f"quantize: kept {n} float for speed: int8 kernels {slow[n][0]:.0f} us, float {slow[n][1]:.0f} us"
                   for n in kept]
     elif slow and speed["tried"]:
-        tried = ", ".join(f"{t['ratio']:.2f}x" for t in speed["tried"])
+        tried = ", ".join(f"{t['ratio']:.2f}x" if "ratio" in t else f"{1 - t['profiled_gain']:.2f}x by its kernels, not timed"
+                          for t in speed["tried"])
         notes.append(f"quantize: {len(slow)} layers ran slower in int8 than in float ({where}), but the model was not "
                      f"faster with them float ({tried} of the all-int8 time); they stay int8")
     elif not speed["timed"] and "error" not in speed:
@@ -703,6 +737,27 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
     if "error" in speed:
         notes.append(f"quantize: speed fallback stopped: {speed['error']}")
     return notes
+
+
+def _profiled_gain(attempt: Sequence[str], kept: Sequence[str], t_int8: Mapping[str, float],
+                   t_float: Mapping[str, float], model_micros: float) -> float:
+    """The share of the all-int8 model's profiled time that keeping ``attempt`` float (beyond the
+    ``kept`` layers, already float in the model it is timed against) saves in kernel time."""
+    if model_micros <= 0:
+        return math.inf  # nothing to go by: time it
+    saved = sum(t_int8[n] - t_float[n] for n in attempt if n not in kept)
+    return saved / model_micros
+
+
+def _profiled_ratio(float_runs: Sequence[float], int8_runs: Sequence[float]) -> dict[str, Any]:
+    """The int8 model's time against the float model's from ``kernel_times``'s interleaved profiled
+    runs (paired in order), as ``_against_float`` reports a timing of its own."""
+    n = min(len(float_runs), len(int8_runs))
+    ratios = np.asarray(int8_runs[:n], dtype=float) / np.maximum(np.asarray(float_runs[:n], dtype=float), 1e-9)
+    ratio = float(np.median(ratios))
+    low, high = median_interval(ratios)
+    return {"ratio": round(ratio, 3), "low": round(low, 3), "high": round(high, 3),
+            "verdict": latency_verdict(ratio, low, high, SPEED_MIN_GAIN), "profiled": True}
 
 
 def _named(model: ir.Model) -> ir.Model:

@@ -290,3 +290,34 @@ def test_cuda_with_io_binding():
                    providers="cuda", budget_seconds=BUDGET)
     assert result.settings["io_binding"] is True
     assert result.verdict == "slower", summary(result)
+
+
+# --- cost: timings that cannot decide stop, slow models warm up once --------------------------
+def test_a_timing_that_cannot_reach_a_finite_interval_stops_early_with_the_same_verdict(clock):
+    # 1 s calls, 12 s budget: at most 4 ABBA blocks fit, fewer than the 6 a 95% interval needs, so
+    # the verdict is "no difference" however the timing ends; the speed fallback stops it early.
+    full, _ = measure_pair(clock.model(1.0), clock.model(0.5), budget_seconds=12.0)
+    clock.now = 0.0
+    early, _ = measure_pair(clock.model(1.0), clock.model(0.5), budget_seconds=12.0, stop_undecidable=True)
+    assert full.stopped == "budget" and early.stopped == "undecidable"
+    assert len(early) < len(full) < 6 and early.seconds < full.seconds
+    assert summarize(full)["verdict"] == summarize(early)["verdict"] == "no difference"
+
+
+def test_a_timing_that_can_decide_is_not_stopped(clock):
+    # Fast calls: the interval is reached, and the clear difference is found as without the flag.
+    times, _ = measure_pair(clock.model(0.01), clock.model(0.005), budget_seconds=12.0, stop_undecidable=True)
+    assert times.stopped == "decided" and summarize(times)["verdict"] == "faster"
+
+
+def test_a_call_longer_than_the_warm_up_warms_up_once(clock):
+    from onnxopt.latency import interval_values, warm_up
+
+    calls = []
+    slow, fast = clock.model(2.0), clock.model(0.001)
+    warm_up([lambda: calls.append("slow") or slow()], 0.3)
+    assert calls == ["slow"]  # one call allocates; two more would cost 4 s
+    counted = []
+    warm_up([lambda: counted.append(1) or fast()], 0.3)
+    assert len(counted) >= 3
+    assert interval_values(0.95) == 6 and median_interval(np.ones(interval_values(0.95))) != (0.0, math.inf)
