@@ -197,6 +197,9 @@ def _build(kind: str, options: dict, src: str, out: str, calib: str, evaluation:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
         config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
+        import logging
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
         q = MatMulNBitsQuantizer(onnx.load(src), algo_config=config)
         q.process()
         onnx.save(q.model.model, out)
@@ -275,7 +278,13 @@ def run(budget: float = 1.5, json_path: Path | None = None, only: list[str] | No
         row.update(info)
         fp16 = "fp16" in name
         extra = {"disabled_optimizers": list(CPU_FLOAT16_DISABLED)} if fp16 else {}
-        out = create_session(str(path), intra_op_threads=2, **extra).run(None, eval_feeds)
+        try:
+            out = create_session(str(path), intra_op_threads=2, **extra).run(None, eval_feeds)
+        except Exception as exc:  # a quantizer that writes a model onnxruntime refuses: a result too
+            row["error"] = f"onnxruntime cannot run the result: {str(exc).splitlines()[0][:200]}"
+            print(f"{name}: {row['error']}", flush=True)
+            results.append(row)
+            continue
         emb = _cosines(out[1], ref[1])
         hidden = np.array([_cosines(out[0][i][mask[i]].ravel(), ref[0][i][mask[i]].ravel()) for i in range(len(mask))])
         row.update(cosine_mean=float(emb.mean()), cosine_worst=float(emb.min()), hidden_worst=float(hidden.min()),
