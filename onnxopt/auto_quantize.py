@@ -136,6 +136,8 @@ def choose(candidates: dict[str, dict], head_to_head: dict | None) -> tuple[str,
         return "int8-dynamic", f"both meet the budget; dynamic is faster ({timing})"
     if verdict == "slower":
         return "int8", f"both meet the budget; static is faster ({timing})"
+    if not (head_to_head["ratio_low"] > 0 and math.isfinite(head_to_head["ratio_high"])):
+        timing += ": too few repetitions to bound the ratio; a larger --latency-budget times more"
     return most_accurate, f"both meet the budget and the timing finds no difference ({timing}); kept the more accurate ({_scores(built)})"
 
 

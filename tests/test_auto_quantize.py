@@ -115,3 +115,9 @@ def test_choose(static, dynamic, verdict, kept, words):
 def test_a_listed_quantize_pass_becomes_dynamic_in_the_dynamic_candidate():
     assert auto_quantize._dynamic_passes("simplify, quantize") == ["simplify", "quantize-dynamic"]
     assert auto_quantize._dynamic_passes(["fold-bn", "quantize"]) == ["fold-bn", "quantize-dynamic"]
+
+
+def test_an_unbounded_timing_says_so():
+    timing = {"verdict": "no difference", "ratio": 1.09, "ratio_low": 0.0, "ratio_high": float("inf")}
+    chosen, why = auto_quantize.choose({"int8": _c(True, 0.99), "int8-dynamic": _c(True, 0.995)}, timing)
+    assert chosen == "int8-dynamic" and "too few repetitions" in why
