@@ -1,6 +1,9 @@
 """Benchmark: dynamic int8 and weight-only int4 on the zoo transformer, against onnxruntime's quantizers (issue 15).
 
     .venv/bin/python -m benchmarks.transformers [--budget 2] [--json out.json]
+    .venv/bin/python -m benchmarks.transformers --encoder [--budget 1.5] [--json out.json]
+
+``--encoder`` runs the real sentence encoder with real sentences instead (``benchmarks.sentence_encoder``).
 
 Every row starts from ``models/zoo/transformer_encoder.onnx`` after ``simplify`` (which folds the
 exporter's weight Transposes, so that every projection reads a constant weight) and quantizes it one
@@ -85,7 +88,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per row and shape")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--encoder", action="store_true", help="all-MiniLM-L6-v2 with real sentences (benchmarks.sentence_encoder)")
+    parser.add_argument("--only", action="append", help="--encoder: only this row (repeatable)")
     args = parser.parse_args(argv)
+    if args.encoder:
+        from benchmarks.sentence_encoder import run
+
+        return run(budget=args.budget, json_path=args.json, only=args.only)
     tmp = Path(tempfile.mkdtemp(prefix="onnxopt-bench-"))
     fp32 = ir.load(ZOO)
     Simplify()(fp32)

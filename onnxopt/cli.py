@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quantize", choices=QUANTIZE_MODES,
                         help="int8: static QDQ with calibrated ranges (needs --calibration); int8-dynamic: int8 weights, "
-                             "activations quantized at run time; int4: weight-only block int4 (MatMulNBits)")
+                             "activations quantized at run time; int4: weight-only block int4 (MatMulNBits); "
+                             "auto: static and dynamic int8 both built, the faster that meets the budget kept")
     parser.add_argument("--calibrate", default="minmax", choices=METHODS, help="range method for --quantize (default minmax)")
     parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE, help=f"for --calibrate percentile (default {DEFAULT_PERCENTILE})")
     parser.add_argument(

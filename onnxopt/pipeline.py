@@ -111,6 +111,10 @@ def optimize(model, recipe: Recipe | Sequence | str | None = None, *, progress: 
     else:
         recipe = Recipe().replace(passes=recipe, **options)
     recipe.check_options()
+    if recipe.quantize == "auto":  # static and dynamic int8, each a whole run: onnxopt.auto_quantize
+        from onnxopt.auto_quantize import optimize_auto
+
+        return optimize_auto(model, recipe, progress)
     return _optimize(model, recipe.pass_list(), progress=progress, **recipe.arguments())
 
 

