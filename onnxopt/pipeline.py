@@ -369,6 +369,8 @@ def _optimize(
             report.notes.append(
                 f"latency not compared: side by side, two sessions would each hold the model's "
                 f"{io.weight_bytes(working) / 1e9:.1f} GB of weights; time it with onnxopt bench")
+        elif latency and quantization is not None and quantization.verdict_failed is not None:
+            report.notes.append("latency not compared: the int8 model misses its accuracy budget and is not written")
         elif latency and (report.validation is None or report.validation.error is None):
             report.latency = compare_latency(
                 original, candidate, dataset.batches[0], providers=providers, threads=threads,

@@ -252,7 +252,10 @@ class QuantizationStep:
             self.details["budget"] = {"met": met, "figure": figure}
             if not met:
                 self.verdict_failed = f"accuracy budget not met after keeping {len(fallback)} layers in float: {figure}"
-        if self.speed_fallback and feed is not None and result.modified and runnable:
+        if self.speed_fallback and self.verdict_failed is not None:
+            # The run fails on accuracy and writes nothing: what its layers cost in time is moot.
+            self.details["speed"] = {"skipped": "the accuracy budget is not met: nothing is written"}
+        elif self.speed_fallback and feed is not None and result.modified and runnable:
             model, p, result = self._speed_fallback(
                 float_model, model, p, result, feed,
                 evaluation if budgeted and self.details["budget"]["met"] else None, original, progress,
