@@ -13,14 +13,17 @@ interleaved and paired (``onnxopt.latency.compare_latency``), one at a time in t
 that no concurrent build disturbs the clock. Then the Pareto front over quality (accuracy with
 labels, else the least cosine over outputs: higher is better), the latency ratio (lower) and the
 file's bytes (lower): a result is on the front (``pareto``) when no other is at least as good on
-every objective and better on one. ``out_dir/sweep.json`` holds every result; each front point's
-recipe is written as ``out_dir/front-<n>.toml``, which ``python -m onnxopt MODEL --recipe`` replays.
+every objective and better on one, where two latency ratios within each other's noise (overlapping
+95% intervals; medians within 5% where an interval is missing) count as equally good, so that the
+front does not follow the timing noise of one run or engine (``dominates``). ``out_dir/sweep.json``
+holds every result; each front point's recipe is written as ``out_dir/front-<n>.toml``, which
+``python -m onnxopt MODEL --recipe`` replays.
 """
 
 from __future__ import annotations
 
 __all__ = ["SweepEntry", "SweepResult", "expand_grid", "load_grid", "recipe_key", "run_sweep", "pareto_flags",
-           "build_recipe"]
+           "build_recipe", "dominates", "latency_compare"]
 
 import concurrent.futures
 import contextlib
@@ -320,6 +323,49 @@ def pareto_flags(points: Sequence[Sequence[float]]) -> list[bool]:
     return flags
 
 
+LATENCY_TIE = 0.05  # medians within 5% of each other are a tie where an interval is missing
+
+
+def latency_compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
+    """-1 where ``a``'s latency ratio is lower than ``b``'s beyond the noise, 1 where higher, 0 a tie.
+
+    Two ratios, each timed against the original in its own paired run, differ by noise: on a model
+    where no recipe changes the kernels much they are all within a few percent of 1, and which one
+    looks faster changes from run to run. So a difference counts only when it is outside the
+    noise: their 95% intervals (``latency_low``..``latency_high``) do not overlap; where either
+    has no interval (too few blocks in the budget), their medians differ by more than 5%
+    (``LATENCY_TIE``) of the larger.
+    """
+    ra, rb = float(a["latency_ratio"]), float(b["latency_ratio"])
+    lows, highs = (a.get("latency_low"), b.get("latency_low")), (a.get("latency_high"), b.get("latency_high"))
+    if None not in lows and None not in highs:
+        if float(highs[0]) < float(lows[1]):
+            return -1
+        if float(highs[1]) < float(lows[0]):
+            return 1
+        return 0
+    if abs(ra - rb) <= LATENCY_TIE * max(abs(ra), abs(rb)):
+        return 0
+    return -1 if ra < rb else 1
+
+
+def dominates(a: Mapping[str, Any], b: Mapping[str, Any], chosen: Sequence[tuple[str, int]]) -> bool:
+    """Whether metrics ``a`` dominate ``b`` on the objectives ``chosen`` (name, +1 higher is better,
+    -1 lower): at least as good on every one and better on one, where latency ratios within each
+    other's noise (``latency_compare``) are as good as each other."""
+    better = False
+    for name, sign in chosen:
+        if name == "latency_ratio":
+            c = -latency_compare(a, b)  # 1: a is faster
+        else:
+            x, y = sign * float(a[name]), sign * float(b[name])
+            c = (x > y) - (x < y)
+        if c < 0:
+            return False
+        better = better or c > 0
+    return better
+
+
 def _mark_front(entries: list[SweepEntry]) -> str | None:
     quality, chosen = objectives(entries)
     good = [e for e in entries if not e.error]
@@ -327,9 +373,8 @@ def _mark_front(entries: list[SweepEntry]) -> str | None:
         e.pareto = False
     if not chosen:
         return quality
-    points = [[sign * float(e.metrics[name]) for name, sign in chosen] for e in good]
-    for e, flag in zip(good, pareto_flags(points)):
-        e.pareto = flag
+    for e in good:
+        e.pareto = not any(dominates(o.metrics, e.metrics, chosen) for o in good if o is not e)
     return quality
 
 

@@ -11,7 +11,8 @@ import types
 import pytest
 
 from onnxopt import OptionError, Recipe, runtime
-from onnxopt.sweep import build_recipe, expand_grid, load_grid, pareto_flags, run_sweep
+from onnxopt.sweep import (SweepEntry, _mark_front, build_recipe, dominates, expand_grid, latency_compare, load_grid,
+                           pareto_flags, run_sweep)
 
 DIGITS = os.path.abspath("models/digits/digits_cnn.onnx")
 TEST = os.path.abspath("models/digits/digits_test.npz")
@@ -70,12 +71,72 @@ def test_pareto_flags_keep_exactly_the_non_dominated_points():
     assert pareto_flags(points) == [True, True, True, False, True, False]
 
 
+def _point(acc, ratio, low=None, high=None, size=1000):
+    return {"accuracy": acc, "latency_ratio": ratio, "latency_low": low, "latency_high": high, "file_bytes": size}
+
+
+def test_latency_ratios_within_each_others_interval_or_5_percent_are_a_tie():
+    assert latency_compare(_point(1, 0.97, 0.93, 1.01), _point(1, 1.02, 0.99, 1.05)) == 0  # intervals overlap
+    assert latency_compare(_point(1, 0.90, 0.88, 0.92), _point(1, 1.00, 0.97, 1.03)) == -1  # apart: a faster
+    assert latency_compare(_point(1, 1.00, 0.97, 1.03), _point(1, 0.90, 0.88, 0.92)) == 1
+    assert latency_compare(_point(1, 1.00), _point(1, 1.04, 1.03, 1.05)) == 0  # one interval missing: medians, 5%
+    assert latency_compare(_point(1, 1.00), _point(1, 1.06)) == -1
+    assert latency_compare(_point(1, 1.06), _point(1, 1.00)) == 1
+    # a narrow interval that does not overlap wins even within 5%: the clock resolved it
+    assert latency_compare(_point(1, 1.00, 0.995, 1.005), _point(1, 1.02, 1.015, 1.025)) == -1
+
+
+def test_a_latency_within_noise_does_not_decide_dominance():
+    chosen = [("accuracy", 1), ("latency_ratio", -1), ("file_bytes", -1)]
+    noisy_fast, noisy_slow = _point(0.95, 0.97, 0.93, 1.01), _point(0.95, 1.02, 0.99, 1.05)
+    assert not dominates(noisy_fast, noisy_slow, chosen) and not dominates(noisy_slow, noisy_fast, chosen)
+    assert dominates(_point(0.96, 1.02, 0.99, 1.05), noisy_fast, chosen)  # better accuracy, latency a tie
+    assert not dominates(_point(0.96, 1.20, 1.15, 1.25), noisy_fast, chosen)  # but truly slower
+    assert dominates(_point(0.95, 0.80, 0.78, 0.82), noisy_fast, chosen)  # as good, truly faster
+
+
+def _entries(points):
+    return [SweepEntry(recipe=Recipe(prune=0.1 * i), key=str(i), metrics=m) for i, m in enumerate(points)]
+
+
+def test_the_front_is_the_same_for_two_engines_whose_ratios_differ_by_noise():
+    # same accuracy and bytes (deterministic builds); latency ratios from two runs, shuffled by noise
+    figures = [(0.95, 2000), (0.95, 1500), (0.94, 1500), (0.90, 900), (0.90, 1000)]
+    run_a = [(1.00, 0.97, 1.03), (0.99, 0.96, 1.02), (1.01, 0.98, 1.04), (1.02, 0.99, 1.05), (0.98, 0.95, 1.01)]
+    run_b = [(0.99, 0.96, 1.02), (1.02, 0.99, 1.05), (0.98, 0.95, 1.01), (1.00, 0.97, 1.03), (1.01, 0.98, 1.04)]
+    fronts = []
+    for run in (run_a, run_b):
+        entries = _entries([_point(acc, *lat, size=size) for (acc, size), lat in zip(figures, run)])
+        assert _mark_front(entries) == "accuracy"
+        fronts.append([e.pareto for e in entries])
+    assert fronts[0] == fronts[1] == [False, True, False, True, False]
+    # without the tie rule the second run's front differs: (0.94, 1500, 0.98) beats (0.95, 1500, 1.02) on latency
+    strict = [pareto_flags([(acc, -lat[0], -size) for (acc, size), lat in zip(figures, run)]) for run in (run_a, run_b)]
+    assert strict[0] != strict[1]
+
+
+def test_ties_that_do_not_chain_still_leave_a_front():
+    # a ties b, b ties c, a is faster than c: c is dominated, a and b stay
+    entries = _entries([_point(0.9, 1.00, 0.98, 1.02), _point(0.9, 1.03, 1.01, 1.05), _point(0.9, 1.06, 1.04, 1.08)])
+    _mark_front(entries)
+    assert [e.pareto for e in entries] == [True, True, False]
+
+
 # -- a sweep on the process pool --------------------------------------------------------------------
 
 
+def _latency_worse(a: dict, b: dict) -> bool:
+    """a's latency ratio beyond b's noise: intervals apart, or medians 5% apart without one."""
+    if None in (a["latency_low"], b["latency_low"]):
+        return a["latency_ratio"] > b["latency_ratio"] * 1.05
+    return a["latency_low"] > b["latency_high"]
+
+
 def _dominates(a: dict, b: dict) -> bool:
-    better = [a["accuracy"] - b["accuracy"], b["latency_ratio"] - a["latency_ratio"], b["file_bytes"] - a["file_bytes"]]
-    return all(d >= 0 for d in better) and any(d > 0 for d in better)
+    """The tie rule, written out: a at least as good everywhere, latency within noise as good."""
+    if a["accuracy"] < b["accuracy"] or a["file_bytes"] > b["file_bytes"] or _latency_worse(a, b):
+        return False
+    return a["accuracy"] > b["accuracy"] or a["file_bytes"] < b["file_bytes"] or _latency_worse(b, a)
 
 
 @pytest.fixture(scope="module")
