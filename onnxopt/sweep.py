@@ -278,6 +278,7 @@ class SweepResult:
     timing_seconds: float = 0.0
     engine: str = "pool"
     fronts: list[str] = field(default_factory=list)
+    model: str = ""  # the input model's path
 
     @property
     def front(self) -> list[SweepEntry]:
@@ -288,7 +289,8 @@ class SweepResult:
         return [e for e in self.entries if e.error]
 
     def to_dict(self) -> dict:
-        return {"results": [e.to_dict() for e in self.entries], "quality": self.quality, "engine": self.engine,
+        return {"model": self.model, "results": [e.to_dict() for e in self.entries], "quality": self.quality,
+                "engine": self.engine,
                 "seconds": self.seconds, "build_seconds": self.build_seconds, "timing_seconds": self.timing_seconds,
                 "fronts": self.fronts}
 
@@ -433,8 +435,8 @@ def run_sweep(
     ``eval`` and ``calibration`` (file paths) fill each recipe's ``data`` and ``calibration``
     where it gives none. ``workers`` processes build (default: ``os.cpu_count()``); with ``ray``
     (``"auto"`` for a local cluster, else a cluster's address) Ray tasks build instead. Each
-    result is then timed for ``latency_budget`` seconds (0: not timed). Writes ``out_dir/sweep.json``
-    and ``out_dir/front-<n>.toml``; returns the results in the recipes' order.
+    result is then timed for ``latency_budget`` seconds (0: not timed). Writes ``out_dir/sweep.json``,
+    ``out_dir/sweep.html`` (the Pareto plot, self-contained) and ``out_dir/front-<n>.toml``; returns the results in the recipes' order.
     """
     start = time.perf_counter()
     model_path = os.fspath(model_path)
@@ -494,12 +496,16 @@ def run_sweep(
         _time_results(model_path, entries, models_dir, latency_budget, progress)
     timing_seconds = time.perf_counter() - timing_start
     quality = _mark_front(entries)
-    result = SweepResult(entries, str(out), quality, time.perf_counter() - start, build_seconds, timing_seconds, engine)
+    result = SweepResult(entries, str(out), quality, time.perf_counter() - start, build_seconds, timing_seconds, engine,
+                         model=model_path)
     result.fronts = _write_fronts(out, front_order(entries, quality), quality)
     result.seconds = time.perf_counter() - start
+    from onnxopt.html_report import stage_html
     from onnxopt.report import write_json_file
 
     write_json_file(result.to_dict(), out / "sweep.json")
+    page = out / "sweep.html"  # the Pareto plot to look at, always: atomic, as sweep.json
+    os.replace(stage_html(None, page, sweep=result.to_dict(), flag="--out"), page)
     if progress:
         progress("done", 1, 1)
     return result

@@ -113,7 +113,8 @@ def render_sweep(result: SweepResult, original_bytes: int | None = None, color: 
                  f"build {result.build_seconds:.1f} s on {result.engine}, timing {result.timing_seconds:.1f} s")
     if result.fronts:
         lines.append(f"front recipes: {os.path.dirname(result.fronts[0])}/front-1..{len(result.fronts)}.toml "
-                     f"(replay: python -m onnxopt MODEL --recipe FILE); all results: {result.out_dir}/sweep.json")
+                     f"(replay: python -m onnxopt MODEL --recipe FILE)")
+    lines.append(f"all results: {result.out_dir}/sweep.json; the plot: {result.out_dir}/sweep.html")
     return "\n".join(lines)
 
 

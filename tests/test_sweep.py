@@ -167,6 +167,16 @@ def test_a_sweep_records_every_recipe_a_failing_one_with_its_error(pool_sweep):
     assert data["results"][2]["recipe"] == {**BASE, "data": TEST, "cluster_bits": 4}
 
 
+def test_every_sweep_writes_its_html_page_a_circle_per_good_result(pool_sweep):
+    out, _, result = pool_sweep
+    page = (out / "sweep.html").read_text(encoding="utf-8")
+    good = [e for e in result.entries if not e.error]
+    assert page.count("<circle ") == len(good) == 4
+    assert page.count('<circle class="point front"') == len(result.front)
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert not list(out.glob(".sweep.html.*.tmp"))  # written through a temporary file, moved into place
+
+
 def test_pareto_flags_match_a_brute_force_dominance_check(pool_sweep):
     _, _, result = pool_sweep
     good = [e for e in result.entries if not e.error]
