@@ -349,6 +349,98 @@ def test_a_local_ray_cluster_gives_the_pools_results(pool_sweep, tmp_path):
             assert (a.metrics["accuracy"], a.metrics["file_bytes"]) == (b.metrics["accuracy"], b.metrics["file_bytes"])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cluster_pids(folder: str) -> list[int]:
+    """The processes of the cluster started in ``folder``: those whose command line names it (its
+    temporary folder) or which run in it (Ray's agents rename their command line)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                named = folder.encode() in f.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if named or cwd == folder or cwd.startswith(folder + os.sep):
+            pids.append(int(entry))
+    return pids
+
+
+def _stop_cluster(folder: str) -> None:
+    """Stop the processes of the cluster this test started, by pid (``ray stop`` would end every
+    Ray process of the user on the machine, other people's clusters too)."""
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        pids = _cluster_pids(folder)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [p for p in pids if p in _cluster_pids(folder)]
+        if not pids:
+            return
+
+
+def _fronts(result):
+    return [e.key for e in result.entries if e.pareto]
+
+
+def test_ray_start_head_on_localhost_gives_the_pools_results_and_front(pool_sweep, monkeypatch):
+    """The address form, against a real cluster: ``ray start --head`` on 127.0.0.1, then the
+    same 4 recipes with ``ray=ADDRESS``; accuracy and bytes as the pool's, and the same front
+    (latency ratios within each other's noise are a tie)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("ray")
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_cli is None:
+        pytest.skip("no ray command beside this Python")
+    _, recipes, pool = pool_sweep
+    good = [e for e in pool.entries if not e.error]
+    folder = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    # Ray >= 2.5x turns token authentication on for `ray start` where ~/.ray/auth_token exists, and a
+    # driver given an address then needs RAY_AUTH_MODE=token too: this test's cluster, on 127.0.0.1
+    # only, runs without, whatever the user's ~/.ray holds.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        started = subprocess.run(
+            [ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--include-dashboard=false", f"--temp-dir={folder}", "--disable-usage-stats"],
+            capture_output=True, text=True, timeout=120, env=env, cwd=folder)
+        assert started.returncode == 0, started.stdout + started.stderr
+        out = os.path.join(folder, "out")
+        result = run_sweep(DIGITS, [e.recipe for e in good], eval=TEST, out_dir=out, ray=f"127.0.0.1:{port}",
+                           latency_budget=0.3)
+    finally:
+        _stop_cluster(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.engine == "ray" and not result.failed and not any(e.cached for e in result.entries)
+    for a, b in zip(result.entries, good):
+        assert a.key == b.key
+        assert (a.metrics["accuracy"], a.metrics["file_bytes"]) == (b.metrics["accuracy"], b.metrics["file_bytes"])
+    assert _fronts(result) == _fronts(pool), [(e.metrics["latency_ratio"], e.metrics["latency_low"],
+                                               e.metrics["latency_high"]) for e in [*good, *result.entries]]
+
+
 def test_the_grid_in_docs_sweeps_md_expands(tmp_path):
     text = open("docs/sweeps.md", encoding="utf-8").read()
     grid = text.split("```toml\n", 1)[1].split("```", 1)[0]
