@@ -338,6 +338,29 @@ def test_the_ray_path_ships_model_and_data_once_and_records_a_dead_task(tmp_path
     assert direct["metrics"]["accuracy"] == result.entries[0].metrics["accuracy"]
 
 
+def test_an_unreachable_ray_address_is_one_line_with_the_token_hint_where_it_applies(tmp_path, monkeypatch):
+    class Refusing(FakeRay):
+        def init(self, **kwargs):
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1")
+
+    monkeypatch.setitem(sys.modules, "ray", Refusing(crash=lambda recipe: False))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    recipes = expand_grid({"base": BASE, "cluster_bits": [4]})
+    messages = []
+    for token in (False, True):
+        if token:
+            (tmp_path / ".ray").mkdir()
+            (tmp_path / ".ray" / "auth_token").write_text("x" * 32)
+        with pytest.raises(OptionError) as info:
+            run_sweep(DIGITS, recipes, eval=TEST, out_dir=tmp_path / "out", ray="127.0.0.1:1", latency_budget=0)
+        messages.append(str(info.value))
+    assert messages[0] == "--ray 127.0.0.1:1: cannot start or reach a Ray cluster: Failed to connect to Ray cluster " \
+                          "at 127.0.0.1:1"
+    assert messages[1] == messages[0] + " (if the cluster uses token authentication, set RAY_AUTH_MODE=token for " \
+                                        "this command)"
+
+
 def test_a_local_ray_cluster_gives_the_pools_results(pool_sweep, tmp_path):
     pytest.importorskip("ray")
     _, recipes, pool = pool_sweep
