@@ -14,8 +14,8 @@ that no concurrent build disturbs the clock. Then the Pareto front over quality 
 labels, else the least cosine over outputs: higher is better), the latency ratio (lower) and the
 file's bytes (lower): a result is on the front (``pareto``) when no other is at least as good on
 every objective and better on one, where two latency ratios within each other's noise (overlapping
-95% intervals; medians within 5% where an interval is missing) count as equally good, so that the
-front does not follow the timing noise of one run or engine (``dominates``). ``out_dir/sweep.json``
+95% intervals, or medians within 5%) count as equally good, so that the front does not follow the
+timing noise of one run or engine (``dominates``). ``out_dir/sweep.json``
 holds every result; each front point's recipe is written as ``out_dir/front-<n>.toml``, which
 ``python -m onnxopt MODEL --recipe`` replays.
 """
@@ -325,7 +325,7 @@ def pareto_flags(points: Sequence[Sequence[float]]) -> list[bool]:
     return flags
 
 
-LATENCY_TIE = 0.05  # medians within 5% of each other are a tie where an interval is missing
+LATENCY_TIE = 0.05  # as ``onnxopt bench``'s default --max-slowdown: smaller differences are a tie
 
 
 def latency_compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
@@ -333,21 +333,20 @@ def latency_compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
 
     Two ratios, each timed against the original in its own paired run, differ by noise: on a model
     where no recipe changes the kernels much they are all within a few percent of 1, and which one
-    looks faster changes from run to run. So a difference counts only when it is outside the
-    noise: their 95% intervals (``latency_low``..``latency_high``) do not overlap; where either
-    has no interval (too few blocks in the budget), their medians differ by more than 5%
-    (``LATENCY_TIE``) of the larger.
+    looks faster changes from run to run. So, as ``onnxopt.latency.verdict`` decides "faster", a
+    difference counts only when it is real and large enough to matter: the two 95% intervals
+    (``latency_low``..``latency_high``) do not overlap, where both are known, and the medians differ
+    by more than 5% (``LATENCY_TIE``) of the larger. The 5% floor is needed beside the intervals:
+    each interval is a few tenths of a percent wide, from one run's paired blocks, while the same
+    recipe timed in another run (another engine, another load) moves by several percent.
     """
     ra, rb = float(a["latency_ratio"]), float(b["latency_ratio"])
-    lows, highs = (a.get("latency_low"), b.get("latency_low")), (a.get("latency_high"), b.get("latency_high"))
-    if None not in lows and None not in highs:
-        if float(highs[0]) < float(lows[1]):
-            return -1
-        if float(highs[1]) < float(lows[0]):
-            return 1
-        return 0
     if abs(ra - rb) <= LATENCY_TIE * max(abs(ra), abs(rb)):
         return 0
+    lows, highs = (a.get("latency_low"), b.get("latency_low")), (a.get("latency_high"), b.get("latency_high"))
+    if None not in lows and None not in highs and not (float(highs[0]) < float(lows[1]) or
+                                                       float(highs[1]) < float(lows[0])):
+        return 0  # the intervals overlap
     return -1 if ra < rb else 1
 
 
@@ -620,6 +619,7 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
     original = ModelSnapshot(original_model)
     feeds: dict[tuple, dict] = {}
     timed: set[str] = set()
+    by_content: dict[tuple, dict] = {}  # byte-identical models (two recipes, one result) are timed once
     try:
         for i, e in enumerate(todo):
             if progress:
@@ -628,6 +628,12 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
                 continue
             timed.add(e.key)
             r = e.recipe
+            same = (model_digest(e.model), os.fspath(r.data) if r.data is not None else None, r.batch_size,
+                    str(r.providers), r.threads)
+            if same in by_content:
+                e.metrics.update(by_content[same])
+                _write_record(models_dir, e)
+                continue
             try:
                 where = (os.fspath(r.data) if r.data is not None else None, r.batch_size)
                 if where not in feeds:
@@ -645,6 +651,7 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
                 e.metrics.update(latency_ratio=latency.ratio, latency_low=latency.ratio_low if known else None,
                                  latency_high=latency.ratio_high if known else None, latency_verdict=latency.verdict,
                                  latency_ms=latency.median_b_ms, original_ms=latency.median_a_ms)
+                by_content[same] = {k: v for k, v in e.metrics.items() if k.startswith("latency") or k == "original_ms"}
             except Exception as exc:  # a model that cannot be timed (other input sizes) stays off the latency axis
                 e.metrics["latency_error"] = one_line(exc)
                 continue
