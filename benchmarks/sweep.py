@@ -64,6 +64,11 @@ def main() -> None:
         print(f"sweep of the 12 on a local Ray cluster: {seconds:.1f} s (build {ray.build_seconds:.1f} s); "
               f"accuracy and bytes as the pool's: {same}; front of {len(ray.front)}, the pool's recipes: "
               f"{[e.key for e in ray.front] == [e.key for e in pool.front]}")
+        print("latency ratio [95% interval], pool then ray, per recipe; front marked *:")
+        for a, b in zip(pool.entries, ray.entries):
+            print("  " + "   ".join(f"{e.metrics['latency_ratio']:.4f} [{e.metrics['latency_low'] or 0:.4f}, "
+                                    f"{e.metrics['latency_high'] or 0:.4f}]{'*' if e.pareto else ' '}" for e in (a, b))
+                  + f"   acc {a.metrics['accuracy']:.4f} bytes {a.metrics['file_bytes']}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,17 @@ interleaved and paired (``onnxopt.latency.compare_latency``), one at a time in t
 that no concurrent build disturbs the clock. Then the Pareto front over quality (accuracy with
 labels, else the least cosine over outputs: higher is better), the latency ratio (lower) and the
 file's bytes (lower): a result is on the front (``pareto``) when no other is at least as good on
-every objective and better on one. ``out_dir/sweep.json`` holds every result; each front point's
-recipe is written as ``out_dir/front-<n>.toml``, which ``python -m onnxopt MODEL --recipe`` replays.
+every objective and better on one, where two latency ratios within each other's noise (overlapping
+95% intervals, or medians within 5%) count as equally good, so that the front does not follow the
+timing noise of one run or engine (``dominates``). ``out_dir/sweep.json``
+holds every result; each front point's recipe is written as ``out_dir/front-<n>.toml``, which
+``python -m onnxopt MODEL --recipe`` replays.
 """
 
 from __future__ import annotations
 
 __all__ = ["SweepEntry", "SweepResult", "expand_grid", "load_grid", "recipe_key", "run_sweep", "pareto_flags",
-           "build_recipe"]
+           "build_recipe", "dominates", "latency_compare"]
 
 import concurrent.futures
 import contextlib
@@ -275,6 +278,7 @@ class SweepResult:
     timing_seconds: float = 0.0
     engine: str = "pool"
     fronts: list[str] = field(default_factory=list)
+    model: str = ""  # the input model's path
 
     @property
     def front(self) -> list[SweepEntry]:
@@ -285,7 +289,8 @@ class SweepResult:
         return [e for e in self.entries if e.error]
 
     def to_dict(self) -> dict:
-        return {"results": [e.to_dict() for e in self.entries], "quality": self.quality, "engine": self.engine,
+        return {"model": self.model, "results": [e.to_dict() for e in self.entries], "quality": self.quality,
+                "engine": self.engine,
                 "seconds": self.seconds, "build_seconds": self.build_seconds, "timing_seconds": self.timing_seconds,
                 "fronts": self.fronts}
 
@@ -320,6 +325,48 @@ def pareto_flags(points: Sequence[Sequence[float]]) -> list[bool]:
     return flags
 
 
+LATENCY_TIE = 0.05  # as ``onnxopt bench``'s default --max-slowdown: smaller differences are a tie
+
+
+def latency_compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
+    """-1 where ``a``'s latency ratio is lower than ``b``'s beyond the noise, 1 where higher, 0 a tie.
+
+    Two ratios, each timed against the original in its own paired run, differ by noise: on a model
+    where no recipe changes the kernels much they are all within a few percent of 1, and which one
+    looks faster changes from run to run. So, as ``onnxopt.latency.verdict`` decides "faster", a
+    difference counts only when it is real and large enough to matter: the two 95% intervals
+    (``latency_low``..``latency_high``) do not overlap, where both are known, and the medians differ
+    by more than 5% (``LATENCY_TIE``) of the larger. The 5% floor is needed beside the intervals:
+    each interval is a few tenths of a percent wide, from one run's paired blocks, while the same
+    recipe timed in another run (another engine, another load) moves by several percent.
+    """
+    ra, rb = float(a["latency_ratio"]), float(b["latency_ratio"])
+    if abs(ra - rb) <= LATENCY_TIE * max(abs(ra), abs(rb)):
+        return 0
+    lows, highs = (a.get("latency_low"), b.get("latency_low")), (a.get("latency_high"), b.get("latency_high"))
+    if None not in lows and None not in highs and not (float(highs[0]) < float(lows[1]) or
+                                                       float(highs[1]) < float(lows[0])):
+        return 0  # the intervals overlap
+    return -1 if ra < rb else 1
+
+
+def dominates(a: Mapping[str, Any], b: Mapping[str, Any], chosen: Sequence[tuple[str, int]]) -> bool:
+    """Whether metrics ``a`` dominate ``b`` on the objectives ``chosen`` (name, +1 higher is better,
+    -1 lower): at least as good on every one and better on one, where latency ratios within each
+    other's noise (``latency_compare``) are as good as each other."""
+    better = False
+    for name, sign in chosen:
+        if name == "latency_ratio":
+            c = -latency_compare(a, b)  # 1: a is faster
+        else:
+            x, y = sign * float(a[name]), sign * float(b[name])
+            c = (x > y) - (x < y)
+        if c < 0:
+            return False
+        better = better or c > 0
+    return better
+
+
 def _mark_front(entries: list[SweepEntry]) -> str | None:
     quality, chosen = objectives(entries)
     good = [e for e in entries if not e.error]
@@ -327,9 +374,8 @@ def _mark_front(entries: list[SweepEntry]) -> str | None:
         e.pareto = False
     if not chosen:
         return quality
-    points = [[sign * float(e.metrics[name]) for name, sign in chosen] for e in good]
-    for e, flag in zip(good, pareto_flags(points)):
-        e.pareto = flag
+    for e in good:
+        e.pareto = not any(dominates(o.metrics, e.metrics, chosen) for o in good if o is not e)
     return quality
 
 
@@ -388,8 +434,8 @@ def run_sweep(
     ``eval`` and ``calibration`` (file paths) fill each recipe's ``data`` and ``calibration``
     where it gives none. ``workers`` processes build (default: ``os.cpu_count()``); with ``ray``
     (``"auto"`` for a local cluster, else a cluster's address) Ray tasks build instead. Each
-    result is then timed for ``latency_budget`` seconds (0: not timed). Writes ``out_dir/sweep.json``
-    and ``out_dir/front-<n>.toml``; returns the results in the recipes' order.
+    result is then timed for ``latency_budget`` seconds (0: not timed). Writes ``out_dir/sweep.json``,
+    ``out_dir/sweep.html`` (the Pareto plot, self-contained) and ``out_dir/front-<n>.toml``; returns the results in the recipes' order.
     """
     start = time.perf_counter()
     model_path = os.fspath(model_path)
@@ -449,12 +495,16 @@ def run_sweep(
         _time_results(model_path, entries, models_dir, latency_budget, progress)
     timing_seconds = time.perf_counter() - timing_start
     quality = _mark_front(entries)
-    result = SweepResult(entries, str(out), quality, time.perf_counter() - start, build_seconds, timing_seconds, engine)
+    result = SweepResult(entries, str(out), quality, time.perf_counter() - start, build_seconds, timing_seconds, engine,
+                         model=model_path)
     result.fronts = _write_fronts(out, front_order(entries, quality), quality)
     result.seconds = time.perf_counter() - start
+    from onnxopt.html_report import stage_html
     from onnxopt.report import write_json_file
 
     write_json_file(result.to_dict(), out / "sweep.json")
+    page = out / "sweep.html"  # the Pareto plot to look at, always: atomic, as sweep.json
+    os.replace(stage_html(None, page, sweep=result.to_dict(), flag="--out"), page)
     if progress:
         progress("done", 1, 1)
     return result
@@ -569,6 +619,7 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
     original = ModelSnapshot(original_model)
     feeds: dict[tuple, dict] = {}
     timed: set[str] = set()
+    by_content: dict[tuple, dict] = {}  # byte-identical models (two recipes, one result) are timed once
     try:
         for i, e in enumerate(todo):
             if progress:
@@ -577,6 +628,12 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
                 continue
             timed.add(e.key)
             r = e.recipe
+            same = (model_digest(e.model), os.fspath(r.data) if r.data is not None else None, r.batch_size,
+                    str(r.providers), r.threads)
+            if same in by_content:
+                e.metrics.update(by_content[same])
+                _write_record(models_dir, e)
+                continue
             try:
                 where = (os.fspath(r.data) if r.data is not None else None, r.batch_size)
                 if where not in feeds:
@@ -594,6 +651,7 @@ def _time_results(model_path: str, entries: list[SweepEntry], models_dir: Path, 
                 e.metrics.update(latency_ratio=latency.ratio, latency_low=latency.ratio_low if known else None,
                                  latency_high=latency.ratio_high if known else None, latency_verdict=latency.verdict,
                                  latency_ms=latency.median_b_ms, original_ms=latency.median_a_ms)
+                by_content[same] = {k: v for k, v in e.metrics.items() if k.startswith("latency") or k == "original_ms"}
             except Exception as exc:  # a model that cannot be timed (other input sizes) stays off the latency axis
                 e.metrics["latency_error"] = one_line(exc)
                 continue

@@ -87,7 +87,7 @@ def render_sweep(result: SweepResult, original_bytes: int | None = None, color: 
             "*" if e.pareto else "",
             shown_q,
             "-" if ratio is None else f"{ratio:.3f}",
-            "-" if low is None or high is None else f"{low:.2f}-{high:.2f}",
+            "-" if low is None or high is None else f"{low:.3f}-{high:.3f}",
             "-" if size is None else f"{size:,}",
             "-" if size is None or not original_bytes else f"{size / original_bytes:.2f}",
             "-" if m.get("macs") is None else f"{m['macs']:,}",
@@ -113,7 +113,8 @@ def render_sweep(result: SweepResult, original_bytes: int | None = None, color: 
                  f"build {result.build_seconds:.1f} s on {result.engine}, timing {result.timing_seconds:.1f} s")
     if result.fronts:
         lines.append(f"front recipes: {os.path.dirname(result.fronts[0])}/front-1..{len(result.fronts)}.toml "
-                     f"(replay: python -m onnxopt MODEL --recipe FILE); all results: {result.out_dir}/sweep.json")
+                     f"(replay: python -m onnxopt MODEL --recipe FILE)")
+    lines.append(f"all results: {result.out_dir}/sweep.json; the plot: {result.out_dir}/sweep.html")
     return "\n".join(lines)
 
 

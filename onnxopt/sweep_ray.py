@@ -102,13 +102,25 @@ def build_on_ray(model_path: str, jobs: list[tuple[str, Recipe, str]], address: 
             else:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as exc:
-            raise OptionError(f"--ray {address}: cannot start or reach a Ray cluster: {one_line(exc)}") from None
+            raise OptionError(f"--ray {address}: cannot start or reach a Ray cluster: {one_line(exc)}"
+                              f"{_auth_hint(address)}") from None
         started = True
     try:
         return _run(ray, model_path, jobs, progress)
     finally:
         if started:
             ray.shutdown()
+
+
+def _auth_hint(address: str) -> str:
+    """Ray (2.5x on) starts a cluster with token authentication where ``~/.ray/auth_token`` exists,
+    but a driver given an address sends the token only with ``RAY_AUTH_MODE=token``: it is then
+    refused, and Ray says only that it could not connect."""
+    if address == "auto" or "RAY_AUTH_MODE" in os.environ:
+        return ""
+    if not os.path.isfile(os.path.join(os.path.expanduser("~"), ".ray", "auth_token")):
+        return ""
+    return " (if the cluster uses token authentication, set RAY_AUTH_MODE=token for this command)"
 
 
 def _run(ray, model_path, jobs, progress) -> dict[str, dict]:

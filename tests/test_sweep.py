@@ -11,7 +11,8 @@ import types
 import pytest
 
 from onnxopt import OptionError, Recipe, runtime
-from onnxopt.sweep import build_recipe, expand_grid, load_grid, pareto_flags, run_sweep
+from onnxopt.sweep import (SweepEntry, _mark_front, build_recipe, dominates, expand_grid, latency_compare, load_grid,
+                           pareto_flags, run_sweep)
 
 DIGITS = os.path.abspath("models/digits/digits_cnn.onnx")
 TEST = os.path.abspath("models/digits/digits_test.npz")
@@ -70,12 +71,72 @@ def test_pareto_flags_keep_exactly_the_non_dominated_points():
     assert pareto_flags(points) == [True, True, True, False, True, False]
 
 
+def _point(acc, ratio, low=None, high=None, size=1000):
+    return {"accuracy": acc, "latency_ratio": ratio, "latency_low": low, "latency_high": high, "file_bytes": size}
+
+
+def test_latency_ratios_count_apart_only_beyond_5_percent_and_beyond_their_intervals():
+    assert latency_compare(_point(1, 0.90, 0.88, 0.92), _point(1, 1.00, 0.97, 1.03)) == -1  # 10% and apart: a faster
+    assert latency_compare(_point(1, 1.00, 0.97, 1.03), _point(1, 0.90, 0.88, 0.92)) == 1
+    assert latency_compare(_point(1, 0.90, 0.80, 0.99), _point(1, 1.00, 0.97, 1.03)) == 0  # 10%, intervals overlap
+    # narrow intervals apart, but within 5%: one run's paired blocks resolve it, the next run need not
+    assert latency_compare(_point(1, 1.00, 0.995, 1.005), _point(1, 1.04, 1.035, 1.045)) == 0
+    assert latency_compare(_point(1, 1.00), _point(1, 1.04, 1.03, 1.05)) == 0  # an interval missing: medians, 5%
+    assert latency_compare(_point(1, 1.00), _point(1, 1.06)) == -1
+    assert latency_compare(_point(1, 1.06), _point(1, 1.00, 0.99, 1.01)) == 1
+
+
+def test_a_latency_within_noise_does_not_decide_dominance():
+    chosen = [("accuracy", 1), ("latency_ratio", -1), ("file_bytes", -1)]
+    noisy_fast, noisy_slow = _point(0.95, 0.97, 0.965, 0.975), _point(0.95, 1.01, 1.005, 1.015)  # 4% apart
+    assert not dominates(noisy_fast, noisy_slow, chosen) and not dominates(noisy_slow, noisy_fast, chosen)
+    assert dominates(_point(0.96, 1.02, 0.99, 1.05), noisy_fast, chosen)  # better accuracy, latency a tie
+    assert not dominates(_point(0.96, 1.20, 1.15, 1.25), noisy_fast, chosen)  # but truly slower
+    assert dominates(_point(0.95, 0.80, 0.78, 0.82), noisy_fast, chosen)  # as good, truly faster
+
+
+def _entries(points):
+    return [SweepEntry(recipe=Recipe(prune=0.1 * i), key=str(i), metrics=m) for i, m in enumerate(points)]
+
+
+def test_the_front_is_the_same_for_two_engines_whose_ratios_differ_by_noise():
+    # same accuracy and bytes (deterministic builds); latency ratios from two runs, shuffled by noise
+    figures = [(0.95, 2000), (0.95, 1500), (0.94, 1500), (0.90, 900), (0.90, 1000)]
+    # narrow intervals, as paired timing gives; the same recipe moves by a few percent between runs
+    run_a = [(1.00, 0.998, 1.002), (0.99, 0.988, 0.992), (1.01, 1.008, 1.012), (1.02, 1.018, 1.022), (0.98, 0.978, 0.982)]
+    run_b = [(0.99, 0.988, 0.992), (1.02, 1.018, 1.022), (0.98, 0.978, 0.982), (1.00, 0.998, 1.002), (1.01, 1.008, 1.012)]
+    fronts = []
+    for run in (run_a, run_b):
+        entries = _entries([_point(acc, *lat, size=size) for (acc, size), lat in zip(figures, run)])
+        assert _mark_front(entries) == "accuracy"
+        fronts.append([e.pareto for e in entries])
+    assert fronts[0] == fronts[1] == [False, True, False, True, False]
+    # without the tie rule the second run's front differs: (0.94, 1500, 0.98) beats (0.95, 1500, 1.02) on latency
+    strict = [pareto_flags([(acc, -lat[0], -size) for (acc, size), lat in zip(figures, run)]) for run in (run_a, run_b)]
+    assert strict[0] != strict[1]
+
+
+def test_ties_that_do_not_chain_still_leave_a_front():
+    # a ties b, b ties c, a is faster than c: c is dominated, a and b stay
+    entries = _entries([_point(0.9, 1.00, 0.99, 1.01), _point(0.9, 1.04, 1.03, 1.05), _point(0.9, 1.08, 1.07, 1.09)])
+    _mark_front(entries)
+    assert [e.pareto for e in entries] == [True, True, False]
+
+
 # -- a sweep on the process pool --------------------------------------------------------------------
 
 
+def _latency_worse(a: dict, b: dict) -> bool:
+    """a's latency ratio beyond b's noise: more than 5% higher, and its interval above b's where both exist."""
+    apart = a["latency_ratio"] - b["latency_ratio"] > 0.05 * a["latency_ratio"]
+    return apart and (None in (a["latency_low"], b["latency_high"]) or a["latency_low"] > b["latency_high"])
+
+
 def _dominates(a: dict, b: dict) -> bool:
-    better = [a["accuracy"] - b["accuracy"], b["latency_ratio"] - a["latency_ratio"], b["file_bytes"] - a["file_bytes"]]
-    return all(d >= 0 for d in better) and any(d > 0 for d in better)
+    """The tie rule, written out: a at least as good everywhere, latency within noise as good."""
+    if a["accuracy"] < b["accuracy"] or a["file_bytes"] > b["file_bytes"] or _latency_worse(a, b):
+        return False
+    return a["accuracy"] > b["accuracy"] or a["file_bytes"] < b["file_bytes"] or _latency_worse(b, a)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +165,16 @@ def test_a_sweep_records_every_recipe_a_failing_one_with_its_error(pool_sweep):
     data = json.loads((out / "sweep.json").read_text())
     assert [set(r) >= {"recipe", "metrics", "model", "cached", "pareto", "error"} for r in data["results"]] == [True] * 5
     assert data["results"][2]["recipe"] == {**BASE, "data": TEST, "cluster_bits": 4}
+
+
+def test_every_sweep_writes_its_html_page_a_circle_per_good_result(pool_sweep):
+    out, _, result = pool_sweep
+    page = (out / "sweep.html").read_text(encoding="utf-8")
+    good = [e for e in result.entries if not e.error]
+    assert page.count("<circle ") == len(good) == 4
+    assert page.count('<circle class="point front"') == len(result.front)
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert not list(out.glob(".sweep.html.*.tmp"))  # written through a temporary file, moved into place
 
 
 def test_pareto_flags_match_a_brute_force_dominance_check(pool_sweep):
@@ -140,6 +211,28 @@ def test_a_rerun_builds_nothing_and_an_extended_grid_builds_only_the_new_recipes
     new = [e for e in third.entries if e.built not in stamps.values()]
     assert [e.recipe.cluster_bits for e in new] == [3, 3] and not any(e.cached for e in new)
     assert sum(e.cached for e in third.entries) == 4
+
+
+def test_byte_identical_results_are_timed_once_and_share_their_figures(tmp_path, monkeypatch):
+    import onnxopt.latency
+
+    calls = []
+    real = onnxopt.latency.compare_latency
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxopt.latency, "compare_latency", counting)
+    # digits has no duplicate weights: with or without share-init, the same model
+    recipes = expand_grid({"passes": [["simplify", "fold-bn", "share-init"], ["simplify", "fold-bn"]]})
+    result = run_sweep(DIGITS, recipes, eval=TEST, out_dir=tmp_path, workers=2, latency_budget=0.2)
+    a, b = result.entries
+    assert a.key != b.key and open(a.model, "rb").read() == open(b.model, "rb").read()
+    assert len(calls) == 1
+    assert {k: v for k, v in a.metrics.items() if k.startswith("latency")} == \
+           {k: v for k, v in b.metrics.items() if k.startswith("latency")}
+    assert a.pareto and b.pareto  # equal everywhere: neither dominates
 
 
 def die_on_sparsity(model, recipe, out):
@@ -267,6 +360,29 @@ def test_the_ray_path_ships_model_and_data_once_and_records_a_dead_task(tmp_path
     assert direct["metrics"]["accuracy"] == result.entries[0].metrics["accuracy"]
 
 
+def test_an_unreachable_ray_address_is_one_line_with_the_token_hint_where_it_applies(tmp_path, monkeypatch):
+    class Refusing(FakeRay):
+        def init(self, **kwargs):
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1")
+
+    monkeypatch.setitem(sys.modules, "ray", Refusing(crash=lambda recipe: False))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    recipes = expand_grid({"base": BASE, "cluster_bits": [4]})
+    messages = []
+    for token in (False, True):
+        if token:
+            (tmp_path / ".ray").mkdir()
+            (tmp_path / ".ray" / "auth_token").write_text("x" * 32)
+        with pytest.raises(OptionError) as info:
+            run_sweep(DIGITS, recipes, eval=TEST, out_dir=tmp_path / "out", ray="127.0.0.1:1", latency_budget=0)
+        messages.append(str(info.value))
+    assert messages[0] == "--ray 127.0.0.1:1: cannot start or reach a Ray cluster: Failed to connect to Ray cluster " \
+                          "at 127.0.0.1:1"
+    assert messages[1] == messages[0] + " (if the cluster uses token authentication, set RAY_AUTH_MODE=token for " \
+                                        "this command)"
+
+
 def test_a_local_ray_cluster_gives_the_pools_results(pool_sweep, tmp_path):
     pytest.importorskip("ray")
     _, recipes, pool = pool_sweep
@@ -276,6 +392,98 @@ def test_a_local_ray_cluster_gives_the_pools_results(pool_sweep, tmp_path):
     for a, b in zip(result.entries, pool.entries):
         if a.error is None:
             assert (a.metrics["accuracy"], a.metrics["file_bytes"]) == (b.metrics["accuracy"], b.metrics["file_bytes"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cluster_pids(folder: str) -> list[int]:
+    """The processes of the cluster started in ``folder``: those whose command line names it (its
+    temporary folder) or which run in it (Ray's agents rename their command line)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                named = folder.encode() in f.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if named or cwd == folder or cwd.startswith(folder + os.sep):
+            pids.append(int(entry))
+    return pids
+
+
+def _stop_cluster(folder: str) -> None:
+    """Stop the processes of the cluster this test started, by pid (``ray stop`` would end every
+    Ray process of the user on the machine, other people's clusters too)."""
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        pids = _cluster_pids(folder)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [p for p in pids if p in _cluster_pids(folder)]
+        if not pids:
+            return
+
+
+def _fronts(result):
+    return [e.key for e in result.entries if e.pareto]
+
+
+def test_ray_start_head_on_localhost_gives_the_pools_results_and_front(pool_sweep, monkeypatch):
+    """The address form, against a real cluster: ``ray start --head`` on 127.0.0.1, then the
+    same 4 recipes with ``ray=ADDRESS``; accuracy and bytes as the pool's, and the same front
+    (latency ratios within each other's noise are a tie)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("ray")
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_cli is None:
+        pytest.skip("no ray command beside this Python")
+    _, recipes, pool = pool_sweep
+    good = [e for e in pool.entries if not e.error]
+    folder = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    # Ray >= 2.5x turns token authentication on for `ray start` where ~/.ray/auth_token exists, and a
+    # driver given an address then needs RAY_AUTH_MODE=token too: this test's cluster, on 127.0.0.1
+    # only, runs without, whatever the user's ~/.ray holds.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        started = subprocess.run(
+            [ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--include-dashboard=false", f"--temp-dir={folder}", "--disable-usage-stats"],
+            capture_output=True, text=True, timeout=120, env=env, cwd=folder)
+        assert started.returncode == 0, started.stdout + started.stderr
+        out = os.path.join(folder, "out")
+        result = run_sweep(DIGITS, [e.recipe for e in good], eval=TEST, out_dir=out, ray=f"127.0.0.1:{port}",
+                           latency_budget=0.3)
+    finally:
+        _stop_cluster(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.engine == "ray" and not result.failed and not any(e.cached for e in result.entries)
+    for a, b in zip(result.entries, good):
+        assert a.key == b.key
+        assert (a.metrics["accuracy"], a.metrics["file_bytes"]) == (b.metrics["accuracy"], b.metrics["file_bytes"])
+    assert _fronts(result) == _fronts(pool), [(e.metrics["latency_ratio"], e.metrics["latency_low"],
+                                               e.metrics["latency_high"]) for e in [*good, *result.entries]]
 
 
 def test_the_grid_in_docs_sweeps_md_expands(tmp_path):
