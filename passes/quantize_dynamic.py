@@ -75,6 +75,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         exclude: Iterable[str] = (),
         weight_bits: int = 8,
         target: str | None = None,
+        embeddings: bool = True,
     ) -> None:
         super().__init__()
         if target is not None:
@@ -93,11 +94,12 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         self.exclude = tuple(exclude)
         self.weight_bits = weight_bits
         self.target = target
+        self.embeddings = embeddings
 
     def for_target(self, target: str) -> QuantizeDynamic:
         """The same recipe with the weight bits that ``target`` needs (7 on x86 without VNNI)."""
         return QuantizeDynamic(per_channel=self.per_channel, op_types=self.op_types, exclude=self.exclude,
-                               target=target)
+                               target=target, embeddings=self.embeddings)
 
     @property
     def weight_max(self) -> int:
@@ -134,7 +136,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
 
     # ------------------------------------------------------------------ rewrite
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.details = {"quantized": [], "left": {}, "weights": {}, "weight_range": [-self.weight_max, self.weight_max],
+        self.details = {"quantized": [], "embeddings": [], "left": {}, "weights": {},
+                        "weight_range": [-self.weight_max, self.weight_max],
                         "per_channel": self.per_channel, "target": self.target}
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         if opset < 11:
@@ -172,12 +175,25 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             self._rewrite(graph, node, label, names, dq_inputs, weights)
             self.details["quantized"].append(label)
             logger.info("quantize-dynamic: %s (%s) runs on integers", label, node.op_type)
+        tables: dict[int, tuple[ir.Value, ir.Value]] = {}
+        for node in list(graph) if self.embeddings else ():
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            why = self._table_refusal(node)
+            if why == "":
+                continue  # not an embedding table (a shape Gather, an activation)
+            label = node_label(node)
+            if why is not None:
+                self.details["left"][label] = why
+                continue
+            self._rewrite_table(graph, node, names, tables)
+            self.details["embeddings"].append(label)
         for node in ir.traversal.RecursiveGraphIterator(graph):
             if node.graph is not graph and node.op_type in _SUPPORTED:
                 total += 1
                 self.details["left"][node_label(node)] = "inside a subgraph"
         done = len(self.details["quantized"])
-        if done:
+        if done or self.details["embeddings"]:
             graph.sort()
             model.metadata_props["onnxopt.quantization.target"] = self.target or "unspecified"
             model.metadata_props["onnxopt.quantization.weight_range"] = f"[{-self.weight_max}, {self.weight_max}]"
@@ -185,8 +201,69 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             f"dynamic int8: {done} of {total} MatMul/Gemm on integers ({len(dq_inputs)} activations quantized at run "
             f"time, {len(weights)} weights {'per-channel' if self.per_channel else 'per-tensor'}"
             f"{', 7-bit' if self.weight_bits == 7 else ''}); {total - done} left float"
+            + (f"; {len(tables)} embedding tables int8 per row" if tables else "")
         )
-        return ir.passes.PassResult(model, modified=bool(done))
+        return ir.passes.PassResult(model, modified=bool(done or tables))
+
+    # ------------------------------------------------------------------ embedding tables
+    def _table_refusal(self, node: ir.Node) -> str | None:
+        """None when ``node`` reads an embedding table that can be stored int8, "" when it reads no
+        table at all, else why the table stays float."""
+        table = node.inputs[0] if node.inputs else None
+        t = constant_array(table) if table is not None else None
+        if t is None or t.dtype.kind != "f":
+            return ""
+        if any(_matches(p, node) for p in self.exclude):
+            return "excluded"
+        if t.dtype != np.float32 or t.ndim != 2:
+            return f"table {t.dtype} of rank {t.ndim} (only 2-D float32)"
+        if node.attributes.get_int("axis", 0) != 0:
+            return "Gather on axis 1"
+        if any(u.node.op_type != "Gather" or u.idx != 0 or u.node.attributes.get_int("axis", 0) != 0
+               for u in table.uses()) or table.is_graph_output() or table.is_graph_input():
+            return "the table is also read by something other than a Gather of rows (tied weights)"
+        return None
+
+    def _rewrite_table(self, graph: ir.Graph, node: ir.Node, names: NameScope, tables: dict) -> None:
+        """Gather(table, ids) -> Cast(Gather(table_int8, ids)) * Unsqueeze(Gather(row_scales, ids)):
+        each row stored as int8 with its own scale (max|row| / weight_max), read rows dequantized
+        after the Gather, so that only the rows a run needs are turned back into floats."""
+        table = node.inputs[0]
+        if id(table) not in tables:
+            t = constant_array(table)
+            scale = np.abs(t).max(axis=1) / self.weight_max
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            q = np.clip(np.rint(t / scale[:, None]), -self.weight_max, self.weight_max).astype(np.int8)
+            base = table.name or node_label(node)
+            q_value = ir.Value(name=names.fresh(f"{base}_int8"), const_value=ir.tensor(q))
+            s_value = ir.Value(name=names.fresh(f"{base}_row_scale"), const_value=ir.tensor(scale))
+            for v in (q_value, s_value):
+                v.const_value.name = v.name
+                v.dtype, v.shape = v.const_value.dtype, v.const_value.shape
+                graph.register_initializer(v)
+            tables[id(table)] = (q_value, s_value)
+            self.details["weights"][base] = {"shape": list(t.shape), "bytes_before": int(t.nbytes),
+                                             "bytes_after": int(q.nbytes + scale.nbytes)}
+        q_value, s_value = tables[id(table)]
+        ids, out = node.inputs[1], node.outputs[0]
+        axes = ir.Value(name=names.fresh(f"{node_label(node)}_axes"), const_value=ir.tensor(np.array([-1], np.int64)))
+        axes.const_value.name = axes.name
+        axes.dtype, axes.shape = axes.const_value.dtype, axes.const_value.shape
+        graph.register_initializer(axes)
+        rows = ir.node("Gather", [q_value, ids], attributes={"axis": 0}, name=names.fresh(f"{node.name or 'Gather'}_int8"))
+        row_scales = ir.node("Gather", [s_value, ids], attributes={"axis": 0}, name=names.fresh(f"{node.name or 'Gather'}_scale"))
+        floats = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=names.fresh("Cast_rows"))
+        wide = ir.node("Unsqueeze", [row_scales.outputs[0], axes], name=names.fresh("Unsqueeze_scale"))
+        mul = ir.node("Mul", [floats.outputs[0], wide.outputs[0]], name=names.fresh(f"{node.name or 'Gather'}_dequantized"))
+        graph.insert_before(node, [rows, row_scales, floats, wide, mul])
+        out.replace_all_uses_with(mul.outputs[0])
+        if out.is_graph_output():
+            graph.outputs[graph.outputs.index(out)] = mul.outputs[0]
+        name, shape, type_ = out.name, out.shape, out.type
+        graph.remove(node, safe=True)
+        mul.outputs[0].name, mul.outputs[0].shape, mul.outputs[0].type = name, shape, type_
+        if not table.uses():
+            graph.initializers.pop(table.name, None)
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope,
                  dq_inputs: dict, weights: dict) -> None:

@@ -62,7 +62,10 @@ def test_fused_by_onnxruntime_and_no_float_weight_left(tmp_path):
     assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(ops)
     assert "MatMulInteger" not in ops
     big = {name: size for name, size in _float_initializers(model).items() if size >= 64 * 64}
-    assert set(big) == {"E"}  # only the embedding table (a Gather's, not a MatMul's) stays float
+    assert set(big) == set()  # the embedding table too is stored int8 (per row)
+    kept = tiny_transformer()
+    QuantizeDynamic(embeddings=False)(kept)
+    assert set(n for n, size in _float_initializers(kept).items() if size >= 64 * 64) == {"E"}
 
 
 def test_error_bounded_by_the_scales():
@@ -140,3 +143,46 @@ def test_zoo_transformer(tmp_path):
     cos = (y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)
     assert cos.min() > 0.95  # a loose sanity bound: a wrong layout gives noise
     assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(_optimized_ops(model, tmp_path))
+
+
+EMBEDDING = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[B,S] ids) => (float[B,S,8] y, float[B,S,8] t) {
+    e = Gather <axis=0> (table, ids)
+    y = Relu(e)
+    t = Gather <axis=0> (tied, ids)
+}"""
+
+
+def _embedding_model(tied_matmul: bool) -> ir.Model:
+    from graphs import build
+
+    rng = np.random.default_rng(0)
+    text = EMBEDDING
+    if tied_matmul:  # the second table is also an output projection: tied weights stay float
+        text = text.replace("float[B,S,8] t)", "float[B,S,8] t, float[B,S,40] logits)").replace(
+            "t = Gather <axis=0> (tied, ids)", "t = Gather <axis=0> (tied, ids)\n    tt = Transpose(tied)\n    logits = MatMul(t, tt)")
+    table = rng.standard_normal((40, 8)).astype(np.float32) * rng.uniform(0.1, 10, (40, 1)).astype(np.float32)
+    return build(text, {"table": table, "tied": rng.standard_normal((40, 8)).astype(np.float32)})
+
+
+def test_embedding_tables_are_stored_int8_per_row_within_half_a_step():
+    model = _embedding_model(tied_matmul=True)
+    table = model.graph.initializers["table"].const_value.numpy()
+    before = snapshot(model)
+    p = QuantizeDynamic()
+    p(model)
+    assert p.details["embeddings"] and "table" not in model.graph.initializers  # no float copy left
+    assert "tied" in model.graph.initializers  # also read by a Transpose for the output projection
+    ids = np.random.default_rng(1).integers(0, 40, (3, 5)).astype(np.int64)
+    (y_ref, _t, _l), (y, _t2, _l2) = run(before, {"ids": ids}), run(snapshot(model), {"ids": ids})
+    step = np.abs(table).max(axis=1) / 127  # each row's scale
+    assert np.all(np.abs(y - y_ref) <= step[ids][..., None] / 2 + 1e-6)
+    assert QuantizeDynamic(embeddings=False)(_embedding_model(False)).modified is False
+
+
+def test_an_embedding_table_with_other_readers_stays_float():
+    model = _embedding_model(tied_matmul=True)
+    p = QuantizeDynamic()
+    p(model)
+    assert "tied" in model.graph.initializers
+    assert any("tied weights" in why for why in p.details["left"].values())
