@@ -17,8 +17,9 @@ Three ways to choose the channels, one surgery:
 - ``ratio`` with an ``importance`` (``l1``, ``l2``: the weight norms of every member of the group
   averaged, as Torch-Pruning's GroupMagnitudeImportance; ``bn``: BatchNormalization |scale|;
   ``activation``: mean |x| per channel where consumers read it; ``apoz``: the fraction of non-zero
-  values there (1 - average percentage of zeros after Relu); both from ``activation`` statistics
-  the caller computed), per group (``scope="layer"``: each group loses ``ratio`` of its channels) or
+  values there (1 - average percentage of zeros after Relu); ``taylor`` and ``fisher``: first-order
+  Taylor |activation x gradient| and squared gradients per channel (``onnxopt.gradients``); all four
+  from ``activation`` statistics the caller computed), per group (``scope="layer"``: each group loses ``ratio`` of its channels) or
   over all groups (``scope="global"``: scores normalized by each group's mean, one threshold).
   The first layer's groups are protected unless ``protect_first=False``; ``round_to`` keeps
   channel counts multiples of it.
@@ -30,7 +31,7 @@ flattening Reshape its target. Stale intermediate shapes are cleared.
 
 from __future__ import annotations
 
-__all__ = ["PruneChannels", "IMPORTANCE_CRITERIA"]
+__all__ = ["PruneChannels", "IMPORTANCE_CRITERIA", "DATA_CRITERIA"]
 
 import logging
 import math
@@ -45,7 +46,9 @@ from onnxopt.passes.channel_groups import is_padded, node_attr
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCE_CRITERIA = ("l1", "l2", "bn", "activation", "apoz")
+IMPORTANCE_CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "taylor", "fisher")
+# Criteria scored from data: the caller hands the scores in as ``activation`` (value name -> per channel).
+DATA_CRITERIA = ("activation", "apoz", "taylor", "fisher")
 
 
 class PruneChannels(OnnxoptPass):
@@ -87,7 +90,7 @@ class PruneChannels(OnnxoptPass):
             raise ValueError(f"ratio {ratio}: must be in [0, 1)")
         if round_to < 1:
             raise ValueError(f"round_to {round_to}: must be positive")
-        if importance in ("activation", "apoz") and ratio is not None and activation is None:
+        if importance in DATA_CRITERIA and ratio is not None and activation is None:
             raise ValueError(f"importance '{importance}' needs activation statistics (value name -> score per channel)")
         self.channels_to_remove = channels_to_remove
         self.ratio = ratio
