@@ -20,8 +20,8 @@ since the distance of its outputs to its own outputs has zero gradient at the st
   to the labels; without labels, cross-entropy to the model's own top-1 ("pseudo-labels": the
   output's own negative log-likelihood at its argmax);
 - probabilities (non-negative, summing to 1 along the last axis: a softmax head, a CTC
-  recognizer's per-step distribution): ``-log p`` at the argmax of the last axis, summed over the
-  other positions;
+  recognizer's per-step distribution): ``-log p`` at the labels (2-D, with labels), else at the
+  argmax of the last axis, summed over the other positions;
 - other outputs (features, embeddings, boxes): the Gaussian negative log-likelihood of a target
   drawn once, under ``seed``, at the output plus noise of the output's standard deviation,
   ``0.5 * ||y - target||^2 / var``: its expected squared gradient is the Fisher information of
@@ -58,9 +58,18 @@ def _loss_kinds(outputs: Mapping[str, np.ndarray], has_labels: bool) -> dict[str
             if y.min() >= 0 and y.max() <= 1 and np.allclose(y.sum(axis=-1), 1, atol=1e-3):
                 kind = "probabilities"
         kinds[name] = kind if np.issubdtype(y.dtype, np.floating) else "none"
-    if has_labels and "logits" not in kinds.values():
-        raise DataError("labels given, but no model output is logits (2-D, one column per class)")
+    if has_labels and not any(k == "logits" or (k == "probabilities" and outputs[n].ndim == 2) for n, k in kinds.items()):
+        raise DataError("labels given, but no model output is logits or probabilities (2-D, one column per class)")
     return kinds
+
+
+def _labels(labels, seen: int, n: int):
+    import torch
+
+    target = torch.from_numpy(np.asarray(labels).reshape(-1)[seen: seen + n].astype(np.int64))
+    if len(target) != n:
+        raise DataError(f"{len(np.asarray(labels).reshape(-1))} labels for more samples than that")
+    return target
 
 
 def gradient_importance(
@@ -109,7 +118,8 @@ def gradient_importance(
             with torch.no_grad():
                 first = {k: v.numpy() for k, v in student({k: torch.from_numpy(v) for k, v in feed.items()}).items()}
             kinds = _loss_kinds(first, labels is not None)
-            logits_name = next((k for k, kind in kinds.items() if kind == "logits"), None)
+            logits_name = next((k for k, kind in kinds.items() if kind == "logits" or (kind == "probabilities"
+                                                                                       and first[k].ndim == 2)), None)
         masks: dict[str, torch.Tensor] = {}
 
         def tap(name: str):
@@ -135,15 +145,16 @@ def gradient_importance(
             if kind == "logits":
                 y = y.double()
                 if labels is not None and name == logits_name:
-                    target = torch.from_numpy(np.asarray(labels[seen: seen + n]).reshape(-1).astype(np.int64))
-                    if len(target) != n:
-                        raise DataError(f"{len(labels)} labels for more samples than that")
+                    target = _labels(labels, seen, n)
                 else:
                     target = y.argmax(dim=1).detach()
                 loss = loss + F.cross_entropy(y, target, reduction="sum")
             elif kind == "probabilities":
-                y = y.double()
-                loss = loss - torch.log(y.max(dim=-1).values.clamp_min(1e-12)).sum()
+                log_p = torch.log(y.double().clamp_min(1e-12))
+                if labels is not None and name == logits_name:
+                    loss = loss + F.nll_loss(log_p, _labels(labels, seen, n), reduction="sum")
+                else:
+                    loss = loss - log_p.max(dim=-1).values.sum()
             elif kind == "features":
                 y = y.double()
                 std = y.detach().std() if y.numel() > 1 else torch.ones((), dtype=y.dtype)

@@ -306,4 +306,4 @@ def test_output_kinds():
     logits = rng.standard_normal((4, 10)).astype(np.float32)
     probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert output_kinds({"a": logits, "b": probabilities, "c": rng.standard_normal((4, 8, 3)), "d": logits[:, :1]}) == {
-        "a": "logits", "b": "features", "c": "features", "d": "features"}
+        "a": "logits", "b": "probabilities", "c": "features", "d": "features"}
