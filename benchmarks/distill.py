@@ -3,6 +3,14 @@ Torch-Pruning anchor beside it.
 
     .venv/bin/python -m pip install torch-pruning   # only for the anchor; skipped without it
     .venv/bin/python -m benchmarks.distill [--ratio 0.5] [--epochs 60] [--lr 3e-3] [--threads 1] [--int8] [--json out.json]
+    .venv/bin/python -m benchmarks.distill --real [--real-ratios 0.3,0.5] [--criteria l1,taylor] [--steps 200] [--lr 1e-3]
+
+``--real``: a trained model from a package instead, PP-OCR's text-direction classifier
+(``ppocr-mobile-cls`` of ``models/corpus.py``, MobileNetV3, 0/180 degrees), pruned at each ratio by each
+criterion and distilled from the unpruned model on text lines rendered here (``rendered_text``: the
+system's TrueType fonts through Pillow, the ``bench`` extra; random strings, tints, rotation, noise, blur,
+half turned upside down), without labels; agreement with the teacher's top-1 on other rendered lines,
+pruned-only and distilled, and the orientation accuracy (the rendering knows which lines it turned).
 
 1. onnxopt: ``models/digits/digits_cnn.onnx`` simplified, pruned (``PruneChannels(ratio, importance="l1")``,
    BN scales in the group L1 as in Torch-Pruning), BN folded; then ``onnxopt.distill.distill`` from the
@@ -295,6 +303,8 @@ def real_runs(ratios: list[float], criteria: list[str], *, train: int, test: int
                 "agreement_distilled": float((distilled == reference).mean()),
                 "orientation_accuracy": float((distilled == test_y).mean()),
                 "prune_seconds": prune_seconds, "distill_seconds": result.seconds, "steps": result.steps}
+            print(f"  {json.dumps({'row': f'prune {ratio:g} {criterion}', **rows[f'prune {ratio:g} {criterion}']})}",
+                  file=sys.stderr, flush=True)
     return {"model": REAL_MODEL, "train": len(train_x), "test": len(test_x), "rows": rows}
 
 
