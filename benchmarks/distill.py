@@ -3,6 +3,14 @@ Torch-Pruning anchor beside it.
 
     .venv/bin/python -m pip install torch-pruning   # only for the anchor; skipped without it
     .venv/bin/python -m benchmarks.distill [--ratio 0.5] [--epochs 60] [--lr 3e-3] [--threads 1] [--int8] [--json out.json]
+    .venv/bin/python -m benchmarks.distill --real [--real-ratios 0.3,0.5] [--criteria l1,taylor] [--steps 200] [--lr 1e-3]
+
+``--real``: a trained model from a package instead, PP-OCR's text-direction classifier
+(``ppocr-mobile-cls`` of ``models/corpus.py``, MobileNetV3, 0/180 degrees), pruned at each ratio by each
+criterion and distilled from the unpruned model on text lines rendered here (``rendered_text``: the
+system's TrueType fonts through Pillow, the ``bench`` extra; random strings, tints, rotation, noise, blur,
+half turned upside down), without labels; agreement with the teacher's top-1 on other rendered lines,
+pruned-only and distilled, and the orientation accuracy (the rendering knows which lines it turned).
 
 1. onnxopt: ``models/digits/digits_cnn.onnx`` simplified, pruned (``PruneChannels(ratio, importance="l1")``,
    BN scales in the group L1 as in Torch-Pruning), BN folded; then ``onnxopt.distill.distill`` from the
@@ -189,6 +197,133 @@ def anchor_run(train_x, test_x, test_y, *, ratio, epochs, lr, seed, temperature=
             "accuracy": accuracy(), "seconds": seconds, "steps": step}
 
 
+# --- --real: a trained OCR model from a package, on text rendered here ---------------------------
+
+REAL_MODEL = "ppocr-mobile-cls"  # PP-OCR text-direction classifier (MobileNetV3), rapidocr-onnxruntime 1.4.4
+REAL_SHAPE = (3, 48, 192)  # PaddleOCR's cls_image_shape
+_CHARS = ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz"
+          "0123456789.,:;-()/%$&#'!?")
+
+
+def _fonts() -> list[str]:
+    fonts = []
+    for folder in (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path("/Library/Fonts")):
+        if folder.is_dir():
+            fonts += sorted(str(p) for p in folder.rglob("*.ttf"))
+    return fonts
+
+
+def rendered_text(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` text-line crops as PaddleOCR's direction classifier takes them, and their orientation.
+
+    Each: a random string (1-4 words of 1-9 characters) in a random TrueType font of the system
+    (Pillow), size 18-44 px, dark ink on light paper of random tints, a small rotation (±3°), sensor
+    noise and, for a quarter of them, a blur; then half of them turned upside down (label 1: the
+    classifier's "180" class). Preprocessing as PaddleOCR's ``resize_norm_img``: height 48, width
+    ``min(192, ceil(48 * w / h))``, (x / 255 - 0.5) / 0.5, zero padding on the right to 192.
+    Without Pillow or fonts, ``benchmarks.quantize.text_images`` crops (labels: all 0)."""
+    from benchmarks.quantize import text_images
+
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.5).astype(np.int64)
+    fonts = _fonts()
+    try:
+        from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    except ImportError:
+        fonts = []
+    if not fonts:
+        return text_images((n, *REAL_SHAPE), seed), np.zeros(n, np.int64)
+    c, h, w = REAL_SHAPE
+    out = np.zeros((n, c, h, w), np.float32)
+    for i in range(n):
+        words = [''.join(rng.choice(list(_CHARS), rng.integers(1, 10))) for _ in range(rng.integers(1, 5))]
+        font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(rng.integers(18, 45)))
+        text = " ".join(words)
+        left, top, right, bottom = font.getbbox(text)
+        pad = int(rng.integers(2, 10))
+        paper = tuple(int(v) for v in rng.integers(170, 256, 3))
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        img = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), paper)
+        ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=ink)
+        img = img.rotate(float(rng.uniform(-3, 3)), resample=Image.BILINEAR, expand=True, fillcolor=paper)
+        if rng.random() < 0.25:
+            img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.2))))
+        if labels[i]:
+            img = img.rotate(180)
+        width = min(w, int(math.ceil(h * img.width / img.height)))
+        array = np.asarray(img.resize((width, h), Image.BILINEAR), dtype=np.float32)
+        array = np.clip(array + rng.normal(0, 4, array.shape), 0, 255)
+        out[i, :, :, :width] = ((array / 255 - 0.5) / 0.5).transpose(2, 0, 1)
+    return out, labels
+
+
+def _top1(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    session = create_session(model)
+    name = session.get_inputs()[0].name
+    return np.concatenate([next(iter(run_session(session, {name: x[i: i + 256]}).values())).argmax(axis=1)
+                           for i in range(0, len(x), 256)])
+
+
+def real_runs(ratios: list[float], criteria: list[str], *, train: int, test: int, steps: int, lr: float,
+              seed: int) -> dict:
+    """Prune the real model at each ratio by each criterion, then distill it from the unpruned model on
+    rendered text; agreement with the teacher's top-1 on held-out rendered text, pruned-only and distilled."""
+    from models.corpus import cache_dir
+
+    from onnxopt.gradients import gradient_importance
+
+    path = cache_dir() / f"{REAL_MODEL}.onnx"
+    if not path.exists():
+        path = Path("/work/corpus-cache/corpus") / f"{REAL_MODEL}.onnx"
+    if not path.exists():
+        raise SystemExit(f"{REAL_MODEL}.onnx not found: python -m models.corpus {REAL_MODEL} (or set ONNXOPT_CORPUS_DIR)")
+    teacher = ir.load(path)
+    name = teacher.graph.inputs[0].name
+    train_x, _ = rendered_text(train, seed + 1)  # orientation labels deliberately unused
+    test_x, test_y = rendered_text(test, seed + 2)
+    reference = _top1(teacher, test_x)
+    rows = {"teacher": {"ratio": 0.0, "criterion": "-", "params": model_stats(teacher).params,
+                        "orientation_accuracy": float((reference == test_y).mean())}}
+    for ratio in ratios:
+        for criterion in criteria:
+            start = time.perf_counter()
+            student = ir.load(path)
+            Simplify()(student)
+            scores = (gradient_importance(student, [{name: train_x[i: i + 64]} for i in range(0, len(train_x), 64)],
+                                          criterion, seed=seed) if criterion in ("taylor", "fisher") else None)
+            PruneChannels(ratio=ratio, importance=criterion, activation=scores)(student)
+            FoldBatchNorm()(student)
+            pruned = _top1(student, test_x)
+            prune_seconds = time.perf_counter() - start
+            result = distill(student, teacher, {name: train_x}, steps=steps, lr=lr, seed=seed, patience=10**9)
+            distilled = _top1(result.model, test_x)
+            rows[f"prune {ratio:g} {criterion}"] = {
+                "ratio": ratio, "criterion": criterion, "params": model_stats(student).params,
+                "agreement_pruned": float((pruned == reference).mean()),
+                "agreement_distilled": float((distilled == reference).mean()),
+                "orientation_accuracy": float((distilled == test_y).mean()),
+                "prune_seconds": prune_seconds, "distill_seconds": result.seconds, "steps": result.steps}
+            print(f"  {json.dumps({'row': f'prune {ratio:g} {criterion}', **rows[f'prune {ratio:g} {criterion}']})}",
+                  file=sys.stderr, flush=True)
+    return {"model": REAL_MODEL, "train": len(train_x), "test": len(test_x), "rows": rows}
+
+
+def print_real(result: dict, args) -> None:
+    rows = result["rows"]
+    print(f"{result['model']} (PP-OCR text direction, MobileNetV3, from rapidocr-onnxruntime 1.4.4): pruned, then distilled "
+          f"from the unpruned model on {result['train']} rendered text lines without labels, {args.steps} steps, "
+          f"lr {args.lr}, seed {args.seed}; agreement with the teacher's top-1 on {result['test']} other rendered lines; "
+          f"{_cpu()}, {args.threads} torch threads")
+    print(f"teacher: {rows['teacher']['params']} params, orientation accuracy {rows['teacher']['orientation_accuracy'] * 100:.2f}%")
+    print(f"{'ratio':>6s} {'criterion':>10s}{'params':>9s}{'pruned':>9s}{'distilled':>11s}{'orient.':>9s}{'seconds':>9s}")
+    for key, r in rows.items():
+        if key == "teacher":
+            continue
+        print(f"{r['ratio']:>6g} {r['criterion']:>10s}{r['params']:>9d}{r['agreement_pruned'] * 100:>8.2f}%"
+              f"{r['agreement_distilled'] * 100:>10.2f}%{r['orientation_accuracy'] * 100:>8.2f}%"
+              f"{r['prune_seconds'] + r['distill_seconds']:>9.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.5)
@@ -198,10 +333,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--int8", action="store_true", help="also QDQ students trained with fake quantization")
+    parser.add_argument("--real", action="store_true",
+                        help=f"instead: {REAL_MODEL} from the corpus, pruned and distilled on rendered text")
+    parser.add_argument("--real-ratios", default="0.3,0.5")
+    parser.add_argument("--criteria", default="l1,taylor")
+    parser.add_argument("--train", type=int, default=1024, help="--real: rendered training lines")
+    parser.add_argument("--test", type=int, default=512, help="--real: rendered test lines")
+    parser.add_argument("--steps", type=int, default=120, help="--real: distillation steps (batch 32)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.real:
+        torch.set_num_threads(args.threads)
+        lr = args.lr
+        result = real_runs([float(r) for r in args.real_ratios.split(",")], args.criteria.split(","), train=args.train,
+                           test=args.test, steps=args.steps, lr=lr, seed=args.seed)
+        print_real(result, args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cpu": _cpu(), **vars(args), **result}, indent=2))
+        return 0
 
     from models.digits.train import load_splits
 

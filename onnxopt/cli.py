@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels by importance (lossy; 'prune' pass)")
-    parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation", "apoz", "entropy"),
+    parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation", "apoz", "entropy", "taylor", "fisher"),
                         help="pruning criterion (default l1; activation: mean |x|, apoz: non-zero fraction, entropy: of each "
-                             "channel's histogram, low pruned first; all three from --calibration)")
+                             "channel's histogram, low pruned first; all three from --calibration; taylor: |activation x gradient|, "
+                             "fisher: squared gradients, from --calibration or --train-data, with torch)")
     parser.add_argument("--prune-scope", default="layer", choices=("layer", "global"), help="ratio per channel group (default) or over all groups")
     parser.add_argument("--round-to", type=int, default=1, metavar="N", help="keep pruned channel counts multiples of N")
     parser.add_argument("--prune-first", dest="protect_first", action="store_false", help="let pruning touch the first layer")

@@ -5,6 +5,9 @@ left (pruned, quantized), run by ``onnxopt.student``'s torch interpreter; only i
 change, and they are written back into the same graph. Labels are optional (Hinton et al. 2015):
 
     logits (2-D, last axis = classes):  L_kd = tau^2 * KL(softmax(t / tau) || softmax(s / tau))
+    probabilities (2-D rows of a softmax head): the same on log(p), logits up to a constant per row
+    (an MSE on saturated probabilities has almost no gradient: it left a pruned PP-OCR classifier
+    where it was)
     other outputs (features, probabilities, boxes):  L_kd = mean((s - t)^2) / (var(t) + 1e-12)
     with labels:  L = alpha * CE(s, labels) + (1 - alpha) * L_kd, else L = L_kd (summed over outputs)
 
@@ -103,13 +106,13 @@ def _teacher_outputs(session, pool: Mapping[str, np.ndarray], names: list[str]) 
 
 def output_kinds(teacher: Mapping[str, np.ndarray]) -> dict[str, str]:
     """``logits`` for 2-D float outputs with more than one class that are not probabilities (rows
-    in [0, 1] summing to 1); ``features`` for every other output."""
+    in [0, 1] summing to 1), ``probabilities`` for those that are; ``features`` for every other output."""
     kinds = {}
     for name, t in teacher.items():
         kind = "features"
         if t.ndim == 2 and t.shape[1] > 1 and np.issubdtype(t.dtype, np.floating):
             probabilities = t.min() >= 0 and t.max() <= 1 and np.allclose(t.sum(axis=1), 1, atol=1e-3)
-            kind = "features" if probabilities else "logits"
+            kind = "probabilities" if probabilities else "logits"
         kinds[name] = kind
     return kinds
 
@@ -231,7 +234,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     n = _count(pool)
     teacher = _teacher_outputs(teacher_session, pool, output_names)
     kinds = output_kinds(teacher)
-    logits_name = next((name for name in output_names if kinds[name] == "logits"), None)
+    logits_name = next((name for name in output_names if kinds[name] in ("logits", "probabilities")), None)
     pool_labels = _check_labels(pool_labels, n, "train labels", logits_name)
 
     if eval is not None:
@@ -262,18 +265,34 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     def tensors(feed):
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feed.items()}
 
+    # A softmax head's input is the student's logits: log(p) of a saturated float32 softmax is log(0)
+    # clamped, with no gradient (a pruned PP-OCR classifier stayed where it was).
+    producers = {v.name: node for node in student_model.graph for v in node.outputs}
+    pre_softmax = {name: producers[name].inputs[0].name for name in output_names
+                   if kinds[name] == "probabilities" and name in producers and producers[name].op_type == "Softmax"
+                   and producers[name].attributes.get("axis", ir.AttrInt64("axis", -1)).value in (-1, 1)}
+    wanted = output_names + sorted(set(pre_softmax.values()) - set(output_names))
+
+    def as_logits(name, y, outs=None):
+        if kinds[name] != "probabilities":
+            return y
+        if outs is not None and name in pre_softmax:
+            return outs[pre_softmax[name]]
+        return torch.log(y.clamp_min(1e-12))
+
     def loss_of(outs, targets, hard):
         total_loss = 0.0
         for name in output_names:
             s, t = outs[name], targets[name]
-            if kinds[name] == "logits":
+            if kinds[name] in ("logits", "probabilities"):
+                s, t = as_logits(name, s, outs), as_logits(name, t)
                 total_loss = total_loss + F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
                                                    reduction="batchmean", log_target=True) * temperature**2
             else:
                 s, t = s.float(), t.float()
                 total_loss = total_loss + F.mse_loss(s, t) / (t.var(unbiased=False).detach() + 1e-12)
         if hard is not None and alpha > 0:
-            total_loss = alpha * F.cross_entropy(outs[logits_name], hard) + (1 - alpha) * total_loss
+            total_loss = alpha * F.cross_entropy(as_logits(logits_name, outs[logits_name], outs), hard) + (1 - alpha) * total_loss
         return total_loss
 
     def evaluate(step: int, train_loss: float | None) -> dict:
@@ -283,7 +302,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         with torch.no_grad():
             for begin in range(0, m, TEACHER_BATCH):
                 index = np.arange(begin, min(m, begin + TEACHER_BATCH))
-                outs = student(tensors(_take(eval_pool, index)))
+                outs = student(tensors(_take(eval_pool, index)), wanted)
                 targets = tensors(_take(eval_teacher, index))
                 loss_sum += float(loss_of(outs, targets, None)) * len(index)
                 if logits_name is not None:
@@ -317,7 +336,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         batch = order[cursor: cursor + batch_size]
         cursor += batch_size
         student.train()
-        outs = student(tensors(_take(pool, batch)))
+        outs = student(tensors(_take(pool, batch)), wanted)
         hard = None if pool_labels is None else torch.from_numpy(pool_labels[batch]).to(device)
         loss = loss_of(outs, tensors(_take(teacher, batch)), hard)
         optimizer.zero_grad(set_to_none=True)

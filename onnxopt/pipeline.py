@@ -26,6 +26,7 @@ from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
 from onnxopt.passes.fix_shapes import input_dim_names
+from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report, Validation, plural
 from onnxopt.runtime import ModelSnapshot, run_session
@@ -273,6 +274,9 @@ def _optimize(
             p.activation = activation_statistics(working, calibration if calibration is not None else data, dims, batch_size,
                                                  providers, nonzero=p.importance == "apoz", max_samples=max_samples,
                                                  entropy=p.importance == "entropy")
+        elif isinstance(p, PruneChannels) and p.importance in ("taylor", "fisher") and p.ratio is not None and p.activation is None:
+            p.activation = gradient_statistics(working, p.importance, calibration if calibration is not None else train_data,
+                                               dims, batch_size, max_samples, seed)
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -585,8 +589,7 @@ def with_pruning(pass_objects: list, ratio: float, importance: str = "l1", scope
     inserted before ``fold-bn`` (BatchNorm scales are a criterion, and BN slices with its channels)."""
     try:
         pruner = PruneChannels(ratio=ratio, importance=importance, scope=scope, round_to=round_to,
-                               protect_first=protect_first,
-                               activation={} if importance in ("activation", "apoz", "entropy") else None)
+                               protect_first=protect_first, activation={} if importance in DATA_CRITERIA else None)
     except ValueError as exc:
         raise OptionError(f"--prune: {exc}") from None
     pruner.activation = None
@@ -630,6 +633,23 @@ def activation_statistics(model: ir.Model, data, dims, batch_size, providers, no
 
     observe(model, sorted(axes), dataset.batches, update, providers=providers)
     return {name: sums[name] / counts[name] for name in sums}
+
+
+def gradient_statistics(model: ir.Model, criterion: str, data, dims, batch_size, max_samples: int | None = None,
+                        seed: int = 0) -> dict:
+    """Taylor or Fisher scores per channel (``onnxopt.gradients``, with the torch student) of every
+    tensor a channel group's consumer reads, over ``data`` (the calibration set, else the training
+    data); the data's labels, when it has them, give the loss."""
+    if data is None:
+        raise OptionError(f"--importance {criterion} needs --calibration (or --train-data)")
+    dataset = load_data(data, model, batch_size=batch_size or 32, dims=dims, max_samples=max_samples)
+    try:
+        import torch  # noqa: F401  (the optional extra onnxopt[train])
+    except ImportError as exc:
+        raise OptionError(f"--importance {criterion} needs torch ({exc.name} is missing): pip install 'onnxopt[train]'") from None
+    from onnxopt.gradients import gradient_importance
+
+    return gradient_importance(model, dataset, criterion, seed=seed)
 
 
 def explain_channels(model) -> str:

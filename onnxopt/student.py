@@ -720,21 +720,25 @@ class Student(nn.Module):
             return _fake_quantize(self.params[key], scale, zero, lo, hi)
         return self.params[key] if key in self.params else getattr(self, key)
 
-    def forward(self, feed: Mapping[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Run the graph on ``feed`` (tensors by input name); returns the graph outputs (or ``outputs``)."""
+    def forward(self, feed: Mapping[str, torch.Tensor], outputs: list[str] | None = None,
+                taps: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """Run the graph on ``feed`` (tensors by input name); returns the graph outputs (or ``outputs``).
+
+        ``taps``: value name -> function applied to that value where it is computed, its result
+        what every consumer reads (``onnxopt.gradients`` multiplies activations by channel masks)."""
         env: dict[str, torch.Tensor] = {name: self._constant(name) for name in self._keys}
+        taps = taps or {}
         for name in self.input_names:
             if name in feed:
                 env[name] = feed[name]
             elif name not in env:
                 raise OnnxoptError(f"student: no value for input '{name}'")
+            if name in taps:
+                env[name] = taps[name](env[name])
         for fn, in_names, out_names, attrs, node in self._program:
             result = fn([None if n is None or n == "" else env[n] for n in in_names], attrs, node)
-            if isinstance(result, (tuple, list)):
-                for n, r in zip(out_names, result):
-                    env[n] = r
-            else:
-                env[out_names[0]] = result
+            for n, r in zip(out_names, result if isinstance(result, (tuple, list)) else (result,)):
+                env[n] = taps[n](r) if n in taps else r
         return {name: env[name] for name in (outputs or self.output_names)}
 
 

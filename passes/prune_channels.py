@@ -18,8 +18,10 @@ Three ways to choose the channels, one surgery:
   averaged, as Torch-Pruning's GroupMagnitudeImportance; ``bn``: BatchNormalization |scale|;
   ``activation``: mean |x| per channel where consumers read it; ``apoz``: the fraction of non-zero
   values there (1 - average percentage of zeros after Relu); ``entropy``: the entropy of each
-  channel's histogram there (low: the channel says little about its input, pruned first); all from ``activation`` statistics
-  the caller computed), per group (``scope="layer"``: each group loses ``ratio`` of its channels) or
+  channel's histogram there (low: the channel says little about its input, pruned first); ``taylor``
+  and ``fisher``: first-order Taylor |activation x gradient| and squared gradients per channel
+  (``onnxopt.gradients``); all from ``activation`` statistics the caller computed), per group
+  (``scope="layer"``: each group loses ``ratio`` of its channels) or
   over all groups (``scope="global"``: scores normalized by each group's mean, one threshold).
   The first layer's groups are protected unless ``protect_first=False``; ``round_to`` keeps
   channel counts multiples of it.
@@ -31,7 +33,7 @@ flattening Reshape its target. Stale intermediate shapes are cleared.
 
 from __future__ import annotations
 
-__all__ = ["PruneChannels", "IMPORTANCE_CRITERIA"]
+__all__ = ["PruneChannels", "IMPORTANCE_CRITERIA", "DATA_CRITERIA"]
 
 import logging
 import math
@@ -46,7 +48,9 @@ from onnxopt.passes.channel_groups import is_padded, node_attr
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCE_CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "entropy")
+IMPORTANCE_CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "entropy", "taylor", "fisher")
+# Criteria scored from data: the caller hands the scores in as ``activation`` (value name -> per channel).
+DATA_CRITERIA = ("activation", "apoz", "entropy", "taylor", "fisher")
 
 
 class PruneChannels(OnnxoptPass):
@@ -88,7 +92,7 @@ class PruneChannels(OnnxoptPass):
             raise ValueError(f"ratio {ratio}: must be in [0, 1)")
         if round_to < 1:
             raise ValueError(f"round_to {round_to}: must be positive")
-        if importance in ("activation", "apoz", "entropy") and ratio is not None and activation is None:
+        if importance in DATA_CRITERIA and ratio is not None and activation is None:
             raise ValueError(f"importance '{importance}' needs activation statistics (value name -> score per channel)")
         self.channels_to_remove = channels_to_remove
         self.ratio = ratio

@@ -306,4 +306,24 @@ def test_output_kinds():
     logits = rng.standard_normal((4, 10)).astype(np.float32)
     probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert output_kinds({"a": logits, "b": probabilities, "c": rng.standard_normal((4, 8, 3)), "d": logits[:, :1]}) == {
-        "a": "logits", "b": "features", "c": "features", "d": "features"}
+        "a": "logits", "b": "probabilities", "c": "features", "d": "features"}
+
+
+def test_a_softmax_head_distils_by_kl_on_its_logits():
+    """A 2-D softmax output is a class distribution: trained by KL on the Softmax's input (log p of a
+    saturated float32 softmax has no gradient) and judged by top-1 agreement with the teacher."""
+    rng = np.random.default_rng(0)
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,6] x) => (float[N,4] y) {
+            h = Gemm <transB: int = 1> (x, W, B)
+            y = Softmax <axis: int = 1> (h)
+        }"""
+    weights = {"W": rng.standard_normal((4, 6)).astype(np.float32), "B": rng.standard_normal(4).astype(np.float32)}
+    teacher = build(text, weights)
+    roll = [1, 2, 3, 0]  # the classes shifted by one, and saturated
+    student = build(text, {"W": weights["W"][roll] * 3, "B": weights["B"][roll] * 3})
+    x = rng.standard_normal((256, 6)).astype(np.float32)
+    result = distill(student, teacher, {"x": x}, steps=200, lr=0.1, seed=0, patience=10**9)
+    assert result.kinds == {"y": "probabilities"}
+    assert "agreement" in result.initial
+    assert result.best["agreement"] > result.initial["agreement"] + 0.2
