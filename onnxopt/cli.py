@@ -22,7 +22,7 @@ from onnxopt.report import failure_reason, render_table, stage_json_file, write_
 from onnxopt.target import TARGETS
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
-from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress
+from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep every layer int8 (default: layers whose int8 kernels run slower here stay float, "
                              "when the model is then faster side by side; --no-latency skips this too)")
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
-    parser.add_argument("--max-drop", type=float, metavar="POINTS", help="quantize: accuracy points the --eval labels may lose (default 1.0); layers fall back to float until met")
-    parser.add_argument("--min-cosine", type=float, metavar="C", help="quantize: least output cosine to float without labels (default 0.99); layers fall back to float until met")
+    parser.add_argument("--max-drop", type=float, metavar="POINTS", help="a lossy run's budget: accuracy points the --eval labels may lose (int8 default 1.0); layers are undone until it holds")
+    parser.add_argument("--min-cosine", type=float, metavar="C", help="a lossy run's budget without labels: least cosine per sample to the original (int8 default 0.99)")
     parser.add_argument("--cluster-bits", type=int, metavar="B",
                         help="weight clustering: a 2^B-entry codebook per weight (1: binary, 2: ternary; adds the 'cluster' pass; lossy)")
     parser.add_argument("--cluster-per-channel", action="store_true", help="one codebook per output channel")
@@ -158,19 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     progress = Progress(enabled=not args.quiet)
-    try:
-        return _run(args, progress, parser)
-    except OnnxoptError as exc:
-        progress.clear()
-        print(f"onnxopt: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        progress.clear()
-        print("onnxopt: interrupted", file=sys.stderr)
-        return 130
-    except BaseException:
-        progress.clear()  # a traceback starts on its own line
-        raise
+    return guarded(lambda: _run(args, progress, parser), progress)
 
 
 # Flags that are not options of a run (they say where its files go, how it talks), and the

@@ -16,9 +16,9 @@ import logging
 import os
 import sys
 
-from onnxopt.errors import OnnxoptError, OptionError
+from onnxopt.errors import OptionError
 from onnxopt.sweep import SweepResult, front_order, load_grid, run_sweep
-from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress
+from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress, guarded
 
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
@@ -125,23 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     progress = Progress(enabled=not args.quiet)
-    try:
-        if not os.path.isfile(args.model):
-            raise OptionError(f"{args.model}: no such model file")
-        recipes = load_grid(args.grid)
-        out = args.out or os.path.splitext(os.path.basename(args.model))[0] + ".sweep"
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise OptionError(f"--out {out}: is a file, not a folder")
-        result = run_sweep(args.model, recipes, eval=args.eval, calibration=args.calibration, out_dir=out,
-                           workers=args.workers, ray=args.ray, latency_budget=args.latency_budget, progress=progress)
-    except OnnxoptError as exc:
-        progress.clear()
-        print(f"onnxopt: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        progress.clear()
-        print("onnxopt: interrupted", file=sys.stderr)
-        return 130
+    return guarded(lambda: _run(args, progress), progress)
+
+
+def _run(args, progress: Progress) -> int:
+    if not os.path.isfile(args.model):
+        raise OptionError(f"{args.model}: no such model file")
+    recipes = load_grid(args.grid)
+    out = args.out or os.path.splitext(os.path.basename(args.model))[0] + ".sweep"
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OptionError(f"--out {out}: is a file, not a folder")
+    result = run_sweep(args.model, recipes, eval=args.eval, calibration=args.calibration, out_dir=out,
+                       workers=args.workers, ray=args.ray, latency_budget=args.latency_budget, progress=progress)
     progress.clear()
     if not args.quiet:
         print(render_sweep(result, os.path.getsize(args.model), color=sys.stdout.isatty()))
@@ -151,5 +146,5 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":  # before the lead's dispatch in onnxopt.cli: python -m onnxopt.sweep_cli
+if __name__ == "__main__":  # python -m onnxopt.sweep_cli, as python -m onnxopt sweep
     sys.exit(main())

@@ -4,11 +4,14 @@ that overwrites itself on a terminal and stays silent when piped. ``onnxopt.cli`
 
 from __future__ import annotations
 
-__all__ = ["ArgumentParser", "Progress", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT"]
+__all__ = ["ArgumentParser", "Progress", "guarded", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT"]
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
+
+from onnxopt.errors import OnnxoptError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -48,3 +51,21 @@ class Progress:
         self.stream.write("\r" if stage == "done" else "")
         self.stream.flush()
         self._width = len(text)
+
+
+def guarded(run: Callable[[], int], progress: Progress) -> int:
+    """``run()``'s exit code; a user error is one ``onnxopt: error:`` line and exit 2, Ctrl-C one line
+    and 130, each on a clean line after any progress (a traceback too: it is a bug)."""
+    try:
+        return run()
+    except OnnxoptError as exc:
+        progress.clear()
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        progress.clear()
+        print("onnxopt: interrupted", file=sys.stderr)
+        return 130
+    except BaseException:
+        progress.clear()
+        raise

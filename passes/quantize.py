@@ -176,12 +176,18 @@ def _resize_axes_to_full_rank(graph: ir.Graph, names: NameScope,
     return done
 
 
-def already_quantized(model: ir.Model) -> list[str]:
-    """Names of the nodes that show ``model`` is quantized already (Q/DQ, QLinear*, *Integer)."""
+# Kernels of onnxruntime's weight-only and dynamic formats: a model holding them is quantized too.
+_WEIGHT_ONLY_MARKERS = ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul", "QAttention")
+
+
+def already_quantized(model: ir.Model, weight_only: bool = False) -> list[str]:
+    """Names of the nodes that show ``model`` is quantized already (Q/DQ, QLinear*, *Integer; with
+    ``weight_only``, also MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul, QAttention)."""
+    markers = (*_QUANTIZED_MARKERS, *_WEIGHT_ONLY_MARKERS) if weight_only else _QUANTIZED_MARKERS
     return [
         node.name or node.op_type
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
-        if node.op_type in _QUANTIZED_MARKERS
+        if node.op_type in markers
     ]
 
 

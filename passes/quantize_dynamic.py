@@ -144,9 +144,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             self.summary = f"opset {opset} < 11: DynamicQuantizeLinear needs opset 11; nothing quantized"
             self.details["left"]["model"] = self.summary
             return ir.passes.PassResult(model, modified=False)
-        marks = already_quantized(model) + [
-            n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
-            if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul", "QAttention")]
+        marks = already_quantized(model, weight_only=True)
         if marks:
             self.summary = f"already quantized ({marks[0]}, ...): nothing done"
             self.details["left"]["model"] = self.summary

@@ -312,9 +312,7 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         self.details = {"method": self.method, "block_size": self.block_size, "symmetric": self.symmetric,
                         "accuracy_level": self.accuracy_level, "quantized": [], "embeddings": [], "left": {},
                         "weights": {}}
-        marks = already_quantized(model) + [
-            n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
-            if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul")]
+        marks = already_quantized(model, weight_only=True)
         if marks:
             self.summary = f"already quantized ({marks[0]}, ...): nothing done"
             self.details["left"]["model"] = self.summary
