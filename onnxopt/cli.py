@@ -12,7 +12,7 @@ import sys
 
 
 from onnxopt import io
-from onnxopt.errors import OnnxoptError, OptionError, OutputPathError
+from onnxopt.errors import OptionError, OutputPathError
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS
 from onnxopt.passes import REGISTRY
 from onnxopt.pipeline import optimize
