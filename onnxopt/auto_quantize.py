@@ -29,7 +29,8 @@ __all__ = ["optimize_auto", "AUTO_MODES"]
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from onnxopt import io
 from onnxopt.budget import DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE, judge
@@ -40,8 +41,12 @@ from onnxopt.runtime import ModelSnapshot
 from onnxopt.synthetic import runnable_synthetic_data
 
 if TYPE_CHECKING:
-    from onnxopt.pipeline import OptimizeResult, Progress
     from onnxopt.recipe import Recipe
+
+# What ``onnxopt.optimize`` returns and takes as progress: passed in by the pipeline (``run``), so that
+# this module does not import the pipeline that calls it.
+OptimizeResult = Any
+Progress = Callable[[str, int, int], None]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +54,10 @@ AUTO_MODES = ("int8", "int8-dynamic")  # static QDQ, dynamic
 _RECORDS = {"int8": "quantize", "int8-dynamic": "quantize-dynamic"}
 
 
-def optimize_auto(model, recipe: Recipe, progress: Progress | None = None) -> OptimizeResult:
-    """Run ``recipe`` (``quantize == "auto"``) as static and as dynamic int8 and keep one (module docstring)."""
-    from onnxopt.pipeline import optimize
-
+def optimize_auto(model, recipe: Recipe, progress: Progress | None = None, *,
+                  run: Callable[..., OptimizeResult]) -> OptimizeResult:
+    """Run ``recipe`` (``quantize == "auto"``) as static and as dynamic int8 with ``run``
+    (``onnxopt.optimize``) and keep one (module docstring)."""
     if not recipe.validate:
         raise OptionError("--quantize auto keeps the candidate that meets the accuracy budget: it needs validation "
                           "(drop --no-validate)")
@@ -83,7 +88,7 @@ def optimize_auto(model, recipe: Recipe, progress: Progress | None = None) -> Op
             progress(f"auto: {mode}", len(results), len(AUTO_MODES))
         start = time.perf_counter()
         try:
-            result = optimize(model, sub, progress=progress)
+            result = run(model, sub, progress=progress)
         except OptionError:
             raise
         except OnnxoptError as exc:  # one candidate that cannot be built leaves the other

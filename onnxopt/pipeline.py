@@ -115,7 +115,7 @@ def optimize(model, recipe: Recipe | Sequence | str | None = None, *, progress: 
     if recipe.quantize == "auto":  # static and dynamic int8, each a whole run: onnxopt.auto_quantize
         from onnxopt.auto_quantize import optimize_auto
 
-        return optimize_auto(model, recipe, progress)
+        return optimize_auto(model, recipe, progress, run=optimize)
     return _optimize(model, recipe.pass_list(), progress=progress, **recipe.arguments())
 
 

@@ -56,9 +56,9 @@ def _data_paths(recipe: Recipe) -> list[str]:
 
 def run_task(model: dict, data: dict, recipe: Recipe, out_name: str) -> tuple[dict, dict[str, bytes] | None]:
     """On a Ray worker: the model and data files written to a temporary folder, the recipe built
-    there (``onnxopt.sweep.build_recipe``), the result's files returned as bytes."""
+    there (``onnxopt.sweep_build.build_recipe``), the result's files returned as bytes."""
     from onnxopt import runtime
-    from onnxopt.sweep import build_recipe
+    from onnxopt.sweep_build import build_recipe
 
     import logging
 
