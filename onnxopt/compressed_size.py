@@ -15,6 +15,10 @@ the Deep Compression storage figure.
   * both together: sparse entries (fillers as one more symbol, with a zero centroid added where the
     codebook lacks one) Huffman-coded, plus the gaps;
   * every other tensor at its raw size; the element counts and shapes of the decoders are implied.
+
+The passes' compact stored forms (positions as uint8 gaps rebuilt by CumSum, codes packed and
+unpacked by BitShift/Concat/Slice/Reshape) are folded first (``_FOLD``: integer ops on integer
+constants), so the estimate reads the positions and codes they decode to, whichever form stored them.
 """
 
 from __future__ import annotations
@@ -96,6 +100,36 @@ DEEP_COMPRESSION_LIMIT = 500 * 2**20
 _SERIALIZE_LIMIT = 2**31 - 2**26  # protobuf's 2 GB: a larger model is only written with external data
 
 
+# Integer decoder ops folded before the estimate (what passes/_weights.py writes to rebuild positions and codes).
+_FOLD = ("Cast", "CumSum", "BitShift", "Concat", "Slice", "Reshape")
+
+
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray]) -> np.ndarray | None:
+    """``node``'s output on constant integer ``inputs``, or None (not a decoder op we fold)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Cast":
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(attrs["to"])
+        return inputs[0].astype(dtype) if np.dtype(dtype).kind in "iu" else None
+    if node.op_type == "CumSum":
+        if attrs.get("exclusive") or attrs.get("reverse"):
+            return None
+        return np.cumsum(inputs[0], axis=int(inputs[1]), dtype=inputs[0].dtype)
+    if node.op_type == "BitShift":
+        x, shift = inputs[0], inputs[1].astype(np.uint64)
+        wide = x.astype(np.uint64)
+        out = wide << shift if attrs["direction"] == b"LEFT" or attrs["direction"] == "LEFT" else wide >> shift
+        return (out & np.uint64(np.iinfo(x.dtype).max)).astype(x.dtype)
+    if node.op_type == "Concat":
+        return np.concatenate(inputs, axis=attrs["axis"])
+    if node.op_type == "Slice":
+        if len(inputs) > 3:
+            return None
+        return inputs[0][int(inputs[1][0]):int(inputs[2][0])] if inputs[0].ndim == 1 and inputs[1].size == 1 else None
+    if node.op_type == "Reshape":
+        return inputs[0].reshape([int(d) for d in inputs[1]]) if not np.any(inputs[1] <= 0) else None
+    return None
+
+
 class _Graph:
     """Tensors by name, and who produces and reads each value, over every graph of the model."""
 
@@ -112,7 +146,10 @@ class _Graph:
             for s in graph.sparse_initializer:
                 self.sparse[s.values.name] = s
                 self.protos.append(s.SerializeToString())
-            for node in graph.node:
+            folded = self._fold(graph)
+            for index, node in enumerate(graph.node):
+                if index in folded:
+                    continue
                 for out in node.output:
                     self.producer[out] = node
                 for i, name in enumerate(node.input):
@@ -125,6 +162,32 @@ class _Graph:
                             self.protos.append(attr.t.SerializeToString())
                         elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
                             self.protos.append(attr.sparse_tensor.SerializeToString())
+
+    def _fold(self, graph: onnx.GraphProto) -> set[int]:
+        """Fold ``graph``'s integer decoders (``_FOLD``) on integer constants into ``tensors``; the
+        constants only they read leave ``tensors`` (the folded result stands for them). The folded nodes'
+        indices (not ids: protobuf hands out a new wrapper object each time a node is read)."""
+        folded, consumed = set(), set()
+        readers = defaultdict(list)
+        for index, node in enumerate(graph.node):
+            for name in node.input:
+                readers[name].append(index)
+        for index, node in enumerate(graph.node):
+            if node.op_type not in _FOLD or len(node.output) != 1 or not node.input:
+                continue
+            inputs = [self.tensors.get(name) for name in node.input]
+            if any(a is None or a.dtype.kind not in "iu" for a in inputs):
+                continue
+            out = _fold(node, inputs)
+            if out is None:
+                continue
+            folded.add(index)
+            self.tensors[node.output[0]] = out
+            consumed.update(node.input)
+        for name in consumed:
+            if all(r in folded for r in readers[name]):
+                self.tensors.pop(name, None)
+        return folded
 
     def only_reader(self, name: str) -> tuple[onnx.NodeProto, int] | None:
         readers = self.readers.get(name, [])

@@ -10,7 +10,14 @@ readers at once, so a weight shared by two layers stays shared.
 
 from __future__ import annotations
 
-__all__ = ["Weight", "find_weights", "output_axis", "input_axis", "insert_front"]
+__all__ = ["Weight", "find_weights", "output_axis", "input_axis", "insert_front", "opset_of", "relative_gaps",
+           "positions_of_gaps", "pack_codes", "unpack_codes", "packed_bits", "MAX_GAP", "COMPACT_OPSET",
+           "add_initializer", "gaps_decoder", "codes_decoder"]
+
+# Relative positions (uint8 gaps rebuilt by CumSum) and packed codes (unpacked by BitShift) need
+# opset 11; below it the passes keep one uint8 code a byte and uint16/int32 positions.
+COMPACT_OPSET = 11
+MAX_GAP = 255
 
 from dataclasses import dataclass
 
@@ -140,3 +147,137 @@ def insert_front(graph: ir.Graph, nodes: list[ir.Node]) -> None:
         graph.extend(nodes)
     else:
         graph.insert_before(first, nodes)
+
+
+def opset_of(model: ir.Model) -> int:
+    """The default domain's opset of ``model``."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def relative_gaps(positions: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(gaps uint8, values)`` storing sorted flat ``positions`` relatively, as Deep Compression does.
+
+    The first gap is the first position (counted from 0), every later one the distance to the entry
+    before (1..255). A longer distance gets filler entries every 255 positions: a gap of 255 and
+    the value 0 (the dense tensor holds 0 there). ``np.cumsum(gaps)`` gives the positions back,
+    fillers included (``positions_of_gaps``).
+    """
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    previous = np.concatenate([[0], positions[:-1]])
+    gap = positions - previous
+    fill = np.maximum(0, (gap + MAX_GAP - 1) // MAX_GAP - 1)
+    at = np.cumsum(fill + 1) - 1  # where each real entry lands among all entries
+    gaps = np.full(positions.size + int(fill.sum()), MAX_GAP, dtype=np.uint8)
+    gaps[at] = (gap - MAX_GAP * fill).astype(np.uint8)
+    stored = np.zeros(gaps.size, dtype=values.dtype)
+    stored[at] = values
+    return gaps, stored
+
+
+def positions_of_gaps(gaps: np.ndarray) -> np.ndarray:
+    """The flat positions ``relative_gaps`` stored (what the graph's CumSum computes)."""
+    return np.cumsum(gaps.astype(np.int64))
+
+
+def packed_bits(levels: int) -> int:
+    """Bits a code takes when packed: 1, 2, 4 (a byte holds 8, 4 or 2 codes), else 8 (not packed)."""
+    needed = max(1, int(levels - 1).bit_length())
+    return next(b for b in (1, 2, 4, 8) if b >= needed)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``codes`` (each < 2^bits, bits in 1, 2, 4) packed ``8 // bits`` a byte, field-major.
+
+    The flat codes, padded with zeros to ``k * m`` (k = 8 // bits), are read as k rows of m: byte p
+    holds row j's code p in bits ``8 - bits*(j+1)`` and up (row 0 in the high bits), so unpacking
+    row by row and concatenating gives the codes in order without a transpose (``unpack_codes``).
+    """
+    k = 8 // bits
+    flat = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    m = -(-flat.size // k)
+    rows = np.zeros(k * m, dtype=np.uint8)
+    rows[:flat.size] = flat
+    rows = rows.reshape(k, m).astype(np.uint16)
+    packed = np.zeros(m, dtype=np.uint16)
+    for j in range(k):
+        packed |= rows[j] << (8 - bits * (j + 1))
+    return packed.astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first ``count`` codes of ``pack_codes``'s bytes, as the graph unpacks them."""
+    k = 8 // bits
+    rows = [((packed.astype(np.uint16) << (bits * j)) & 0xFF) >> (8 - bits) for j in range(k)]
+    return np.concatenate(rows).astype(np.uint8)[:count]
+
+
+def add_initializer(graph: ir.Graph, names, hint: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` under a fresh name from ``names`` (a NameScope)."""
+    name = names.fresh(hint)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.dtype = value.const_value.dtype
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _node(names, base: str, op: str, inputs, out_hint: str, **attributes) -> ir.Node:
+    node = ir.node(op, inputs, attributes=attributes or None, name=names.fresh(f"{base}_{out_hint}_{op.lower()}"))
+    node.outputs[0].name = names.fresh(f"{base}_{out_hint}")
+    return node
+
+
+def gaps_decoder(graph: ir.Graph, names, base: str, gaps: np.ndarray) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes rebuilding int64 positions from uint8 ``gaps``: ``CumSum(Cast<int64>(gaps), 0)``."""
+    stored = add_initializer(graph, names, f"{base}_gaps", gaps)
+    axis = add_initializer(graph, names, f"{base}_gaps_axis", np.array(0, dtype=np.int64))
+    cast = _node(names, base, "Cast", [stored], "gaps_i64", to=ir.DataType.INT64)
+    cumsum = _node(names, base, "CumSum", [cast.outputs[0], axis], "positions")
+    return [cast, cumsum], cumsum.outputs[0]
+
+
+def codes_decoder(graph: ir.Graph, names, base: str, codes: np.ndarray, bits: int) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes giving ``codes`` (uint8, any shape) back as int64 indices of that shape.
+
+    ``bits`` 8: the codes are stored as they are, ``Cast<int64>``. 1, 2, 4: stored packed
+    (``pack_codes``); row j is ``BitShift(BitShift(bytes, LEFT, bits*j), RIGHT, 8 - bits)`` (uint8
+    arithmetic drops the bits shifted out on the left), the rows are concatenated, the padding sliced
+    off and the result reshaped to ``codes.shape``.
+    """
+    if bits == 8:
+        stored = add_initializer(graph, names, f"{base}_codes", codes.astype(np.uint8))
+        cast = _node(names, base, "Cast", [stored], "codes_i64", to=ir.DataType.INT64)
+        return [cast], cast.outputs[0]
+    k = 8 // bits
+    stored = add_initializer(graph, names, f"{base}_codes_packed", pack_codes(codes, bits))
+    nodes, rows = [], []
+    right = add_initializer(graph, names, f"{base}_codes_shift", np.array([8 - bits], dtype=np.uint8))
+    for j in range(k):
+        source = stored
+        if j:
+            left = add_initializer(graph, names, f"{base}_codes_shift", np.array([bits * j], dtype=np.uint8))
+            up = _node(names, base, "BitShift", [stored, left], f"codes_row{j}_up", direction="LEFT")
+            nodes.append(up)
+            source = up.outputs[0]
+        down = _node(names, base, "BitShift", [source, right], f"codes_row{j}", direction="RIGHT")
+        nodes.append(down)
+        rows.append(down.outputs[0])
+    value = rows[0]
+    if k > 1:
+        concat = _node(names, base, "Concat", rows, "codes_rows", axis=0)
+        nodes.append(concat)
+        value = concat.outputs[0]
+    if codes.size != k * stored.shape[0]:
+        start = add_initializer(graph, names, f"{base}_codes_start", np.array([0], dtype=np.int64))
+        end = add_initializer(graph, names, f"{base}_codes_end", np.array([codes.size], dtype=np.int64))
+        cut = _node(names, base, "Slice", [value, start, end], "codes_flat")
+        nodes.append(cut)
+        value = cut.outputs[0]
+    if codes.ndim != 1:
+        shape = add_initializer(graph, names, f"{base}_codes_shape", np.array(codes.shape, dtype=np.int64))
+        reshape = _node(names, base, "Reshape", [value, shape], "codes_shaped")
+        nodes.append(reshape)
+        value = reshape.outputs[0]
+    cast = _node(names, base, "Cast", [value], "codes_i64", to=ir.DataType.INT64)
+    nodes.append(cast)
+    return nodes, cast.outputs[0]

@@ -13,9 +13,15 @@ In the graph (onnxruntime folds the decoder at session creation: the dense weigh
     per tensor:   W = Gather(codebook[K], Cast<int64>(codes))
     per channel:  W = Gather(codebook[C*K], Cast<int64>(codes) + offsets)   offsets = c*K along the channel axis
 
-Codes are stored one per byte (uint8) even for b < 8, so the raw file shrinks to about 1/4 of fp32;
-a general compressor or the Huffman figure of ``onnxopt.compressed_size`` counts the entropy.
-The stored non-zeros of a sparse weight (``sparsify``) are clustered per tensor, zeros excluded.
+Codes are packed where the codebook (a channel's) has at most 16 entries and the opset is 11+: 8, 4
+or 2 codes a byte for 2, 4 or 16 entries (3 bits take 4), unpacked in the graph by ``BitShift``
+(``_weights.codes_decoder``; BitwiseAnd would need opset 18), so the raw file holds b/8 of a byte a
+weight (b = 1, 2, 4; 3 -> 4) where it held a byte. Otherwise (b >= 5, opset < 11) one uint8 code a
+byte; a general compressor or the Huffman figure of ``onnxopt.compressed_size`` counts the entropy.
+
+The stored values of a sparse weight (``sparsify``) are clustered per tensor. Its filler entries
+(value 0, see ``passes/sparsify.py``) must stay exactly 0: where there are any, the non-zeros get
+2^b - 1 centroids (b = 1, 2: binary / ternary ones) and 0 is a codebook entry of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._base import LossyLayers, NameScope, OnnxoptPass
-from onnxopt.passes._weights import Weight, find_weights, insert_front, output_axis
+from onnxopt.passes._weights import (COMPACT_OPSET, Weight, add_initializer, codes_decoder, find_weights, insert_front,
+                                     opset_of, output_axis, packed_bits)
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +147,7 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         skipped.update({w.name: "kept for the accuracy budget" for w in weights if w.name in self.exclude})
         weights = [w for w in weights if w.name not in self.exclude]
         self.details = {"bits": self.bits, "layers": {}, "skipped": skipped}
+        self._compact = opset_of(model) >= COMPACT_OPSET
         scopes: dict[int, NameScope] = {}
         before = after = 0
         for weight in weights:
@@ -154,9 +162,22 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         )
         return ir.passes.PassResult(model, modified=bool(weights))
 
-    def _encode(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-        """One codebook for ``w``: ``(centroids, labels, mode)``."""
-        k = 2 ** self.bits
+    def _encode_with_zero(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """A codebook for sparse values with fillers: the non-zeros' centroids and an exact 0."""
+        nonzero = w != 0
+        if np.unique(w).size <= 2 ** self.bits:
+            return self._encode(w)
+        k = max(1, 2 ** self.bits - 1) if self.bits > 2 else None
+        centroids, labels, mode = self._encode(w[nonzero], k)
+        book = np.unique(np.concatenate([centroids, np.zeros(1, dtype=w.dtype)]))
+        codes = np.zeros(w.shape, dtype=np.int64)
+        codes[nonzero] = np.searchsorted(book, centroids)[labels]
+        codes[~nonzero] = np.searchsorted(book, np.zeros((), dtype=w.dtype))
+        return book, codes, mode + " + zero"
+
+    def _encode(self, w: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """One codebook for ``w``: ``(centroids, labels, mode)``; ``k`` centroids (default 2^bits)."""
+        k = 2 ** self.bits if k is None else k
         if np.unique(w).size <= k:
             centroids, labels = kmeans_1d(w, k)
             return centroids, labels, "exact"
@@ -171,7 +192,11 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         axis = output_axis(weight) if (self.per_channel or self.bits <= 2) else None
         if axis is not None and np.unique(w).size <= 2 ** self.bits:
             axis = None  # the whole tensor fits one exact codebook
-        if axis is None:
+        if axis is None and weight.sparse_values and not w.all():
+            centroids, labels, mode = self._encode_with_zero(w)
+            codebook = centroids
+            codes = labels
+        elif axis is None:
             centroids, labels, mode = self._encode(w)
             codebook = centroids
             codes = labels
@@ -187,7 +212,8 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
             codebook = np.stack([np.concatenate([b, np.full(k - b.size, b[-1], dtype=w.dtype)]) for b in books])
             codes = np.moveaxis(np.stack(code_list), 0, axis)
             mode = "/".join(sorted(modes))
-        decoded = self._insert(weight, codebook, codes.astype(np.uint8), axis, names)
+        bits = packed_bits(codebook.shape[-1]) if self._compact else 8
+        decoded = self._insert(weight, codebook, codes.astype(np.uint8), axis, names, bits)
         approx = codebook.reshape(-1)[codes if axis is None else codes + self._offsets(codebook, axis, w.ndim)]
         err = approx.astype(np.float64) - w
         norm = float(np.linalg.norm(w.astype(np.float64)))
@@ -195,7 +221,8 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
             "shape": list(w.shape), "mode": mode, "clusters": int(codebook.shape[-1]),
             "per_channel": axis is not None,
             "bytes_before": int(w.nbytes),
-            "bytes_after": int(codes.size + codebook.nbytes + (8 * codebook.shape[0] if axis is not None else 0)),
+            "code_bits": bits,
+            "bytes_after": int(-(-codes.size * bits // 8) + codebook.nbytes + (8 * codebook.shape[0] if axis is not None else 0)),
             "max_abs_error": float(np.abs(err).max()),
             "relative_error": float(np.linalg.norm(err) / norm) if norm else 0.0,
         }
@@ -210,26 +237,14 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         shape[axis] = codebook.shape[0]
         return (np.arange(codebook.shape[0], dtype=np.int64) * codebook.shape[1]).reshape(shape)
 
-    def _insert(self, weight: Weight, codebook: np.ndarray, codes: np.ndarray, axis: int | None, names: NameScope) -> ir.Value:
+    def _insert(self, weight: Weight, codebook: np.ndarray, codes: np.ndarray, axis: int | None, names: NameScope,
+                bits: int) -> ir.Value:
         graph = weight.graph
         base = weight.name or "weight"
-
-        def initializer(hint: str, array: np.ndarray) -> ir.Value:
-            name = names.fresh(f"{base}_{hint}")
-            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-            value.dtype = value.const_value.dtype
-            value.shape = ir.Shape(array.shape)
-            graph.register_initializer(value)
-            return value
-
-        book = initializer("codebook", np.ascontiguousarray(codebook.reshape(-1)))
-        code = initializer("codes", codes)
-        cast = ir.node("Cast", [code], attributes={"to": ir.DataType.INT64}, name=names.fresh(f"{base}_codes_cast"))
-        cast.outputs[0].name = names.fresh(f"{base}_codes_i64")
-        nodes = [cast]
-        index = cast.outputs[0]
+        book = add_initializer(graph, names, f"{base}_codebook", np.ascontiguousarray(codebook.reshape(-1)))
+        nodes, index = codes_decoder(graph, names, base, codes, bits)
         if axis is not None:
-            offsets = initializer("code_offsets", self._offsets(codebook, axis, codes.ndim))
+            offsets = add_initializer(graph, names, f"{base}_code_offsets", self._offsets(codebook, axis, codes.ndim))
             add = ir.node("Add", [index, offsets], name=names.fresh(f"{base}_codes_offset"))
             add.outputs[0].name = names.fresh(f"{base}_codes_flat")
             nodes.append(add)

@@ -7,17 +7,22 @@ the layout sparse tensor cores run).
 
 Storage. onnx-ir (1.1) represents neither ``sparse_initializer`` nor a ``sparse_value`` attribute
 (its serializer drops the first and raises on the second), and every onnxopt pass works on one
-``ir.Model``. So a sparse weight is stored in the same two arrays an ONNX sparse tensor holds, as
-ordinary initializers, and rebuilt by the graph::
+``ir.Model``. So a sparse weight is stored as ordinary initializers and rebuilt by the graph, in the
+smaller of two forms::
 
-    values  [nnz]  float           the kept weights, in flat order
-    indices [nnz]  uint16 | int32  their flat positions (uint16 while the tensor has <= 65536 elements)
-    W = Reshape(ScatterElements(ConstantOfShape([numel]), Cast<int64>(indices), values), shape)
+    gaps     values [E] float, gaps [E] uint8        (opset 11+; Deep Compression's relative indices)
+             positions = CumSum(Cast<int64>(gaps), 0)
+    indices  values [nnz] float, indices [nnz] uint16 | int32 (uint16 while the tensor has <= 65536 elements)
+             positions = Cast<int64>(indices)
+    W = Reshape(ScatterElements(ConstantOfShape([numel]), positions, values), shape)
 
+A gap is the distance to the entry before (the first: its position), 1..255; a longer one gets
+filler entries every 255 positions, value 0 (``_weights.relative_gaps``), so E = nnz + fillers.
 onnxruntime constant-folds the decoder when it creates a session (only the dense weight remains, so
-run time is that of the dense model); the file holds ``nnz * (4 + 2)`` bytes instead of ``4 * numel``
-(int32 indices: ``nnz * 8``), so it shrinks below a density of 2/3 (1/2). Where the sparse form
-would not be smaller, the masked weight stays dense and the details say so.
+run time is that of the dense model); the file holds ``E * (4 + 1)`` bytes in the gaps form, ``nnz *
+(4 + 2)`` (int32: ``nnz * 8``) in the indices form, instead of ``4 * numel``. Where neither sparse form
+would be smaller, the masked weight stays dense and the details say so. A ``cluster`` pass after this
+one turns the values into codes (fillers get the exact code of 0).
 """
 
 from __future__ import annotations
@@ -30,21 +35,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._base import LossyLayers, NameScope, OnnxoptPass
-from onnxopt.passes._weights import Weight, find_weights, input_axis, insert_front
+from onnxopt.passes._weights import (COMPACT_OPSET, Weight, add_initializer, find_weights, gaps_decoder, input_axis,
+                                     insert_front, opset_of, relative_gaps)
 
 logger = logging.getLogger(__name__)
 
 _SCOPES = ("layer", "global")
 _PATTERNS = {"2:4": (2, 4)}
-
-
-def _initializer(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
-    name = names.fresh(base)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.dtype = value.const_value.dtype
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
 
 
 def _nm_mask(w: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
@@ -66,9 +63,15 @@ def _smallest_mask(magnitudes: np.ndarray, count: int) -> np.ndarray:
 
 
 def sparse_bytes(nnz: int, numel: int, ndim: int, itemsize: int) -> int:
-    """Bytes of the sparse form's initializers: values, indices, the element count and the shape."""
+    """Bytes of the indices form's initializers: values, indices, the element count and the shape."""
     index_bytes = 2 if numel <= 65536 else 4
     return nnz * (itemsize + index_bytes) + 8 + 8 * ndim
+
+
+def gaps_bytes(entries: int, ndim: int, itemsize: int) -> int:
+    """Bytes of the gaps form's initializers: values and gaps (fillers included), the CumSum axis,
+    the element count and the shape."""
+    return entries * (itemsize + 1) + 8 + 8 + 8 * ndim
 
 
 class SparsifyWeights(LossyLayers, OnnxoptPass):
@@ -122,6 +125,7 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
         weights = [w for w in weights if w.name not in self.exclude]
         self.details["skipped"] = skipped
         weights = [w for w in weights if not w.sparse_values]  # already sparse
+        self._compact = opset_of(model) >= COMPACT_OPSET
         masks = self._masks(weights)
         names = {}
         sparse = dense = before = after = 0
@@ -174,7 +178,14 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
         masked = np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype)
         nnz = int(np.count_nonzero(masked))
         dense_bytes = int(w.nbytes)
-        packed = sparse_bytes(nnz, w.size, w.ndim, w.dtype.itemsize)
+        flat = masked.reshape(-1)
+        positions = np.flatnonzero(flat)
+        forms = {"indices": sparse_bytes(nnz, w.size, w.ndim, w.dtype.itemsize)}
+        if self._compact:
+            gaps, stored = relative_gaps(positions, flat[positions])
+            forms["gaps"] = gaps_bytes(gaps.size, w.ndim, w.dtype.itemsize)
+        form = min(forms, key=lambda f: (forms[f], f != "gaps"))
+        packed = forms[form]
         graph = weight.graph
         base = weight.name or "weight"
         record = {
@@ -182,23 +193,26 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
             "bytes_before": dense_bytes,
         }
         if packed >= dense_bytes:
-            new = _initializer(graph, names, f"{base}_pruned", masked)
+            new = add_initializer(graph, names, f"{base}_pruned", masked)
             record.update(form="dense", bytes_after=dense_bytes)
             logger.info("sparsify: %s density %.3f: sparse form (%d B) not smaller, kept dense", base, nnz / w.size, packed)
         else:
-            flat = masked.reshape(-1)
-            positions = np.flatnonzero(flat)
-            index_dtype = np.uint16 if w.size <= 65536 else np.int32
-            values = _initializer(graph, names, f"{base}_values", flat[positions])
-            indices = _initializer(graph, names, f"{base}_indices", positions.astype(index_dtype))
-            numel = _initializer(graph, names, f"{base}_numel", np.array([w.size], dtype=np.int64))
-            shape = _initializer(graph, names, f"{base}_shape", np.array(w.shape, dtype=np.int64))
             nodes = []
-            if index_dtype != np.int32:
-                cast = ir.node("Cast", [indices], attributes={"to": ir.DataType.INT64}, name=names.fresh(f"{base}_indices_cast"))
-                cast.outputs[0].name = names.fresh(f"{base}_indices_i64")
-                nodes.append(cast)
-                indices = cast.outputs[0]
+            if form == "gaps":
+                values = add_initializer(graph, names, f"{base}_values", stored)
+                nodes, indices = gaps_decoder(graph, names, base, gaps)
+                record["fillers"] = int(gaps.size - nnz)
+            else:
+                index_dtype = np.uint16 if w.size <= 65536 else np.int32
+                values = add_initializer(graph, names, f"{base}_values", flat[positions])
+                indices = add_initializer(graph, names, f"{base}_indices", positions.astype(index_dtype))
+                if index_dtype != np.int32:
+                    cast = ir.node("Cast", [indices], attributes={"to": ir.DataType.INT64}, name=names.fresh(f"{base}_indices_cast"))
+                    cast.outputs[0].name = names.fresh(f"{base}_indices_i64")
+                    nodes.append(cast)
+                    indices = cast.outputs[0]
+            numel = add_initializer(graph, names, f"{base}_numel", np.array([w.size], dtype=np.int64))
+            shape = add_initializer(graph, names, f"{base}_shape", np.array(w.shape, dtype=np.int64))
             zero = ir.tensor(np.zeros(1, dtype=w.dtype))
             zeros = ir.node("ConstantOfShape", [numel], attributes={"value": zero}, name=names.fresh(f"{base}_zeros"))
             zeros.outputs[0].name = names.fresh(f"{base}_zeros")
@@ -210,8 +224,8 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
             new.name = names.fresh(f"{base}_sparse")
             nodes += [zeros, scatter, reshape]
             insert_front(graph, nodes)
-            record.update(form="sparse", bytes_after=packed)
-            logger.info("sparsify: %s density %.3f stored sparse: %d -> %d B", base, nnz / w.size, dense_bytes, packed)
+            record.update(form="sparse", index_form=form, bytes_after=packed)
+            logger.info("sparsify: %s density %.3f stored sparse (%s): %d -> %d B", base, nnz / w.size, form, dense_bytes, packed)
         new.dtype = weight.value.dtype
         new.shape = ir.Shape(w.shape)
         ir.convenience.replace_all_uses_with(weight.value, new)
