@@ -479,6 +479,25 @@ def _expand(inputs, attrs, node):
     return x.reshape(dims).expand([max(a, b) for a, b in zip(dims, shape)])
 
 
+@_op("CumSum")
+def _cumsum(inputs, attrs, node):
+    """Rebuilds a sparse weight's positions from its stored gaps (passes/sparsify.py)."""
+    x, axis = inputs[0], int(inputs[1].reshape(-1)[0])
+    if attrs.get("reverse", 0):
+        x = x.flip(axis)
+    y = torch.cumsum(x, axis).to(x.dtype)
+    if attrs.get("exclusive", 0):
+        y = y - x
+    return y.flip(axis) if attrs.get("reverse", 0) else y
+
+
+@_op("BitShift")
+def _bitshift(inputs, attrs, node):
+    """Unpacks packed cluster codes (passes/_weights.py): bits shifted out of the type are lost."""
+    x, shift = inputs[0], inputs[1].to(inputs[0].dtype)
+    return torch.bitwise_left_shift(x, shift) if attrs["direction"] == "LEFT" else torch.bitwise_right_shift(x, shift)
+
+
 @_op("ConstantOfShape")
 def _constant_of_shape(inputs, attrs, node):
     value = attrs.get("value")
