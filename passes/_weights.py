@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __all__ = ["Weight", "find_weights", "output_axis", "input_axis", "insert_front", "opset_of", "relative_gaps",
            "positions_of_gaps", "pack_codes", "unpack_codes", "packed_bits", "MAX_GAP", "COMPACT_OPSET",
-           "add_initializer", "gaps_decoder", "codes_decoder"]
+           "add_initializer", "shared_constant", "decoder_bytes", "gaps_decoder", "codes_decoder"]
 
 # Relative positions (uint8 gaps rebuilt by CumSum) and packed codes (unpacked by BitShift) need
 # opset 11; below it the passes keep one uint8 code a byte and uint16/int32 positions.
@@ -221,16 +221,36 @@ def add_initializer(graph: ir.Graph, names, hint: str, array: np.ndarray) -> ir.
     return value
 
 
+def shared_constant(graph: ir.Graph, names, hint: str, array: np.ndarray) -> ir.Value:
+    """A small decoder constant (a shift, an axis, a start) shared by every decoder of ``graph``:
+    the initializer named ``onnxopt_<hint>`` where it holds ``array``, else a new one. On a small
+    model the names of a dozen copies would outweigh the packed codes they save."""
+    name = f"onnxopt_{hint}"
+    found = graph.initializers.get(name)
+    if found is not None and found.const_value is not None:
+        have = found.const_value.numpy()
+        if have.dtype == array.dtype and have.shape == array.shape and np.array_equal(have, array):
+            return found
+    return add_initializer(graph, names, name, array)
+
+
 def _node(names, base: str, op: str, inputs, out_hint: str, **attributes) -> ir.Node:
-    node = ir.node(op, inputs, attributes=attributes or None, name=names.fresh(f"{base}_{out_hint}_{op.lower()}"))
+    """A decoder node; unnamed (its output's name says what it is: names would double its bytes)."""
+    node = ir.node(op, inputs, attributes=attributes or None)
     node.outputs[0].name = names.fresh(f"{base}_{out_hint}")
     return node
+
+
+def decoder_bytes(base: str, nodes: int) -> int:
+    """About what ``nodes`` decoder nodes of weight ``base`` take in the file (each output name is
+    written twice, as output and as the next node's input)."""
+    return nodes * (2 * len(base) + 40)
 
 
 def gaps_decoder(graph: ir.Graph, names, base: str, gaps: np.ndarray) -> tuple[list[ir.Node], ir.Value]:
     """Nodes rebuilding int64 positions from uint8 ``gaps``: ``CumSum(Cast<int64>(gaps), 0)``."""
     stored = add_initializer(graph, names, f"{base}_gaps", gaps)
-    axis = add_initializer(graph, names, f"{base}_gaps_axis", np.array(0, dtype=np.int64))
+    axis = shared_constant(graph, names, "axis0", np.array(0, dtype=np.int64))
     cast = _node(names, base, "Cast", [stored], "gaps_i64", to=ir.DataType.INT64)
     cumsum = _node(names, base, "CumSum", [cast.outputs[0], axis], "positions")
     return [cast, cumsum], cumsum.outputs[0]
@@ -251,15 +271,15 @@ def codes_decoder(graph: ir.Graph, names, base: str, codes: np.ndarray, bits: in
     k = 8 // bits
     stored = add_initializer(graph, names, f"{base}_codes_packed", pack_codes(codes, bits))
     nodes, rows = [], []
-    right = add_initializer(graph, names, f"{base}_codes_shift", np.array([8 - bits], dtype=np.uint8))
+    right = shared_constant(graph, names, f"shift{8 - bits}", np.array([8 - bits], dtype=np.uint8))
     for j in range(k):
         source = stored
         if j:
-            left = add_initializer(graph, names, f"{base}_codes_shift", np.array([bits * j], dtype=np.uint8))
-            up = _node(names, base, "BitShift", [stored, left], f"codes_row{j}_up", direction="LEFT")
+            left = shared_constant(graph, names, f"shift{bits * j}", np.array([bits * j], dtype=np.uint8))
+            up = _node(names, base, "BitShift", [stored, left], f"codes_up{j}", direction="LEFT")
             nodes.append(up)
             source = up.outputs[0]
-        down = _node(names, base, "BitShift", [source, right], f"codes_row{j}", direction="RIGHT")
+        down = _node(names, base, "BitShift", [source, right], f"codes_r{j}", direction="RIGHT")
         nodes.append(down)
         rows.append(down.outputs[0])
     value = rows[0]
@@ -268,7 +288,7 @@ def codes_decoder(graph: ir.Graph, names, base: str, codes: np.ndarray, bits: in
         nodes.append(concat)
         value = concat.outputs[0]
     if codes.size != k * stored.shape[0]:
-        start = add_initializer(graph, names, f"{base}_codes_start", np.array([0], dtype=np.int64))
+        start = shared_constant(graph, names, "start0", np.array([0], dtype=np.int64))
         end = add_initializer(graph, names, f"{base}_codes_end", np.array([codes.size], dtype=np.int64))
         cut = _node(names, base, "Slice", [value, start, end], "codes_flat")
         nodes.append(cut)

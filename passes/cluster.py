@@ -17,7 +17,7 @@ Codes are packed where the codebook (a channel's) has at most 16 entries and the
 or 2 codes a byte for 2, 4 or 16 entries (3 bits take 4), unpacked in the graph by ``BitShift``
 (``_weights.codes_decoder``; BitwiseAnd would need opset 18), so the raw file holds b/8 of a byte a
 weight (b = 1, 2, 4; 3 -> 4) where it held a byte, where that saves more than the unpacking nodes
-take (about 64 bytes each: a tensor of more than 512 codes at 4 bits). Otherwise (b >= 5, opset < 11) one uint8 code a
+take (``_weights.decoder_bytes``: their output names, written twice). Otherwise (b >= 5, opset < 11) one uint8 code a
 byte; a general compressor or the Huffman figure of ``onnxopt.compressed_size`` counts the entropy.
 
 The stored values of a sparse weight (``sparsify``) are clustered per tensor. Its filler entries
@@ -35,14 +35,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._base import LossyLayers, NameScope, OnnxoptPass
-from onnxopt.passes._weights import (COMPACT_OPSET, Weight, add_initializer, codes_decoder, find_weights, insert_front,
-                                     opset_of, output_axis, packed_bits)
+from onnxopt.passes._weights import (COMPACT_OPSET, Weight, add_initializer, codes_decoder, decoder_bytes, find_weights,
+                                     insert_front, opset_of, output_axis, packed_bits)
 
 logger = logging.getLogger(__name__)
 
 _INITS = ("kmeans++", "linear", "density")
 _KMEANSPP_SAMPLE = 65536  # k-means++ seeds from at most this many weights
-_NODE_BYTES = 64  # about what one unpacking node (BitShift, Concat, ...) with its names takes in the file
 
 
 def _init_centroids(x: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.ndarray:
@@ -215,7 +214,7 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
             codes = np.moveaxis(np.stack(code_list), 0, axis)
             mode = "/".join(sorted(modes))
         bits = packed_bits(codebook.shape[-1]) if self._compact else 8
-        if bits < 8 and codes.size - -(-codes.size * bits // 8) <= _NODE_BYTES * 2 * (8 // bits):
+        if bits < 8 and codes.size - -(-codes.size * bits // 8) <= decoder_bytes(weight.name, 2 * (8 // bits)):
             bits = 8  # the unpacking nodes would take more of the file than packing saves
         decoded = self._insert(weight, codebook, codes.astype(np.uint8), axis, names, bits)
         approx = codebook.reshape(-1)[codes if axis is None else codes + self._offsets(codebook, axis, w.ndim)]
