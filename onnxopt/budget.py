@@ -15,7 +15,8 @@ as the int8 step ranks its nodes (``onnxopt.quantization``).
 
 from __future__ import annotations
 
-__all__ = ["judge", "LossyFallback", "lossy_units", "tensor_sqnr", "unit_tensors"]
+__all__ = ["Convergence", "judge", "LossyFallback", "lossy_units", "shortfall", "tensor_sqnr", "unit_tensors",
+           "why_stuck"]
 
 import math
 from collections.abc import Sequence
@@ -34,6 +35,12 @@ DEFAULT_MAX_DROP = 1.0  # accuracy points, with labels
 DEFAULT_MIN_COSINE = 0.99  # per output, without
 SQNR_SAMPLES = 8
 MAX_ROUNDS = 8
+# A fallback that keeps more layers as they were, round after round, without closing the gap to the
+# budget is measuring something no layer causes: STALL_ROUNDS rounds in a row that each close less
+# than STALL_GAIN of the gap they started from end it, and ``why_stuck`` says what the measure shows.
+STALL_ROUNDS = 2
+STALL_GAIN = 0.1
+SPREAD_DB = 1.0  # no unit losing more than this at its own output: the error is spread over many
 
 
 def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[bool, str]:
@@ -102,6 +109,82 @@ def tensor_sqnr(reference: ir.Model, candidate: ir.Model, names: Sequence[str], 
     return result
 
 
+def _limits(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[float | None, float | None]:
+    labelled = v.accuracy_before is not None and v.accuracy_after is not None
+    if max_drop is None and min_cosine is None:
+        return (DEFAULT_MAX_DROP, None) if labelled else (None, DEFAULT_MIN_COSINE)
+    return (max_drop if labelled else None), min_cosine
+
+
+def shortfall(v: Validation, max_drop: float | None, min_cosine: float | None) -> float:
+    """How far ``v`` is from the budget (``judge``'s limits), 0 when it holds, inf when the model did
+    not run: accuracy points past ``max_drop`` plus cosine below ``min_cosine`` (the worst judged
+    output's worst sample). The fallback watches it fall round by round."""
+    if v.error:
+        return math.inf
+    max_drop, min_cosine = _limits(v, max_drop, min_cosine)
+    gap = 0.0
+    if max_drop is not None:
+        gap += max(0.0, (v.accuracy_before - v.accuracy_after) * 100 - max_drop)
+    if min_cosine is not None:
+        judged = [o.cosine for o in v.outputs if getattr(o, "judged", True) and not math.isnan(o.cosine)]
+        gap += max(0.0, min_cosine - min(judged)) if judged else math.inf
+    return gap
+
+
+class Convergence:
+    """The shortfall of each fallback round (``add``); ``stalled`` when the last ``STALL_ROUNDS`` rounds
+    each closed less than ``STALL_GAIN`` of the gap they started from (growing gaps included)."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+
+    def add(self, gap: float) -> None:
+        self.gaps.append(gap)
+
+    def stalled(self) -> bool:
+        if len(self.gaps) <= STALL_ROUNDS:
+            return False
+        recent = self.gaps[-STALL_ROUNDS - 1:]
+        return all(not (after < before * (1 - STALL_GAIN)) for before, after in zip(recent, recent[1:]))
+
+
+def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *, kept: int, first_figure: str,
+              figure: str, top_harm_db: float | None = None) -> str:
+    """Why keeping the most harmful layers as they were stopped moving the metric: what the measure
+    itself shows (one sample, one output, too few samples, synthetic inputs, error spread over every
+    layer), in one sentence for the report."""
+    max_drop, min_cosine = _limits(v, max_drop, min_cosine)
+    moved = f"keeping {kept} layer{'s' if kept != 1 else ''} as they were moved {first_figure} to {figure}"
+    reasons = []
+    if max_drop is not None and v.samples:
+        step = 100.0 / v.samples
+        drop = (v.accuracy_before - v.accuracy_after) * 100
+        if drop <= 3 * step + 1e-9:
+            reasons.append(f"the drop is {round(drop / step)} of {v.samples} samples (one sample is {step:.2f} points): "
+                           f"too few to judge a budget of {max_drop:g}; give more labelled samples (--eval)")
+    if min_cosine is not None:
+        judged = [o for o in v.outputs if getattr(o, "judged", True) and not math.isnan(o.cosine)]
+        failing = [o for o in judged if o.cosine < min_cosine]
+        passing = [o for o in judged if o.cosine >= min_cosine]
+        for o in failing[:2]:
+            if o.cosine_mean is not None and o.cosine_mean >= min_cosine:
+                reasons.append(f"{o.name}: the mean cosine per sample ({o.cosine_mean:.5f}) meets the budget and the "
+                               f"worst sample ({o.cosine:.5f}) does not: one sample rules the verdict (outputs near zero "
+                               f"or inputs unlike the rest)")
+        if failing and passing:
+            reasons.append(f"{', '.join(o.name for o in failing)} misses while {', '.join(o.name for o in passing)} "
+                           f"meets: judge only the outputs you use with --outputs")
+    if top_harm_db is not None and top_harm_db < SPREAD_DB:
+        reasons.append(f"no remaining layer loses more than {SPREAD_DB:g} dB at its own output: the error is spread "
+                       f"over many layers, not in a few")
+    if v.synthetic:
+        reasons.append("the inputs are synthetic: give real --data or --eval")
+    if not reasons:
+        reasons.append("the budget may be beyond what this setting allows: try a looser budget or another method")
+    return f"{moved}, short of the budget: {'; '.join(reasons)}"
+
+
 class LossyFallback:
     """Judge a model made by lossy passes against the budget and, while it misses, undo the most
     harmful units of those passes (see the module docstring). ``start`` is the model before the
@@ -118,6 +201,8 @@ class LossyFallback:
     def run(self, model: ir.Model) -> tuple[ir.Model, list, bool, str]:
         """The model, the passes as last run, whether the budget holds, and the figure."""
         met, figure = self._judge(model)
+        first_figure, convergence = figure, Convergence()
+        convergence.add(shortfall(self.last, self.max_drop, self.min_cosine))
         for round_ in range(1, MAX_ROUNDS + 1):
             if met:
                 break
@@ -127,6 +212,10 @@ class LossyFallback:
                 self.details["stuck"] = ("no layer adds error at its own output: the loss is spread over "
                                          "every layer, or comes from a pass without layers to undo")
                 break
+            if convergence.stalled():
+                self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),
+                                                  first_figure=first_figure, figure=figure, top_harm_db=candidates[0][0])
+                break
             take = candidates[: 2 ** (round_ - 1)]
             for h, unit in take:
                 self.details["kept"].append({"unit": unit, "round": round_, "harm_db": round(h, 2), "figure": figure})
@@ -135,7 +224,11 @@ class LossyFallback:
                            for p in self.passes]
             model = self._apply()
             met, figure = self._judge(model)
+            convergence.add(shortfall(self.last, self.max_drop, self.min_cosine))
             self.details["rounds"].append({"round": round_, "undone": sorted(units), "met": met, "figure": figure})
+        if not met and "stuck" not in self.details and self.details["kept"]:  # every round used
+            self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),
+                                              first_figure=first_figure, figure=figure)
         self.details.update(met=met, figure=figure)
         return model, self.passes, met, figure
 
@@ -152,6 +245,7 @@ class LossyFallback:
                                judged_outputs=self.judged_outputs)
         finally:
             candidate.close()
+        self.last = v
         return judge(v, self.max_drop, self.min_cosine)
 
     def _harm(self, model: ir.Model) -> list[tuple[str, float]]:

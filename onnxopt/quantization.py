@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.budget import Convergence, shortfall, why_stuck
 from onnxopt.budget import judge as judge_budget
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
@@ -227,8 +228,11 @@ class QuantizationStep:
         fallback: list[dict[str, Any]] = []
         runnable = True
         if budgeted:
+            first_figure, convergence, stuck = None, Convergence(), None
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):
                 met, figure = self._meets_budget(original, model, evaluation)
+                first_figure = first_figure or figure
+                convergence.add(self._shortfall())
                 if met:
                     break
                 try:
@@ -240,6 +244,11 @@ class QuantizationStep:
                 candidates = [(h, node) for node, h in harm if node not in p.exclude and h > 0]
                 if not candidates:
                     break
+                if convergence.stalled():  # more float layers no longer move the metric: say why, stop
+                    stuck = why_stuck(self._last, *self._limits(self._last.accuracy_before is not None),
+                                      kept=len(fallback), first_figure=first_figure, figure=figure,
+                                      top_harm_db=candidates[0][0])
+                    break
                 take = candidates[: 2 ** (round_ - 1)]
                 for h, node in take:
                     fallback.append({"node": node, "round": round_, "reason": f"loses {h:.1f} dB SQNR ({figure})"})
@@ -249,7 +258,12 @@ class QuantizationStep:
                 result = p(model)
             else:
                 met, figure = self._meets_budget(original, model, evaluation)
-            self.details["budget"] = {"met": met, "figure": figure}
+            if not met and stuck is None and runnable and fallback:  # every round used, or no layer left to keep
+                stuck = why_stuck(self._last, *self._limits(self._last.accuracy_before is not None), kept=len(fallback),
+                                  first_figure=first_figure, figure=figure)
+            self.details["budget"] = {"met": met, "figure": figure, **({"stuck": stuck} if stuck else {})}
+            if stuck:
+                self.notes.append(f"quantize: accuracy fallback: {stuck}")
             if not met:
                 self.verdict_failed = f"accuracy budget not met after keeping {len(fallback)} layers in float: {figure}"
         if self.speed_fallback and self.verdict_failed is not None:
@@ -508,7 +522,12 @@ class QuantizationStep:
                 self._judged[key] = v
         finally:
             candidate.close()
+        self._last = v
         return self.judge(v)
+
+    def _shortfall(self) -> float:
+        """How far the last judged model is from the budget (``budget.shortfall``)."""
+        return shortfall(self._last, *self._limits(self._last.accuracy_before is not None))
 
     def validated(self, candidate: ModelSnapshot, rtol: float | None, atol: float) -> Validation | None:
         """The validation this step already ran of the very model ``candidate`` holds (the fallback

@@ -1,0 +1,128 @@
+"""The accuracy fallbacks stop when keeping more layers as they were no longer moves the metric, and
+say why from what the measure shows (``onnxopt.budget``: ``shortfall``, ``Convergence``, ``why_stuck``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import onnxopt
+import onnxopt.validate
+from onnxopt.budget import STALL_GAIN, Convergence, shortfall, why_stuck
+from onnxopt.report import OutputComparison, Validation
+
+
+def _v(cosines, means=None, before=None, after=None, samples=32, synthetic=False, judged=None):
+    means = means or [None] * len(cosines)
+    outputs = [OutputComparison(name=f"y{i}", max_abs=0.1, max_rel=0.1, cosine=c, top1_agreement=None, ok=False,
+                                cosine_mean=m, judged=judged is None or i in judged)
+               for i, (c, m) in enumerate(zip(cosines, means))]
+    return Validation(ok=False, providers=["CPU"], samples=samples, batches=1, rtol=None, atol=0.0, data="t",
+                      synthetic=synthetic, outputs=outputs, accuracy_before=before, accuracy_after=after)
+
+
+def test_shortfall_is_the_distance_to_the_budget_in_its_own_units():
+    assert shortfall(_v([0.95, 0.999]), None, 0.99) == pytest.approx(0.04)
+    assert shortfall(_v([0.995]), None, 0.99) == 0.0
+    assert shortfall(_v([0.5, 0.999], judged={1}), None, 0.99) == 0.0  # an output not judged does not count
+    assert shortfall(_v([1.0], before=0.99, after=0.96), 1.0, None) == pytest.approx(2.0)  # 3 points, 1 allowed
+    assert shortfall(_v([1.0], before=0.99, after=0.96), None, None) == pytest.approx(2.0)  # the default: 1 point
+    assert shortfall(dataclasses.replace(_v([1.0]), error="boom"), None, 0.99) == float("inf")
+
+
+def test_convergence_stalls_only_after_rounds_that_close_little_of_the_gap():
+    def stalled(gaps):
+        c = Convergence()
+        for g in gaps:
+            c.add(g)
+        return c.stalled()
+
+    assert not stalled([0.1])
+    assert not stalled([0.1, 0.1])  # one round proves nothing
+    assert stalled([0.1, 0.099, 0.098])
+    assert stalled([0.1, 0.2, 0.3])  # worse and worse
+    assert not stalled([0.1, 0.099, 0.05])  # the last round closed half the gap
+    assert not stalled([0.1, 0.05, 0.049])
+    closes_just_enough = 1 - STALL_GAIN - 0.01
+    assert not stalled([0.1, 0.1 * closes_just_enough, 0.1 * closes_just_enough ** 2])
+
+
+def test_why_stuck_names_one_sample_that_rules_the_verdict():
+    why = why_stuck(_v([0.90, 0.999], means=[0.995, 0.9995]), None, 0.99, kept=3,
+                    first_figure="min cosine 0.85", figure="min cosine 0.90", top_harm_db=4.0)
+    assert why.startswith("keeping 3 layers as they were moved min cosine 0.85 to min cosine 0.90, short of the budget:")
+    assert "y0: the mean cosine per sample (0.99500) meets the budget and the worst sample (0.90000) does not" in why
+    assert "--outputs" in why  # y1 meets, y0 does not
+
+
+def test_why_stuck_names_too_few_labelled_samples_spread_error_and_synthetic_inputs():
+    few = why_stuck(_v([1.0], before=1.0, after=0.9, samples=20), 1.0, None, kept=1, first_figure="a", figure="b")
+    assert "the drop is 2 of 20 samples" in few and "--eval" in few
+    spread = why_stuck(_v([0.9], means=[0.9], synthetic=True), None, 0.99, kept=7, first_figure="a", figure="b",
+                       top_harm_db=0.3)
+    assert "spread over many layers" in spread and "synthetic" in spread
+    plain = why_stuck(_v([0.9], means=[0.9]), None, 0.99, kept=1, first_figure="a", figure="b", top_harm_db=5.0)
+    assert "beyond what this setting allows" in plain
+
+
+def _fake_compare(cosines):
+    """compare_models returning a validation whose only output has the given worst cosines in turn
+    (mean 0.995) and no accuracy change; counts its calls."""
+    calls = []
+
+    def fake(reference, candidate, data, **kwargs):
+        c = cosines[min(len(calls), len(cosines) - 1)]
+        calls.append(c)
+        out = OutputComparison(name="logits", max_abs=0.1, max_rel=0.1, cosine=c, cosine_mean=0.995,
+                               top1_agreement=1.0, ok=False)
+        return Validation(ok=False, providers=["CPU"], samples=data.num_samples, batches=len(data), rtol=None,
+                          atol=0.0, data="fake", synthetic=False, outputs=[out], accuracy_before=0.99,
+                          accuracy_after=0.99)
+
+    return fake, calls
+
+
+DIGITS = Path("models/digits")
+
+
+def _quantize(digits, **kwargs):
+    return onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                            data=digits / "digits_test.npz", latency=False, speed_fallback=False, min_cosine=0.99, **kwargs)
+
+
+def test_int8_fallback_stops_when_the_metric_does_not_move_and_says_why(monkeypatch):
+    fake, calls = _fake_compare([0.90, 0.901, 0.9015, 0.902, 0.9025, 0.903, 0.9035, 0.904, 0.9045, 0.905])
+    monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
+    result = _quantize(DIGITS)
+    details = result.report.passes[-1].details
+    assert not details["budget"]["met"]
+    # Round 1 keeps 1 layer, round 2 keeps 2, then two rounds that closed < 10% of the gap end it:
+    # 3 judgements of the fallback (not the 9 that MAX_FALLBACK_ROUNDS allows).
+    assert len(details["fallback"]) == 3
+    stuck = details["budget"]["stuck"]
+    assert "one sample rules the verdict" in stuck and "keeping 3 layers as they were" in stuck
+    assert any(n.startswith("quantize: accuracy fallback: keeping 3 layers") for n in result.report.notes)
+
+
+def test_int8_fallback_goes_on_while_each_round_closes_the_gap(monkeypatch):
+    fake, calls = _fake_compare([0.90, 0.95, 0.975, 0.995])
+    monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
+    result = _quantize(DIGITS)
+    details = result.report.passes[-1].details
+    assert "stuck" not in details["budget"]
+    assert details["budget"]["met"]  # the fourth judgement meets 0.99
+    assert {item["round"] for item in details["fallback"]} == {1, 2, 3}  # three rounds, then met
+
+
+def test_layer_fallback_of_other_lossy_passes_stops_the_same_way(monkeypatch):
+    import onnxopt.budget
+
+    fake, calls = _fake_compare([0.90, 0.901, 0.9015, 0.902, 0.9025, 0.903, 0.9035, 0.904, 0.9045])
+    monkeypatch.setattr(onnxopt.budget, "compare_models", fake)
+    result = onnxopt.optimize(DIGITS / "digits_cnn.onnx", cluster_bits=3, data=DIGITS / "digits_test.npz",
+                              latency=False, min_cosine=0.99)
+    stuck = [n for n in result.report.notes if n.startswith("budget: keeping")]
+    assert len(stuck) == 1 and "one sample rules the verdict" in stuck[0]
+    assert len(calls) == 3  # the first judgement and two rounds that did not move it (of MAX_ROUNDS 8)
