@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 from onnxopt import io
 from onnxopt.budget import DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE, judge
-from onnxopt.data import load_data, parse_dims
+from onnxopt.data import feed_dims, load_data, parse_dims, timing_feed
 from onnxopt.errors import OnnxoptError, OptionError, one_line
 from onnxopt.latency import compare_latency
 from onnxopt.runtime import ModelSnapshot
+from onnxopt.stats import count_macs
 from onnxopt.synthetic import runnable_synthetic_data
 
 if TYPE_CHECKING:
@@ -199,7 +200,9 @@ def _first_batch(model, data, recipe: Recipe):
         dataset = runnable_synthetic_data(model, dims=dims, providers=recipe.providers, batch_size=recipe.batch_size)
     else:
         dataset = load_data(data, model, batch_size=recipe.batch_size, dims=dims, max_samples=recipe.max_samples)
-    return dataset.batches[0], dataset.labels is not None
+    feed = dataset.batches[0]
+    macs = count_macs(model, dims={**feed_dims(model, feed), **dims})
+    return timing_feed(model, feed, macs, batch_given=recipe.batch_size is not None)[0], dataset.labels is not None
 
 
 def _static_defaults(recipe: Recipe) -> dict:

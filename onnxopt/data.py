@@ -18,6 +18,10 @@ __all__ = [
     "Dataset",
     "input_specs",
     "feed_dims",
+    "feed_rows",
+    "first_rows",
+    "timing_feed",
+    "TIMING_MACS",
     "load_data",
     "stream_data",
     "dim_conflicts",
@@ -110,6 +114,51 @@ def feed_dims(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[st
             if axis > 0 and isinstance(name, str) and name:
                 dims.setdefault(name, int(np.shape(array)[axis]))
     return dims
+
+
+def feed_rows(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in ``feed``: the largest leading dim of its inputs (1 for scalars)."""
+    return max((int(np.shape(a)[0]) for a in feed.values() if np.ndim(a) > 0), default=1)
+
+
+def first_rows(model: ir.Model, feed: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """``feed`` cut to its first ``n`` samples along axis 0 where that is surely a batch: every input
+    has a rank, the same leading size, and a dynamic first dim in ``model``; else ``feed`` whole."""
+    rows = feed_rows(feed)
+    declared = {v.name: v.shape for v in model.graph.inputs}
+    batch_like = all(
+        np.ndim(a) > 0 and np.shape(a)[0] == rows
+        and (declared.get(k) is None or len(declared[k]) == 0 or not isinstance(declared[k][0], int))
+        for k, a in feed.items()
+    )
+    if n >= rows or not batch_like:
+        return dict(feed)
+    return {k: a[:n] for k, a in feed.items()}
+
+
+# MACs that one timed call of the model may take when onnxopt cut the data into batches itself: the
+# speed fallback and the side-by-side latency repeat calls many times, and a 32-sample batch of a
+# 700 M-MAC recognizer takes seconds a call on two cores (about 0.25 s a call at this figure there).
+TIMING_MACS = 2 * 10**9
+
+
+def timing_feed(model: ir.Model, feed: Mapping[str, np.ndarray], macs_per_sample: int | None, *,
+                batch_given: bool) -> tuple[dict[str, np.ndarray], str | None]:
+    """What the speed fallback and the latency comparison time: ``feed`` (the data's first batch), or
+    its first rows when the batch is onnxopt's default cut (``batch_given`` False: no ``--batch-size``)
+    and a call would take more than ``TIMING_MACS``: the largest power of two of samples under it
+    (at least 1). Returns the feed and, when cut, the note that says so."""
+    rows = feed_rows(feed)
+    if batch_given or not macs_per_sample or rows <= 1 or rows * macs_per_sample <= TIMING_MACS:
+        return dict(feed), None
+    n = 1
+    while n * 2 * macs_per_sample <= TIMING_MACS and n * 2 < rows:
+        n *= 2
+    cut = first_rows(model, feed, n)
+    if feed_rows(cut) == rows:  # no batch axis to cut
+        return dict(feed), None
+    return cut, (f"timed at batch {n}, the first rows of the data's batch of {rows} ({macs_per_sample / 1e6:,.0f} M MACs "
+                 f"a sample; --batch-size N times at N)")
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:

@@ -20,7 +20,8 @@ import onnx_ir as ir
 from onnxopt import io
 from onnxopt.budget import LossyFallback, judge, lossy_units
 from onnxopt.compressed_size import run_sizes
-from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
+from onnxopt.data import (Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims,
+                          timing_feed)
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
@@ -255,6 +256,10 @@ def _optimize(
         train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
+    timed, timed_note = (timing_feed(working, dataset.batches[0], before.macs, batch_given=batch_size is not None)
+                         if (validate or latency) and dataset.batches else (None, None))
+    if timed_note and (latency or quantization is not None):
+        report.notes.append(f"latency: {timed_note}")
     sizes_before = run_sizes(working, declared)  # file, gzip, Deep Compression: after the passes too
     # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is
     # reported, not judged by the lossless tolerance.
@@ -280,7 +285,7 @@ def _optimize(
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
-                                      timing_feed=dataset.batches[0] if validate or latency else None)
+                                      timing_feed=timed)
             p = quantization.pass_  # the recipe it settled on: falling back builds a new pass object
         else:
             result = p(working)
@@ -377,7 +382,7 @@ def _optimize(
             report.notes.append("latency not compared: the int8 model misses its accuracy budget and is not written")
         elif latency and (report.validation is None or report.validation.error is None):
             report.latency = compare_latency(
-                original, candidate, dataset.batches[0], providers=providers, threads=threads,
+                original, candidate, timed, providers=providers, threads=threads,
                 budget_seconds=latency_budget,
                 progress=(lambda i, t: progress("latency", int(t), int(latency_budget))) if progress else None,
             )

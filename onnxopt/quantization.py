@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxopt.budget import Convergence, shortfall, why_stuck
 from onnxopt.budget import judge as judge_budget
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
-from onnxopt.data import Dataset, feed_dims, stream_data, synthetic_data
+from onnxopt.data import Dataset, feed_dims, feed_rows, first_rows, stream_data, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError, one_line
 from onnxopt.latency import compare_latency, median_interval, timing_settings
 from onnxopt.latency import verdict as latency_verdict
@@ -567,8 +567,8 @@ class QuantizationStep:
                 def probe(first: dict[str, np.ndarray]) -> None:
                     splitter.learn(first, [*run_session(ref, first).values(), *run_session(cand, first).values()])
 
-                for part in splitter.parts(_first_rows(float_model, feed, SQNR_SAMPLES - seen), probe=probe):
-                    seen += _rows(part)
+                for part in splitter.parts(first_rows(float_model, feed, SQNR_SAMPLES - seen), probe=probe):
+                    seen += feed_rows(part)
                     r_out = run_session(ref, part)
                     c_out = run_session(cand, part)
                     splitter.learn(part, [*r_out.values(), *c_out.values()])
@@ -803,21 +803,3 @@ def _batch_len(feed: Mapping[str, np.ndarray]) -> int | None:
     return int(shapes[0][0]) if shapes and shapes[0] else None
 
 
-def _rows(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in ``feed``: the largest leading dim of its inputs (1 for scalars)."""
-    return max((int(np.shape(a)[0]) for a in feed.values() if np.ndim(a) > 0), default=1)
-
-
-def _first_rows(model: ir.Model, feed: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """``feed`` cut to its first ``n`` samples along axis 0 where that is surely a batch: every input
-    has a rank, the same leading size, and a dynamic first dim in ``model``; else ``feed`` whole."""
-    rows = _rows(feed)
-    declared = {v.name: v.shape for v in model.graph.inputs}
-    batch_like = all(
-        np.ndim(a) > 0 and np.shape(a)[0] == rows
-        and (declared.get(k) is None or len(declared[k]) == 0 or not isinstance(declared[k][0], int))
-        for k, a in feed.items()
-    )
-    if n >= rows or not batch_like:
-        return dict(feed)
-    return {k: a[:n] for k, a in feed.items()}

@@ -1008,7 +1008,7 @@ def test_the_pipeline_reuses_the_validation_of_the_model_the_step_settled_on(dig
 
 
 def test_sqnr_reads_the_first_samples_only_where_axis_0_is_surely_a_batch():
-    from onnxopt.quantization import _first_rows
+    from onnxopt.data import first_rows as _first_rows
 
     dynamic = build("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,4] x, float[N,2] m) => (float[N,4] y) { y = Relu(x) }""")
