@@ -547,8 +547,10 @@ class QuantizationStep:
         return judge_budget(v, *self._limits(v.accuracy_before is not None))
 
     def _errors(self, float_model: ir.Model, model: ir.Model, tensor_map: dict[str, str], evaluation: Dataset,
-                tensors: list[str]) -> dict[str, float]:
-        """SQNR (dB) of each named float tensor as the quantized model computes it, over a few batches."""
+                tensors: list[str], max_parts: int | None = None) -> dict[str, float]:
+        """SQNR (dB) of each named float tensor as the quantized model computes it, over the first
+        ``SQNR_SAMPLES`` samples, or over the first ``max_parts`` runs the observation budget allows
+        (a detector's tensors at 320x320 fill it with one sample: its pixels are statistics enough)."""
         names = [t for t in tensors if t]
         quant_names = [tensor_map.get(t, t) for t in names]
         cand_model, cand_names = expose(model, quant_names)
@@ -559,16 +561,19 @@ class QuantizationStep:
             providers = resolve_providers(self.providers)
             ref, splitter = self._float_exposure(float_model, names, providers)
             cand = cand_snap.session(providers=providers, optimization="disabled")
-            seen = 0
+            seen = parts = 0
             for feed in evaluation.batches:
-                if seen >= SQNR_SAMPLES:
+                if seen >= SQNR_SAMPLES or (max_parts is not None and parts >= max_parts):
                     break
 
                 def probe(first: dict[str, np.ndarray]) -> None:
                     splitter.learn(first, [*run_session(ref, first).values(), *run_session(cand, first).values()])
 
                 for part in splitter.parts(first_rows(float_model, feed, SQNR_SAMPLES - seen), probe=probe):
+                    if max_parts is not None and parts >= max_parts:
+                        break
                     seen += feed_rows(part)
+                    parts += 1
                     r_out = run_session(ref, part)
                     c_out = run_session(cand, part)
                     splitter.learn(part, [*r_out.values(), *c_out.values()])
@@ -598,16 +603,18 @@ class QuantizationStep:
             self._exposure = held
         return held[2].session(providers=providers, optimization="disabled"), held[3]
 
-    def _sqnr(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, evaluation: Dataset) -> dict[str, float]:
+    def _sqnr(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, evaluation: Dataset,
+              max_parts: int | None = None) -> dict[str, float]:
         io_map = p.details.get("io", {})
         tensors = sorted({t for ins, out in io_map.values() for t in (*ins, out)})
-        errors = self._errors(float_model, model, p.details.get("tensor_map", {}), evaluation, tensors)
+        errors = self._errors(float_model, model, p.details.get("tensor_map", {}), evaluation, tensors, max_parts)
         return {t: round(v, 2) if math.isfinite(v) else v for t, v in sorted(errors.items(), key=lambda kv: kv[1])}
 
     def _harm(self, float_model: ir.Model, model: ir.Model, p: QuantizeQDQ, evaluation: Dataset) -> list[tuple[str, float]]:
-        """Quantized compute nodes by the SQNR they lose (input's worst minus output's), most harmful first."""
+        """Quantized compute nodes by the SQNR they lose (input's worst minus output's), most harmful first:
+        measured on the samples of one observation run (``_errors``), since every round pays for it."""
         io_map = p.details.get("io", {})
-        errors = self._sqnr(float_model, model, p, evaluation)
+        errors = self._sqnr(float_model, model, p, evaluation, max_parts=1)
         harm = []
         for node, (ins, out) in io_map.items():
             if out not in errors:
