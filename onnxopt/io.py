@@ -65,6 +65,8 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
+    if not path.is_file():  # /dev/zero would be read until memory runs out, a FIFO would block
+        raise ModelLoadError(f"{path}: not a regular file (a device, pipe or socket), not an ONNX model")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
     try:

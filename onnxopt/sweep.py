@@ -347,16 +347,22 @@ def _with_data(recipe: Recipe, eval, calibration) -> Recipe:
 
 
 def _check_data_paths(recipes: Sequence[Recipe]) -> None:
+    from onnxopt.data import check_data_path
+
     for recipe in recipes:
-        for name in _DATA_FIELDS:
+        for name in (*_DATA_FIELDS, "train_data"):
             value = getattr(recipe, name)
             if value is None or value == "synthetic":
                 continue
             if not isinstance(value, (str, os.PathLike)):
                 raise OptionError(f"sweep: {name} must be a file path (workers read it), not {type(value).__name__}")
+            flag = {"data": "--eval", "calibration": "--calibration"}.get(name, "train_data")
             if not os.path.exists(value):
-                flag = "--eval" if name == "data" else "--calibration"
                 raise OptionError(f"{flag} {value}: no such file or folder")
+            try:
+                check_data_path(value)  # a device or a FIFO: refused here, not in every worker
+            except OnnxoptError as exc:
+                raise OptionError(f"{flag} {exc}") from None
 
 
 def run_sweep(

@@ -519,3 +519,41 @@ def test_api_bad_arguments_raise_option_error_with_the_cli_message(capsys, model
     if flags:
         line = assert_refused(capsys, model.parent, [model, "--no-latency", *flags])
         assert line == f"onnxopt: error: {message}"
+
+
+# -- inputs that are not regular files (adversarial review) ------------------------------------------
+
+
+def _not_a_file(folder: Path, kind: str) -> Path:
+    """A path that names no regular file: a link to /dev/zero (read forever), a FIFO (blocks), a folder."""
+    target = folder / f"{kind}.npz"
+    if kind == "zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    return target
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+@pytest.mark.parametrize("flags", [["--data"], ["--eval"], ["--quantize", "int8", "--calibration"],
+                                   ["--prune", "0.5", "--distill", "--train-data"]],
+                         ids=["data", "eval", "calibration", "train-data"])
+def test_data_that_is_a_device_or_a_pipe_is_refused(capsys, model, kind, flags):
+    target = _not_a_file(model.parent, kind)
+    assert_refused(capsys, model.parent, [model, "--no-latency", *flags, target], str(target), "not a regular file")
+
+
+def test_a_data_folder_holding_a_pipe_is_refused(capsys, model):
+    (model.parent / "d").mkdir()
+    os.mkfifo(model.parent / "d" / "x.npy")
+    assert_refused(capsys, model.parent, [model, "--no-latency", "--data", model.parent / "d"], "x.npy", "not a regular file")
+    assert_refused(capsys, model.parent, [model, "--no-latency", "--quantize", "int8", "--calibration", model.parent / "d"],
+                   "x.npy", "not a regular file")
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_a_model_that_is_a_device_or_a_pipe_is_refused(capsys, folder, kind):
+    target = _not_a_file(folder, kind)
+    assert_refused(capsys, folder, [target, "--no-latency"], str(target), "not a regular file")
