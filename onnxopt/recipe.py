@@ -24,11 +24,12 @@ as on the command line.
 
 from __future__ import annotations
 
-__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET"]
+__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET", "read_toml", "TOML_LIMIT"]
 
 import dataclasses
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -61,6 +62,39 @@ QUANTIZE_MODES = ("int8", "int8-dynamic", "int4", "auto")  # auto: onnxopt.auto_
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
 _QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target",
                      "smooth_quant")
+
+
+# The largest recipe or grid file read: a real one is a few hundred bytes.
+TOML_LIMIT = 2**20
+
+
+def read_toml(path: str | os.PathLike, flag: str) -> dict[str, Any]:
+    """The table of the TOML file at ``path`` (``--recipe``, ``--grid``: ``flag`` names it in the
+    messages); a missing file, a folder, a device or a FIFO, a file over ``TOML_LIMIT`` and text that
+    is not UTF-8 TOML are each one ``OptionError`` line, before more than ``TOML_LIMIT`` bytes are read."""
+    shown = f"{flag} {os.fspath(path)}"
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise OptionError(f"{shown}: is a folder, not a TOML file")
+            if not stat.S_ISREG(mode):
+                raise OptionError(f"{shown}: not a regular file (a device, pipe or socket); give a TOML file")
+            data = f.read(TOML_LIMIT + 1)
+    except FileNotFoundError:
+        raise OptionError(f"{shown}: no such file") from None
+    except IsADirectoryError:
+        raise OptionError(f"{shown}: is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise OptionError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > TOML_LIMIT:
+        raise OptionError(f"{shown}: more than {TOML_LIMIT // 2**20} MiB; a TOML file of options is far smaller")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"{shown}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise OptionError(f"{shown}: not valid TOML ({exc})") from None
 
 
 @dataclass
@@ -139,16 +173,7 @@ class Recipe:
     def from_toml(cls, path: str | os.PathLike) -> Recipe:
         """The recipe a TOML file holds; unknown keys, bad TOML and bad values are one-line errors."""
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        except FileNotFoundError:
-            raise OptionError(f"--recipe {path}: no such file") from None
-        except IsADirectoryError:
-            raise OptionError(f"--recipe {path}: is a folder, not a TOML file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise OptionError(f"--recipe {path}: not valid TOML ({exc})") from None
-        return cls._from_table(table, f"--recipe {path}")
+        return cls._from_table(read_toml(path, "--recipe"), f"--recipe {path}")
 
     @classmethod
     def from_toml_text(cls, text: str) -> Recipe:

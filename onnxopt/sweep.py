@@ -43,7 +43,7 @@ from typing import Any
 
 from onnxopt import io
 from onnxopt.errors import OnnxoptError, OptionError, one_line
-from onnxopt.recipe import Recipe
+from onnxopt.recipe import Recipe, read_toml
 from onnxopt.sweep_build import _worker_init, build_recipe, report_metrics  # noqa: F401  (build_recipe: the public face)
 
 Progress = Callable[[str, int, int], None]
@@ -61,16 +61,7 @@ _DATA_FIELDS = ("data", "calibration")
 
 def load_grid(path: str | os.PathLike) -> list[Recipe]:
     """The recipes a grid TOML file expands to (``expand_grid``); a bad file is a one-line ``OptionError``."""
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except FileNotFoundError:
-        raise OptionError(f"--grid {path}: no such file") from None
-    except IsADirectoryError:
-        raise OptionError(f"--grid {path}: is a folder, not a TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise OptionError(f"--grid {path}: not valid TOML ({exc})") from None
-    return expand_grid(table, where=f"--grid {path}")
+    return expand_grid(read_toml(path, "--grid"), where=f"--grid {path}")
 
 
 def expand_grid(table: Mapping[str, Any], *, where: str = "grid") -> list[Recipe]:

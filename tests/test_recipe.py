@@ -193,3 +193,45 @@ def test_precision_fp16_from_the_command_line_halves_the_file_and_times_without_
     saved = onnx.load(out)
     assert saved.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert saved.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("zero", ["not a regular file"]),
+    ("fifo", ["not a regular file"]),
+    ("folder", ["is a folder"]),
+    ("big", ["more than 1 MiB"]),
+    ("latin1", ["not UTF-8"]),
+    ("toml", ["not valid TOML"]),
+])
+@pytest.mark.parametrize("command", ["recipe", "grid"])
+def test_recipe_and_grid_files_are_read_through_one_guarded_helper(tmp_path, capsys, kind, words, command):
+    """--recipe /dev/zero ran out of memory, a FIFO blocked forever, a 2 MiB file was read whole:
+    ``read_toml`` reads both kinds of file, and refuses each in one line naming the file."""
+    import os
+
+    from onnxopt.sweep_cli import main as sweep_main
+
+    path = tmp_path / "f.toml"
+    if kind == "zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "big":
+        path.write_text("# " + "x" * 2**20 + "\nprune = [0.1]\n")
+    elif kind == "latin1":
+        path.write_bytes("exclude = [\"caf\xe9\"]\n".encode("latin-1"))
+    else:
+        path.write_text("prune = [\n")
+    out = tmp_path / "o.onnx"
+    if command == "recipe":
+        code = main([DIGITS, "--recipe", str(path), "-o", str(out), "--no-latency"])
+        flag = "--recipe"
+    else:
+        code = sweep_main([DIGITS, "--grid", str(path), "--out", str(tmp_path / "sweep")])
+        flag = "--grid"
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"onnxopt: error: {flag} {path}"), err
+    assert all(w in err for w in words), err
+    assert not out.exists() and not (tmp_path / "sweep").exists()
