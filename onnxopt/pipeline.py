@@ -29,7 +29,7 @@ from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report, Validation, plural
-from onnxopt.runtime import ModelSnapshot, run_session
+from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 from onnxopt.stats import model_stats
 from onnxopt.synthetic import runnable_synthetic_data
 from onnxopt.validate import DEFAULT_ATOL, ReferenceOutputs, compare_models
@@ -187,6 +187,10 @@ def _optimize(
     pass onnx.checker and load in onnxruntime, else the report fails (nothing to write).
     """
     arguments = dict(locals())
+    if precision == "bf16" and resolve_providers(providers) == ["CPUExecutionProvider"]:
+        raise OptionError("--precision bf16: onnxruntime's CPU provider has no bfloat16 kernels (Relu, Conv, Gemm, ...), "
+                          "so the result could not be run or validated here; use --precision fp16, or --providers cuda "
+                          "on a machine with CUDA")
     pass_objects = resolve_passes(passes)
     requested = list(pass_objects)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)

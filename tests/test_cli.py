@@ -557,3 +557,16 @@ def test_a_data_folder_holding_a_pipe_is_refused(capsys, model):
 def test_a_model_that_is_a_device_or_a_pipe_is_refused(capsys, folder, kind):
     target = _not_a_file(folder, kind)
     assert_refused(capsys, folder, [target, "--no-latency"], str(target), "not a regular file")
+
+
+def test_bf16_on_the_cpu_provider_is_refused_before_any_work(capsys, model, monkeypatch):
+    """bf16 on CPU converted the whole model, then failed validation (exit 1): onnxruntime's CPU
+    provider has no bfloat16 kernels. Now one line, exit 2, from the API too."""
+    import onnxopt
+    import onnxopt.io as oio
+
+    monkeypatch.setattr(oio, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert_refused(capsys, model.parent, [model, "--precision", "bf16", "--no-latency"], "--precision bf16",
+                   "CPU provider has no bfloat16 kernels")
+    with pytest.raises(onnxopt.errors.OnnxoptError, match="no bfloat16 kernels"):
+        onnxopt.optimize(str(model), precision="bf16")
