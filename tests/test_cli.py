@@ -570,3 +570,33 @@ def test_bf16_on_the_cpu_provider_is_refused_before_any_work(capsys, model, monk
                    "CPU provider has no bfloat16 kernels")
     with pytest.raises(onnxopt.errors.OnnxoptError, match="no bfloat16 kernels"):
         onnxopt.optimize(str(model), precision="bf16")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_mode_of_a_plain_open_not_mkstemps_0600(capsys, model, mask):
+    """Every output went through tempfile.mkstemp (mode 0600) and os.replace: a model, report,
+    page or recipe unreadable to the group. Now 0666 less the umask, as ``open`` gives."""
+    folder = model.parent
+    old = os.umask(mask)
+    try:
+        code = call(model, "--no-latency", "-q", "-o", folder / "o.onnx", "--report", folder / "r.json",
+                    "--html", folder / "r.html", "--save-recipe", folder / "r.toml")
+    finally:
+        os.umask(old)
+    assert code == 0, capsys.readouterr()
+    for name in ("o.onnx", "r.json", "r.html", "r.toml"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_external_data_outputs_get_the_plain_mode_too(tmp_path):
+    import onnx_ir as ir
+
+    from onnxopt import io as oio
+
+    old = os.umask(0o022)
+    try:
+        oio.save_model(ir.serde.deserialize_model(small_cnn()), tmp_path / "o.onnx", external_data=True)
+    finally:
+        os.umask(old)
+    written = sorted(tmp_path.iterdir())
+    assert len(written) == 2 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), written
