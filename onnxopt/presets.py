@@ -72,6 +72,16 @@ class Trial:
                 "accuracy_after": self.accuracy_after, "met": self.met, "note": self.note}
 
 
+def check_preset_data(name: str, recipe: Recipe) -> None:
+    """Refuse, in one line saying what is needed, a preset run without the data it needs."""
+    if name not in PRESETS:
+        raise OptionError(f"--preset {name!r}: not one of {', '.join(PRESETS)}")
+    missing = [what for what, given in (("--train-data (inputs to distill on; labels optional)", recipe.train_data),
+                                        ("--eval (labelled data that judges accuracy)", recipe.data)) if given is None]
+    if missing:
+        raise OptionError(f"--preset {name} needs {' and '.join(missing)}")
+
+
 def run_preset(name: str, model, recipe: Recipe, *, progress: Progress | None = None, **options) -> OptimizeResult:
     """Run preset ``name`` (one of ``PRESETS``) on ``model`` with ``recipe``'s data and options."""
     if name not in PRESETS:
@@ -93,8 +103,7 @@ def deep_compression(model, recipe: Recipe, *, grid: Mapping[str, Sequence] | No
     unknown = set(grid) - {"prune", "sparsity", "cluster_bits"}
     if unknown:
         raise OptionError(f"deep-compression grid: unknown setting(s) {', '.join(sorted(unknown))}")
-    if recipe.data is None or recipe.train_data is None:
-        raise OptionError("--preset deep-compression needs --eval (labelled data) and --train-data")
+    check_preset_data("deep-compression", recipe)
     if recipe.min_cosine is not None:
         raise OptionError("--preset deep-compression judges accuracy (--max-drop); --min-cosine does not apply")
     max_drop = DEFAULT_MAX_DROP if recipe.max_drop is None else recipe.max_drop
