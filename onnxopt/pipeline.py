@@ -248,7 +248,7 @@ def _optimize(
             reference_outputs = _reference_outputs(original, dataset, providers)
         if large:
             original.release()  # its weights would sit beside each pass's and the candidate's
-        if quantization is not None and max_drop is not None and validate and dataset.labels is None:
+        if max_drop is not None and validate and dataset.labels is None:  # any lossy run, before any pass
             raise OptionError(f"--max-drop needs labels in the --eval data ({dataset.source} has none); "
                               "without labels the budget is --min-cosine")
     # MACs per sample at the data's other dims (a transformer's sequence length), unless --dim says.

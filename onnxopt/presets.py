@@ -37,7 +37,7 @@ import numpy as np
 from onnxopt import io
 from onnxopt.budget import DEFAULT_MAX_DROP, judge
 from onnxopt.compressed_size import compressed_sizes
-from onnxopt.data import load_data
+from onnxopt.data import load_data, parse_dims
 from onnxopt.errors import OptionError
 from onnxopt.pipeline import OptimizeResult, optimize, with_pruning
 from onnxopt.recipe import Recipe
@@ -82,6 +82,15 @@ def check_preset_data(name: str, recipe: Recipe) -> None:
         raise OptionError(f"--preset {name} needs {' and '.join(missing)}")
 
 
+def _require_labels(model, recipe: Recipe) -> None:
+    """Refuse ``--eval`` data without labels: the preset picks its setting by accuracy."""
+    dataset = load_data(recipe.data, io.load_model(model), batch_size=recipe.batch_size, dims=parse_dims(recipe.dims),
+                        max_samples=recipe.max_samples)
+    if dataset.labels is None:
+        raise OptionError(f"--preset deep-compression needs labels in the --eval data ({dataset.source} has none): "
+                          "accuracy picks the setting")
+
+
 def run_preset(name: str, model, recipe: Recipe, *, progress: Progress | None = None, **options) -> OptimizeResult:
     """Run preset ``name`` (one of ``PRESETS``) on ``model`` with ``recipe``'s data and options."""
     if name not in PRESETS:
@@ -104,6 +113,7 @@ def deep_compression(model, recipe: Recipe, *, grid: Mapping[str, Sequence] | No
     if unknown:
         raise OptionError(f"deep-compression grid: unknown setting(s) {', '.join(sorted(unknown))}")
     check_preset_data("deep-compression", recipe)
+    _require_labels(model, recipe)  # before the first setting is built
     if recipe.min_cosine is not None:
         raise OptionError("--preset deep-compression judges accuracy (--max-drop); --min-cosine does not apply")
     max_drop = DEFAULT_MAX_DROP if recipe.max_drop is None else recipe.max_drop

@@ -600,3 +600,20 @@ def test_external_data_outputs_get_the_plain_mode_too(tmp_path):
         os.umask(old)
     written = sorted(tmp_path.iterdir())
     assert len(written) == 2 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), written
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prune", "0.5"], ["--sparsity", "0.5"], ["--cluster-bits", "4"], ["--lowrank-energy", "0.9"],
+    ["--precision", "fp16"], ["--quantize", "int8-dynamic"], ["--quantize", "int8", "--calibration", "DATA"],
+    ["--quantize", "auto", "--calibration", "DATA"],
+], ids=["prune", "sparsity", "cluster", "lowrank", "fp16", "int8-dynamic", "int8", "auto"])
+def test_max_drop_without_labels_is_refused_for_every_lossy_run_before_any_pass(capsys, model, flags, monkeypatch):
+    """Only static int8 refused --max-drop on unlabelled data; prune, sparsify, cluster, lowrank,
+    fp16 and dynamic int8 ran, then judged a budget they could not measure."""
+    import onnxopt.pipeline as pipeline
+
+    data = model.parent / "x.npz"
+    np.savez(data, x=X)
+    monkeypatch.setattr(pipeline, "model_stats", lambda *a, **k: pytest.fail("the run went past its data checks"))
+    args = [model, "--no-latency", "--data", data, "--max-drop", "1", *[data if f == "DATA" else f for f in flags]]
+    assert_refused(capsys, model.parent, args, "--max-drop needs labels", "--min-cosine")
