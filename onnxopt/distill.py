@@ -70,6 +70,8 @@ def _pool(data, where: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     for feed in data:
         for name, array in feed.items():
             array = np.asarray(array)
+            if array.ndim == 0:
+                raise DataError(f"{where}: input '{name}' is a scalar (0-d); distillation needs a first axis of samples")
             parts.setdefault(name, []).append(array)
             size += array.nbytes
         if size > POOL_LIMIT_BYTES:
@@ -220,6 +222,8 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    # The student first: an op the interpreter cannot run is said before any data is read or pooled.
+    student = build_student(student_model)
     pool, pool_labels = _pool(train, "train data")
     if labels is not None:
         pool_labels = np.asarray(labels)
@@ -256,7 +260,6 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     total = steps if steps is not None else (10 if epochs is None else epochs) * per_epoch
     eval_every = eval_every or per_epoch
 
-    student = build_student(student_model)
     check_feed = _take(pool, train_index[: min(64, n_train)])
     check_matches(student, student_model, check_feed,
                   mismatch_fraction=QDQ_MISMATCH_FRACTION if has_quantize_nodes(student_model) else 0.0)

@@ -256,6 +256,10 @@ def _optimize(
                  **fixed_dims}
     train = None
     if distill:  # read and checked before any pass runs
+        scalar = [s.name for s in input_specs(working) if s.shape == ()]
+        if scalar:
+            raise OptionError(f"--distill: input '{scalar[0]}' is a scalar (0-d); distillation needs inputs with a "
+                              "first axis of samples")
         train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
