@@ -208,8 +208,12 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         raise OptionError("give steps or epochs, not both")
     if (steps is not None and steps < 0) or (epochs is not None and epochs < 0):
         raise OptionError("steps and epochs must be >= 0")
-    if temperature <= 0:
-        raise OptionError(f"temperature must be > 0, not {temperature}")
+    if not 0 < temperature < math.inf:  # NaN too
+        raise OptionError(f"temperature must be a finite number > 0, not {temperature}")
+    if not 0 < lr < math.inf:
+        raise OptionError(f"lr must be a finite number > 0, not {lr}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, not {seed!r}")
     if not 0.0 <= alpha <= 1.0:
         raise OptionError(f"alpha must be in [0, 1], not {alpha}")
     if batch_size < 1:

@@ -238,30 +238,33 @@ class Recipe:
         for flag, value, low in (("--epochs", self.epochs, 1), ("--steps", self.steps, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise OptionError(f"{flag} {value!r}: must be a positive whole number")
-        for flag, value, low, high in (("--temperature", self.temperature, 0.0, math.inf), ("--alpha", self.alpha, 0.0, 1.0),
-                                       ("--lr", self.lr, 0.0, math.inf)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high and not (
-                    flag == "--alpha" and value == 0.0):
-                raise OptionError(f"{flag} {value!r}: must be a number in ({low:g}, {high:g}]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise OptionError(f"--seed {self.seed!r}: must be a whole number")
+        for flag, value in (("--temperature", self.temperature), ("--lr", self.lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise OptionError(f"{flag} {value!r}: must be a finite number above 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise OptionError(f"--alpha {self.alpha!r}: must be a number in [0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise OptionError(f"--seed {self.seed!r}: must be a whole number from 0 to 2**63 - 1")
 
     def _check_family(self) -> None:
-        def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False) -> None:
+        def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False,
+                   low_open: bool = False) -> None:
             if value is None:
                 return
             kind = int if whole else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise OptionError(f"{flag} {value!r}: must be {'a whole number' if whole else 'a number'}")
-            if not (low <= value < high if high_open else low <= value <= high):
-                raise OptionError(f"{flag} {value:g}: must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+            inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+            if not inside:  # NaN too: no comparison holds
+                raise OptionError(f"{flag} {value:g}: must be in {'(' if low_open else '['}{low:g}, {high:g}"
+                                  f"{')' if high_open else ']'}")
 
         number("--cluster-bits", self.cluster_bits, 1, 8, whole=True)
         number("--sparsity", self.sparsity, 0.0, 1.0, high_open=True)
-        number("--lowrank-energy", self.lowrank_energy, 0.0, 1.0)
-        number("--lowrank-ratio", self.lowrank_ratio, 0.0, 1.0)
-        if self.lowrank_energy == 0 and self.lowrank_ratio is None:
+        if self.lowrank_energy == 0:
             raise OptionError("--lowrank-energy 0: keeps nothing; give a fraction in (0, 1]")
+        number("--lowrank-energy", self.lowrank_energy, 0.0, 1.0, low_open=True)
+        number("--lowrank-ratio", self.lowrank_ratio, 0.0, 1.0, low_open=True, high_open=True)
         if self.sparsity_pattern not in (None, "2:4"):
             raise OptionError(f"--sparsity-pattern {self.sparsity_pattern!r}: not one of 2:4")
         if not isinstance(self.cluster_per_channel, bool):

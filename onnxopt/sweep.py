@@ -385,8 +385,8 @@ def run_sweep(
         raise OptionError(f"--workers {workers!r}: must be a positive whole number")
     if workers is not None and ray is not None:
         raise OptionError("--workers and --ray: give one (Ray schedules its own workers)")
-    if not (isinstance(latency_budget, (int, float)) and latency_budget >= 0):
-        raise OptionError(f"--latency-budget {latency_budget!r}: must be 0 (no timing) or more seconds")
+    if isinstance(latency_budget, bool) or not (isinstance(latency_budget, (int, float)) and 0 <= latency_budget < math.inf):
+        raise OptionError(f"--latency-budget {latency_budget!r}: must be 0 (no timing) or a finite number of seconds")
     if not recipes:
         raise OptionError("sweep: no recipes")
     if ray is not None:

@@ -617,3 +617,62 @@ def test_max_drop_without_labels_is_refused_for_every_lossy_run_before_any_pass(
     monkeypatch.setattr(pipeline, "model_stats", lambda *a, **k: pytest.fail("the run went past its data checks"))
     args = [model, "--no-latency", "--data", data, "--max-drop", "1", *[data if f == "DATA" else f for f in flags]]
     assert_refused(capsys, model.parent, args, "--max-drop needs labels", "--min-cosine")
+
+
+DISTILL = ["--prune", "0.5", "--distill", "--train-data", "DATA"]
+
+
+@pytest.mark.parametrize("flags,words,kwargs", [
+    (["--max-drop", "inf", "--prune", "0.5"], "--max-drop inf", dict(max_drop=float("inf"), prune=0.5)),
+    (["--max-drop", "nan", "--prune", "0.5"], "--max-drop nan", dict(max_drop=float("nan"), prune=0.5)),
+    (["--max-drop", "101", "--prune", "0.5"], "--max-drop 101", dict(max_drop=101.0, prune=0.5)),
+    (["--min-cosine", "nan", "--prune", "0.5"], "--min-cosine nan", dict(min_cosine=float("nan"), prune=0.5)),
+    (["--latency-budget", "inf"], "--latency-budget inf", dict(latency_budget=float("inf"))),
+    (["--atol", "inf"], "--atol inf", dict(atol=float("inf"))),
+    (["--rtol", "nan"], "--rtol nan", dict(rtol=float("nan"))),
+    (["--threads", "100000"], "--threads 100000", dict(threads=100000)),
+    (["--lowrank-ratio", "0"], "--lowrank-ratio 0", dict(lowrank_ratio=0.0)),
+    (["--lowrank-ratio", "1"], "--lowrank-ratio 1", dict(lowrank_ratio=1.0)),
+    (["--lowrank-energy", "0", "--lowrank-ratio", "0.5"], "--lowrank-energy 0", dict(lowrank_energy=0.0, lowrank_ratio=0.5)),
+    ([*DISTILL, "--lr", "inf"], "--lr inf", dict(lr=float("inf"))),
+    ([*DISTILL, "--lr", "nan"], "--lr nan", dict(lr=float("nan"))),
+    ([*DISTILL, "--lr", "-1"], "--lr -1", dict(lr=-1.0)),
+    ([*DISTILL, "--temperature", "inf"], "--temperature inf", dict(temperature=float("inf"))),
+    ([*DISTILL, "--alpha", "nan"], "--alpha nan", dict(alpha=float("nan"))),
+    ([*DISTILL, "--alpha", "1.5"], "--alpha 1.5", dict(alpha=1.5)),
+    ([*DISTILL, "--epochs", "0"], "--epochs 0", dict(epochs=0)),
+    ([*DISTILL, "--steps", "-1"], "--steps -1", dict(steps=-1)),
+    ([*DISTILL, "--seed", "-1"], "--seed -1", dict(seed=-1)),
+    ([*DISTILL, "--seed", str(2**70)], "--seed", dict(seed=2**70)),
+])
+def test_non_finite_negative_and_out_of_range_numbers_are_one_line(capsys, model, monkeypatch, flags, words, kwargs):
+    """inf passed every check (--lr inf diverged after the passes, --latency-budget inf and --atol inf
+    were taken), a negative or huge --seed was numpy's or torch's traceback, --lowrank-ratio 0 the
+    pass's ValueError: each is now refused before any work, the same way from the API."""
+    import onnxopt
+    import onnxopt.io as oio
+
+    data = model.parent / "x.npz"
+    np.savez(data, x=X, labels=np.zeros(len(X), np.int64))
+    monkeypatch.setattr(oio, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = [model, "--no-latency", *[data if f == "DATA" else f for f in flags]]
+    assert_refused(capsys, model.parent, args, words)
+    if "--train-data" in flags:
+        kwargs = dict(prune=0.5, distill=True, train_data=str(data), **kwargs)
+    with pytest.raises(onnxopt.errors.OptionError, match=words.split()[0]):
+        onnxopt.optimize(str(model), **kwargs)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["bench", "MODEL", "--budget", "inf"], "--budget inf"),
+    (["sweep", "MODEL", "--grid", "GRID", "--latency-budget", "inf"], "--latency-budget inf"),
+])
+def test_bench_and_sweep_refuse_an_infinite_time_budget(capsys, model, args, words):
+    grid = model.parent / "g.toml"
+    grid.write_text("prune = [0.5]\n")
+    before = files(model.parent)
+    code = call(*[{"MODEL": model, "GRID": grid}.get(a, a) for a in args], "--out" if "sweep" in args else "-q",
+                *([model.parent / "sw"] if "sweep" in args else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert files(model.parent) == before
