@@ -8,8 +8,9 @@ inside a pass or numpy.
 
 from __future__ import annotations
 
-__all__ = ["check_arguments"]
+__all__ = ["check_arguments", "require_torch", "import_torch"]
 
+import importlib.util
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -134,3 +135,28 @@ def _check_dims(name: str, dims) -> None:
     if isinstance(dims, str) or not isinstance(dims, Iterable):
         raise OptionError(f"{_FLAGS[name]}: give a list of 'NAME=N' strings or a {{name: size}} mapping, "
                           f"not {type(dims).__name__}")
+
+
+def _torch_missing(what: str, name: str | None = None) -> OptionError:
+    return OptionError(f"{what} needs torch ({name or 'torch'} is missing): pip install 'onnxopt[train]'")
+
+
+def require_torch(what: str) -> None:
+    """Refuse ``what`` (``--distill``, ``--importance taylor``) in one line naming the extra to
+    install when torch cannot be found; cheap (torch is looked for, not imported)."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _torch_missing(what)
+
+
+def import_torch(what: str):
+    """``import torch`` for ``what``; a torch that is missing or fails to import is the one line of
+    ``require_torch``, not a traceback."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise _torch_missing(what, exc.name) from None
+    return torch

@@ -22,6 +22,7 @@ from onnxopt.budget import LossyFallback, judge, lossy_units
 from onnxopt.compressed_size import run_sizes
 from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
+from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
@@ -431,10 +432,8 @@ def distill_step(model, working: ir.Model, train: Dataset, options: dict, progre
                   stat_dims: dict[str, int]) -> PassRecord:
     """Train ``working``'s weights (in place; nodes and shapes unchanged) to match the input
     ``model`` on ``train``, with torch (``onnxopt[train]``): see ``onnxopt.distill``."""
-    try:
-        from onnxopt.distill import distill as run_distillation
-    except ImportError as exc:
-        raise OptionError(f"--distill needs torch ({exc.name} is missing): pip install 'onnxopt[train]'") from None
+    import_torch("--distill")
+    from onnxopt.distill import distill as run_distillation
     teacher = io.load_model(model)
     start = time.perf_counter()
     result = run_distillation(working, teacher, train, threads=1,
@@ -651,10 +650,7 @@ def gradient_statistics(model: ir.Model, criterion: str, data, dims, batch_size,
     if data is None:
         raise OptionError(f"--importance {criterion} needs --calibration (or --train-data)")
     dataset = load_data(data, model, batch_size=batch_size or 32, dims=dims, max_samples=max_samples)
-    try:
-        import torch  # noqa: F401  (the optional extra onnxopt[train])
-    except ImportError as exc:
-        raise OptionError(f"--importance {criterion} needs torch ({exc.name} is missing): pip install 'onnxopt[train]'") from None
+    import_torch(f"--importance {criterion}")  # the optional extra onnxopt[train]
     from onnxopt.gradients import gradient_importance
 
     return gradient_importance(model, dataset, criterion, seed=seed)

@@ -39,6 +39,7 @@ from onnxopt.budget import DEFAULT_MAX_DROP, judge
 from onnxopt.compressed_size import compressed_sizes
 from onnxopt.data import load_data, parse_dims
 from onnxopt.errors import OptionError
+from onnxopt.options import require_torch
 from onnxopt.pipeline import OptimizeResult, optimize, with_pruning
 from onnxopt.recipe import Recipe
 from onnxopt.runtime import ModelSnapshot, run_session
@@ -73,13 +74,14 @@ class Trial:
 
 
 def check_preset_data(name: str, recipe: Recipe) -> None:
-    """Refuse, in one line saying what is needed, a preset run without the data it needs."""
+    """Refuse, in one line saying what is needed, a preset run without the data it needs, or without torch."""
     if name not in PRESETS:
         raise OptionError(f"--preset {name!r}: not one of {', '.join(PRESETS)}")
     missing = [what for what, given in (("--train-data (inputs to distill on; labels optional)", recipe.train_data),
                                         ("--eval (labelled data that judges accuracy)", recipe.data)) if given is None]
     if missing:
         raise OptionError(f"--preset {name} needs {' and '.join(missing)}")
+    require_torch(f"--preset {name}")  # it distills: said before any setting is built
 
 
 def _require_labels(model, recipe: Recipe) -> None:

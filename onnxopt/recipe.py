@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE
 from onnxopt.errors import OptionError, UnknownPassError
-from onnxopt.options import check_arguments
+from onnxopt.options import check_arguments, require_torch
 from onnxopt.passes import (
     REGISTRY,
     ClusterWeights,
@@ -211,6 +211,10 @@ class Recipe:
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
         self._check_family()
         check_arguments({**self.arguments(), "passes": self.pass_list()})
+        if self.distill:
+            require_torch("--distill")
+        if self.prune is not None and self.importance in ("taylor", "fisher"):
+            require_torch(f"--importance {self.importance}")
         if not self._quantizes() and self._quantize_options_changed():
             raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
                               "--no-bias-correction and --no-speed-fallback apply to --quantize int8")

@@ -676,3 +676,45 @@ def test_bench_and_sweep_refuse_an_infinite_time_budget(capsys, model, args, wor
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
     assert files(model.parent) == before
+
+
+_NO_TORCH = """
+import contextlib, io, json, sys
+sys.modules["torch"] = None  # as if torch were not installed
+from onnxopt.cli import main
+import onnxopt
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    results.append([code, err.getvalue()])
+try:
+    onnxopt.optimize(sys.argv[2], prune=0.5, distill=True, train_data=sys.argv[3], latency=False)
+except onnxopt.errors.OnnxoptError as exc:
+    results.append([2, "onnxopt: error: " + str(exc) + "\\n"])
+print(json.dumps(results))
+"""
+
+
+def test_without_torch_every_training_feature_is_one_line_naming_the_extra(folder, model):
+    """--distill and --preset deep-compression ran every pass, then died in 'import torch' with a
+    traceback; now each training feature says, before any work, what to install."""
+    data = folder / "x.npz"
+    np.savez(data, x=X, labels=np.zeros(len(X), np.int64))
+    base = [str(model), "--no-latency", "-q", "-o", str(folder / "o.onnx")]
+    cases = [
+        (["--prune", "0.5", "--distill", "--train-data", str(data)], "--distill"),
+        (["--preset", "deep-compression", "--eval", str(data), "--train-data", str(data)], "--preset deep-compression"),
+        (["--prune", "0.5", "--importance", "taylor", "--calibration", str(data)], "--importance taylor"),
+        (["--prune", "0.5", "--importance", "fisher", "--calibration", str(data)], "--importance fisher"),
+    ]
+    before = files(folder)
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps([base + args for args, _ in cases]), str(model),
+                          str(data)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    for (code, err), what in zip(results, [w for _, w in cases] + ["--distill"]):
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"onnxopt: error: {what} needs torch") and "pip install 'onnxopt[train]'" in err, err
+    assert files(folder) == before
