@@ -418,11 +418,28 @@ def _dims_table(name: str, dims) -> dict[str, str]:
 
 
 def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_string(key)
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)  # TOML's bare keys: ASCII only
+    return key if bare else _toml_string(key)
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 def _toml_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """A TOML basic string that reads back as ``text``: quotes, backslashes and every control
+    character (which TOML forbids raw: CR, NUL, ESC, DEL) escaped; other characters as they are."""
+    out = []
+    for c in text:
+        if 0xD800 <= ord(c) <= 0xDFFF:  # a file name's undecodable byte (surrogateescape): no UTF-8 for it
+            raise OptionError(f"--save-recipe: {text!r} is not valid Unicode (a name in another encoding?); "
+                              "a recipe file holds UTF-8 text")
+        if c in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(name: str, value) -> str:
