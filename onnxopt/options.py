@@ -131,6 +131,8 @@ def _check_dims(name: str, dims) -> None:
         for key, size in dims.items():
             if not isinstance(key, str) or isinstance(size, bool) or not isinstance(size, numbers.Integral):
                 raise OptionError(f"{_FLAGS[name]} {key!r}={size!r}: give a dim name and a whole size")
+            if size < 1:
+                raise OptionError(f"{_FLAGS[name]} {key}={size}: the size must be positive")
         return
     if isinstance(dims, str) or not isinstance(dims, Iterable):
         raise OptionError(f"{_FLAGS[name]}: give a list of 'NAME=N' strings or a {{name: size}} mapping, "

@@ -54,6 +54,9 @@ _NULLABLE = frozenset({f.name for f in fields(Recipe) if f.default is None} | {"
 _LIST_VALUED = frozenset({"passes", "exclude", "providers"})
 _TABLE_VALUED = frozenset({"dims", "fix_dims"})
 _DATA_FIELDS = ("data", "calibration")
+# The most recipes a grid may expand to: each is a whole optimize() run, timed after.
+MAX_RECIPES = 1000
+MAX_WORKERS = 256
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -85,6 +88,11 @@ def expand_grid(table: Mapping[str, Any], *, where: str = "grid") -> list[Recipe
     for i, entry in enumerate(listed, 1):
         _check_names(entry, f"{where} [[recipe]] {i}")
     axes = [(name, _values(name, value, where)) for name, value in table.items()]
+    count = (math.prod(len(v) for _, v in axes) if axes else 0) + len(listed)
+    if count > MAX_RECIPES:  # counted before any is built: 1000 x 1000 values would fill the memory first
+        sizes = " x ".join(str(len(v)) for _, v in axes) or "0"
+        raise OptionError(f"{where}: {count:,} recipes ({sizes} from the lists, {len(listed)} listed); "
+                          f"a sweep takes at most {MAX_RECIPES:,}: give fewer values")
     combos = [dict(zip([n for n, _ in axes], c)) for c in itertools.product(*(v for _, v in axes))] if axes else []
     raw = [{**base, **c} for c in combos] + [{**base, **entry} for entry in listed]
     if not raw:
@@ -356,6 +364,22 @@ def _check_data_paths(recipes: Sequence[Recipe]) -> None:
                 raise OptionError(f"{flag} {exc}") from None
 
 
+def _check_providers(recipes: Sequence[Recipe], local: bool) -> None:
+    """Refuse a provider name onnxruntime does not know, and (built here) one this machine lacks, in
+    one line before any worker starts; Ray's workers may have providers this machine has not."""
+    from onnxopt.errors import ProviderError
+    from onnxopt.runtime import resolve_providers
+
+    for i, recipe in enumerate(recipes, 1):
+        try:
+            resolve_providers(recipe.providers)
+        except ProviderError as exc:
+            if local:
+                raise OptionError(f"sweep: recipe {i}: {exc}") from None
+        except OnnxoptError as exc:
+            raise OptionError(f"sweep: recipe {i}: {exc}") from None
+
+
 def run_sweep(
     model_path: str | os.PathLike,
     recipes: Sequence[Recipe],
@@ -383,6 +407,8 @@ def run_sweep(
         raise OptionError(f"{model_path}: no such model file")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise OptionError(f"--workers {workers!r}: must be a positive whole number")
+    if workers is not None and workers > MAX_WORKERS:
+        raise OptionError(f"--workers {workers}: more than {MAX_WORKERS} processes; give at most one per core")
     if workers is not None and ray is not None:
         raise OptionError("--workers and --ray: give one (Ray schedules its own workers)")
     if isinstance(latency_budget, bool) or not (isinstance(latency_budget, (int, float)) and 0 <= latency_budget < math.inf):
@@ -395,6 +421,7 @@ def run_sweep(
         require_ray()
     recipes = [_with_data(r, eval, calibration) for r in recipes]
     _check_data_paths(recipes)
+    _check_providers(recipes, local=ray is None)
     io.load_model(model_path)  # a model that does not load is refused before any worker starts
     out = Path(out_dir)
     models_dir = out / "models"

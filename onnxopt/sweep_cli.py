@@ -134,7 +134,7 @@ def _run(args, progress: Progress) -> int:
     recipes = load_grid(args.grid)
     out = args.out or os.path.splitext(os.path.basename(args.model))[0] + ".sweep"
     if os.path.exists(out) and not os.path.isdir(out):
-        raise OptionError(f"--out {out}: is a file, not a folder")
+        raise OptionError(f"--out {out}: exists and is not a folder; give a folder's path")
     result = run_sweep(args.model, recipes, eval=args.eval, calibration=args.calibration, out_dir=out,
                        workers=args.workers, ray=args.ray, latency_budget=args.latency_budget, progress=progress)
     progress.clear()
