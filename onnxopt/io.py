@@ -7,6 +7,7 @@ __all__ = [
     "save_model",
     "check_external_data",
     "check_destination",
+    "check_model_path",
     "referenced_files",
     "default_output_path",
     "weight_bytes",
@@ -60,15 +61,24 @@ def load_model(source, *, copy: bool = True) -> ir.Model:
     )
 
 
-def _load_path(path: Path) -> ir.Model:
+def check_model_path(path: str | os.PathLike) -> Path:
+    """``path`` when it names a non-empty regular file (symbolic links followed), else one
+    ``ModelLoadError`` line: missing, a folder, a device or a FIFO (``/dev/zero`` would be read until
+    memory runs out, a FIFO would block), or empty."""
+    path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
-    if not path.is_file():  # /dev/zero would be read until memory runs out, a FIFO would block
+    if not path.is_file():
         raise ModelLoadError(f"{path}: not a regular file (a device, pipe or socket), not an ONNX model")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    return path
+
+
+def _load_path(path: Path) -> ir.Model:
+    check_model_path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -210,6 +220,8 @@ def _check_location(name: str, location: str, base: Path) -> Path:
         raise ExternalDataError(
             f"tensor '{name}': external data location '{location}' escapes the model's folder"
         )
+    if target.exists() and not target.is_file():
+        raise ExternalDataError(f"tensor '{name}': external data '{location}' is not a regular file (a folder, device or pipe)")
     if not target.is_file():
         raise ExternalDataError(f"tensor '{name}': external data file '{location}' not found next to the model")
     return target

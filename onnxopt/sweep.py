@@ -403,8 +403,7 @@ def run_sweep(
     """
     start = time.perf_counter()
     model_path = os.fspath(model_path)
-    if not os.path.isfile(model_path):
-        raise OptionError(f"{model_path}: no such model file")
+    io.check_model_path(model_path)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise OptionError(f"--workers {workers!r}: must be a positive whole number")
     if workers is not None and workers > MAX_WORKERS:

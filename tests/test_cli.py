@@ -718,3 +718,34 @@ def test_without_torch_every_training_feature_is_one_line_naming_the_extra(folde
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"onnxopt: error: {what} needs torch") and "pip install 'onnxopt[train]'" in err, err
     assert files(folder) == before
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("folder", "is a folder"), ("empty", "empty file"), ("truncated", "not a valid ONNX model"),
+    ("fifo", "not a regular file"), ("data-missing", "not found next to the model"),
+    ("data-fifo", "is not a regular file"),
+])
+@pytest.mark.parametrize("command", ["optimize", "bench", "sweep"])
+def test_a_bad_model_path_is_one_line_exit_2_in_every_command(capsys, folder, kind, words, command):
+    """The sweep said 'no such model file' of a folder or a FIFO, an external-data FIFO was 'not
+    found': each command now gives the loader's own line."""
+    if kind.startswith("data"):
+        path = external_model(folder)
+        (path.parent / "w.bin").unlink()
+        if kind == "data-fifo":
+            os.mkfifo(path.parent / "w.bin")
+    else:
+        path = folder / "bad.onnx"
+        if kind == "folder":
+            path.mkdir()
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "truncated":
+            path.write_bytes((folder / "m.onnx").read_bytes()[:300])
+        else:
+            os.mkfifo(path)
+    grid = folder / "g.toml"
+    grid.write_text("prune = [0.5]\n")
+    args = {"optimize": [path, "--no-latency"], "bench": ["bench", path, "-q"],
+            "sweep": ["sweep", path, "--grid", grid, "--out", folder / "sw"]}[command]
+    assert_refused(capsys, folder, args, words)
