@@ -192,8 +192,8 @@ def bench(
     threshold = parse_fraction(max_slowdown)
     if not 0.5 <= confidence < 1:
         raise OptionError(f"--confidence {confidence!r}: must be at least 0.5 and below 1")
-    if not budget_seconds > 0:
-        raise OptionError(f"--budget {budget_seconds!r}: must be a positive number of seconds")
+    if isinstance(budget_seconds, bool) or not isinstance(budget_seconds, (int, float)) or not 0 < budget_seconds < math.inf:
+        raise OptionError(f"--budget {budget_seconds!r}: must be a positive, finite number of seconds")
     settings = timing_settings(providers, threads, inter_threads, optimization, spinning)
     dims = parse_dims(dims)
     candidate = io.load_model(model)

@@ -191,6 +191,10 @@ def _recipe(args, parser) -> Recipe:
             value = False  # --no-speed-fallback; None (the default) is 'when latency is measured'
         changes[_RENAMED.get(name, name)] = value
     recipe = recipe.replace(**changes)
+    if args.preset:  # said in the preset's words, not as the --distill it turns on
+        from onnxopt.presets import check_preset_data
+
+        check_preset_data(args.preset, recipe)
     recipe.check_options()
     return recipe
 

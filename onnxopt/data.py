@@ -34,12 +34,14 @@ __all__ = [
     "head",
     "parse_dims",
     "LABEL_KEYS",
+    "check_data_path",
 ]
 
 import itertools
 import math
 import os
 import re
+import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -276,9 +278,33 @@ def _first_samples(feeds: Iterable[dict], max_samples: int) -> Iterator[dict]:
         yield feed
 
 
+def check_data_path(path: str | os.PathLike) -> Path:
+    """``path`` when it is a regular file or a folder (symbolic links followed); else a one-line
+    ``DataError``: missing, or a device, pipe or socket (``/dev/zero`` would be read forever, a FIFO
+    would block), before anything opens it."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(f"{path}: not a regular file or folder (a device, pipe or socket); "
+                        "give an .npz, .npy or .pb file or a folder of them")
+    return path
+
+
+def _regular_file(path: Path) -> Path:
+    """``path`` when it is a regular file (a member of a data folder: an ``x.npy`` that is a FIFO or a
+    folder is refused in one line, not opened)."""
+    if check_data_path(path).is_dir():
+        raise DataError(f"{path}: is a folder, not a data file")
+    return path
+
+
 def _read_path(path: Path, specs: list[InputSpec], max_samples: int | None = None):
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+    check_data_path(path)
     if path.is_file():
         if path.suffix == ".npz":
             return {k: r.read(max_samples) for k, r in _npz_readers(path).items()}, None, str(path)
@@ -303,6 +329,7 @@ def _read_path(path: Path, specs: list[InputSpec], max_samples: int | None = Non
 
 def _load_npy(path: Path, max_samples: int | None = None) -> np.ndarray:
     """The array of an ``.npy`` file (its first ``max_samples`` rows), its declared size checked first."""
+    _regular_file(path)
     try:
         return _RowReader(lambda: open(path, "rb"), str(path)).read(max_samples)
     except OSError as exc:
@@ -318,6 +345,8 @@ def _read_pb_set(paths: list[Path], specs: list[InputSpec]) -> dict[str, np.ndar
     feed = {}
     for i, p in enumerate(paths):
         tensor = onnx.TensorProto()
+        if _regular_file(p).stat().st_size > READ_LIMIT:
+            raise DataError(f"{p}: {_gib(p.stat().st_size)}, more than {_gib(READ_LIMIT)} to read at once")
         try:
             tensor.ParseFromString(p.read_bytes())
             array = onnx.numpy_helper.to_array(tensor)
@@ -614,7 +643,7 @@ def stream_data(
     specs = input_specs(model)
     stream = None
     if isinstance(source, (str, os.PathLike)) and str(source) != "synthetic":
-        path = Path(source)
+        path = check_data_path(source)
         if path.is_file() and path.suffix == ".npz":
             stream = _npz_stream(path, specs, batch_size, max_samples)
         elif path.is_dir() and not any(path.glob("input_*.pb")) and not any(path.glob("test_data_set*")):
@@ -722,7 +751,7 @@ def _npy_folder_stream(path: Path, specs: list[InputSpec], batch_size: int | Non
     files = sorted(path.glob("*.npy"))
     if not files:
         return None
-    readers = {f.stem: _RowReader(lambda f=f: open(f, "rb"), str(f)) for f in files}
+    readers = {f.stem: _RowReader(lambda f=f: open(_regular_file(f), "rb"), str(f)) for f in files}
     return _rows_stream(readers, specs, batch_size, str(path), max_samples)
 
 

@@ -70,6 +70,8 @@ def _pool(data, where: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     for feed in data:
         for name, array in feed.items():
             array = np.asarray(array)
+            if array.ndim == 0:
+                raise DataError(f"{where}: input '{name}' is a scalar (0-d); distillation needs a first axis of samples")
             parts.setdefault(name, []).append(array)
             size += array.nbytes
         if size > POOL_LIMIT_BYTES:
@@ -206,8 +208,12 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         raise OptionError("give steps or epochs, not both")
     if (steps is not None and steps < 0) or (epochs is not None and epochs < 0):
         raise OptionError("steps and epochs must be >= 0")
-    if temperature <= 0:
-        raise OptionError(f"temperature must be > 0, not {temperature}")
+    if not 0 < temperature < math.inf:  # NaN too
+        raise OptionError(f"temperature must be a finite number > 0, not {temperature}")
+    if not 0 < lr < math.inf:
+        raise OptionError(f"lr must be a finite number > 0, not {lr}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, not {seed!r}")
     if not 0.0 <= alpha <= 1.0:
         raise OptionError(f"alpha must be in [0, 1], not {alpha}")
     if batch_size < 1:
@@ -220,6 +226,8 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    # The student first: an op the interpreter cannot run is said before any data is read or pooled.
+    student = build_student(student_model)
     pool, pool_labels = _pool(train, "train data")
     if labels is not None:
         pool_labels = np.asarray(labels)
@@ -256,7 +264,6 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     total = steps if steps is not None else (10 if epochs is None else epochs) * per_epoch
     eval_every = eval_every or per_epoch
 
-    student = build_student(student_model)
     check_feed = _take(pool, train_index[: min(64, n_train)])
     check_matches(student, student_model, check_feed,
                   mismatch_fraction=QDQ_MISMATCH_FRACTION if has_quantize_nodes(student_model) else 0.0)

@@ -7,6 +7,7 @@ __all__ = [
     "save_model",
     "check_external_data",
     "check_destination",
+    "check_model_path",
     "referenced_files",
     "default_output_path",
     "weight_bytes",
@@ -60,13 +61,24 @@ def load_model(source, *, copy: bool = True) -> ir.Model:
     )
 
 
-def _load_path(path: Path) -> ir.Model:
+def check_model_path(path: str | os.PathLike) -> Path:
+    """``path`` when it names a non-empty regular file (symbolic links followed), else one
+    ``ModelLoadError`` line: missing, a folder, a device or a FIFO (``/dev/zero`` would be read until
+    memory runs out, a FIFO would block), or empty."""
+    path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file (a device, pipe or socket), not an ONNX model")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    return path
+
+
+def _load_path(path: Path) -> ir.Model:
+    check_model_path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -208,6 +220,8 @@ def _check_location(name: str, location: str, base: Path) -> Path:
         raise ExternalDataError(
             f"tensor '{name}': external data location '{location}' escapes the model's folder"
         )
+    if target.exists() and not target.is_file():
+        raise ExternalDataError(f"tensor '{name}': external data '{location}' is not a regular file (a folder, device or pipe)")
     if not target.is_file():
         raise ExternalDataError(f"tensor '{name}': external data file '{location}' not found next to the model")
     return target
@@ -297,12 +311,41 @@ def check_external_data(model: ir.Model) -> None:
             )
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode a file created with ``open(path, "w")`` gets: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def temp_file(folder: str | os.PathLike, prefix: str, suffix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder`` (a unique name, created exclusively), with the mode that a
+    plain ``open`` would give (mkstemp makes 0600, which an ``os.replace`` would hand on to the
+    user's output: unreadable to the group a umask of 022 or 002 means to share it with)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except OSError:
+        pass  # a file system without modes (FAT): nothing to hand on
+    return fd, tmp
+
+
 def stage_text(text: str, path: str | os.PathLike, flag: str) -> str:
     """``text`` in a new temporary file of a unique name beside ``path``; the caller commits it with
     ``os.replace`` or removes it (concurrent runs and an existing ``<path>.tmp`` are safe)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = temp_file(folder, f".{os.path.basename(path)}.", ".tmp")
     except OSError as exc:
         raise OutputPathError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
     try:
@@ -500,16 +543,19 @@ def save_model(
     try:
         data_name = None
         if external_data:
-            fd, data_path = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".data", dir=folder)
+            fd, data_path = temp_file(folder, f"{path.name}.", ".data")
             os.close(fd)
             written.append(data_path)
             data_name = os.path.basename(data_path)
-        fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp_model = temp_file(folder, f".{path.name}.", ".tmp")
         os.close(fd)
         written.append(tmp_model)
         # Lazy external tensors are read while writing, so they must still point at their source.
         with _types_hidden(model, value_info):
             ir.save(model, tmp_model, format="protobuf", external_data=data_name)
+        for done in written:  # in case the writer made its files anew
+            with contextlib.suppress(OSError):
+                os.chmod(done, new_file_mode())
         os.replace(tmp_model, path)  # the commit: readers see the old pair until here, the new one after
         written.clear()
     except OSError as exc:

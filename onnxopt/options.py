@@ -8,8 +8,9 @@ inside a pass or numpy.
 
 from __future__ import annotations
 
-__all__ = ["check_arguments"]
+__all__ = ["check_arguments", "require_torch", "import_torch"]
 
+import importlib.util
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,9 @@ from onnxopt.calibrate import METHODS
 from onnxopt.errors import OptionError
 from onnxopt.passes.prune_channels import IMPORTANCE_CRITERIA
 from onnxopt.target import TARGETS
+
+# More intra-op threads than any machine has cores: onnxruntime would start them all.
+MAX_THREADS = 1024
 
 _FLAGS = {  # argument of optimize() -> its command-line flag
     "batch_size": "--batch-size", "threads": "--threads", "round_to": "--round-to", "max_samples": "--max-samples",
@@ -44,9 +48,13 @@ def check_arguments(args: Mapping[str, Any]) -> None:
             _integer(name, args[name], least=1)
     if "round_to" in args:
         _integer("round_to", args["round_to"], least=1)
-    for name in ("atol", "latency_budget", "max_drop", "rtol"):
+    for name in ("atol", "latency_budget", "rtol"):
         if given(name) or (name in args and name in ("atol", "latency_budget")):
             _number(name, args[name], low=0.0)
+    if given("max_drop"):  # accuracy points: 100 loses everything
+        _number("max_drop", args["max_drop"], low=0.0, high=100.0)
+    if given("threads") and args["threads"] > MAX_THREADS:
+        raise OptionError(f"--threads {args['threads']}: more than {MAX_THREADS}; give at most one per core")
     if given("min_cosine"):
         _number("min_cosine", args["min_cosine"], low=-1.0, high=1.0)
     if given("percentile"):
@@ -104,9 +112,12 @@ def _integer(name: str, value, *, least: int) -> None:
 
 def _number(name: str, value, *, low: float, high: float = math.inf, low_open: bool = False,
             high_open: bool = False) -> None:
+    """``value`` a finite real number within the bounds (``high=inf``: no upper bound, but finite)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(f"{_FLAGS[name]} {value!r}: must be a number")
     value = float(value)
+    if math.isinf(value):
+        raise OptionError(f"{_FLAGS[name]} {value:g}: must be a finite number")
     inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not inside:
         if high == math.inf:
@@ -120,7 +131,34 @@ def _check_dims(name: str, dims) -> None:
         for key, size in dims.items():
             if not isinstance(key, str) or isinstance(size, bool) or not isinstance(size, numbers.Integral):
                 raise OptionError(f"{_FLAGS[name]} {key!r}={size!r}: give a dim name and a whole size")
+            if size < 1:
+                raise OptionError(f"{_FLAGS[name]} {key}={size}: the size must be positive")
         return
     if isinstance(dims, str) or not isinstance(dims, Iterable):
         raise OptionError(f"{_FLAGS[name]}: give a list of 'NAME=N' strings or a {{name: size}} mapping, "
                           f"not {type(dims).__name__}")
+
+
+def _torch_missing(what: str, name: str | None = None) -> OptionError:
+    return OptionError(f"{what} needs torch ({name or 'torch'} is missing): pip install 'onnxopt[train]'")
+
+
+def require_torch(what: str) -> None:
+    """Refuse ``what`` (``--distill``, ``--importance taylor``) in one line naming the extra to
+    install when torch cannot be found; cheap (torch is looked for, not imported)."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _torch_missing(what)
+
+
+def import_torch(what: str):
+    """``import torch`` for ``what``; a torch that is missing or fails to import is the one line of
+    ``require_torch``, not a traceback."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise _torch_missing(what, exc.name) from None
+    return torch

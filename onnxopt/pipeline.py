@@ -23,6 +23,7 @@ from onnxopt.compressed_size import run_sizes
 from onnxopt.data import (Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims,
                           timing_feed)
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
+from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
 from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
@@ -30,7 +31,7 @@ from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report, Validation, plural
-from onnxopt.runtime import ModelSnapshot, run_session
+from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 from onnxopt.stats import model_stats
 from onnxopt.synthetic import runnable_synthetic_data
 from onnxopt.validate import DEFAULT_ATOL, ReferenceOutputs, compare_models
@@ -188,6 +189,10 @@ def _optimize(
     pass onnx.checker and load in onnxruntime, else the report fails (nothing to write).
     """
     arguments = dict(locals())
+    if precision == "bf16" and resolve_providers(providers) == ["CPUExecutionProvider"]:
+        raise OptionError("--precision bf16: onnxruntime's CPU provider has no bfloat16 kernels (Relu, Conv, Gemm, ...), "
+                          "so the result could not be run or validated here; use --precision fp16, or --providers cuda "
+                          "on a machine with CUDA")
     pass_objects = resolve_passes(passes)
     requested = list(pass_objects)
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
@@ -245,7 +250,7 @@ def _optimize(
             reference_outputs = _reference_outputs(original, dataset, providers)
         if large:
             original.release()  # its weights would sit beside each pass's and the candidate's
-        if quantization is not None and max_drop is not None and validate and dataset.labels is None:
+        if max_drop is not None and validate and dataset.labels is None:  # any lossy run, before any pass
             raise OptionError(f"--max-drop needs labels in the --eval data ({dataset.source} has none); "
                               "without labels the budget is --min-cosine")
     # MACs per sample at the data's other dims (a transformer's sequence length), unless --dim says.
@@ -253,6 +258,10 @@ def _optimize(
                  **fixed_dims}
     train = None
     if distill:  # read and checked before any pass runs
+        scalar = [s.name for s in input_specs(working) if s.shape == ()]
+        if scalar:
+            raise OptionError(f"--distill: input '{scalar[0]}' is a scalar (0-d); distillation needs inputs with a "
+                              "first axis of samples")
         train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
@@ -428,10 +437,8 @@ def distill_step(model, working: ir.Model, train: Dataset, options: dict, progre
                   stat_dims: dict[str, int]) -> PassRecord:
     """Train ``working``'s weights (in place; nodes and shapes unchanged) to match the input
     ``model`` on ``train``, with torch (``onnxopt[train]``): see ``onnxopt.distill``."""
-    try:
-        from onnxopt.distill import distill as run_distillation
-    except ImportError as exc:
-        raise OptionError(f"--distill needs torch ({exc.name} is missing): pip install 'onnxopt[train]'") from None
+    import_torch("--distill")
+    from onnxopt.distill import distill as run_distillation
     teacher = io.load_model(model)
     start = time.perf_counter()
     result = run_distillation(working, teacher, train, threads=1,
@@ -648,10 +655,7 @@ def gradient_statistics(model: ir.Model, criterion: str, data, dims, batch_size,
     if data is None:
         raise OptionError(f"--importance {criterion} needs --calibration (or --train-data)")
     dataset = load_data(data, model, batch_size=batch_size or 32, dims=dims, max_samples=max_samples)
-    try:
-        import torch  # noqa: F401  (the optional extra onnxopt[train])
-    except ImportError as exc:
-        raise OptionError(f"--importance {criterion} needs torch ({exc.name} is missing): pip install 'onnxopt[train]'") from None
+    import_torch(f"--importance {criterion}")  # the optional extra onnxopt[train]
     from onnxopt.gradients import gradient_importance
 
     return gradient_importance(model, dataset, criterion, seed=seed)

@@ -37,8 +37,9 @@ import numpy as np
 from onnxopt import io
 from onnxopt.budget import DEFAULT_MAX_DROP, judge
 from onnxopt.compressed_size import compressed_sizes
-from onnxopt.data import load_data
+from onnxopt.data import load_data, parse_dims
 from onnxopt.errors import OptionError
+from onnxopt.options import require_torch
 from onnxopt.pipeline import OptimizeResult, optimize, with_pruning
 from onnxopt.recipe import Recipe
 from onnxopt.runtime import ModelSnapshot, run_session
@@ -72,6 +73,26 @@ class Trial:
                 "accuracy_after": self.accuracy_after, "met": self.met, "note": self.note}
 
 
+def check_preset_data(name: str, recipe: Recipe) -> None:
+    """Refuse, in one line saying what is needed, a preset run without the data it needs, or without torch."""
+    if name not in PRESETS:
+        raise OptionError(f"--preset {name!r}: not one of {', '.join(PRESETS)}")
+    missing = [what for what, given in (("--train-data (inputs to distill on; labels optional)", recipe.train_data),
+                                        ("--eval (labelled data that judges accuracy)", recipe.data)) if given is None]
+    if missing:
+        raise OptionError(f"--preset {name} needs {' and '.join(missing)}")
+    require_torch(f"--preset {name}")  # it distills: said before any setting is built
+
+
+def _require_labels(model, recipe: Recipe) -> None:
+    """Refuse ``--eval`` data without labels: the preset picks its setting by accuracy."""
+    dataset = load_data(recipe.data, io.load_model(model), batch_size=recipe.batch_size, dims=parse_dims(recipe.dims),
+                        max_samples=recipe.max_samples)
+    if dataset.labels is None:
+        raise OptionError(f"--preset deep-compression needs labels in the --eval data ({dataset.source} has none): "
+                          "accuracy picks the setting")
+
+
 def run_preset(name: str, model, recipe: Recipe, *, progress: Progress | None = None, **options) -> OptimizeResult:
     """Run preset ``name`` (one of ``PRESETS``) on ``model`` with ``recipe``'s data and options."""
     if name not in PRESETS:
@@ -93,8 +114,8 @@ def deep_compression(model, recipe: Recipe, *, grid: Mapping[str, Sequence] | No
     unknown = set(grid) - {"prune", "sparsity", "cluster_bits"}
     if unknown:
         raise OptionError(f"deep-compression grid: unknown setting(s) {', '.join(sorted(unknown))}")
-    if recipe.data is None or recipe.train_data is None:
-        raise OptionError("--preset deep-compression needs --eval (labelled data) and --train-data")
+    check_preset_data("deep-compression", recipe)
+    _require_labels(model, recipe)  # before the first setting is built
     if recipe.min_cosine is not None:
         raise OptionError("--preset deep-compression judges accuracy (--max-drop); --min-cosine does not apply")
     max_drop = DEFAULT_MAX_DROP if recipe.max_drop is None else recipe.max_drop

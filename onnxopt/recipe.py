@@ -24,11 +24,12 @@ as on the command line.
 
 from __future__ import annotations
 
-__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET"]
+__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET", "read_toml", "TOML_LIMIT"]
 
 import dataclasses
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -39,7 +40,7 @@ import onnx_ir as ir
 
 from onnxopt.calibrate import DEFAULT_PERCENTILE
 from onnxopt.errors import OptionError, UnknownPassError
-from onnxopt.options import check_arguments
+from onnxopt.options import check_arguments, require_torch
 from onnxopt.passes import (
     REGISTRY,
     ClusterWeights,
@@ -61,6 +62,39 @@ QUANTIZE_MODES = ("int8", "int8-dynamic", "int4", "auto")  # auto: onnxopt.auto_
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
 _QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target",
                      "smooth_quant")
+
+
+# The largest recipe or grid file read: a real one is a few hundred bytes.
+TOML_LIMIT = 2**20
+
+
+def read_toml(path: str | os.PathLike, flag: str) -> dict[str, Any]:
+    """The table of the TOML file at ``path`` (``--recipe``, ``--grid``: ``flag`` names it in the
+    messages); a missing file, a folder, a device or a FIFO, a file over ``TOML_LIMIT`` and text that
+    is not UTF-8 TOML are each one ``OptionError`` line, before more than ``TOML_LIMIT`` bytes are read."""
+    shown = f"{flag} {os.fspath(path)}"
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise OptionError(f"{shown}: is a folder, not a TOML file")
+            if not stat.S_ISREG(mode):
+                raise OptionError(f"{shown}: not a regular file (a device, pipe or socket); give a TOML file")
+            data = f.read(TOML_LIMIT + 1)
+    except FileNotFoundError:
+        raise OptionError(f"{shown}: no such file") from None
+    except IsADirectoryError:
+        raise OptionError(f"{shown}: is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise OptionError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > TOML_LIMIT:
+        raise OptionError(f"{shown}: more than {TOML_LIMIT // 2**20} MiB; a TOML file of options is far smaller")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"{shown}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise OptionError(f"{shown}: not valid TOML ({exc})") from None
 
 
 @dataclass
@@ -139,16 +173,7 @@ class Recipe:
     def from_toml(cls, path: str | os.PathLike) -> Recipe:
         """The recipe a TOML file holds; unknown keys, bad TOML and bad values are one-line errors."""
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        except FileNotFoundError:
-            raise OptionError(f"--recipe {path}: no such file") from None
-        except IsADirectoryError:
-            raise OptionError(f"--recipe {path}: is a folder, not a TOML file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise OptionError(f"--recipe {path}: not valid TOML ({exc})") from None
-        return cls._from_table(table, f"--recipe {path}")
+        return cls._from_table(read_toml(path, "--recipe"), f"--recipe {path}")
 
     @classmethod
     def from_toml_text(cls, text: str) -> Recipe:
@@ -186,6 +211,10 @@ class Recipe:
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
         self._check_family()
         check_arguments({**self.arguments(), "passes": self.pass_list()})
+        if self.distill:
+            require_torch("--distill")
+        if self.prune is not None and self.importance in ("taylor", "fisher"):
+            require_torch(f"--importance {self.importance}")
         if not self._quantizes() and self._quantize_options_changed():
             raise OptionError("--activations, --target, --per-tensor, --exclude, --calibrate, --percentile, "
                               "--no-bias-correction and --no-speed-fallback apply to --quantize int8")
@@ -213,30 +242,33 @@ class Recipe:
         for flag, value, low in (("--epochs", self.epochs, 1), ("--steps", self.steps, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise OptionError(f"{flag} {value!r}: must be a positive whole number")
-        for flag, value, low, high in (("--temperature", self.temperature, 0.0, math.inf), ("--alpha", self.alpha, 0.0, 1.0),
-                                       ("--lr", self.lr, 0.0, math.inf)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high and not (
-                    flag == "--alpha" and value == 0.0):
-                raise OptionError(f"{flag} {value!r}: must be a number in ({low:g}, {high:g}]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise OptionError(f"--seed {self.seed!r}: must be a whole number")
+        for flag, value in (("--temperature", self.temperature), ("--lr", self.lr)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise OptionError(f"{flag} {value!r}: must be a finite number above 0")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise OptionError(f"--alpha {self.alpha!r}: must be a number in [0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise OptionError(f"--seed {self.seed!r}: must be a whole number from 0 to 2**63 - 1")
 
     def _check_family(self) -> None:
-        def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False) -> None:
+        def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False,
+                   low_open: bool = False) -> None:
             if value is None:
                 return
             kind = int if whole else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise OptionError(f"{flag} {value!r}: must be {'a whole number' if whole else 'a number'}")
-            if not (low <= value < high if high_open else low <= value <= high):
-                raise OptionError(f"{flag} {value:g}: must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+            inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+            if not inside:  # NaN too: no comparison holds
+                raise OptionError(f"{flag} {value:g}: must be in {'(' if low_open else '['}{low:g}, {high:g}"
+                                  f"{')' if high_open else ']'}")
 
         number("--cluster-bits", self.cluster_bits, 1, 8, whole=True)
         number("--sparsity", self.sparsity, 0.0, 1.0, high_open=True)
-        number("--lowrank-energy", self.lowrank_energy, 0.0, 1.0)
-        number("--lowrank-ratio", self.lowrank_ratio, 0.0, 1.0)
-        if self.lowrank_energy == 0 and self.lowrank_ratio is None:
+        if self.lowrank_energy == 0:
             raise OptionError("--lowrank-energy 0: keeps nothing; give a fraction in (0, 1]")
+        number("--lowrank-energy", self.lowrank_energy, 0.0, 1.0, low_open=True)
+        number("--lowrank-ratio", self.lowrank_ratio, 0.0, 1.0, low_open=True, high_open=True)
         if self.sparsity_pattern not in (None, "2:4"):
             raise OptionError(f"--sparsity-pattern {self.sparsity_pattern!r}: not one of 2:4")
         if not isinstance(self.cluster_per_channel, bool):
@@ -386,11 +418,28 @@ def _dims_table(name: str, dims) -> dict[str, str]:
 
 
 def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_string(key)
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)  # TOML's bare keys: ASCII only
+    return key if bare else _toml_string(key)
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 def _toml_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """A TOML basic string that reads back as ``text``: quotes, backslashes and every control
+    character (which TOML forbids raw: CR, NUL, ESC, DEL) escaped; other characters as they are."""
+    out = []
+    for c in text:
+        if 0xD800 <= ord(c) <= 0xDFFF:  # a file name's undecodable byte (surrogateescape): no UTF-8 for it
+            raise OptionError(f"--save-recipe: {text!r} is not valid Unicode (a name in another encoding?); "
+                              "a recipe file holds UTF-8 text")
+        if c in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(name: str, value) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "StudentMismatchError",
     "Student",
     "build_student",
+    "check_supported",
     "check_matches",
     "has_quantize_nodes",
     "QDQ_MISMATCH_FRACTION",
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import DataError, OnnxoptError
 
 
 class UnsupportedOpError(OnnxoptError):
@@ -654,6 +655,23 @@ def _weight_range(model: ir.Model) -> tuple[int, int] | None:
     return (int(numbers[0]), int(numbers[1])) if len(numbers) == 2 else None
 
 
+def check_supported(model: ir.Model) -> None:
+    """Raise ``UnsupportedOpError`` (one line) for the first node the interpreter cannot run, and
+    ``DataError`` for a scalar (0-d) graph input: training cuts its inputs into samples along
+    their first axis. Cheap: no weight is read."""
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(f"op {node.domain}::{node.op_type} is not supported by the training interpreter")
+        if node.op_type not in _OPS and node.op_type != "Constant":
+            raise UnsupportedOpError(f"op {node.op_type} (node '{node.name}') is not supported by the training interpreter")
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            raise UnsupportedOpError(f"op {node.op_type} with a subgraph (node '{node.name}') is not supported by the training interpreter")
+    for value in model.graph.inputs:
+        if value.const_value is None and value.shape is not None and len(value.shape) == 0:
+            raise DataError(f"input '{value.name}' is a scalar (0-d): distillation needs inputs with a first "
+                               "axis of samples")
+
+
 class Student(nn.Module):
     """An ONNX graph as a torch module: ``forward(feed) -> outputs``, both dicts by tensor name.
 
@@ -664,13 +682,7 @@ class Student(nn.Module):
     def __init__(self, model: ir.Model):
         super().__init__()
         graph = model.graph
-        for node in graph:
-            if node.domain not in ("", "ai.onnx"):
-                raise UnsupportedOpError(f"op {node.domain}::{node.op_type} is not supported by the training interpreter")
-            if node.op_type not in _OPS and node.op_type != "Constant":
-                raise UnsupportedOpError(f"op {node.op_type} (node '{node.name}') is not supported by the training interpreter")
-            if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
-                raise UnsupportedOpError(f"op {node.op_type} with a subgraph (node '{node.name}') is not supported by the training interpreter")
+        check_supported(model)
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
         self.output_dtypes = {v.name: v.dtype for v in graph.outputs}

@@ -43,7 +43,7 @@ from typing import Any
 
 from onnxopt import io
 from onnxopt.errors import OnnxoptError, OptionError, one_line
-from onnxopt.recipe import Recipe
+from onnxopt.recipe import Recipe, read_toml
 from onnxopt.sweep_build import _worker_init, build_recipe, report_metrics  # noqa: F401  (build_recipe: the public face)
 
 Progress = Callable[[str, int, int], None]
@@ -54,6 +54,9 @@ _NULLABLE = frozenset({f.name for f in fields(Recipe) if f.default is None} | {"
 _LIST_VALUED = frozenset({"passes", "exclude", "providers"})
 _TABLE_VALUED = frozenset({"dims", "fix_dims"})
 _DATA_FIELDS = ("data", "calibration")
+# The most recipes a grid may expand to: each is a whole optimize() run, timed after.
+MAX_RECIPES = 1000
+MAX_WORKERS = 256
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -61,16 +64,7 @@ _DATA_FIELDS = ("data", "calibration")
 
 def load_grid(path: str | os.PathLike) -> list[Recipe]:
     """The recipes a grid TOML file expands to (``expand_grid``); a bad file is a one-line ``OptionError``."""
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except FileNotFoundError:
-        raise OptionError(f"--grid {path}: no such file") from None
-    except IsADirectoryError:
-        raise OptionError(f"--grid {path}: is a folder, not a TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise OptionError(f"--grid {path}: not valid TOML ({exc})") from None
-    return expand_grid(table, where=f"--grid {path}")
+    return expand_grid(read_toml(path, "--grid"), where=f"--grid {path}")
 
 
 def expand_grid(table: Mapping[str, Any], *, where: str = "grid") -> list[Recipe]:
@@ -94,6 +88,11 @@ def expand_grid(table: Mapping[str, Any], *, where: str = "grid") -> list[Recipe
     for i, entry in enumerate(listed, 1):
         _check_names(entry, f"{where} [[recipe]] {i}")
     axes = [(name, _values(name, value, where)) for name, value in table.items()]
+    count = (math.prod(len(v) for _, v in axes) if axes else 0) + len(listed)
+    if count > MAX_RECIPES:  # counted before any is built: 1000 x 1000 values would fill the memory first
+        sizes = " x ".join(str(len(v)) for _, v in axes) or "0"
+        raise OptionError(f"{where}: {count:,} recipes ({sizes} from the lists, {len(listed)} listed); "
+                          f"a sweep takes at most {MAX_RECIPES:,}: give fewer values")
     combos = [dict(zip([n for n, _ in axes], c)) for c in itertools.product(*(v for _, v in axes))] if axes else []
     raw = [{**base, **c} for c in combos] + [{**base, **entry} for entry in listed]
     if not raw:
@@ -347,16 +346,38 @@ def _with_data(recipe: Recipe, eval, calibration) -> Recipe:
 
 
 def _check_data_paths(recipes: Sequence[Recipe]) -> None:
+    from onnxopt.data import check_data_path
+
     for recipe in recipes:
-        for name in _DATA_FIELDS:
+        for name in (*_DATA_FIELDS, "train_data"):
             value = getattr(recipe, name)
             if value is None or value == "synthetic":
                 continue
             if not isinstance(value, (str, os.PathLike)):
                 raise OptionError(f"sweep: {name} must be a file path (workers read it), not {type(value).__name__}")
+            flag = {"data": "--eval", "calibration": "--calibration"}.get(name, "train_data")
             if not os.path.exists(value):
-                flag = "--eval" if name == "data" else "--calibration"
                 raise OptionError(f"{flag} {value}: no such file or folder")
+            try:
+                check_data_path(value)  # a device or a FIFO: refused here, not in every worker
+            except OnnxoptError as exc:
+                raise OptionError(f"{flag} {exc}") from None
+
+
+def _check_providers(recipes: Sequence[Recipe], local: bool) -> None:
+    """Refuse a provider name onnxruntime does not know, and (built here) one this machine lacks, in
+    one line before any worker starts; Ray's workers may have providers this machine has not."""
+    from onnxopt.errors import ProviderError
+    from onnxopt.runtime import resolve_providers
+
+    for i, recipe in enumerate(recipes, 1):
+        try:
+            resolve_providers(recipe.providers)
+        except ProviderError as exc:
+            if local:
+                raise OptionError(f"sweep: recipe {i}: {exc}") from None
+        except OnnxoptError as exc:
+            raise OptionError(f"sweep: recipe {i}: {exc}") from None
 
 
 def run_sweep(
@@ -382,14 +403,15 @@ def run_sweep(
     """
     start = time.perf_counter()
     model_path = os.fspath(model_path)
-    if not os.path.isfile(model_path):
-        raise OptionError(f"{model_path}: no such model file")
+    io.check_model_path(model_path)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise OptionError(f"--workers {workers!r}: must be a positive whole number")
+    if workers is not None and workers > MAX_WORKERS:
+        raise OptionError(f"--workers {workers}: more than {MAX_WORKERS} processes; give at most one per core")
     if workers is not None and ray is not None:
         raise OptionError("--workers and --ray: give one (Ray schedules its own workers)")
-    if not (isinstance(latency_budget, (int, float)) and latency_budget >= 0):
-        raise OptionError(f"--latency-budget {latency_budget!r}: must be 0 (no timing) or more seconds")
+    if isinstance(latency_budget, bool) or not (isinstance(latency_budget, (int, float)) and 0 <= latency_budget < math.inf):
+        raise OptionError(f"--latency-budget {latency_budget!r}: must be 0 (no timing) or a finite number of seconds")
     if not recipes:
         raise OptionError("sweep: no recipes")
     if ray is not None:
@@ -398,6 +420,7 @@ def run_sweep(
         require_ray()
     recipes = [_with_data(r, eval, calibration) for r in recipes]
     _check_data_paths(recipes)
+    _check_providers(recipes, local=ray is None)
     io.load_model(model_path)  # a model that does not load is refused before any worker starts
     out = Path(out_dir)
     models_dir = out / "models"

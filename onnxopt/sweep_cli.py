@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from onnxopt import io
 from onnxopt.errors import OptionError
 from onnxopt.sweep import SweepResult, front_order, load_grid, run_sweep
 from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress, guarded
@@ -129,12 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, progress: Progress) -> int:
-    if not os.path.isfile(args.model):
-        raise OptionError(f"{args.model}: no such model file")
+    io.check_model_path(args.model)
     recipes = load_grid(args.grid)
     out = args.out or os.path.splitext(os.path.basename(args.model))[0] + ".sweep"
     if os.path.exists(out) and not os.path.isdir(out):
-        raise OptionError(f"--out {out}: is a file, not a folder")
+        raise OptionError(f"--out {out}: exists and is not a folder; give a folder's path")
     result = run_sweep(args.model, recipes, eval=args.eval, calibration=args.calibration, out_dir=out,
                        workers=args.workers, ray=args.ray, latency_budget=args.latency_budget, progress=progress)
     progress.clear()

@@ -26,8 +26,9 @@ class ArgumentParser(argparse.ArgumentParser):
 class Progress:
     """One self-overwriting status line on a terminal; silent when piped or quiet."""
 
-    def __init__(self, enabled: bool, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, enabled: bool, stream=None):
+        # sys.stderr as it is now, not as it was at import: a caller (a test's capture) may have replaced it
+        self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled and hasattr(stream, "isatty") and stream.isatty()
         self._last = 0.0
         self._width = 0

@@ -519,3 +519,233 @@ def test_api_bad_arguments_raise_option_error_with_the_cli_message(capsys, model
     if flags:
         line = assert_refused(capsys, model.parent, [model, "--no-latency", *flags])
         assert line == f"onnxopt: error: {message}"
+
+
+# -- inputs that are not regular files (adversarial review) ------------------------------------------
+
+
+def _not_a_file(folder: Path, kind: str) -> Path:
+    """A path that names no regular file: a link to /dev/zero (read forever), a FIFO (blocks), a folder."""
+    target = folder / f"{kind}.npz"
+    if kind == "zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    return target
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+@pytest.mark.parametrize("flags", [["--data"], ["--eval"], ["--quantize", "int8", "--calibration"],
+                                   ["--prune", "0.5", "--distill", "--train-data"]],
+                         ids=["data", "eval", "calibration", "train-data"])
+def test_data_that_is_a_device_or_a_pipe_is_refused(capsys, model, kind, flags):
+    target = _not_a_file(model.parent, kind)
+    assert_refused(capsys, model.parent, [model, "--no-latency", *flags, target], str(target), "not a regular file")
+
+
+def test_a_data_folder_holding_a_pipe_is_refused(capsys, model):
+    (model.parent / "d").mkdir()
+    os.mkfifo(model.parent / "d" / "x.npy")
+    assert_refused(capsys, model.parent, [model, "--no-latency", "--data", model.parent / "d"], "x.npy", "not a regular file")
+    assert_refused(capsys, model.parent, [model, "--no-latency", "--quantize", "int8", "--calibration", model.parent / "d"],
+                   "x.npy", "not a regular file")
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_a_model_that_is_a_device_or_a_pipe_is_refused(capsys, folder, kind):
+    target = _not_a_file(folder, kind)
+    assert_refused(capsys, folder, [target, "--no-latency"], str(target), "not a regular file")
+
+
+def test_bf16_on_the_cpu_provider_is_refused_before_any_work(capsys, model, monkeypatch):
+    """bf16 on CPU converted the whole model, then failed validation (exit 1): onnxruntime's CPU
+    provider has no bfloat16 kernels. Now one line, exit 2, from the API too."""
+    import onnxopt
+    import onnxopt.io as oio
+
+    monkeypatch.setattr(oio, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert_refused(capsys, model.parent, [model, "--precision", "bf16", "--no-latency"], "--precision bf16",
+                   "CPU provider has no bfloat16 kernels")
+    with pytest.raises(onnxopt.errors.OnnxoptError, match="no bfloat16 kernels"):
+        onnxopt.optimize(str(model), precision="bf16")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_mode_of_a_plain_open_not_mkstemps_0600(capsys, model, mask):
+    """Every output went through tempfile.mkstemp (mode 0600) and os.replace: a model, report,
+    page or recipe unreadable to the group. Now 0666 less the umask, as ``open`` gives."""
+    folder = model.parent
+    old = os.umask(mask)
+    try:
+        code = call(model, "--no-latency", "-q", "-o", folder / "o.onnx", "--report", folder / "r.json",
+                    "--html", folder / "r.html", "--save-recipe", folder / "r.toml")
+    finally:
+        os.umask(old)
+    assert code == 0, capsys.readouterr()
+    for name in ("o.onnx", "r.json", "r.html", "r.toml"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_external_data_outputs_get_the_plain_mode_too(tmp_path):
+    import onnx_ir as ir
+
+    from onnxopt import io as oio
+
+    old = os.umask(0o022)
+    try:
+        oio.save_model(ir.serde.deserialize_model(small_cnn()), tmp_path / "o.onnx", external_data=True)
+    finally:
+        os.umask(old)
+    written = sorted(tmp_path.iterdir())
+    assert len(written) == 2 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), written
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prune", "0.5"], ["--sparsity", "0.5"], ["--cluster-bits", "4"], ["--lowrank-energy", "0.9"],
+    ["--precision", "fp16"], ["--quantize", "int8-dynamic"], ["--quantize", "int8", "--calibration", "DATA"],
+    ["--quantize", "auto", "--calibration", "DATA"],
+], ids=["prune", "sparsity", "cluster", "lowrank", "fp16", "int8-dynamic", "int8", "auto"])
+def test_max_drop_without_labels_is_refused_for_every_lossy_run_before_any_pass(capsys, model, flags, monkeypatch):
+    """Only static int8 refused --max-drop on unlabelled data; prune, sparsify, cluster, lowrank,
+    fp16 and dynamic int8 ran, then judged a budget they could not measure."""
+    import onnxopt.pipeline as pipeline
+
+    data = model.parent / "x.npz"
+    np.savez(data, x=X)
+    monkeypatch.setattr(pipeline, "model_stats", lambda *a, **k: pytest.fail("the run went past its data checks"))
+    args = [model, "--no-latency", "--data", data, "--max-drop", "1", *[data if f == "DATA" else f for f in flags]]
+    assert_refused(capsys, model.parent, args, "--max-drop needs labels", "--min-cosine")
+
+
+DISTILL = ["--prune", "0.5", "--distill", "--train-data", "DATA"]
+
+
+@pytest.mark.parametrize("flags,words,kwargs", [
+    (["--max-drop", "inf", "--prune", "0.5"], "--max-drop inf", dict(max_drop=float("inf"), prune=0.5)),
+    (["--max-drop", "nan", "--prune", "0.5"], "--max-drop nan", dict(max_drop=float("nan"), prune=0.5)),
+    (["--max-drop", "101", "--prune", "0.5"], "--max-drop 101", dict(max_drop=101.0, prune=0.5)),
+    (["--min-cosine", "nan", "--prune", "0.5"], "--min-cosine nan", dict(min_cosine=float("nan"), prune=0.5)),
+    (["--latency-budget", "inf"], "--latency-budget inf", dict(latency_budget=float("inf"))),
+    (["--atol", "inf"], "--atol inf", dict(atol=float("inf"))),
+    (["--rtol", "nan"], "--rtol nan", dict(rtol=float("nan"))),
+    (["--threads", "100000"], "--threads 100000", dict(threads=100000)),
+    (["--lowrank-ratio", "0"], "--lowrank-ratio 0", dict(lowrank_ratio=0.0)),
+    (["--lowrank-ratio", "1"], "--lowrank-ratio 1", dict(lowrank_ratio=1.0)),
+    (["--lowrank-energy", "0", "--lowrank-ratio", "0.5"], "--lowrank-energy 0", dict(lowrank_energy=0.0, lowrank_ratio=0.5)),
+    ([*DISTILL, "--lr", "inf"], "--lr inf", dict(lr=float("inf"))),
+    ([*DISTILL, "--lr", "nan"], "--lr nan", dict(lr=float("nan"))),
+    ([*DISTILL, "--lr", "-1"], "--lr -1", dict(lr=-1.0)),
+    ([*DISTILL, "--temperature", "inf"], "--temperature inf", dict(temperature=float("inf"))),
+    ([*DISTILL, "--alpha", "nan"], "--alpha nan", dict(alpha=float("nan"))),
+    ([*DISTILL, "--alpha", "1.5"], "--alpha 1.5", dict(alpha=1.5)),
+    ([*DISTILL, "--epochs", "0"], "--epochs 0", dict(epochs=0)),
+    ([*DISTILL, "--steps", "-1"], "--steps -1", dict(steps=-1)),
+    ([*DISTILL, "--seed", "-1"], "--seed -1", dict(seed=-1)),
+    ([*DISTILL, "--seed", str(2**70)], "--seed", dict(seed=2**70)),
+])
+def test_non_finite_negative_and_out_of_range_numbers_are_one_line(capsys, model, monkeypatch, flags, words, kwargs):
+    """inf passed every check (--lr inf diverged after the passes, --latency-budget inf and --atol inf
+    were taken), a negative or huge --seed was numpy's or torch's traceback, --lowrank-ratio 0 the
+    pass's ValueError: each is now refused before any work, the same way from the API."""
+    import onnxopt
+    import onnxopt.io as oio
+
+    data = model.parent / "x.npz"
+    np.savez(data, x=X, labels=np.zeros(len(X), np.int64))
+    monkeypatch.setattr(oio, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = [model, "--no-latency", *[data if f == "DATA" else f for f in flags]]
+    assert_refused(capsys, model.parent, args, words)
+    if "--train-data" in flags:
+        kwargs = dict(prune=0.5, distill=True, train_data=str(data), **kwargs)
+    with pytest.raises(onnxopt.errors.OptionError, match=words.split()[0]):
+        onnxopt.optimize(str(model), **kwargs)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["bench", "MODEL", "--budget", "inf"], "--budget inf"),
+    (["sweep", "MODEL", "--grid", "GRID", "--latency-budget", "inf"], "--latency-budget inf"),
+])
+def test_bench_and_sweep_refuse_an_infinite_time_budget(capsys, model, args, words):
+    grid = model.parent / "g.toml"
+    grid.write_text("prune = [0.5]\n")
+    before = files(model.parent)
+    code = call(*[{"MODEL": model, "GRID": grid}.get(a, a) for a in args], "--out" if "sweep" in args else "-q",
+                *([model.parent / "sw"] if "sweep" in args else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert files(model.parent) == before
+
+
+_NO_TORCH = """
+import contextlib, io, json, sys
+sys.modules["torch"] = None  # as if torch were not installed
+from onnxopt.cli import main
+import onnxopt
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    results.append([code, err.getvalue()])
+try:
+    onnxopt.optimize(sys.argv[2], prune=0.5, distill=True, train_data=sys.argv[3], latency=False)
+except onnxopt.errors.OnnxoptError as exc:
+    results.append([2, "onnxopt: error: " + str(exc) + "\\n"])
+print(json.dumps(results))
+"""
+
+
+def test_without_torch_every_training_feature_is_one_line_naming_the_extra(folder, model):
+    """--distill and --preset deep-compression ran every pass, then died in 'import torch' with a
+    traceback; now each training feature says, before any work, what to install."""
+    data = folder / "x.npz"
+    np.savez(data, x=X, labels=np.zeros(len(X), np.int64))
+    base = [str(model), "--no-latency", "-q", "-o", str(folder / "o.onnx")]
+    cases = [
+        (["--prune", "0.5", "--distill", "--train-data", str(data)], "--distill"),
+        (["--preset", "deep-compression", "--eval", str(data), "--train-data", str(data)], "--preset deep-compression"),
+        (["--prune", "0.5", "--importance", "taylor", "--calibration", str(data)], "--importance taylor"),
+        (["--prune", "0.5", "--importance", "fisher", "--calibration", str(data)], "--importance fisher"),
+    ]
+    before = files(folder)
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps([base + args for args, _ in cases]), str(model),
+                          str(data)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    for (code, err), what in zip(results, [w for _, w in cases] + ["--distill"]):
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"onnxopt: error: {what} needs torch") and "pip install 'onnxopt[train]'" in err, err
+    assert files(folder) == before
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("folder", "is a folder"), ("empty", "empty file"), ("truncated", "not a valid ONNX model"),
+    ("fifo", "not a regular file"), ("data-missing", "not found next to the model"),
+    ("data-fifo", "is not a regular file"),
+])
+@pytest.mark.parametrize("command", ["optimize", "bench", "sweep"])
+def test_a_bad_model_path_is_one_line_exit_2_in_every_command(capsys, folder, kind, words, command):
+    """The sweep said 'no such model file' of a folder or a FIFO, an external-data FIFO was 'not
+    found': each command now gives the loader's own line."""
+    if kind.startswith("data"):
+        path = external_model(folder)
+        (path.parent / "w.bin").unlink()
+        if kind == "data-fifo":
+            os.mkfifo(path.parent / "w.bin")
+    else:
+        path = folder / "bad.onnx"
+        if kind == "folder":
+            path.mkdir()
+        elif kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "truncated":
+            path.write_bytes((folder / "m.onnx").read_bytes()[:300])
+        else:
+            os.mkfifo(path)
+    grid = folder / "g.toml"
+    grid.write_text("prune = [0.5]\n")
+    args = {"optimize": [path, "--no-latency"], "bench": ["bench", path, "-q"],
+            "sweep": ["sweep", path, "--grid", grid, "--out", folder / "sw"]}[command]
+    assert_refused(capsys, folder, args, words)

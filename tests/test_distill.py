@@ -327,3 +327,49 @@ def test_a_softmax_head_distils_by_kl_on_its_logits():
     assert result.kinds == {"y": "probabilities"}
     assert "agreement" in result.initial
     assert result.best["agreement"] > result.initial["agreement"] + 0.2
+
+
+def test_the_student_is_built_before_the_training_data_is_pooled():
+    """An unsupported op was reported only after every training batch was read and pooled (and the
+    teacher run on them): now the student is built first."""
+    model = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,4] x) => (float[2,2] v, int64[2,2] i) {
+            k = Constant <value = int64[1] {2}> ()
+            v, i = TopK (x, k)
+        }"""
+    )
+
+    def batches():
+        raise AssertionError("the training data was read")
+        yield  # pragma: no cover
+
+    with pytest.raises(UnsupportedOpError, match="TopK"):
+        distill(model, model.clone(), batches(), steps=1)
+
+
+def test_a_scalar_input_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A 0-d input reached np.concatenate ('zero-dimensional arrays cannot be concatenated')."""
+    import onnx
+
+    from onnxopt.cli import main
+
+    scalar = build(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float x) => (float y) { y = Mul (x, w) }""",
+        {"w": np.array(2.0, np.float32)},
+    )
+    unshaped = ir.serde.serialize_model(scalar)
+    for value in unshaped.graph.input:
+        value.type.tensor_type.ClearField("shape")
+    onnx.save(ir.serde.serialize_model(scalar), tmp_path / "s.onnx")
+    onnx.save(unshaped, tmp_path / "u.onnx")
+    np.savez(tmp_path / "s.npz", x=np.array(1.5, np.float32))
+    with pytest.raises(DataError, match="scalar"):
+        distill(scalar, scalar.clone(), {"x": np.array(1.5, np.float32)}, steps=1)
+    for name in ("s.onnx", "u.onnx"):
+        code = main([str(tmp_path / name), "--sparsity", "0.5", "--distill", "--train-data", str(tmp_path / "s.npz"),
+                     "--data", str(tmp_path / "s.npz"), "--no-latency", "-q", "-o", str(tmp_path / "o.onnx")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "scalar (0-d)" in err, err
+        assert not (tmp_path / "o.onnx").exists()

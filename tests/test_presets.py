@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from onnxopt import presets
+from onnxopt.cli import main as cli_main
 from onnxopt.errors import OptionError
 from onnxopt.recipe import Recipe
 from onnxopt.report import Report, Validation, render_table
@@ -48,6 +49,7 @@ def stubbed(monkeypatch):
 
     monkeypatch.setattr(presets, "optimize", optimize)
     monkeypatch.setattr(presets, "_run_setting", run_setting)
+    monkeypatch.setattr(presets, "_require_labels", lambda model, recipe: None)
     return calls, accuracy
 
 
@@ -104,3 +106,29 @@ def test_cli_preset_on_digits_writes_sizes_and_the_search(tmp_path):
     after = report["sizes"]["after"]["deep_compression_bytes"]
     assert abs(after - smallest) <= 0.05 * smallest  # sized before distillation; clusters of distilled weights
     assert after < report["sizes"]["before"]["deep_compression_bytes"] / 10
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--eval", str(DIGITS / "digits_test.npz")], ["--preset deep-compression needs --train-data"]),
+    (["--train-data", str(DIGITS / "digits_test.npz")], ["--preset deep-compression needs --eval"]),
+    ([], ["--preset deep-compression needs --train-data", "and --eval"]),
+])
+def test_the_cli_preset_without_its_data_says_what_it_needs(tmp_path, capsys, flags, words):
+    """Without --train-data the preset said '--distill needs --train-data', a flag the user never gave."""
+    out = tmp_path / "o.onnx"
+    code = cli_main([str(DIGITS / "digits_cnn.onnx"), "--preset", "deep-compression", "-o", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("onnxopt: error: "), err
+    assert all(w in err for w in words) and "--distill" not in err, err
+    assert not out.exists()
+
+
+def test_the_preset_refuses_unlabelled_eval_data_before_building_any_setting(tmp_path, capsys, monkeypatch):
+    """Unlabelled --eval was found out after every setting was sized and one was distilled."""
+    monkeypatch.setattr(presets, "optimize", lambda *a, **k: pytest.fail("a setting was built"))
+    out = tmp_path / "o.onnx"
+    code = cli_main([str(DIGITS / "digits_cnn.onnx"), "--preset", "deep-compression", "-o", str(out),
+                     "--eval", str(DIGITS / "digits_calib.npz"), "--train-data", str(DIGITS / "digits_calib.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "needs labels in the --eval data" in err, err
+    assert not out.exists()

@@ -193,3 +193,77 @@ def test_precision_fp16_from_the_command_line_halves_the_file_and_times_without_
     saved = onnx.load(out)
     assert saved.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert saved.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("zero", ["not a regular file"]),
+    ("fifo", ["not a regular file"]),
+    ("folder", ["is a folder"]),
+    ("big", ["more than 1 MiB"]),
+    ("latin1", ["not UTF-8"]),
+    ("toml", ["not valid TOML"]),
+])
+@pytest.mark.parametrize("command", ["recipe", "grid"])
+def test_recipe_and_grid_files_are_read_through_one_guarded_helper(tmp_path, capsys, kind, words, command):
+    """--recipe /dev/zero ran out of memory, a FIFO blocked forever, a 2 MiB file was read whole:
+    ``read_toml`` reads both kinds of file, and refuses each in one line naming the file."""
+    import os
+
+    from onnxopt.sweep_cli import main as sweep_main
+
+    path = tmp_path / "f.toml"
+    if kind == "zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "big":
+        path.write_text("# " + "x" * 2**20 + "\nprune = [0.1]\n")
+    elif kind == "latin1":
+        path.write_bytes("exclude = [\"caf\xe9\"]\n".encode("latin-1"))
+    else:
+        path.write_text("prune = [\n")
+    out = tmp_path / "o.onnx"
+    if command == "recipe":
+        code = main([DIGITS, "--recipe", str(path), "-o", str(out), "--no-latency"])
+        flag = "--recipe"
+    else:
+        code = sweep_main([DIGITS, "--grid", str(path), "--out", str(tmp_path / "sweep")])
+        flag = "--grid"
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"onnxopt: error: {flag} {path}"), err
+    assert all(w in err for w in words), err
+    assert not out.exists() and not (tmp_path / "sweep").exists()
+
+
+NASTY = ['say "hi"', "back\\slash", "new\nline", "café ✓", "tab\tcr\rnul\x00esc\x1b del\x7f", "\u2028sep", "'single'",
+         "trailing\\"]
+
+
+def test_any_string_round_trips_through_the_toml_file():
+    """A CR, NUL, ESC or DEL was written raw (TOML refuses them), and a non-ASCII dims name as a bare
+    key (TOML's bare keys are ASCII): the file did not read back."""
+    recipe = Recipe(quantize="int8", calibration=NASTY[2], exclude=NASTY, outputs=NASTY, data=NASTY[4],
+                    dims={name: i + 1 for i, name in enumerate(NASTY)})
+    back = Recipe.from_toml_text(recipe.to_toml())
+    assert list(back.exclude) == NASTY and list(back.outputs) == NASTY
+    assert back.calibration == NASTY[2] and back.data == NASTY[4]
+    assert back.dims == {name: i + 1 for i, name in enumerate(NASTY)}
+    assert back.to_toml() == recipe.to_toml()
+    with pytest.raises(OptionError, match="not valid Unicode"):
+        Recipe(data="bad\udcff.npz").to_toml()
+
+
+def test_save_recipe_round_trips_a_data_path_with_quotes_backslashes_newlines_and_accents(tmp_path):
+    folder = tmp_path / 'd "q" \\ é\nx'
+    folder.mkdir()
+    data = folder / "t\r.npz"
+    data.write_bytes(open(TEST, "rb").read())
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    assert main([DIGITS, "--data", str(data), "--no-latency", "-q", "-o", str(tmp_path / "o.onnx"),
+                 "--save-recipe", str(first)]) == 0
+    assert Recipe.from_toml(first).data == str(data)
+    assert main([DIGITS, "--recipe", str(first), "--no-latency", "-q", "-o", str(tmp_path / "o2.onnx"),
+                 "--save-recipe", str(second)]) == 0
+    assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")

@@ -491,3 +491,33 @@ def test_the_grid_in_docs_sweeps_md_expands(tmp_path):
     grid = text.split("```toml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "grid.toml").write_text(grid)
     assert len(load_grid(tmp_path / "grid.toml")) == 14
+
+
+@pytest.mark.parametrize("grid,extra,words", [
+    ("prune = [" + ",".join(str(i / 1000) for i in range(1, 1000)) + "]\nsparsity = ["
+     + ",".join(str(i / 1000) for i in range(1, 1000)) + "]\n", [], "998,001 recipes"),
+    ("[[recipe]]\nprune = 0.1\n" * 1001, [], "1,001 recipes"),
+    ('providers = [["nope"]]\n', [], "unknown provider 'nope'"),
+    ('fix_dims = [{N = 0}]\n', [], "the size must be positive"),
+    ("prune = [0.5]\n", ["--workers", "100000"], "--workers 100000"),
+    ("prune = [0.5]\n", ["--out", "FILE"], "exists and is not a folder"),
+    ("prune = [0.5]\n", ["--eval", "/dev/zero"], "not a regular file"),
+    ("prune = [0.5]\n", ["--latency-budget", "nan"], "--latency-budget nan"),
+], ids=["product", "listed", "provider", "fix-dims", "workers", "out-file", "eval-device", "budget-nan"])
+def test_adversarial_sweep_input_is_one_line_before_any_build(tmp_path, capsys, monkeypatch, grid, extra, words):
+    """A 10^6-recipe grid filled the memory before a line was printed; an unknown provider or a
+    zero fixed dim failed in every worker (exit 1); --workers 100000 was taken."""
+    import onnxopt.sweep as sweep
+    from onnxopt.sweep_cli import main
+
+    monkeypatch.setattr(sweep, "_build_on_pool", lambda *a, **k: pytest.fail("a recipe was built"))
+    path = tmp_path / "grid.toml"
+    path.write_text(grid)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    args = [a if a != "FILE" else str(afile) for a in extra]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "sw")]
+    assert main([DIGITS, "--grid", str(path), *out, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxopt: error: ") and words in err[0], err
+    assert not (tmp_path / "sw").exists() and afile.read_text() == "mine"
