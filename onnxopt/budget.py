@@ -88,7 +88,7 @@ def tensor_sqnr(reference: ir.Model, candidate: ir.Model, names: Sequence[str], 
     ref_model, _ = expose(reference, wanted)
     cand_model, _ = expose(candidate, wanted)
     observers = {n: ErrorObserver() for n in wanted}
-    snapshots = [ModelSnapshot(ref_model), ModelSnapshot(cand_model)]
+    snapshots = [ModelSnapshot(ref_model, by_reference=True), ModelSnapshot(cand_model, by_reference=True)]
     try:
         resolved = resolve_providers(providers)
         ref, cand = (s.session(providers=resolved, optimization="disabled") for s in snapshots)

@@ -9,6 +9,7 @@ __all__ = [
     "check_destination",
     "check_model_path",
     "referenced_files",
+    "iter_tensors",
     "default_output_path",
     "weight_bytes",
     "has_external_data",
@@ -114,7 +115,7 @@ def _check_structure(model: ir.Model, where: str) -> None:
         raise ModelLoadError(f"{where}: not a valid ONNX model (no default-domain opset import)")
 
 
-def _iter_tensors(model: ir.Model, *, functions: bool = False):
+def iter_tensors(model: ir.Model, *, functions: bool = False):
     """(name, tensor) of every initializer and tensor attribute of the main graph and its subgraphs;
     with ``functions``, of the model-local functions' nodes too (a pass that inlines them reads them)."""
     for graph in (model.graph, *model.graph.subgraphs()):
@@ -228,7 +229,7 @@ def _check_location(name: str, location: str, base: Path) -> Path:
 
 
 def _set_base_dir(model: ir.Model, base_dir: Path) -> None:
-    for _, tensor in _iter_tensors(model, functions=True):
+    for _, tensor in iter_tensors(model, functions=True):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = str(base_dir)
 
@@ -296,7 +297,7 @@ def model_bytes(model: ir.Model, value_info: Collection[str] | None = None) -> b
 def check_external_data(model: ir.Model) -> None:
     """Refuse external data that is absolute, escapes its folder (``..``, a sibling folder, a
     symbolic link), is missing or too short: in the main graph, subgraphs and model-local functions."""
-    for name, tensor in _iter_tensors(model, functions=True):
+    for name, tensor in iter_tensors(model, functions=True):
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         location = tensor.location
@@ -367,12 +368,12 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
 
 def has_external_data(model: ir.Model) -> bool:
     """Whether any tensor is still read lazily from an external-data file."""
-    return any(isinstance(t, ir.ExternalTensor) for _, t in _iter_tensors(model, functions=True))
+    return any(isinstance(t, ir.ExternalTensor) for _, t in iter_tensors(model, functions=True))
 
 
 def weight_bytes(model: ir.Model) -> int:
     """Bytes of every initializer and Constant tensor, subgraphs included."""
-    return sum(t.nbytes for _, t in _iter_tensors(model) if t is not None)
+    return sum(t.nbytes for _, t in iter_tensors(model) if t is not None)
 
 
 # In-memory tensors of at least this many bytes are what ``spill_tensors`` writes out.
@@ -492,7 +493,7 @@ def referenced_files(model_path: str | os.PathLike) -> set[Path]:
 def _lazy_files(model: ir.Model) -> set[Path]:
     """The files that ``model``'s lazily read tensors still come from."""
     found = set()
-    for _, tensor in _iter_tensors(model, functions=True):
+    for _, tensor in iter_tensors(model, functions=True):
         if isinstance(tensor, ir.ExternalTensor):
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 found.add(Path(tensor.path).resolve())

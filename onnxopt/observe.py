@@ -326,7 +326,7 @@ def observe(
     copy, exposed = expose(model, names)
     inputs = {v.name for v in model.graph.inputs}
     from_feed = [n for n in names if n in inputs]
-    snapshot = ModelSnapshot(copy)
+    snapshot = ModelSnapshot(copy, by_reference=True)  # weights left in their files are not copied
     del copy
     try:
         session = snapshot.session(providers=resolve_providers(providers), optimization="disabled")

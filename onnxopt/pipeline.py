@@ -246,8 +246,10 @@ def _optimize(
             if dataset.labels is not None and first:  # labels past the classes: refused before any pass
                 name = next(iter(first))
                 check_labels(dataset.labels, np.asarray(first[name]), name, dataset.source)
-        if large and validate and quantization is None:
+        if large and validate:
             reference_outputs = _reference_outputs(original, dataset, providers)
+            if quantization is not None:  # its fallback judges against these, not a live session
+                quantization.reference_outputs = reference_outputs
         if large:
             original.release()  # its weights would sit beside each pass's and the candidate's
         if max_drop is not None and validate and dataset.labels is None:  # any lossy run, before any pass

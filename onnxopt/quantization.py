@@ -595,7 +595,7 @@ class QuantizationStep:
         held = getattr(self, "_exposure", None)
         if held is None or held[0] is not float_model or not set(names) <= held[1]:
             ref_model, _ = expose(float_model, names)
-            snapshot = ModelSnapshot(ref_model)
+            snapshot = ModelSnapshot(ref_model, by_reference=True)
             # Both models' tensors are alive at once: each run gets half the observation budget.
             held = (float_model, set(names), snapshot, BatchSplitter(float_model, DEFAULT_MAX_BYTES // 2))
             if getattr(self, "_exposure", None) is not None:

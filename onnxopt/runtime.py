@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import OptionError, ProviderError
-from onnxopt.io import INLINE_WEIGHT_LIMIT, has_external_data, model_bytes, save_model, weight_bytes
+from onnxopt.io import INLINE_WEIGHT_LIMIT, has_external_data, iter_tensors, model_bytes, save_model, weight_bytes
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -86,6 +86,18 @@ def _has_float16(model: ir.Model) -> bool:
     return any(o.dtype in half for node in model.graph for o in node.outputs)
 
 
+def _one_external_folder(model: ir.Model) -> str | None:
+    """The one folder that every external-data tensor of ``model`` is read from, when there is one
+    and the tensors held in memory fit a serialized model (``INLINE_WEIGHT_LIMIT``); else None."""
+    folders, inline = set(), 0
+    for _, tensor in iter_tensors(model, functions=True):
+        if isinstance(tensor, ir.ExternalTensor):
+            folders.add(os.path.realpath(tensor.base_dir or "."))
+        elif tensor is not None:
+            inline += tensor.nbytes
+    return next(iter(folders)) if len(folders) == 1 and inline < INLINE_WEIGHT_LIMIT else None
+
+
 class ModelSnapshot:
     """A frozen, onnxruntime-ready copy of a model: serialized bytes, or a temporary folder.
 
@@ -93,15 +105,27 @@ class ModelSnapshot:
     reloading it, and later changes to the ``ir.Model`` do not affect it.
     """
 
-    def __init__(self, model: ir.Model | None):
+    def __init__(self, model: ir.Model | None, *, by_reference: bool = False):
         self._tmp_dir: str | None = None
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self.path: str | None = None
         self.data: bytes | None = None
+        self.external_folder: str | None = None  # where ``data``'s external references point
+        self._external_bytes = 0
         self.float16 = False
         if model is None:  # ``from_file``
             return
         self.float16 = _has_float16(model)
+        folder = _one_external_folder(model) if by_reference else None
+        if folder is not None:
+            # Weights still in the files they were read from, all in one folder: only the graph is
+            # serialized, with its external references, and onnxruntime reads the weights from that
+            # folder itself (a model with extra outputs for calibration copies no weight). For
+            # sessions only: ``data`` alone is not a whole model.
+            self.data, self.external_folder = model_bytes(model), folder
+            self._external_bytes = sum(t.nbytes for _, t in iter_tensors(model, functions=True)
+                                       if isinstance(t, ir.ExternalTensor))
+            return
         # Bytes cannot carry external data (its paths are relative to a folder): past 2 GB, or when
         # weights are still read lazily from files, the snapshot is a temporary folder instead.
         if not has_external_data(model) and weight_bytes(model) < INLINE_WEIGHT_LIMIT:
@@ -126,7 +150,7 @@ class ModelSnapshot:
     @property
     def nbytes(self) -> int:
         if self.data is not None:
-            return len(self.data)
+            return len(self.data) + self._external_bytes
         assert self.path is not None
         if self._tmp_dir is None:
             return os.path.getsize(self.path)
@@ -138,7 +162,8 @@ class ModelSnapshot:
             options["disabled_optimizers"] = CPU_FLOAT16_DISABLED  # see CPU_FLOAT16_DISABLED
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
         if key not in self._sessions:
-            self._sessions[key] = create_session(self.data if self.data is not None else self.path, **options)
+            self._sessions[key] = create_session(self.data if self.data is not None else self.path,
+                                                 external_folder=self.external_folder, **options)
         return self._sessions[key]
 
     def release(self) -> None:
@@ -196,8 +221,12 @@ def create_session(
     inter_op_threads: int | None = None,
     optimized_model_path: str | None = None,
     disabled_optimizers: Sequence[str] | None = None,
+    external_folder: str | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` for an ``ir.Model``, serialized bytes or a path.
+
+    ``external_folder``: the folder that the external-data locations of ``model`` (bytes) are
+    relative to (onnxruntime reads them from there).
 
     ``disabled_optimizers`` names onnxruntime graph transformers to leave out (float16 models on CPU:
     ``onnxopt.precision.CPU_FLOAT16_DISABLED``).
@@ -208,6 +237,8 @@ def create_session(
         inter_op_threads=inter_op_threads,
         optimized_model_path=optimized_model_path,
     )
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     resolved = resolve_providers(providers)
     if isinstance(model, ir.Model):
         snapshot = ModelSnapshot(model)

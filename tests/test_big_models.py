@@ -163,3 +163,41 @@ def test_two_gigabyte_model_peaks_below_one_and_a_half_weights(tmp_path):
                           capture_output=True, text=True, check=True)
     peak = int(done.stdout.split()[-1])
     assert peak <= 1.5 * weights, f"peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of weights"
+
+
+def test_snapshot_by_reference_serializes_the_graph_only_and_runs_from_the_weights_folder(big):
+    """Calibration and SQNR sessions of a model whose weights are still in their files (one folder):
+    the exposed copy is serialized without its weights and onnxruntime reads them from that folder."""
+    from onnxopt.observe import expose
+
+    model = io.load_model(big)
+    names = [n.outputs[0].name for n in model.graph if n.op_type == "MatMul"][:3]
+    exposed, _ = expose(model, names)
+    snapshot = runtime.ModelSnapshot(exposed, by_reference=True)
+    try:
+        assert snapshot.external_folder == os.path.realpath(big.parent)
+        assert len(snapshot.data) < 20_000 < io.weight_bytes(model)  # the graph, not the weights
+        assert snapshot.nbytes >= io.weight_bytes(model)
+        x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+        feed = {model.graph.inputs[0].name: x}
+        ours = runtime.run_session(snapshot.session(optimization="disabled"), feed)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        theirs = ort.InferenceSession(str(big), options, providers=["CPUExecutionProvider"])
+        expected = dict(zip([o.name for o in theirs.get_outputs()], theirs.run(None, feed)))
+        for name, value in expected.items():
+            np.testing.assert_array_equal(ours[name], value)
+        assert set(names) <= set(ours)
+    finally:
+        snapshot.close()
+    # A weight held in memory beside the files is serialized with the graph, still by reference;
+    # without by_reference (or with weights in two folders) the snapshot is a folder of its own.
+    changed = io.load_model(big)
+    first = next(v for v in changed.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor))
+    first.const_value = ir.tensor(first.const_value.numpy() * 2)
+    mixed = runtime.ModelSnapshot(changed, by_reference=True)
+    assert mixed.external_folder is not None and len(mixed.data) > first.const_value.nbytes
+    mixed.close()
+    plain = runtime.ModelSnapshot(io.load_model(big))
+    assert plain.external_folder is None and plain.path is not None
+    plain.close()
