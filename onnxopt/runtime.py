@@ -86,6 +86,11 @@ def _has_float16(model: ir.Model) -> bool:
     return any(o.dtype in half for node in model.graph for o in node.outputs)
 
 
+# onnxruntime reads external data of a model given as bytes from a folder named in the session's
+# config (``session.model_external_initializers_file_folder_path``) since 1.18.
+_READS_EXTERNAL_FOLDER = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit()) >= (1, 18)
+
+
 def _one_external_folder(model: ir.Model) -> str | None:
     """The one folder that every external-data tensor of ``model`` is read from, when there is one
     and the tensors held in memory fit a serialized model (``INLINE_WEIGHT_LIMIT``); else None."""
@@ -116,7 +121,7 @@ class ModelSnapshot:
         if model is None:  # ``from_file``
             return
         self.float16 = _has_float16(model)
-        folder = _one_external_folder(model) if by_reference else None
+        folder = _one_external_folder(model) if by_reference and _READS_EXTERNAL_FOLDER else None
         if folder is not None:
             # Weights still in the files they were read from, all in one folder: only the graph is
             # serialized, with its external references, and onnxruntime reads the weights from that
