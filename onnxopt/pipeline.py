@@ -24,7 +24,7 @@ from onnxopt.data import Dataset, cannot_run, check_labels, feed_dims, head, inp
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
-from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ
+from onnxopt.passes import REGISTRY, FixInputShapes, PruneChannels, QuantizeQDQ, QuantizeWeightsInt4
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
@@ -192,6 +192,8 @@ def _optimize(
     if prune is not None:  # importance pruning: lossy by request (see ``with_pruning``)
         pass_objects = with_pruning(pass_objects, prune, importance, prune_scope, round_to, protect_first)
     dims = parse_dims(dims)
+    if calibration is None and data is None and any(_needs_grams(p) for p in pass_objects):
+        raise OptionError(GPTQ_NEEDS_DATA)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     label = source or type(model).__name__
     working = io.load_model(model)
@@ -277,6 +279,9 @@ def _optimize(
         elif isinstance(p, PruneChannels) and p.importance in ("taylor", "fisher") and p.ratio is not None and p.activation is None:
             p.activation = gradient_statistics(working, p.importance, calibration if calibration is not None else train_data,
                                                dims, batch_size, max_samples, seed)
+        if _needs_grams(p):
+            p.calibration_gram = gptq_grams(working, p, calibration if calibration is not None else data, dims, batch_size,
+                                            providers, max_samples, progress)
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -633,6 +638,34 @@ def activation_statistics(model: ir.Model, data, dims, batch_size, providers, no
 
     observe(model, sorted(axes), dataset.batches, update, providers=providers)
     return {name: sums[name] / counts[name] for name in sums}
+
+
+GPTQ_NEEDS_DATA = ("--int4-method gptq needs --calibration (or --data): its X^T X per weight input comes from "
+                   "running the model on samples")
+
+
+def _needs_grams(p) -> bool:
+    return isinstance(p, QuantizeWeightsInt4) and p.method == "gptq" and p.calibration_gram is None
+
+
+def gptq_grams(model: ir.Model, int4: QuantizeWeightsInt4, data, dims, batch_size, providers,
+               max_samples: int | None = None, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Weight name -> ``X^T X`` of its MatMul/Gemm's activation input over ``data``, for GPTQ: one
+    streamed run (``onnxopt.calibrate.gram_matrices``) for every input; weights that read the same
+    input share its matrix. Memory: a float64 K x K matrix per distinct input tensor (MiniLM's 384-
+    and 1536-wide inputs: 1.2 and 18 MiB)."""
+    from onnxopt.calibrate import gram_matrices
+
+    if data is None:
+        raise OptionError(GPTQ_NEEDS_DATA)
+    needs = int4.gram_needs(model)
+    if not needs:
+        return {}
+    dataset = load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
+    grams = gram_matrices(model, sorted(set(needs.values())), dataset.batches, providers=providers,
+                          total=len(dataset.batches),
+                          progress=(lambda i, n: progress("gptq statistics", i, n)) if progress else None)
+    return {weight: grams[tensor] for weight, tensor in needs.items() if tensor in grams}
 
 
 def gradient_statistics(model: ir.Model, criterion: str, data, dims, batch_size, max_samples: int | None = None,
