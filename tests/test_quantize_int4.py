@@ -279,3 +279,36 @@ def test_gptq_without_calibration_is_refused_in_one_line(tmp_path, capsys):
         onnxopt.optimize(model, quantize="int4", int4_method="gptq")
     with pytest.raises(OptionError, match="needs --calibration"):  # the pass object alone, without data
         onnxopt.optimize(model, [QuantizeWeightsInt4(method="gptq")], latency=False, validate=False)
+
+
+def test_gptq_grams_can_leave_out_padding_where_an_attention_mask_says():
+    from graphs import build
+
+    from onnxopt.pipeline import gptq_grams
+
+    k, n = 32, 8
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    model = build(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, {k}] x, int64[B, S] attention_mask) => (float[B, S, {n}] y) {{
+            h = MatMul(x, W)
+            m = Cast<to = 1>(attention_mask)
+            axes = Constant<value = int64[1] {{-1}}>()
+            mu = Unsqueeze(m, axes)
+            y = Mul(h, mu)
+        }}""",
+        {"W": w},
+    )
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 6, k)).astype(np.float32)
+    mask = np.ones((4, 6), np.int64)
+    mask[:, 3:] = 0
+    mask[0, 3] = 1
+    x[mask == 0] *= 100  # padding rows that would swamp the matrix
+    feeds = {"x": x, "attention_mask": mask}
+    grams = gptq_grams(model, QuantizeWeightsInt4(method="gptq"), feeds, {}, 3, "cpu", exclude_padding=True)
+    kept = x[mask == 1].astype(np.float64)
+    np.testing.assert_allclose(grams["W"], kept.T @ kept, rtol=1e-9)
+    every = x.reshape(-1, k).astype(np.float64)  # the default keeps every row
+    np.testing.assert_allclose(gptq_grams(model, QuantizeWeightsInt4(method="gptq"), feeds, {}, 3, "cpu")["W"],
+                               every.T @ every, rtol=1e-9)
