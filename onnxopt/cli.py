@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the distillation (default 0)")
     parser.add_argument("--int4-block-size", type=int, default=32, metavar="B", help="--quantize int4: weights per scale (default 32)")
-    parser.add_argument("--int4-method", default="rtn", choices=("rtn", "hqq"), help="--quantize int4: round to nearest or HQQ")
+    parser.add_argument("--int4-method", default="rtn", choices=("rtn", "hqq", "gptq"),
+                        help="--quantize int4: round to nearest, HQQ, or GPTQ (needs --calibration or --data)")
     parser.add_argument("--int4-asymmetric", dest="int4_symmetric", action="store_false", help="--quantize int4: zero points per block")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="--quantize int4: MatMulNBits accuracy_level")
     parser.add_argument("--preset", choices=("deep-compression",),

@@ -319,7 +319,7 @@ def observe(
 ) -> int:
     """Run ``model`` on each batch and call ``update(name, array)`` for every named tensor.
 
-    Named graph inputs are read from the feed. Returns the number of batches run; a batch that
+    Named graph inputs are read from the feed, and given to ``update`` before the part's other tensors. Returns the number of batches run; a batch that
     onnxruntime cannot run raises a one-line ``DataError`` naming ``where`` and the batch's index. Only one run's
     tensors are alive at a time, at most about ``max_bytes`` of them (see ``BatchSplitter``).
     """
@@ -342,11 +342,11 @@ def observe(
             for part in splitter.parts(feed, probe=lambda first: splitter.learn(first, run(first))):
                 outputs = run(part)
                 splitter.learn(part, outputs)
-                for name, array in zip(exposed, outputs):
-                    update(name, array)
-                for name in from_feed:
+                for name in from_feed:  # inputs first: an observer may read the part's mask before its tensors
                     if name in part:  # an input with a default (an initializer) may be left out
                         update(name, np.asarray(part[name]))
+                for name, array in zip(exposed, outputs):
+                    update(name, array)
                 del outputs
             count += 1
             if progress:

@@ -222,13 +222,16 @@ class Recipe:
     def _check_int4_and_distill(self) -> None:
         if self.int4_block_size not in (16, 32, 64, 128, 256) or isinstance(self.int4_block_size, bool):
             raise OptionError(f"--int4-block-size {self.int4_block_size!r}: not one of 16, 32, 64, 128, 256")
-        if self.int4_method not in ("rtn", "hqq"):
-            raise OptionError(f"--int4-method {self.int4_method!r}: not one of rtn, hqq")
+        if self.int4_method not in ("rtn", "hqq", "gptq"):
+            raise OptionError(f"--int4-method {self.int4_method!r}: not one of rtn, hqq, gptq")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OptionError(f"--accuracy-level {self.accuracy_level!r}: not one of 0, 1, 2, 3, 4")
         default = Recipe()
         if self.quantize != "int4" and any(getattr(self, n) != getattr(default, n) for n in _INT4_OPTIONS):
             raise OptionError("--int4-block-size, --int4-method, --int4-asymmetric and --accuracy-level apply to --quantize int4")
+        if self.quantize == "int4" and self.int4_method == "gptq" and self.calibration is None and self.data is None:
+            raise OptionError("--int4-method gptq needs --calibration (or --data): its X^T X per weight input comes "
+                              "from running the model on samples")
         if not isinstance(self.distill, bool):
             raise OptionError(f"--distill: distill must be true or false, not {self.distill!r}")
         if not self.distill:

@@ -197,3 +197,118 @@ def test_zoo_transformer_runs():
     y = run(model, feeds)[0]
     cos = (y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)
     assert cos.min() > 0.9
+
+
+# -- GPTQ wired through onnxopt.optimize: the Gram matrices gathered in one streamed run ------------
+
+def _shared_input_model(k: int = 128, n: int = 48, seed: int = 3) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """y = (x @ W1) + (x @ W2) @ W3: x read by two MatMuls, the third reads an activation."""
+    from graphs import build
+
+    rng = np.random.default_rng(seed)
+    weights = {"W1": rng.standard_normal((k, n)) / np.sqrt(k), "W2": rng.standard_normal((k, k)) / np.sqrt(k),
+               "W3": rng.standard_normal((k, n)) / np.sqrt(k)}
+    model = build(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, {k}] x) => (float[B, S, {n}] y) {{
+            a = MatMul(x, W1)
+            h = MatMul(x, W2)
+            b = MatMul(h, W3)
+            y = Add(a, b)
+        }}""",
+        {name: w.astype(np.float32) for name, w in weights.items()},
+    )
+    return model, weights
+
+
+def _correlated(rng, shape: tuple[int, ...], k: int) -> np.ndarray:
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    x = rng.standard_normal((*shape, k)) @ mix
+    x[..., 3] *= 8  # an outlier channel
+    return x.astype(np.float32)
+
+
+def test_gptq_grams_one_per_input_shared_by_its_matmuls():
+    from onnxopt.pipeline import gptq_grams
+
+    model, weights = _shared_input_model()
+    x = _correlated(np.random.default_rng(0), (6, 5), 128)
+    calls = []
+    grams = gptq_grams(model, QuantizeWeightsInt4(method="gptq"), {"x": x}, {}, 2, "cpu",
+                       progress=lambda stage, i, n: calls.append((stage, i, n)))
+    assert set(grams) == {"W1", "W2", "W3"} and grams["W1"] is grams["W2"]  # x's matrix, shared
+    flat = x.reshape(-1, 128).astype(np.float64)
+    np.testing.assert_allclose(grams["W1"], flat.T @ flat, rtol=1e-6)
+    h = flat @ weights["W2"].astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(grams["W3"], h.T @ h, atol=1e-5 * np.abs(h.T @ h).max())  # h in float32 there
+    assert grams["W3"].dtype == np.float64 and calls and calls[-1] == ("gptq statistics", 3, 3)
+
+
+def test_gptq_through_optimize_no_worse_than_rtn_on_the_calibration_data():
+    import onnxopt
+
+    model, _ = _shared_input_model()
+    x = _correlated(np.random.default_rng(1), (16, 8), 128)
+    feeds = {"x": x}
+    reference = run(model, feeds)[0]
+    err = {}
+    for method in ("rtn", "gptq"):
+        result = onnxopt.optimize(model, quantize="int4", int4_method=method, calibration=feeds, data=feeds,
+                                  latency=False)
+        record = result.report.passes[-1]
+        assert record.name == "quantize-int4" and f"int4 {method}" in record.summary
+        assert "gptq_without_gram" not in record.details
+        assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == 3
+        err[method] = np.linalg.norm(run(result.model, feeds)[0] - reference)
+    assert err["gptq"] <= err["rtn"], err
+
+
+def test_gptq_without_calibration_is_refused_in_one_line(tmp_path, capsys):
+    import onnxopt
+    from onnxopt.cli import main
+    from onnxopt.errors import OptionError
+
+    model, _ = _shared_input_model()
+    path = tmp_path / "m.onnx"
+    ir.save(model, path)
+    assert main([str(path), "--quantize", "int4", "--int4-method", "gptq", "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--int4-method gptq needs --calibration" in err, err
+    assert not (tmp_path / "o.onnx").exists()
+    with pytest.raises(OptionError, match="needs --calibration"):
+        onnxopt.optimize(model, quantize="int4", int4_method="gptq")
+    with pytest.raises(OptionError, match="needs --calibration"):  # the pass object alone, without data
+        onnxopt.optimize(model, [QuantizeWeightsInt4(method="gptq")], latency=False, validate=False)
+
+
+def test_gptq_grams_can_leave_out_padding_where_an_attention_mask_says():
+    from graphs import build
+
+    from onnxopt.pipeline import gptq_grams
+
+    k, n = 32, 8
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    model = build(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, S, {k}] x, int64[B, S] attention_mask) => (float[B, S, {n}] y) {{
+            h = MatMul(x, W)
+            m = Cast<to = 1>(attention_mask)
+            axes = Constant<value = int64[1] {{-1}}>()
+            mu = Unsqueeze(m, axes)
+            y = Mul(h, mu)
+        }}""",
+        {"W": w},
+    )
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 6, k)).astype(np.float32)
+    mask = np.ones((4, 6), np.int64)
+    mask[:, 3:] = 0
+    mask[0, 3] = 1
+    x[mask == 0] *= 100  # padding rows that would swamp the matrix
+    feeds = {"x": x, "attention_mask": mask}
+    grams = gptq_grams(model, QuantizeWeightsInt4(method="gptq"), feeds, {}, 3, "cpu", exclude_padding=True)
+    kept = x[mask == 1].astype(np.float64)
+    np.testing.assert_allclose(grams["W"], kept.T @ kept, rtol=1e-9)
+    every = x.reshape(-1, k).astype(np.float64)  # the default keeps every row
+    np.testing.assert_allclose(gptq_grams(model, QuantizeWeightsInt4(method="gptq"), feeds, {}, 3, "cpu")["W"],
+                               every.T @ every, rtol=1e-9)

@@ -267,3 +267,23 @@ def test_save_recipe_round_trips_a_data_path_with_quotes_backslashes_newlines_an
     assert main([DIGITS, "--recipe", str(first), "--no-latency", "-q", "-o", str(tmp_path / "o2.onnx"),
                  "--save-recipe", str(second)]) == 0
     assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
+
+
+def test_int4_gptq_round_trips_through_toml(tmp_path):
+    recipe = Recipe(quantize="int4", int4_method="gptq", int4_block_size=128, calibration=CALIB)
+    back = Recipe.from_toml_text(recipe.to_toml())
+    assert (back.quantize, back.int4_method, back.int4_block_size, back.calibration) == ("int4", "gptq", 128, CALIB)
+    assert back.pass_list()[-1].method == "gptq"
+    with pytest.raises(OptionError, match="gptq needs --calibration"):
+        Recipe.from_toml_text('quantize = "int4"\nint4_method = "gptq"\n')
+    # and from the command line: --save-recipe writes it, --recipe replays it
+    model, saved = "models/zoo/transformer_encoder.onnx", tmp_path / "run.toml"
+    calib = tmp_path / "ids.npz"
+    np.savez(calib, input=np.random.default_rng(0).integers(0, 50, (4, 16)).astype(np.int64))
+    report = tmp_path / "r.json"
+    assert main([model, "--quantize", "int4", "--int4-method", "gptq", "--calibration", str(calib), "--no-latency",
+                 "--dim", "seq=16", "-o", str(tmp_path / "a.onnx"), "--save-recipe", str(saved), "-q"]) == 0
+    assert 'int4_method = "gptq"' in saved.read_text()
+    assert main([model, "--recipe", str(saved), "-o", str(tmp_path / "b.onnx"), "--report", str(report), "-q"]) == 0
+    summary = json.loads(report.read_text())["passes"][-1]["summary"]
+    assert summary.startswith("int4 gptq"), summary
