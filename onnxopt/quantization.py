@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_DROP = 1.0  # accuracy points
 DEFAULT_MIN_COSINE = 0.99
 MAX_FALLBACK_ROUNDS = 8
+# Fallback rounds judged by the worst sample's cosine (no labels) are judged first on this many
+# samples: the worst cosine over fewer samples is never lower, so a round that misses there misses on
+# the whole data; only a round that meets there is judged again on all of it (``_judge_round``).
+JUDGE_SAMPLES = 4
 # Per-tensor SQNR (the fallback's ranking and the report's figures) is read on the first samples
 # of the evaluation data: the ranking is that of 128 samples on the zoo and the digits model, and
 # exposing every tensor of two models costs a run per sample (the PaddleOCR detector: 20 of 72 s).
@@ -150,6 +154,8 @@ class QuantizationStep:
         # and each validation by the model it judged (the pipeline's own is then the last of them).
         self.reference_outputs = ReferenceOutputs()
         self._judged: dict[bytes, Validation] = {}
+        self._subset: Dataset | None = None  # the first JUDGE_SAMPLES samples, once they may judge a round
+        self._subset_reference = ReferenceOutputs()
         # Dims that MAC shares are counted at: --dim, else the calibration data's (set as it streams).
         self.mac_dims: dict[str, int] = dict(dims or {})
 
@@ -230,7 +236,7 @@ class QuantizationStep:
         if budgeted:
             first_figure, convergence, stuck = None, Convergence(), None
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):
-                met, figure = self._meets_budget(original, model, evaluation)
+                met, figure = self._judge_round(original, model, evaluation, float_model)
                 first_figure = first_figure or figure
                 convergence.add(self._shortfall())
                 if met:
@@ -510,15 +516,35 @@ class QuantizationStep:
             return (self.max_drop if self.max_drop is not None else DEFAULT_MAX_DROP), self.min_cosine
         return None, (self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE)
 
-    def _meets_budget(self, original: ModelSnapshot, model: ir.Model, evaluation: Dataset) -> tuple[bool, str]:
+    def _judge_round(self, original: ModelSnapshot, model: ir.Model, evaluation: Dataset,
+                     float_model: ir.Model) -> tuple[bool, str]:
+        """A fallback round's verdict: on the first ``JUDGE_SAMPLES`` samples where that is exact (a
+        miss there is a miss on all; see ``JUDGE_SAMPLES``), on all the data otherwise and to confirm."""
+        if self._subset is not None:
+            met, figure = self._meets_budget(original, model, self._subset, self._subset_reference)
+            if not met:
+                return met, figure
+        met, figure = self._meets_budget(original, model, evaluation)
+        if self._subset is None and self._last.accuracy_before is None and not self._last.error \
+                and all(o.samples for o in self._last.outputs if o.judged) and evaluation.batches:
+            cut = first_rows(float_model, evaluation.batches[0], JUDGE_SAMPLES)
+            if feed_rows(cut) < evaluation.num_samples:
+                self._subset = Dataset([cut], None, evaluation.source, synthetic=evaluation.synthetic)
+        return met, figure
+
+    def _meets_budget(self, original: ModelSnapshot, model: ir.Model, evaluation: Dataset,
+                      reference: ReferenceOutputs | None = None) -> tuple[bool, str]:
+        """Validate ``model`` on ``evaluation`` and judge it by the budget; a validation on all the data
+        (``reference`` None) is kept for the pipeline's own (``validated``)."""
         from onnxopt.validate import compare_models
 
         candidate = ModelSnapshot(model)
         try:
             v = compare_models(original, candidate, evaluation, providers=self.providers, runtime_floor=False,
-                               reference_outputs=self.reference_outputs, judged_outputs=self.judged_outputs)
+                               reference_outputs=reference or self.reference_outputs,
+                               judged_outputs=self.judged_outputs)
             key = _snapshot_key(candidate)
-            if key is not None:
+            if key is not None and reference is None:
                 self._judged[key] = v
         finally:
             candidate.close()

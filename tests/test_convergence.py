@@ -126,3 +126,33 @@ def test_layer_fallback_of_other_lossy_passes_stops_the_same_way(monkeypatch):
     stuck = [n for n in result.report.notes if n.startswith("budget: keeping")]
     assert len(stuck) == 1 and "one sample rules the verdict" in stuck[0]
     assert len(calls) == 3  # the first judgement and two rounds that did not move it (of MAX_ROUNDS 8)
+
+
+def test_rounds_judged_on_a_few_samples_where_a_miss_there_is_a_miss_on_all(monkeypatch, tmp_path):
+    """Without labels the budget is the worst sample's cosine: over fewer samples it is never lower,
+    so the fallback judges a round on the first JUDGE_SAMPLES samples and confirms on all the data
+    only when those meet; a subset that meets while the whole data misses does not end the fallback."""
+    import numpy as np
+
+    from onnxopt.quantization import JUDGE_SAMPLES
+
+    unlabelled = tmp_path / "inputs.npz"
+    np.savez(unlabelled, input=np.load(DIGITS / "digits_test.npz")["input"][:64])
+    sizes, answers = [], iter([0.90, 0.95, 0.995, 0.98, 0.995, 0.995])
+
+    def fake(reference, candidate, data, **kwargs):
+        sizes.append(data.num_samples)
+        out = OutputComparison(name="logits", max_abs=0.1, max_rel=0.1, cosine=next(answers), cosine_mean=0.995,
+                               top1_agreement=1.0, ok=False, samples=data.num_samples)
+        return Validation(ok=False, providers=["CPU"], samples=data.num_samples, batches=len(data), rtol=None,
+                          atol=0.0, data="fake", synthetic=False, outputs=[out])
+
+    monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
+    result = onnxopt.optimize(DIGITS / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=DIGITS / "digits_calib.npz",
+                              data=unlabelled, latency=False, speed_fallback=False, min_cosine=0.99)
+    details = result.report.passes[-1].details
+    # round 1 on all 64 samples; round 2 misses on the subset; round 3 meets on the subset
+    # but not on all (0.98): on; round 4 meets on both.
+    assert sizes[:6] == [64, JUDGE_SAMPLES, JUDGE_SAMPLES, 64, JUDGE_SAMPLES, 64]
+    assert details["budget"]["met"]
+    assert {item["round"] for item in details["fallback"]} == {1, 2, 3}
