@@ -51,3 +51,16 @@ def test_the_report_says_what_was_timed(monkeypatch):
     seen.clear()
     result = onnxopt.optimize("models/digits/digits_cnn.onnx", data="models/digits/digits_test.npz", batch_size=16)
     assert seen == [16] and not any(n.startswith("latency: timed at") for n in result.report.notes)
+
+
+def test_a_batch_dim_that_fix_dim_fixes_is_never_cut(monkeypatch):
+    import onnxopt.data
+
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", 2_000)
+    seen = []
+    monkeypatch.setattr(onnxopt.pipeline, "compare_latency", lambda a, b, feed, **kw: seen.append(
+        next(iter(feed.values())).shape[0]))
+    result = onnxopt.optimize("models/digits/digits_cnn.onnx", data="models/digits/digits_test.npz",
+                              fix_dims={"batch": 20})
+    assert seen == [20]  # the optimized model takes batch 20 only: 1 row failed in onnxruntime
+    assert not any(n.startswith("latency: timed at") for n in result.report.notes)
