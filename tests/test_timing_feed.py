@@ -64,3 +64,19 @@ def test_a_batch_dim_that_fix_dim_fixes_is_never_cut(monkeypatch):
                               fix_dims={"batch": 20})
     assert seen == [20]  # the optimized model takes batch 20 only: 1 row failed in onnxruntime
     assert not any(n.startswith("latency: timed at") for n in result.report.notes)
+
+
+def test_auto_times_its_candidates_at_the_batch_fix_dim_gives(monkeypatch):
+    import onnxopt.data
+    from onnxopt import io
+    from onnxopt.auto_quantize import _first_batch
+    from onnxopt.recipe import Recipe
+
+    model = io.load_model("models/digits/digits_cnn.onnx")
+    recipe = Recipe(fix_dims={"batch": 20})
+    feed, labelled = _first_batch(model, "models/digits/digits_test.npz", recipe)
+    assert next(iter(feed.values())).shape[0] == 20 and labelled  # the default cut of 32 failed in onnxruntime
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", 2_000)
+    feed, _ = _first_batch(model, "models/digits/digits_test.npz", recipe)
+    assert next(iter(feed.values())).shape[0] == 20  # a fixed batch is never cut
+    assert str(model.graph.inputs[0].shape[0]) == "batch"  # the caller's model is left as it was
