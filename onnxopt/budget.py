@@ -133,20 +133,32 @@ def shortfall(v: Validation, max_drop: float | None, min_cosine: float | None) -
 
 
 class Convergence:
-    """The shortfall of each fallback round (``add``); ``stalled`` when the last ``STALL_ROUNDS`` rounds
-    each closed less than ``STALL_GAIN`` of the gap they started from (growing gaps included)."""
+    """The shortfall of each fallback round (``add``, with the layers kept as they were so far);
+    ``stalled`` when the last ``STALL_ROUNDS`` rounds each closed less than ``STALL_GAIN`` of the gap
+    they started from (growing gaps included) and, at the rate per layer they closed it, the layers
+    still ``available`` to the rounds left could not close the rest: rounds double the layers they
+    keep (1, 2, 4, ...), so with the error spread over 20 layers or more the first two close under 10%
+    each and the next three meet the budget."""
 
     def __init__(self) -> None:
         self.gaps: list[float] = []
+        self.kept: list[int] = []
 
-    def add(self, gap: float) -> None:
+    def add(self, gap: float, kept: int = 0) -> None:
         self.gaps.append(gap)
+        self.kept.append(kept)
 
-    def stalled(self) -> bool:
+    def stalled(self, available: int | None = None) -> bool:
         if len(self.gaps) <= STALL_ROUNDS:
             return False
         recent = self.gaps[-STALL_ROUNDS - 1:]
-        return all(not (after < before * (1 - STALL_GAIN)) for before, after in zip(recent, recent[1:]))
+        if any(after < before * (1 - STALL_GAIN) for before, after in zip(recent, recent[1:])):
+            return False
+        layers = self.kept[-1] - self.kept[-STALL_ROUNDS - 1]
+        closed = recent[0] - recent[-1]
+        if available is None or layers <= 0 or not closed > 0 or not math.isfinite(recent[-1]):
+            return True
+        return closed / layers * available < recent[-1]
 
 
 def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *, kept: int, first_figure: str,
@@ -212,7 +224,7 @@ class LossyFallback:
                 self.details["stuck"] = ("no layer adds error at its own output: the loss is spread over "
                                          "every layer, or comes from a pass without layers to undo")
                 break
-            if convergence.stalled():
+            if convergence.stalled(min(len(candidates), sum(2 ** (r - 1) for r in range(round_, MAX_ROUNDS + 1)))):
                 self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),
                                                   first_figure=first_figure, figure=figure, top_harm_db=candidates[0][0])
                 break
@@ -224,7 +236,7 @@ class LossyFallback:
                            for p in self.passes]
             model = self._apply()
             met, figure = self._judge(model)
-            convergence.add(shortfall(self.last, self.max_drop, self.min_cosine))
+            convergence.add(shortfall(self.last, self.max_drop, self.min_cosine), len(self.details["kept"]))
             self.details["rounds"].append({"round": round_, "undone": sorted(units), "met": met, "figure": figure})
         if not met and "stuck" not in self.details and self.details["kept"]:  # every round used
             self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),

@@ -232,7 +232,7 @@ class QuantizationStep:
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):
                 met, figure = self._meets_budget(original, model, evaluation)
                 first_figure = first_figure or figure
-                convergence.add(self._shortfall())
+                convergence.add(self._shortfall(), len(fallback))
                 if met:
                     break
                 try:
@@ -244,7 +244,8 @@ class QuantizationStep:
                 candidates = [(h, node) for node, h in harm if node not in p.exclude and h > 0]
                 if not candidates:
                     break
-                if convergence.stalled():  # more float layers no longer move the metric: say why, stop
+                rounds_left = sum(2 ** (r - 1) for r in range(round_, MAX_FALLBACK_ROUNDS + 1))
+                if convergence.stalled(min(len(candidates), rounds_left)):  # more float layers no longer move the metric: say why, stop
                     stuck = why_stuck(self._last, *self._limits(self._last.accuracy_before is not None),
                                       kept=len(fallback), first_figure=first_figure, figure=figure,
                                       top_harm_db=candidates[0][0])

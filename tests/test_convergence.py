@@ -49,6 +49,25 @@ def test_convergence_stalls_only_after_rounds_that_close_little_of_the_gap():
     assert not stalled([0.1, 0.1 * closes_just_enough, 0.1 * closes_just_enough ** 2])
 
 
+def test_convergence_waits_for_doubling_rounds_when_the_error_is_spread_over_many_layers():
+    # 40 layers each adding one unit of error, the budget met once 25 are kept: rounds keep 1, 2, 4, 8,
+    # 16 layers, so rounds 1 and 2 close 1/25 and 2/24 of the gap (under 10% each) and rounds 3-5 meet it.
+    c = Convergence()
+    for kept in (0, 1, 3):
+        c.add(25.0 - kept, kept)
+    assert not c.stalled(available=min(37, 4 + 8 + 16 + 32 + 64 + 128))
+    assert c.stalled(available=10)  # at 1 a layer, 10 layers left cannot close 22
+    assert c.stalled()  # no count of the layers left: the gain alone decides
+    flat = Convergence()
+    for kept in (0, 1, 3):
+        flat.add(0.09, kept)
+    assert flat.stalled(available=1000)  # nothing closed at all: no rate to extrapolate
+    worse = Convergence()
+    for kept, gap in ((0, 0.1), (1, 0.2), (3, 0.3)):
+        worse.add(gap, kept)
+    assert worse.stalled(available=1000)
+
+
 def test_why_stuck_names_one_sample_that_rules_the_verdict():
     why = why_stuck(_v([0.90, 0.999], means=[0.995, 0.9995]), None, 0.99, kept=3,
                     first_figure="min cosine 0.85", figure="min cosine 0.90", top_harm_db=4.0)
