@@ -145,3 +145,40 @@ def test_layer_fallback_of_other_lossy_passes_stops_the_same_way(monkeypatch):
     stuck = [n for n in result.report.notes if n.startswith("budget: keeping")]
     assert len(stuck) == 1 and "one sample rules the verdict" in stuck[0]
     assert len(calls) == 3  # the first judgement and two rounds that did not move it (of MAX_ROUNDS 8)
+
+
+def test_fallback_ranks_small_models_on_8_samples_whatever_the_batch_size(monkeypatch):
+    """One observation run's worth of tensors: with --batch-size 1 (or a model fixed at batch 1) each
+    batch is a part of one sample, and ranking on the first part alone judged one sample, not 8."""
+    import onnxopt.observe
+    import onnxopt.quantization
+
+    fake, calls = _fake_compare([0.90, 0.995])
+    monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
+    ranked = []  # samples seen by each ranking (_harm) of the fallback
+    harm = onnxopt.quantization.QuantizationStep._harm
+
+    def counting(self, *args, **kwargs):
+        rows = []
+        update = onnxopt.observe.ErrorObserver.update
+        monkeypatch.setattr(onnxopt.observe.ErrorObserver, "update",
+                            lambda obs, r, c: (rows.append((id(obs), len(r))), update(obs, r, c))[1])
+        try:
+            return harm(self, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(onnxopt.observe.ErrorObserver, "update", update)
+            first = rows[0][0] if rows else None
+            ranked.append(sum(n for obs, n in rows if obs == first))
+
+    monkeypatch.setattr(onnxopt.quantization.QuantizationStep, "_harm", counting)
+    _quantize(DIGITS, batch_size=1)
+    assert ranked == [8]
+    ranked.clear()
+    monkeypatch.setattr(onnxopt.validate, "compare_models", _fake_compare([0.90, 0.995])[0])
+    _quantize(DIGITS)
+    assert ranked == [8]
+    ranked.clear()  # tensors that fill a run's budget with one sample (a 320x320 detector): one sample
+    monkeypatch.setattr(onnxopt.quantization, "DEFAULT_MAX_BYTES", 2_000)
+    monkeypatch.setattr(onnxopt.validate, "compare_models", _fake_compare([0.90, 0.995])[0])
+    _quantize(DIGITS)
+    assert ranked == [1]
