@@ -80,3 +80,13 @@ def test_auto_times_its_candidates_at_the_batch_fix_dim_gives(monkeypatch):
     feed, _ = _first_batch(model, "models/digits/digits_test.npz", recipe)
     assert next(iter(feed.values())).shape[0] == 20  # a fixed batch is never cut
     assert str(model.graph.inputs[0].shape[0]) == "batch"  # the caller's model is left as it was
+
+
+def test_no_timing_note_when_nothing_is_timed(monkeypatch):
+    import onnxopt.data
+
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", 2_000)
+    result = onnxopt.optimize("models/digits/digits_cnn.onnx", "simplify,fold-bn,quantize",
+                              calibration="models/digits/digits_calib.npz", data="models/digits/digits_test.npz",
+                              latency=False, speed_fallback=False)
+    assert not any(n.startswith("latency: timed at") for n in result.report.notes)  # no latency, no speed fallback
