@@ -172,7 +172,7 @@ def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *
     if max_drop is not None and v.samples:
         step = 100.0 / v.samples
         drop = (v.accuracy_before - v.accuracy_after) * 100
-        if drop <= 3 * step + 1e-9:
+        if max_drop + 1e-9 < drop <= 3 * step + 1e-9:  # the accuracy misses, by a few samples
             reasons.append(f"the drop is {round(drop / step)} of {v.samples} samples (one sample is {step:.2f} points): "
                            f"too few to judge a budget of {max_drop:g}; give more labelled samples (--eval)")
     if min_cosine is not None:

@@ -86,6 +86,16 @@ def test_why_stuck_names_too_few_labelled_samples_spread_error_and_synthetic_inp
     assert "beyond what this setting allows" in plain
 
 
+def test_why_stuck_blames_too_few_samples_only_when_the_accuracy_misses():
+    # Labelled data with --min-cosine: the accuracy meets its budget, the cosine does not.
+    why = why_stuck(_v([0.95], means=[0.95], before=0.99, after=0.99, samples=540), 1.0, 0.99, kept=2,
+                    first_figure="a", figure="b", top_harm_db=5.0)
+    assert "the drop is" not in why and "--eval" not in why
+    better = why_stuck(_v([0.95], means=[0.95], before=0.98, after=0.99, samples=100), 1.0, 0.99, kept=2,
+                       first_figure="a", figure="b", top_harm_db=5.0)
+    assert "the drop is" not in better  # accuracy went up: not 'the drop is -1 of 100 samples'
+
+
 def _fake_compare(cosines):
     """compare_models returning a validation whose only output has the given worst cosines in turn
     (mean 0.995) and no accuracy change; counts its calls."""
