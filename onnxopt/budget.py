@@ -43,6 +43,12 @@ STALL_GAIN = 0.1
 SPREAD_DB = 1.0  # no unit losing more than this at its own output: the error is spread over many
 
 
+def _differs(o) -> bool:
+    """An output compared as different without a cosine: its shape changed, or a non-numeric output
+    differs (``validate``: no cosine, infinite error); not one the original gave no finite value on."""
+    return math.isnan(o.cosine) and math.isinf(o.max_abs)
+
+
 def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[bool, str]:
     """The budget's verdict on a validation: the accuracy drop with labels (``max_drop``, default 1
     point), else every output's cosine (``min_cosine``, default 0.99); with a figure that says why."""
@@ -59,9 +65,12 @@ def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tu
     if min_cosine is not None:  # over the outputs the user judges (--outputs), each its worst sample
         judged = [o for o in v.outputs if getattr(o, "judged", True)]
         worst = min((o.cosine for o in judged if not math.isnan(o.cosine)), default=float("nan"))
-        ok &= worst >= min_cosine
+        differs = [o.name for o in judged if _differs(o)]
+        ok &= worst >= min_cosine and not differs
         which = "" if len(judged) == len(v.outputs) else f" of {', '.join(o.name for o in judged)}"
         parts.append(f"min cosine per sample{which} {worst:.5f} (budget {min_cosine:g})")
+        if differs:
+            parts.append(f"{', '.join(differs)} differ{'s' if len(differs) == 1 else ''} in shape or value (no cosine)")
     return bool(ok), "; ".join(parts)
 
 
@@ -128,7 +137,8 @@ def shortfall(v: Validation, max_drop: float | None, min_cosine: float | None) -
         gap += max(0.0, (v.accuracy_before - v.accuracy_after) * 100 - max_drop)
     if min_cosine is not None:
         judged = [o.cosine for o in v.outputs if getattr(o, "judged", True) and not math.isnan(o.cosine)]
-        gap += max(0.0, min_cosine - min(judged)) if judged else math.inf
+        differs = any(_differs(o) for o in v.outputs if getattr(o, "judged", True))
+        gap += max(0.0, min_cosine - min(judged)) if judged and not differs else math.inf
     return gap
 
 

@@ -32,6 +32,22 @@ def test_shortfall_is_the_distance_to_the_budget_in_its_own_units():
     assert shortfall(dataclasses.replace(_v([1.0]), error="boom"), None, 0.99) == float("inf")
 
 
+def test_an_output_whose_shape_changed_misses_the_budget():
+    from onnxopt.budget import judge
+
+    v = _v([0.999, 0.999])
+    v.outputs[0] = dataclasses.replace(v.outputs[0], max_abs=float("inf"), cosine=float("nan"))  # shape differs
+    met, figure = judge(v, None, 0.99)
+    assert not met and "y0 differs in shape or value" in figure  # it passed on y1's cosine alone
+    assert shortfall(v, None, 0.99) == float("inf")
+    not_judged = _v([0.999, 0.999], judged={1})
+    not_judged.outputs[0] = dataclasses.replace(not_judged.outputs[0], max_abs=float("inf"), cosine=float("nan"))
+    assert judge(not_judged, None, 0.99)[0] and shortfall(not_judged, None, 0.99) == 0.0  # --outputs leaves it out
+    nothing = _v([0.999, 0.999])
+    nothing.outputs[0] = dataclasses.replace(nothing.outputs[0], max_abs=0.0, cosine=float("nan"))
+    assert judge(nothing, None, 0.99)[0]  # the original gave no finite value there: nothing to judge
+
+
 def test_convergence_stalls_only_after_rounds_that_close_little_of_the_gap():
     def stalled(gaps):
         c = Convergence()
