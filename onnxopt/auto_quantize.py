@@ -196,6 +196,12 @@ def _time_pair(static: OptimizeResult, dynamic: OptimizeResult, feed, recipe: Re
 def _first_batch(model, data, recipe: Recipe):
     """The feed both candidates are timed on, and whether the data has labels."""
     dims = parse_dims(recipe.dims)
+    fixed = parse_dims(recipe.fix_dims, "--fix-dim")
+    if fixed:  # both candidates take the data at the sizes --fix-dim gives: time them at those
+        from onnxopt.passes import FixInputShapes
+
+        model = FixInputShapes(fixed)(model.clone()).model
+        dims = {k: v for k, v in dims.items() if k not in fixed}
     if data is None or _is_synthetic(data):
         dataset = runnable_synthetic_data(model, dims=dims, providers=recipe.providers, batch_size=recipe.batch_size)
     else:

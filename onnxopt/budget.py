@@ -43,6 +43,12 @@ STALL_GAIN = 0.1
 SPREAD_DB = 1.0  # no unit losing more than this at its own output: the error is spread over many
 
 
+def _differs(o) -> bool:
+    """An output compared as different without a cosine: its shape changed, or a non-numeric output
+    differs (``validate``: no cosine, infinite error); not one the original gave no finite value on."""
+    return math.isnan(o.cosine) and math.isinf(o.max_abs)
+
+
 def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[bool, str]:
     """The budget's verdict on a validation: the accuracy drop with labels (``max_drop``, default 1
     point), else every output's cosine (``min_cosine``, default 0.99); with a figure that says why."""
@@ -59,9 +65,12 @@ def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tu
     if min_cosine is not None:  # over the outputs the user judges (--outputs), each its worst sample
         judged = [o for o in v.outputs if getattr(o, "judged", True)]
         worst = min((o.cosine for o in judged if not math.isnan(o.cosine)), default=float("nan"))
-        ok &= worst >= min_cosine
+        differs = [o.name for o in judged if _differs(o)]
+        ok &= worst >= min_cosine and not differs
         which = "" if len(judged) == len(v.outputs) else f" of {', '.join(o.name for o in judged)}"
         parts.append(f"min cosine per sample{which} {worst:.5f} (budget {min_cosine:g})")
+        if differs:
+            parts.append(f"{', '.join(differs)} differ{'s' if len(differs) == 1 else ''} in shape or value (no cosine)")
     return bool(ok), "; ".join(parts)
 
 
@@ -128,25 +137,38 @@ def shortfall(v: Validation, max_drop: float | None, min_cosine: float | None) -
         gap += max(0.0, (v.accuracy_before - v.accuracy_after) * 100 - max_drop)
     if min_cosine is not None:
         judged = [o.cosine for o in v.outputs if getattr(o, "judged", True) and not math.isnan(o.cosine)]
-        gap += max(0.0, min_cosine - min(judged)) if judged else math.inf
+        differs = any(_differs(o) for o in v.outputs if getattr(o, "judged", True))
+        gap += max(0.0, min_cosine - min(judged)) if judged and not differs else math.inf
     return gap
 
 
 class Convergence:
-    """The shortfall of each fallback round (``add``); ``stalled`` when the last ``STALL_ROUNDS`` rounds
-    each closed less than ``STALL_GAIN`` of the gap they started from (growing gaps included)."""
+    """The shortfall of each fallback round (``add``, with the layers kept as they were so far);
+    ``stalled`` when the last ``STALL_ROUNDS`` rounds each closed less than ``STALL_GAIN`` of the gap
+    they started from (growing gaps included) and, at the rate per layer they closed it, the layers
+    still ``available`` to the rounds left could not close the rest: rounds double the layers they
+    keep (1, 2, 4, ...), so with the error spread over 20 layers or more the first two close under 10%
+    each and the next three meet the budget."""
 
     def __init__(self) -> None:
         self.gaps: list[float] = []
+        self.kept: list[int] = []
 
-    def add(self, gap: float) -> None:
+    def add(self, gap: float, kept: int = 0) -> None:
         self.gaps.append(gap)
+        self.kept.append(kept)
 
-    def stalled(self) -> bool:
+    def stalled(self, available: int | None = None) -> bool:
         if len(self.gaps) <= STALL_ROUNDS:
             return False
         recent = self.gaps[-STALL_ROUNDS - 1:]
-        return all(not (after < before * (1 - STALL_GAIN)) for before, after in zip(recent, recent[1:]))
+        if any(after < before * (1 - STALL_GAIN) for before, after in zip(recent, recent[1:])):
+            return False
+        layers = self.kept[-1] - self.kept[-STALL_ROUNDS - 1]
+        closed = recent[0] - recent[-1]
+        if available is None or layers <= 0 or not closed > 0 or not math.isfinite(recent[-1]):
+            return True
+        return closed / layers * available < recent[-1]
 
 
 def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *, kept: int, first_figure: str,
@@ -160,7 +182,7 @@ def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *
     if max_drop is not None and v.samples:
         step = 100.0 / v.samples
         drop = (v.accuracy_before - v.accuracy_after) * 100
-        if drop <= 3 * step + 1e-9:
+        if max_drop + 1e-9 < drop <= 3 * step + 1e-9:  # the accuracy misses, by a few samples
             reasons.append(f"the drop is {round(drop / step)} of {v.samples} samples (one sample is {step:.2f} points): "
                            f"too few to judge a budget of {max_drop:g}; give more labelled samples (--eval)")
     if min_cosine is not None:
@@ -212,7 +234,7 @@ class LossyFallback:
                 self.details["stuck"] = ("no layer adds error at its own output: the loss is spread over "
                                          "every layer, or comes from a pass without layers to undo")
                 break
-            if convergence.stalled():
+            if convergence.stalled(min(len(candidates), sum(2 ** (r - 1) for r in range(round_, MAX_ROUNDS + 1)))):
                 self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),
                                                   first_figure=first_figure, figure=figure, top_harm_db=candidates[0][0])
                 break
@@ -224,7 +246,7 @@ class LossyFallback:
                            for p in self.passes]
             model = self._apply()
             met, figure = self._judge(model)
-            convergence.add(shortfall(self.last, self.max_drop, self.min_cosine))
+            convergence.add(shortfall(self.last, self.max_drop, self.min_cosine), len(self.details["kept"]))
             self.details["rounds"].append({"round": round_, "undone": sorted(units), "met": met, "figure": figure})
         if not met and "stuck" not in self.details and self.details["kept"]:  # every round used
             self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),

@@ -269,9 +269,10 @@ def _optimize(
         train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
-    timed, timed_note = (timing_feed(working, dataset.batches[0], before.macs, batch_given=batch_size is not None)
+    # Judged on the model as the data meets it: a batch dim that --fix-dim fixes is never cut.
+    timed, timed_note = (timing_feed(data_model, dataset.batches[0], before.macs, batch_given=batch_size is not None)
                          if (validate or latency) and dataset.batches else (None, None))
-    if timed_note and (latency or quantization is not None):
+    if timed_note and (latency or (quantization is not None and quantization.speed_fallback)):  # something times it
         report.notes.append(f"latency: {timed_note}")
     sizes_before = run_sizes(working, declared)  # file, gzip, Deep Compression: after the passes too
     # A pass that says it changes outputs (importance pruning, clustering, sparsity, low rank) is

@@ -238,7 +238,7 @@ class QuantizationStep:
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):
                 met, figure = self._judge_round(original, model, evaluation, float_model)
                 first_figure = first_figure or figure
-                convergence.add(self._shortfall())
+                convergence.add(self._shortfall(), len(fallback))
                 if met:
                     break
                 try:
@@ -250,7 +250,8 @@ class QuantizationStep:
                 candidates = [(h, node) for node, h in harm if node not in p.exclude and h > 0]
                 if not candidates:
                     break
-                if convergence.stalled():  # more float layers no longer move the metric: say why, stop
+                rounds_left = sum(2 ** (r - 1) for r in range(round_, MAX_FALLBACK_ROUNDS + 1))
+                if convergence.stalled(min(len(candidates), rounds_left)):  # more float layers no longer move the metric: say why, stop
                     stuck = why_stuck(self._last, *self._limits(self._last.accuracy_before is not None),
                                       kept=len(fallback), first_figure=first_figure, figure=figure,
                                       top_harm_db=candidates[0][0])
@@ -575,8 +576,11 @@ class QuantizationStep:
     def _errors(self, float_model: ir.Model, model: ir.Model, tensor_map: dict[str, str], evaluation: Dataset,
                 tensors: list[str], max_parts: int | None = None) -> dict[str, float]:
         """SQNR (dB) of each named float tensor as the quantized model computes it, over the first
-        ``SQNR_SAMPLES`` samples, or over the first ``max_parts`` runs the observation budget allows
-        (a detector's tensors at 320x320 fill it with one sample: its pixels are statistics enough)."""
+        ``SQNR_SAMPLES`` samples, or over as many as ``max_parts`` observation runs' worth of tensors
+        hold (the splitter's ``max_bytes`` each; a detector's tensors at 320x320 fill one with one
+        sample: its pixels are statistics enough). Counted in bytes, not runs: with batches of one
+        sample (--batch-size 1, a model fixed at batch 1) each run holds one sample, and a small model's
+        8 fit in one run's worth."""
         names = [t for t in tensors if t]
         quant_names = [tensor_map.get(t, t) for t in names]
         cand_model, cand_names = expose(model, quant_names)
@@ -587,21 +591,26 @@ class QuantizationStep:
             providers = resolve_providers(self.providers)
             ref, splitter = self._float_exposure(float_model, names, providers)
             cand = cand_snap.session(providers=providers, optimization="disabled")
-            seen = parts = 0
+            seen = held = last = 0  # samples, bytes of tensors returned so far, and by the last run
+
+            def full() -> bool:  # another run like the last would pass max_parts runs' worth of bytes
+                return max_parts is not None and held > 0 and held + last > max_parts * splitter.max_bytes
+
             for feed in evaluation.batches:
-                if seen >= SQNR_SAMPLES or (max_parts is not None and parts >= max_parts):
+                if seen >= SQNR_SAMPLES or full():
                     break
 
                 def probe(first: dict[str, np.ndarray]) -> None:
                     splitter.learn(first, [*run_session(ref, first).values(), *run_session(cand, first).values()])
 
                 for part in splitter.parts(first_rows(float_model, feed, SQNR_SAMPLES - seen), probe=probe):
-                    if max_parts is not None and parts >= max_parts:
+                    if full():
                         break
                     seen += feed_rows(part)
-                    parts += 1
                     r_out = run_session(ref, part)
                     c_out = run_session(cand, part)
+                    last = sum(np.asarray(a).nbytes for a in (*r_out.values(), *c_out.values()))
+                    held += last
                     splitter.learn(part, [*r_out.values(), *c_out.values()])
                     for t, qt in zip(names, quant_names):
                         r = part.get(t) if t in inputs else r_out.get(t)

@@ -32,6 +32,22 @@ def test_shortfall_is_the_distance_to_the_budget_in_its_own_units():
     assert shortfall(dataclasses.replace(_v([1.0]), error="boom"), None, 0.99) == float("inf")
 
 
+def test_an_output_whose_shape_changed_misses_the_budget():
+    from onnxopt.budget import judge
+
+    v = _v([0.999, 0.999])
+    v.outputs[0] = dataclasses.replace(v.outputs[0], max_abs=float("inf"), cosine=float("nan"))  # shape differs
+    met, figure = judge(v, None, 0.99)
+    assert not met and "y0 differs in shape or value" in figure  # it passed on y1's cosine alone
+    assert shortfall(v, None, 0.99) == float("inf")
+    not_judged = _v([0.999, 0.999], judged={1})
+    not_judged.outputs[0] = dataclasses.replace(not_judged.outputs[0], max_abs=float("inf"), cosine=float("nan"))
+    assert judge(not_judged, None, 0.99)[0] and shortfall(not_judged, None, 0.99) == 0.0  # --outputs leaves it out
+    nothing = _v([0.999, 0.999])
+    nothing.outputs[0] = dataclasses.replace(nothing.outputs[0], max_abs=0.0, cosine=float("nan"))
+    assert judge(nothing, None, 0.99)[0]  # the original gave no finite value there: nothing to judge
+
+
 def test_convergence_stalls_only_after_rounds_that_close_little_of_the_gap():
     def stalled(gaps):
         c = Convergence()
@@ -47,6 +63,25 @@ def test_convergence_stalls_only_after_rounds_that_close_little_of_the_gap():
     assert not stalled([0.1, 0.05, 0.049])
     closes_just_enough = 1 - STALL_GAIN - 0.01
     assert not stalled([0.1, 0.1 * closes_just_enough, 0.1 * closes_just_enough ** 2])
+
+
+def test_convergence_waits_for_doubling_rounds_when_the_error_is_spread_over_many_layers():
+    # 40 layers each adding one unit of error, the budget met once 25 are kept: rounds keep 1, 2, 4, 8,
+    # 16 layers, so rounds 1 and 2 close 1/25 and 2/24 of the gap (under 10% each) and rounds 3-5 meet it.
+    c = Convergence()
+    for kept in (0, 1, 3):
+        c.add(25.0 - kept, kept)
+    assert not c.stalled(available=min(37, 4 + 8 + 16 + 32 + 64 + 128))
+    assert c.stalled(available=10)  # at 1 a layer, 10 layers left cannot close 22
+    assert c.stalled()  # no count of the layers left: the gain alone decides
+    flat = Convergence()
+    for kept in (0, 1, 3):
+        flat.add(0.09, kept)
+    assert flat.stalled(available=1000)  # nothing closed at all: no rate to extrapolate
+    worse = Convergence()
+    for kept, gap in ((0, 0.1), (1, 0.2), (3, 0.3)):
+        worse.add(gap, kept)
+    assert worse.stalled(available=1000)
 
 
 def test_why_stuck_names_one_sample_that_rules_the_verdict():
@@ -65,6 +100,16 @@ def test_why_stuck_names_too_few_labelled_samples_spread_error_and_synthetic_inp
     assert "spread over many layers" in spread and "synthetic" in spread
     plain = why_stuck(_v([0.9], means=[0.9]), None, 0.99, kept=1, first_figure="a", figure="b", top_harm_db=5.0)
     assert "beyond what this setting allows" in plain
+
+
+def test_why_stuck_blames_too_few_samples_only_when_the_accuracy_misses():
+    # Labelled data with --min-cosine: the accuracy meets its budget, the cosine does not.
+    why = why_stuck(_v([0.95], means=[0.95], before=0.99, after=0.99, samples=540), 1.0, 0.99, kept=2,
+                    first_figure="a", figure="b", top_harm_db=5.0)
+    assert "the drop is" not in why and "--eval" not in why
+    better = why_stuck(_v([0.95], means=[0.95], before=0.98, after=0.99, samples=100), 1.0, 0.99, kept=2,
+                       first_figure="a", figure="b", top_harm_db=5.0)
+    assert "the drop is" not in better  # accuracy went up: not 'the drop is -1 of 100 samples'
 
 
 def _fake_compare(cosines):
@@ -156,3 +201,40 @@ def test_rounds_judged_on_a_few_samples_where_a_miss_there_is_a_miss_on_all(monk
     assert sizes[:6] == [64, JUDGE_SAMPLES, JUDGE_SAMPLES, 64, JUDGE_SAMPLES, 64]
     assert details["budget"]["met"]
     assert {item["round"] for item in details["fallback"]} == {1, 2, 3}
+
+
+def test_fallback_ranks_small_models_on_8_samples_whatever_the_batch_size(monkeypatch):
+    """One observation run's worth of tensors: with --batch-size 1 (or a model fixed at batch 1) each
+    batch is a part of one sample, and ranking on the first part alone judged one sample, not 8."""
+    import onnxopt.observe
+    import onnxopt.quantization
+
+    fake, calls = _fake_compare([0.90, 0.995])
+    monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
+    ranked = []  # samples seen by each ranking (_harm) of the fallback
+    harm = onnxopt.quantization.QuantizationStep._harm
+
+    def counting(self, *args, **kwargs):
+        rows = []
+        update = onnxopt.observe.ErrorObserver.update
+        monkeypatch.setattr(onnxopt.observe.ErrorObserver, "update",
+                            lambda obs, r, c: (rows.append((id(obs), len(r))), update(obs, r, c))[1])
+        try:
+            return harm(self, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(onnxopt.observe.ErrorObserver, "update", update)
+            first = rows[0][0] if rows else None
+            ranked.append(sum(n for obs, n in rows if obs == first))
+
+    monkeypatch.setattr(onnxopt.quantization.QuantizationStep, "_harm", counting)
+    _quantize(DIGITS, batch_size=1)
+    assert ranked == [8]
+    ranked.clear()
+    monkeypatch.setattr(onnxopt.validate, "compare_models", _fake_compare([0.90, 0.995])[0])
+    _quantize(DIGITS)
+    assert ranked == [8]
+    ranked.clear()  # tensors that fill a run's budget with one sample (a 320x320 detector): one sample
+    monkeypatch.setattr(onnxopt.quantization, "DEFAULT_MAX_BYTES", 2_000)
+    monkeypatch.setattr(onnxopt.validate, "compare_models", _fake_compare([0.90, 0.995])[0])
+    _quantize(DIGITS)
+    assert ranked == [1]

@@ -51,3 +51,42 @@ def test_the_report_says_what_was_timed(monkeypatch):
     seen.clear()
     result = onnxopt.optimize("models/digits/digits_cnn.onnx", data="models/digits/digits_test.npz", batch_size=16)
     assert seen == [16] and not any(n.startswith("latency: timed at") for n in result.report.notes)
+
+
+def test_a_batch_dim_that_fix_dim_fixes_is_never_cut(monkeypatch):
+    import onnxopt.data
+
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", 2_000)
+    seen = []
+    monkeypatch.setattr(onnxopt.pipeline, "compare_latency", lambda a, b, feed, **kw: seen.append(
+        next(iter(feed.values())).shape[0]))
+    result = onnxopt.optimize("models/digits/digits_cnn.onnx", data="models/digits/digits_test.npz",
+                              fix_dims={"batch": 20})
+    assert seen == [20]  # the optimized model takes batch 20 only: 1 row failed in onnxruntime
+    assert not any(n.startswith("latency: timed at") for n in result.report.notes)
+
+
+def test_auto_times_its_candidates_at_the_batch_fix_dim_gives(monkeypatch):
+    import onnxopt.data
+    from onnxopt import io
+    from onnxopt.auto_quantize import _first_batch
+    from onnxopt.recipe import Recipe
+
+    model = io.load_model("models/digits/digits_cnn.onnx")
+    recipe = Recipe(fix_dims={"batch": 20})
+    feed, labelled = _first_batch(model, "models/digits/digits_test.npz", recipe)
+    assert next(iter(feed.values())).shape[0] == 20 and labelled  # the default cut of 32 failed in onnxruntime
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", 2_000)
+    feed, _ = _first_batch(model, "models/digits/digits_test.npz", recipe)
+    assert next(iter(feed.values())).shape[0] == 20  # a fixed batch is never cut
+    assert str(model.graph.inputs[0].shape[0]) == "batch"  # the caller's model is left as it was
+
+
+def test_no_timing_note_when_nothing_is_timed(monkeypatch):
+    import onnxopt.data
+
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", 2_000)
+    result = onnxopt.optimize("models/digits/digits_cnn.onnx", "simplify,fold-bn,quantize",
+                              calibration="models/digits/digits_calib.npz", data="models/digits/digits_test.npz",
+                              latency=False, speed_fallback=False)
+    assert not any(n.startswith("latency: timed at") for n in result.report.notes)  # no latency, no speed fallback
