@@ -209,8 +209,9 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
 
     Rules:
     - a MatMul whose B is a constant 2-D float32 tensor with K >= ``block_size`` and whose A is float32;
-      a Gemm (in ``op_types``) with ``transA = 0`` and ``alpha = 1``: ``transB`` read, ``beta * C``
-      added after as a float bias;
+      a Gemm (in ``op_types``, by default with MatMul: GPT-2's exports carry every projection as
+      Gemm) with ``transA = 0`` and ``alpha = 1``: ``transB`` read, ``beta * C`` added after as a
+      float bias;
     - ``block_size`` a power of two >= 16; ``symmetric`` (RTN, GPTQ) or not; HQQ is asymmetric with
       float zero points; GPTQ needs ``calibration_gram`` for the weight's name (else RTN, said so);
     - with ``embeddings``, a Gather on axis 0 of a constant 2-D float32 table, every reader of which
@@ -233,7 +234,7 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         symmetric: bool = True,
         method: str = "rtn",
         accuracy_level: int | None = None,
-        op_types: Iterable[str] = ("MatMul",),
+        op_types: Iterable[str] = ("MatMul", "Gemm"),
         embeddings: bool = True,
         calibration_gram: Mapping[str, np.ndarray] | None = None,
         exclude: Iterable[str] = (),
