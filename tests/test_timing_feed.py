@@ -90,3 +90,25 @@ def test_no_timing_note_when_nothing_is_timed(monkeypatch):
                               calibration="models/digits/digits_calib.npz", data="models/digits/digits_test.npz",
                               latency=False, speed_fallback=False)
     assert not any(n.startswith("latency: timed at") for n in result.report.notes)  # no latency, no speed fallback
+
+
+def test_a_dim_given_for_the_batch_does_not_count_the_whole_batch_as_one_sample(monkeypatch):
+    """--dim N=32 on the batch dim makes the report's MACs those of 32 samples; the timing cut divides
+    by the rows again, so that the batch is cut as it is without --dim."""
+    import onnxopt.data
+
+    from onnxopt.pipeline import _macs_per_sample
+    from onnxopt.stats import count_macs
+
+    model = onnxopt.io.load_model("models/digits/digits_cnn.onnx")
+    feed = {model.graph.inputs[0].name: np.zeros((32, 1, 8, 8), np.float32)}
+    one = count_macs(model)
+    batch = model.graph.inputs[0].shape[0].value
+    assert _macs_per_sample(model, feed, {}, one) == one
+    assert _macs_per_sample(model, feed, {batch: 32}, count_macs(model, dims={batch: 32})) == one
+    monkeypatch.setattr(onnxopt.data, "TIMING_MACS", one * 4)  # 4 samples a call
+    seen = []
+    monkeypatch.setattr(onnxopt.pipeline, "compare_latency", lambda a, b, feed, **kw: seen.append(
+        next(iter(feed.values())).shape[0]))
+    onnxopt.optimize("models/digits/digits_cnn.onnx", data="models/digits/digits_test.npz", dims={batch: 32})
+    assert seen == [4]
