@@ -155,6 +155,7 @@ class QuantizationStep:
         self.reference_outputs = ReferenceOutputs()
         self._judged: dict[bytes, Validation] = {}
         self._subset: Dataset | None = None  # the first JUDGE_SAMPLES samples, once they may judge a round
+        self._last_on_subset = False  # whether the last round's verdict came from ``_subset`` alone
         self._subset_reference = ReferenceOutputs()
         # Dims that MAC shares are counted at: --dim, else the calibration data's (set as it streams).
         self.mac_dims: dict[str, int] = dict(dims or {})
@@ -234,7 +235,7 @@ class QuantizationStep:
         fallback: list[dict[str, Any]] = []
         runnable = True
         if budgeted:
-            first_figure, convergence, stuck = None, Convergence(), None
+            first_figure, convergence, stuck, stalled_at = None, Convergence(), None, None
             for round_ in range(1, MAX_FALLBACK_ROUNDS + 1):
                 met, figure = self._judge_round(original, model, evaluation, float_model)
                 first_figure = first_figure or figure
@@ -252,9 +253,7 @@ class QuantizationStep:
                     break
                 rounds_left = sum(2 ** (r - 1) for r in range(round_, MAX_FALLBACK_ROUNDS + 1))
                 if convergence.stalled(min(len(candidates), rounds_left)):  # more float layers no longer move the metric: say why, stop
-                    stuck = why_stuck(self._last, *self._limits(self._last.accuracy_before is not None),
-                                      kept=len(fallback), first_figure=first_figure, figure=figure,
-                                      top_harm_db=candidates[0][0])
+                    stalled_at = candidates[0][0]
                     break
                 take = candidates[: 2 ** (round_ - 1)]
                 for h, node in take:
@@ -265,9 +264,14 @@ class QuantizationStep:
                 result = p(model)
             else:
                 met, figure = self._meets_budget(original, model, evaluation)
-            if not met and stuck is None and runnable and fallback:  # every round used, or no layer left to keep
+                self._last_on_subset = False
+            if not met and runnable and self._last_on_subset:
+                # The last miss was seen on the first samples (a miss on all the data too): the figure
+                # of all of it for the report and the reasons, and the validation the pipeline reuses.
+                met, figure = self._meets_budget(original, model, evaluation)
+            if not met and runnable and (fallback or stalled_at is not None):  # stalled, every round used, or no layer left
                 stuck = why_stuck(self._last, *self._limits(self._last.accuracy_before is not None), kept=len(fallback),
-                                  first_figure=first_figure, figure=figure)
+                                  first_figure=first_figure, figure=figure, top_harm_db=stalled_at)
             self.details["budget"] = {"met": met, "figure": figure, **({"stuck": stuck} if stuck else {})}
             if stuck:
                 self.notes.append(f"quantize: accuracy fallback: {stuck}")
@@ -524,7 +528,9 @@ class QuantizationStep:
         if self._subset is not None:
             met, figure = self._meets_budget(original, model, self._subset, self._subset_reference)
             if not met:
+                self._last_on_subset = True
                 return met, figure
+        self._last_on_subset = False
         met, figure = self._meets_budget(original, model, evaluation)
         if self._subset is None and self._last.accuracy_before is None and not self._last.error \
                 and all(o.samples for o in self._last.outputs if o.judged) and evaluation.batches:

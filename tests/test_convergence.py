@@ -238,3 +238,30 @@ def test_fallback_ranks_small_models_on_8_samples_whatever_the_batch_size(monkey
     monkeypatch.setattr(onnxopt.validate, "compare_models", _fake_compare([0.90, 0.995])[0])
     _quantize(DIGITS)
     assert ranked == [1]
+
+
+def test_a_fallback_that_ends_on_a_subset_miss_reports_the_whole_datas_figure(monkeypatch, tmp_path):
+    """The reasons and the budget's figure come from all the data, not from the first samples that
+    judged the last round (the pipeline's own validation then reuses that judgement)."""
+    import numpy as np
+
+    unlabelled = tmp_path / "inputs.npz"
+    np.savez(unlabelled, input=np.load(DIGITS / "digits_test.npz")["input"][:64])
+    sizes = []
+
+    def fake(reference, candidate, data, **kwargs):
+        sizes.append(data.num_samples)
+        whole = data.num_samples == 64
+        out = OutputComparison(name="logits", max_abs=0.1, max_rel=0.1, cosine=0.90 if whole else 0.95,
+                               cosine_mean=0.995 if whole else 0.97, top1_agreement=1.0, ok=False,
+                               samples=data.num_samples)
+        return Validation(ok=False, providers=["CPU"], samples=data.num_samples, batches=len(data), rtol=None,
+                          atol=0.0, data="fake", synthetic=False, outputs=[out])
+
+    monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
+    result = onnxopt.optimize(DIGITS / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=DIGITS / "digits_calib.npz",
+                              data=unlabelled, latency=False, speed_fallback=False, min_cosine=0.99)
+    budget = result.report.passes[-1].details["budget"]
+    assert not budget["met"] and sizes[0] == 64 and sizes[-1] == 64 and 4 in sizes
+    assert "0.90000" in budget["figure"]  # the whole data's worst sample, not the subset's 0.95
+    assert "mean cosine per sample (0.99500)" in budget["stuck"]  # the whole data's mean
