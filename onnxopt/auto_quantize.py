@@ -38,7 +38,7 @@ from onnxopt.data import feed_dims, load_data, parse_dims, timing_feed
 from onnxopt.errors import OnnxoptError, OptionError, one_line
 from onnxopt.latency import compare_latency
 from onnxopt.runtime import ModelSnapshot
-from onnxopt.stats import count_macs
+from onnxopt.stats import macs_per_sample
 from onnxopt.synthetic import runnable_synthetic_data
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ def _first_batch(model, data, recipe: Recipe):
     else:
         dataset = load_data(data, model, batch_size=recipe.batch_size, dims=dims, max_samples=recipe.max_samples)
     feed = dataset.batches[0]
-    macs = count_macs(model, dims={**feed_dims(model, feed), **dims})
+    macs = macs_per_sample(model, feed, {**feed_dims(model, feed), **dims})
     return timing_feed(model, feed, macs, batch_given=recipe.batch_size is not None)[0], dataset.labels is not None
 
 

@@ -22,10 +22,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from onnxopt.data import Dataset
+from onnxopt.data import Dataset, feed_rows
 from onnxopt.observe import ErrorObserver, expose
 from onnxopt.report import Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
@@ -106,7 +105,7 @@ def tensor_sqnr(reference: ir.Model, candidate: ir.Model, names: Sequence[str], 
             if seen >= max_samples:
                 break
             r_out, c_out = run_session(ref, feed), run_session(cand, feed)
-            seen += max((int(np.shape(a)[0]) for a in feed.values() if np.ndim(a) > 0), default=1)
+            seen += feed_rows(feed)
             for n in wanted:
                 if n in r_out and n in c_out:
                     observers[n].update(r_out[n], c_out[n])

@@ -20,8 +20,8 @@ import onnx_ir as ir
 from onnxopt import io
 from onnxopt.budget import LossyFallback, judge, lossy_units
 from onnxopt.compressed_size import run_sizes
-from onnxopt.data import (Dataset, cannot_run, check_labels, feed_dims, feed_rows, head, input_specs, load_data,
-                          parse_dims, timing_feed)
+from onnxopt.data import (Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims,
+                          timing_feed)
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
@@ -32,7 +32,7 @@ from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
 from onnxopt.report import PassRecord, Report, Validation, plural
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
-from onnxopt.stats import count_macs, model_stats
+from onnxopt.stats import macs_per_sample, model_stats
 from onnxopt.synthetic import runnable_synthetic_data
 from onnxopt.validate import DEFAULT_ATOL, ReferenceOutputs, compare_models
 
@@ -271,7 +271,7 @@ def _optimize(
     report = Report(model=label, output=None, before=before, after=before)
     # Judged on the model as the data meets it: a batch dim that --fix-dim fixes is never cut.
     timed, timed_note = (timing_feed(data_model, dataset.batches[0],
-                                     _macs_per_sample(working, dataset.batches[0], stat_dims, before.macs)
+                                     macs_per_sample(working, dataset.batches[0], stat_dims, before.macs)
                                      if batch_size is None else before.macs, batch_given=batch_size is not None)
                          if (validate or latency) and dataset.batches else (None, None))
     if timed_note and (latency or (quantization is not None and quantization.speed_fallback)):  # something times it
@@ -534,20 +534,6 @@ def _growth_note(name: str, before, after) -> str | None:
         return None
     return (f"{name}: the model grew from {before.bytes:,} to {after.bytes:,} bytes of weights "
             f"(+{(after.bytes - before.bytes) / max(before.bytes, 1):.1%}): please report it")
-
-
-def _macs_per_sample(model: ir.Model, feed: Mapping[str, np.ndarray], dims: Mapping[str, int],
-                     counted: int | None) -> int | None:
-    """MACs of one sample of ``feed``: the model counted with its named batch dims at the feed's rows,
-    divided by them. ``counted`` (the report's figure, batch dims at 1 unless ``--dim`` names them)
-    is returned where no input has a named batch dim or the feed has one row."""
-    rows = feed_rows(feed)
-    batch = {dim.value: rows for v in model.graph.inputs if v.shape is not None and len(v.shape) > 0
-             for dim in [v.shape[0]] if isinstance(dim, ir.SymbolicDim) and dim.value}
-    if rows <= 1 or not batch or not any(dims.get(name, 1) != 1 for name in batch):
-        return counted  # the batch dims were counted at 1: ``counted`` is per sample already
-    total = count_macs(model, dims={**dims, **batch})
-    return None if total is None else total // rows
 
 
 def _reference_outputs(original: ModelSnapshot, dataset: Dataset, providers) -> ReferenceOutputs:

@@ -91,16 +91,18 @@ def _has_float16(model: ir.Model) -> bool:
 _READS_EXTERNAL_FOLDER = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit()) >= (1, 18)
 
 
-def _one_external_folder(model: ir.Model) -> str | None:
+def _one_external_folder(model: ir.Model) -> tuple[str | None, int]:
     """The one folder that every external-data tensor of ``model`` is read from, when there is one
-    and the tensors held in memory fit a serialized model (``INLINE_WEIGHT_LIMIT``); else None."""
-    folders, inline = set(), 0
+    and the tensors held in memory fit a serialized model (``INLINE_WEIGHT_LIMIT``), else None; and
+    the bytes those external tensors hold."""
+    folders, inline, external = set(), 0, 0
     for _, tensor in iter_tensors(model, functions=True):
         if isinstance(tensor, ir.ExternalTensor):
             folders.add(os.path.realpath(tensor.base_dir or "."))
+            external += tensor.nbytes
         elif tensor is not None:
             inline += tensor.nbytes
-    return next(iter(folders)) if len(folders) == 1 and inline < INLINE_WEIGHT_LIMIT else None
+    return (next(iter(folders)) if len(folders) == 1 and inline < INLINE_WEIGHT_LIMIT else None), external
 
 
 class ModelSnapshot:
@@ -121,15 +123,13 @@ class ModelSnapshot:
         if model is None:  # ``from_file``
             return
         self.float16 = _has_float16(model)
-        folder = _one_external_folder(model) if by_reference and _READS_EXTERNAL_FOLDER else None
+        folder, external_bytes = _one_external_folder(model) if by_reference and _READS_EXTERNAL_FOLDER else (None, 0)
         if folder is not None:
             # Weights still in the files they were read from, all in one folder: only the graph is
             # serialized, with its external references, and onnxruntime reads the weights from that
             # folder itself (a model with extra outputs for calibration copies no weight). For
             # sessions only: ``data`` alone is not a whole model.
-            self.data, self.external_folder = model_bytes(model), folder
-            self._external_bytes = sum(t.nbytes for _, t in iter_tensors(model, functions=True)
-                                       if isinstance(t, ir.ExternalTensor))
+            self.data, self.external_folder, self._external_bytes = model_bytes(model), folder, external_bytes
             return
         # Bytes cannot carry external data (its paths are relative to a folder): past 2 GB, or when
         # weights are still read lazily from files, the snapshot is a temporary folder instead.

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["model_stats", "count_macs", "node_macs"]
+__all__ = ["model_stats", "count_macs", "macs_per_sample", "node_macs"]
 
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript.optimizer import fold_constants_ir
 
+from onnxopt.data import feed_rows
 from onnxopt.report import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,21 @@ def count_macs(model: ir.Model, *, dims: Mapping[str, int] | None = None) -> int
         logger.debug("MACs unknown for %d nodes", unknown)
         return None
     return int(total)
+
+
+def macs_per_sample(model: ir.Model, feed: Mapping[str, np.ndarray], dims: Mapping[str, int],
+                    counted: int | None = None) -> int | None:
+    """MACs of one sample of ``feed`` (one batch): the model counted at ``dims`` with its named batch
+    dims at the feed's rows, divided by them, so that a ``--dim`` on the batch dim does not count the
+    whole batch as one sample. ``counted`` (a count at ``dims``, batch dims at 1 unless ``dims`` names
+    them) is returned as it is where ``dims`` leaves every batch dim at 1 or the feed has one row."""
+    rows = feed_rows(feed)
+    batch = {dim.value: rows for v in model.graph.inputs if v.shape is not None and len(v.shape) > 0
+             for dim in [v.shape[0]] if isinstance(dim, ir.SymbolicDim) and dim.value}
+    if counted is not None and (rows <= 1 or not any(dims.get(name, 1) != 1 for name in batch)):
+        return counted
+    total = count_macs(model, dims={**dims, **batch})
+    return None if total is None else total // (rows if batch else 1)
 
 
 def node_macs(

@@ -97,15 +97,15 @@ def test_a_dim_given_for_the_batch_does_not_count_the_whole_batch_as_one_sample(
     by the rows again, so that the batch is cut as it is without --dim."""
     import onnxopt.data
 
-    from onnxopt.pipeline import _macs_per_sample
-    from onnxopt.stats import count_macs
+    from onnxopt.stats import count_macs, macs_per_sample
 
     model = onnxopt.io.load_model("models/digits/digits_cnn.onnx")
     feed = {model.graph.inputs[0].name: np.zeros((32, 1, 8, 8), np.float32)}
     one = count_macs(model)
     batch = model.graph.inputs[0].shape[0].value
-    assert _macs_per_sample(model, feed, {}, one) == one
-    assert _macs_per_sample(model, feed, {batch: 32}, count_macs(model, dims={batch: 32})) == one
+    assert macs_per_sample(model, feed, {}, one) == one
+    assert macs_per_sample(model, feed, {batch: 32}, count_macs(model, dims={batch: 32})) == one
+    assert macs_per_sample(model, feed, {}) == macs_per_sample(model, feed, {batch: 32}) == one  # counted here
     monkeypatch.setattr(onnxopt.data, "TIMING_MACS", one * 4)  # 4 samples a call
     seen = []
     monkeypatch.setattr(onnxopt.pipeline, "compare_latency", lambda a, b, feed, **kw: seen.append(
