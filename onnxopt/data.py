@@ -43,7 +43,7 @@ import os
 import re
 import stat
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,19 +123,49 @@ def feed_rows(feed: Mapping[str, np.ndarray]) -> int:
     return max((int(np.shape(a)[0]) for a in feed.values() if np.ndim(a) > 0), default=1)
 
 
-def first_rows(model: ir.Model, feed: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """``feed`` cut to its first ``n`` samples along axis 0 where that is surely a batch: every input
-    has a rank, the same leading size, and a dynamic first dim in ``model``; else ``feed`` whole."""
+def _batch_like(model: ir.Model, feed: Mapping[str, np.ndarray]) -> bool:
+    """Whether axis 0 of ``feed`` is surely its batch: every input has a rank, the same leading
+    size, and a dynamic first dim in ``model``."""
     rows = feed_rows(feed)
     declared = {v.name: v.shape for v in model.graph.inputs}
-    batch_like = all(
+    return all(
         np.ndim(a) > 0 and np.shape(a)[0] == rows
         and (declared.get(k) is None or len(declared[k]) == 0 or not isinstance(declared[k][0], int))
         for k, a in feed.items()
     )
-    if n >= rows or not batch_like:
+
+
+def first_rows(model: ir.Model, feed: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """``feed`` cut to its first ``n`` samples along axis 0 where that is surely a batch
+    (``_batch_like``); else ``feed`` whole."""
+    if n >= feed_rows(feed) or not _batch_like(model, feed):
         return dict(feed)
     return {k: a[:n] for k, a in feed.items()}
+
+
+def take_rows(model: ir.Model, data: Dataset, rows: Sequence[int]) -> dict[str, np.ndarray] | None:
+    """One feed of the samples ``rows`` (indices over all of ``data``'s batches, in data order), in
+    the order given; None where a batch's axis 0 is not surely its samples (``_batch_like``), a
+    batch's inputs differ in their other dims from the first's, or an index is out of range."""
+    wanted = {row: i for i, row in enumerate(dict.fromkeys(rows))}  # duplicates once
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    start, keys, tails = 0, None, None
+    for feed in data.batches:
+        n = feed_rows(feed)
+        hits = [row for row in wanted if start <= row < start + n]
+        if hits:
+            if not _batch_like(model, feed):
+                return None
+            shape = {k: np.shape(a)[1:] for k, a in feed.items()}
+            keys, tails = (list(feed), shape) if keys is None else (keys, tails)
+            if shape != tails:
+                return None
+            for row in hits:
+                parts[wanted[row]] = {k: feed[k][row - start] for k in keys}
+        start += n
+    if not rows or len(parts) != len(wanted):
+        return None
+    return {k: np.stack([parts[i][k] for i in range(len(wanted))]) for k in keys}
 
 
 # MACs that one timed call of the model may take when onnxopt cut the data into batches itself: the

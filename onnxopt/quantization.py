@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxopt.budget import Convergence, shortfall, why_stuck
 from onnxopt.budget import judge as judge_budget
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
-from onnxopt.data import Dataset, feed_dims, feed_rows, first_rows, stream_data, synthetic_data
+from onnxopt.data import Dataset, feed_dims, feed_rows, first_rows, stream_data, take_rows, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError, one_line
 from onnxopt.latency import compare_latency, median_interval, timing_settings
 from onnxopt.latency import verdict as latency_verdict
@@ -58,8 +58,10 @@ DEFAULT_MAX_DROP = 1.0  # accuracy points
 DEFAULT_MIN_COSINE = 0.99
 MAX_FALLBACK_ROUNDS = 8
 # Fallback rounds judged by the worst sample's cosine (no labels) are judged first on this many
-# samples: the worst cosine over fewer samples is never lower, so a round that misses there misses on
-# the whole data; only a round that meets there is judged again on all of it (``_judge_round``).
+# samples, the worst of the last validation on all the data: the worst cosine over fewer samples is
+# never lower, so a round that misses there misses on the whole data; only a round that meets there
+# is judged again on all of it (``_judge_round``). The worst samples stay the worst from round to
+# round more often than not (the recognizer's first 4 samples met every round that all 32 missed).
 JUDGE_SAMPLES = 4
 # Per-tensor SQNR (the fallback's ranking and the report's figures) is read on the first samples
 # of the evaluation data: the ranking is that of 128 samples on the zoo and the digits model, and
@@ -154,7 +156,8 @@ class QuantizationStep:
         # and each validation by the model it judged (the pipeline's own is then the last of them).
         self.reference_outputs = ReferenceOutputs()
         self._judged: dict[bytes, Validation] = {}
-        self._subset: Dataset | None = None  # the first JUDGE_SAMPLES samples, once they may judge a round
+        self._subset: Dataset | None = None  # the last full validation's worst samples, which judge a round first
+        self._subset_rows: list[int] = []
         self._last_on_subset = False  # whether the last round's verdict came from ``_subset`` alone
         self._subset_reference = ReferenceOutputs()
         # Dims that MAC shares are counted at: --dim, else the calibration data's (set as it streams).
@@ -523,8 +526,9 @@ class QuantizationStep:
 
     def _judge_round(self, original: ModelSnapshot, model: ir.Model, evaluation: Dataset,
                      float_model: ir.Model) -> tuple[bool, str]:
-        """A fallback round's verdict: on the first ``JUDGE_SAMPLES`` samples where that is exact (a
-        miss there is a miss on all; see ``JUDGE_SAMPLES``), on all the data otherwise and to confirm."""
+        """A fallback round's verdict: first on the samples that were worst in the last validation
+        on all the data, where that is exact (a miss there is a miss on all; see ``JUDGE_SAMPLES``),
+        on all the data otherwise and to confirm."""
         if self._subset is not None:
             met, figure = self._meets_budget(original, model, self._subset, self._subset_reference)
             if not met:
@@ -532,12 +536,36 @@ class QuantizationStep:
                 return met, figure
         self._last_on_subset = False
         met, figure = self._meets_budget(original, model, evaluation)
-        if self._subset is None and self._last.accuracy_before is None and not self._last.error \
-                and all(o.samples for o in self._last.outputs if o.judged) and evaluation.batches:
-            cut = first_rows(float_model, evaluation.batches[0], JUDGE_SAMPLES)
-            if feed_rows(cut) < evaluation.num_samples:
-                self._subset = Dataset([cut], None, evaluation.source, synthetic=evaluation.synthetic)
+        self._choose_subset(float_model, evaluation)
         return met, figure
+
+    def _choose_subset(self, float_model: ir.Model, evaluation: Dataset) -> None:
+        """The samples the next round is judged on first: the ``JUDGE_SAMPLES`` worst of the last
+        validation on all the data (each judged output's worst in turn), which are the likeliest to
+        miss again. Only the worst-sample cosine judges exactly on a subset: not with labels (an
+        accuracy over fewer samples can be lower), nor where an output has no per-sample cosine."""
+        v = self._last
+        judged = [o for o in v.outputs if o.judged]
+        if v.accuracy_before is not None or v.error or not judged or not all(o.samples and o.worst_samples for o in judged):
+            self._subset = None
+            return
+        rows: list[int] = []
+        for rank in range(max(len(o.worst_samples) for o in judged)):
+            rows += [o.worst_samples[rank] for o in judged if rank < len(o.worst_samples)]
+        rows = list(dict.fromkeys(rows))[:JUDGE_SAMPLES]
+        if len(rows) >= evaluation.num_samples:
+            self._subset = None
+            return
+        if self._subset is not None and rows == self._subset_rows:
+            return  # the same samples: their reference outputs are kept
+        feed = take_rows(float_model, evaluation, rows)
+        if feed is None:
+            self._subset = None
+            return
+        self._subset = Dataset([feed], None, f"{evaluation.source} (its {len(rows)} worst samples)",
+                               synthetic=evaluation.synthetic)
+        self._subset_rows = rows
+        self._subset_reference = ReferenceOutputs()
 
     def _meets_budget(self, original: ModelSnapshot, model: ir.Model, evaluation: Dataset,
                       reference: ReferenceOutputs | None = None) -> tuple[bool, str]:

@@ -81,6 +81,7 @@ class OutputComparison:
     samples: int | None = None  # samples the per-sample cosines are over
     masked: int = 0
     judged: bool = True
+    worst_samples: list[int] = field(default_factory=list)  # samples (0-based, in data order) of least cosine, worst first
 
 
 @dataclass

@@ -42,6 +42,9 @@ HALF_RTOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
 RUNTIME_FLOOR_FACTOR = 2.0
 # Values an output is compared in at a time (float64 temporaries: 8 bytes each, a few alive at once).
 _CHUNK_VALUES = 2**20
+# Samples named per output as its worst (least cosine first): what a lossy search judges a candidate
+# on first (a miss on any of them is a miss on all the data), and what the report names.
+WORST_ROWS = 8
 
 
 def default_rtol(dtype: np.dtype) -> float:
@@ -70,6 +73,8 @@ class OutputAccumulator:
         self.sample_cos_sum = 0.0  # per-sample cosines: their sum, count and least
         self.sample_cos_count = 0
         self.sample_cos_worst = float("inf")
+        self.rows_seen = 0  # rows of the first axis so far: the next row's index over the whole data
+        self.worst_rows: list[tuple[float, int]] = []  # the least per-sample cosines and their rows
         self.masked = 0  # values left out as padding
 
     def update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -96,6 +101,12 @@ class OutputAccumulator:
                          None if mask is None else mask[start:start + rows])
 
     def _update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None) -> None:
+        try:
+            self._add(ref, cand, mask)
+        finally:
+            self.rows_seen += int(ref.shape[0]) if ref.ndim else 1
+
+    def _add(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None) -> None:
         r = ref.astype(np.float64, copy=False)
         c = cand.astype(np.float64, copy=False)
         if r.size == 0:
@@ -135,6 +146,9 @@ class OutputAccumulator:
                 self.sample_cos_sum += float(cos.sum())
                 self.sample_cos_count += int(cos.size)
                 self.sample_cos_worst = min(self.sample_cos_worst, float(cos.min()))
+                rows = self.rows_seen + np.flatnonzero(seen)
+                least = np.argsort(cos, kind="stable")[:WORST_ROWS]
+                self.worst_rows = sorted(self.worst_rows + [(float(cos[i]), int(rows[i])) for i in least])[:WORST_ROWS]
         if r.ndim == 2 and r.shape[1] > 1:
             rows = ref_finite.all(axis=1) if real is None else ref_finite.all(axis=1) & real.any(axis=1)
             if real is not None:  # padded positions never win the argmax
@@ -154,8 +168,11 @@ class OutputAccumulator:
                     "optimized model the same there; the figures are over the finite values")
         return None
 
-    def result(self, rtol: float | None, atol: float, floor: float | None = None) -> OutputComparison:
-        """The figures and the verdict; ``rtol=None`` takes the default for the output's dtype."""
+    def result(self, rtol: float | None, atol: float, floor: float | None = None, samples: int | None = None) -> OutputComparison:
+        """The figures and the verdict; ``rtol=None`` takes the default for the output's dtype.
+        ``samples``: the data's sample count; the worst samples are named only where the output's
+        first axis ran over exactly that many rows (its rows are the data's samples)."""
+        rows_are_samples = samples is not None and self.rows_seen == samples
         if rtol is None:
             rtol = default_rtol(self.dtype) if self.dtype is not None else DEFAULT_RTOL
         if self.shape_error:
@@ -172,7 +189,8 @@ class OutputAccumulator:
         top1 = self.agree / self.rows if self.rows else None
         return OutputComparison(self.name, self.max_abs, max_rel, float(cosine), top1, bool(ok), rtol, floor,
                                 cosine_mean=float(mean), cosine_worst=float(cosine),
-                                samples=self.sample_cos_count or None, masked=self.masked)
+                                samples=self.sample_cos_count or None, masked=self.masked,
+                                worst_samples=[row for _, row in self.worst_rows] if rows_are_samples else [])
 
 
 def _cosines(dot: np.ndarray, ref_sq: np.ndarray, cand_sq: np.ndarray) -> np.ndarray:
@@ -265,11 +283,11 @@ def compare_models(
             cand_logits.append(np.asarray(cand_out[ref_names[0]]))
         if progress:
             progress(i + 1, len(data))
-    outputs = [acc.result(rtol, atol) for acc in accumulators.values()]
+    outputs = [acc.result(rtol, atol, samples=data.num_samples) for acc in accumulators.values()]
     if runtime_floor and candidate_optimization != "disabled" and not all(o.ok for o in outputs):
         ref_session = ref_session or reference.session(providers=resolved, optimization="disabled")
         floors = _runtime_floor(reference, ref_session, resolved, candidate_optimization, data, ref_names)
-        outputs = [acc.result(rtol, atol, floors.get(name)) for name, acc in accumulators.items()]
+        outputs = [acc.result(rtol, atol, floors.get(name), samples=data.num_samples) for name, acc in accumulators.items()]
         worst = max(floors, key=floors.get, default=None)
         if worst is not None and floors[worst] > 0:
             common["notes"].append(

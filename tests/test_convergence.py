@@ -175,20 +175,26 @@ def test_layer_fallback_of_other_lossy_passes_stops_the_same_way(monkeypatch):
 
 def test_rounds_judged_on_a_few_samples_where_a_miss_there_is_a_miss_on_all(monkeypatch, tmp_path):
     """Without labels the budget is the worst sample's cosine: over fewer samples it is never lower,
-    so the fallback judges a round on the first JUDGE_SAMPLES samples and confirms on all the data
-    only when those meet; a subset that meets while the whole data misses does not end the fallback."""
+    so the fallback judges a round on the JUDGE_SAMPLES samples that were worst in the last validation
+    on all the data, and confirms on all the data only when those meet; a subset that meets while the
+    whole data misses does not end the fallback."""
     import numpy as np
 
     from onnxopt.quantization import JUDGE_SAMPLES
 
+    images = np.load(DIGITS / "digits_test.npz")["input"][:64]
     unlabelled = tmp_path / "inputs.npz"
-    np.savez(unlabelled, input=np.load(DIGITS / "digits_test.npz")["input"][:64])
-    sizes, answers = [], iter([0.90, 0.95, 0.995, 0.98, 0.995, 0.995])
+    np.savez(unlabelled, input=images)
+    sizes, answers, subsets = [], iter([0.90, 0.95, 0.995, 0.98, 0.995, 0.995]), []
+    worst = [[40, 3, 63, 17, 8, 9], [5, 40, 6, 7, 11, 12], [20, 21, 22, 23, 24, 25]]  # per validation on all
 
     def fake(reference, candidate, data, **kwargs):
         sizes.append(data.num_samples)
+        if data.num_samples < 64:
+            subsets.append(np.concatenate([b["input"] for b in data.batches]))
+        rows = worst[min(sizes.count(64), len(worst)) - 1] if data.num_samples == 64 else []
         out = OutputComparison(name="logits", max_abs=0.1, max_rel=0.1, cosine=next(answers), cosine_mean=0.995,
-                               top1_agreement=1.0, ok=False, samples=data.num_samples)
+                               top1_agreement=1.0, ok=False, samples=data.num_samples, worst_samples=rows)
         return Validation(ok=False, providers=["CPU"], samples=data.num_samples, batches=len(data), rtol=None,
                           atol=0.0, data="fake", synthetic=False, outputs=[out])
 
@@ -200,6 +206,9 @@ def test_rounds_judged_on_a_few_samples_where_a_miss_there_is_a_miss_on_all(monk
     # but not on all (0.98): on; round 4 meets on both.
     assert sizes[:6] == [64, JUDGE_SAMPLES, JUDGE_SAMPLES, 64, JUDGE_SAMPLES, 64]
     assert details["budget"]["met"]
+    # rounds 2 and 3 on the first validation's worst samples, in that order; round 4 on the second's
+    for got, rows in zip(subsets, [worst[0], worst[0], worst[1]]):
+        np.testing.assert_array_equal(got, images[rows[:JUDGE_SAMPLES]])
     assert {item["round"] for item in details["fallback"]} == {1, 2, 3}
 
 
@@ -254,7 +263,7 @@ def test_a_fallback_that_ends_on_a_subset_miss_reports_the_whole_datas_figure(mo
         whole = data.num_samples == 64
         out = OutputComparison(name="logits", max_abs=0.1, max_rel=0.1, cosine=0.90 if whole else 0.95,
                                cosine_mean=0.995 if whole else 0.97, top1_agreement=1.0, ok=False,
-                               samples=data.num_samples)
+                               samples=data.num_samples, worst_samples=[7, 1, 2, 3] if whole else [])
         return Validation(ok=False, providers=["CPU"], samples=data.num_samples, batches=len(data), rtol=None,
                           atol=0.0, data="fake", synthetic=False, outputs=[out])
 

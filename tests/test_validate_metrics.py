@@ -79,6 +79,43 @@ def test_per_sample_cosine_is_the_same_whatever_the_batches():
     assert a.cosine_worst == pytest.approx(min(per)) and a.cosine_mean == pytest.approx(np.mean(per))
 
 
+def test_the_worst_samples_are_named_by_their_index_over_all_batches(monkeypatch):
+    """``worst_samples``: the samples of least cosine, worst first, as indices over the whole data,
+    whatever the batches and the chunks an output is read in; none where the output's first axis is
+    not the data's samples."""
+    import onnxopt.validate
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((20, 64))
+    noise = np.linspace(0.01, 0.5, 20)[rng.permutation(20)]  # each sample its own error
+    cand = ref + rng.standard_normal(ref.shape) * noise[:, None]
+    per = [ref[i] @ cand[i] / np.linalg.norm(ref[i]) / np.linalg.norm(cand[i]) for i in range(20)]
+    expected = list(np.argsort(per, kind="stable")[: onnxopt.validate.WORST_ROWS])
+    monkeypatch.setattr(onnxopt.validate, "_CHUNK_VALUES", 64 * 3)  # 3 rows a chunk
+    acc = OutputAccumulator("y")
+    for i in (0, 7, 13):
+        acc.update(ref[i:i + {0: 7, 7: 6, 13: 7}[i]], cand[i:i + {0: 7, 7: 6, 13: 7}[i]])
+    assert acc.result(None, 0.0, samples=20).worst_samples == expected
+    assert acc.result(None, 0.0, samples=21).worst_samples == []  # rows are not the data's samples
+    assert acc.result(None, 0.0).worst_samples == []
+
+
+def test_take_rows_gathers_samples_across_batches_in_the_order_asked():
+    from graphs import build as build_model
+    from onnxopt.data import take_rows
+
+    model = build_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3] x) => (float[N,3] y) { y = Relu(x) }""", {})
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    data = Dataset([{"x": x[:4]}, {"x": x[4:9]}, {"x": x[9:]}], None, "test")
+    np.testing.assert_array_equal(take_rows(model, data, [9, 0, 5, 5])["x"], x[[9, 0, 5]])
+    assert take_rows(model, data, [10]) is None  # out of range
+    assert take_rows(model, data, []) is None
+    fixed = build_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[4,3] x) => (float[4,3] y) { y = Relu(x) }""", {})
+    assert take_rows(fixed, Dataset([{"x": x[:4]}], None, "test"), [1]) is None  # a fixed first dim
+
+
 def test_garbage_at_padding_positions_does_not_change_the_metrics():
     feeds = _feeds()
     clean = _compare(_padded(0.0), _padded(0.0), feeds)
