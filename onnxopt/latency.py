@@ -36,7 +36,8 @@ Verdict, at a threshold ``t`` (``max_slowdown``) with ``U = 1 + t`` and ``L = 1 
     interval to stretch below 1.
 
 Stopping
-    After at least 20 blocks and 1 s of timing, the interval is checked as blocks accrue, and
+    After at least 20 blocks and 1 s of timing (or, where the budget cannot hold 20 blocks, as soon
+    as the interval is finite: 6 blocks at 95%), the interval is checked as blocks accrue, and
     timing stops as soon as it is *decisive*: it lies wholly above ``U`` (slower whatever more
     data says), wholly below ``L``, or wholly inside ``(L, U)`` (no difference at this
     threshold); or when its half-width is under 1% of the ratio (more data would not help); or
@@ -297,6 +298,12 @@ def measure_pair(
                 if reachable < interval_values(confidence):
                     times.stopped = "undecidable"
                     break
+            if len(times) < next_check and len(times) >= interval_values(confidence) and min_pairs <= _MIN_BLOCKS \
+                    and len(times) + int(max(budget_seconds - (now - start), 0.0) // block_seconds) < min_pairs:
+                # The budget cannot hold ``min_pairs`` blocks (calls of a tenth of a second): the verdict
+                # would come from fewer blocks at the budget's end anyway, so it may come as soon as it is
+                # settled. A caller asking for more blocks than the default gets them.
+                next_check = len(times)
             if len(times) >= next_check and now - timing_start >= min_seconds:
                 next_check = len(times) + max(1, len(times) // 50)
                 ratios = times.ratios

@@ -162,6 +162,22 @@ def test_measure_pair_settles_a_clear_difference_at_the_first_check(clock, cost)
     assert figures["median_a_ms"] == pytest.approx(1e3 * cost) and figures["median_b_ms"] == pytest.approx(1.5e3 * cost)
 
 
+def test_slow_calls_are_settled_as_soon_as_the_interval_is_finite_when_the_budget_cannot_hold_20_blocks(clock):
+    """A tenth of a second a call in a 5 s budget: 20 blocks (8 s) never fit, so the verdict came at
+    the budget's end from the blocks it held; it now comes at the first finite interval (6 blocks)."""
+    from onnxopt.latency import interval_values
+
+    times, _ = measure_pair(clock.model(0.1), clock.model(0.15), budget_seconds=5)
+    assert times.stopped == "decided" and len(times) == interval_values(0.95) == 6
+    assert summarize(times)["verdict"] == "slower"
+    # alike within noise: not decisive at 6 blocks, so it runs on (to the budget or a settled interval)
+    times, _ = measure_pair(clock.model(0.1, noise=0.05, seed=5), clock.model(0.1, noise=0.05, seed=6), budget_seconds=5)
+    assert len(times) > 6 and summarize(times)["verdict"] == "no difference"
+    # cheap calls: the 20-block minimum holds as before
+    times, _ = measure_pair(clock.model(0.01), clock.model(0.015), budget_seconds=5)
+    assert times.stopped == "decided" and len(times) == _first_check_blocks(2 * 1 * 2.5 * 0.01)
+
+
 def test_measure_pair_keeps_to_its_budget(clock):
     # Never checking the interval: timing stops only when the next block would overrun the budget.
     times, k = measure_pair(clock.model(0.001), clock.model(0.001), budget_seconds=1.5, min_pairs=10**9)
