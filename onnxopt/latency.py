@@ -179,6 +179,16 @@ def interval_values(confidence: float = DEFAULT_CONFIDENCE) -> int:
     return max(1, math.ceil(math.log((1 - confidence) / 2) / math.log(0.5) - 1e-12))
 
 
+def pair_seconds_needed(call_seconds: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """The least time ``measure_pair`` takes to reach a finite interval when each model's call takes
+    ``call_seconds``: the warm-up (3 calls each) and ``interval_values`` blocks of ABBA half-blocks.
+    A caller with less budget than this gets ``no difference`` whatever the models (sessions'
+    creation not counted)."""
+    k = max(1, math.ceil(_HALF_BLOCK_SECONDS / max(call_seconds, 1e-7)))
+    warm = max(2 * _MIN_WARMUP_CALLS * call_seconds, _WARMUP_SECONDS) if call_seconds < _WARMUP_SECONDS else 2 * call_seconds
+    return warm + interval_values(confidence) * 4 * k * call_seconds
+
+
 def verdict(ratio: float, low: float, high: float, threshold: float) -> str:
     """``slower``, ``faster`` or ``no difference`` for a ratio B/A and its interval (module docstring)."""
     if ratio > 1 + threshold and low > 1:

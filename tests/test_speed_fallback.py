@@ -442,6 +442,46 @@ def test_a_set_whose_profiled_gain_is_below_the_threshold_is_not_timed(digits, m
     assert result.ok
 
 
+def test_calls_too_slow_for_a_verdict_in_the_budget_are_not_timed(digits, monkeypatch):
+    """A call of 0.12 s (a 320x320 detector at batch 2): the 6 blocks of a verdict do not fit the
+    speed fallback's budget, so every timing would stop undecided after a block: none is spent, and
+    the report says why."""
+    compared = []
+
+    def fake_kernel_times(snapshots, feed, settings, totals=None, **kwargs):
+        graph = ir.from_proto(onnxopt.io.onnx.load_from_string(snapshots[1].data))
+        names = [n.name for n in graph.graph if n.op_type in ("Conv", "Gemm")]
+        if totals is not None:
+            totals += [[100_000.0] * 5, [120_000.0] * 5]
+        return [{n: 100_000.0 / len(names) for n in names}, {n: 120_000.0 / len(names) for n in names}]
+
+    monkeypatch.setattr(onnxopt.quantization, "kernel_times", fake_kernel_times)
+    monkeypatch.setattr(onnxopt.quantization, "compare_latency", lambda *a, **k: compared.append(a) or comparison(0.5, "faster"))
+    result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
+                              latency=False, speed_fallback=True)
+    speed = result.report.passes[-1].details["speed"]
+    assert speed["slower_in_int8"] and not compared and speed["tried"] == [] and speed["kept_float"] == []
+    assert "a call takes 0.12 s" in speed["untimed"]
+    assert speed["vs_float"]["profiled"] and speed["vs_float"]["ratio"] == pytest.approx(1.2)
+    assert any("none was tried float: a call takes 0.12 s" in n for n in result.report.notes)
+    assert int8_layers(result.model) == DIGITS_LAYERS and result.ok
+
+
+def test_pair_seconds_needed_is_what_measure_pair_takes_to_a_finite_interval(monkeypatch):
+    """The prediction the speed fallback skips timings by: equal to the virtual time measure_pair
+    spends on warm-up and 6 blocks, for slow and fast calls."""
+    from test_latency import VirtualClock
+
+    import onnxopt.latency as latency
+
+    for cost in (0.12, 0.001):
+        clock = VirtualClock()
+        monkeypatch.setattr(latency, "time", clock)
+        times, _ = latency.measure_pair(clock.model(cost), clock.model(cost), budget_seconds=1000, max_pairs=6)
+        assert len(times) == 6
+        assert latency.pair_seconds_needed(cost) == pytest.approx(clock.now, rel=0.25)
+
+
 def test_the_profiled_ratio_pairs_the_interleaved_runs():
     figures = onnxopt.quantization._profiled_ratio([100.0] * 6, [130.0, 125.0, 128.0, 131.0, 127.0, 129.0])
     assert figures["verdict"] == "slower" and figures["ratio"] == pytest.approx(1.285)
