@@ -315,8 +315,10 @@ def _optimize(
             gc.collect()  # replaced weights sit in reference cycles (values and nodes) with their file maps
         if check:
             check_model(working)
-        after = model_stats(working, dims=stat_dims)
-        grown = _growth_note(name, report.passes[-1].after if report.passes else before, after)
+        previous = report.passes[-1].after if report.passes else before
+        # A pass that changed nothing leaves the figures as they were (counting MACs infers shapes: 0.2 s a model).
+        after = model_stats(working, dims=stat_dims) if result.modified or previous is None else previous
+        grown = _growth_note(name, previous, after)
         report.notes += [grown] if grown else []
         report.passes.append(
             PassRecord(
