@@ -23,12 +23,7 @@ from onnxopt.student import build_student, check_matches, student_outputs  # noq
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _digits(*passes) -> ir.Model:
