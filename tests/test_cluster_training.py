@@ -133,3 +133,15 @@ def test_cluster_aware_training_beats_the_codebook_alone_on_binary_digits():
         distill(model, teacher, {"input": x}, labels=y, steps=300, lr=3e-3, seed=0, cluster_aware=aware)
         agreement[aware] = _agreement(teacher, model, held_out)
     assert agreement[True] >= agreement[False] + 0.03, agreement
+
+
+def test_one_or_two_bit_clusters_distil_longer_unless_the_run_says():
+    from onnxopt.pipeline import LOW_BIT_EPOCHS, LOW_BIT_LR, _low_bit_defaults
+
+    notes = []
+    assert _low_bit_defaults([ClusterWeights(bits=1)], None, None, 1e-3, notes) == (LOW_BIT_EPOCHS, LOW_BIT_LR)
+    assert notes and "1-bit" in notes[0]
+    assert _low_bit_defaults([ClusterWeights(bits=4)], None, None, 1e-3, []) == (None, 1e-3)
+    assert _low_bit_defaults([ClusterWeights(bits=2)], 5, None, 1e-2, []) == (5, 1e-2)
+    assert _low_bit_defaults([ClusterWeights(bits=2)], None, 100, 1e-3, []) == (None, LOW_BIT_LR)
+    assert _low_bit_defaults([ClusterWeights(bits=1)], None, None, 1e-2, []) == (LOW_BIT_EPOCHS, 1e-2)
