@@ -165,6 +165,7 @@ def distill(
     device: str | None = None,
     providers: str = "cpu",
     threads: int | None = None,
+    cluster_aware: bool = True,
 ) -> DistillResult:
     """Train ``student_model``'s weights (in place) to match ``teacher_model`` on ``train``.
 
@@ -178,6 +179,8 @@ def distill(
     ``{step, steps, loss}`` after each step, or True for a bar on stderr. ``threads``: torch's CPU
     threads for this run (restored after); one is the fastest for small models on a busy machine
     (digits, AMD EPYC 2 cores shared: 8-9 s with one thread, 17-84 s with two under the same load).
+    ``cluster_aware``: a clustered weight (``cluster``) trains as a latent float weight snapped to its
+    centroids, so its codes change too (``onnxopt.cluster_training``); False: its codebook alone.
     """
     import torch
 
@@ -190,13 +193,15 @@ def distill(
         return _distill(student_model, teacher_model, train, steps=steps, epochs=epochs, temperature=temperature,
                         alpha=alpha, lr=lr, seed=seed, eval=eval, labels=labels, progress=progress,
                         batch_size=batch_size, holdout=holdout, eval_every=eval_every, patience=patience,
-                        weight_decay=weight_decay, cosine=cosine, device=device, providers=providers)
+                        weight_decay=weight_decay, cosine=cosine, device=device, providers=providers,
+                        cluster_aware=cluster_aware)
     finally:
         torch.set_num_threads(previous)
 
 
 def _distill(student_model, teacher_model, train, *, steps, epochs, temperature, alpha, lr, seed, eval, labels,
-             progress, batch_size, holdout, eval_every, patience, weight_decay, cosine, device, providers) -> DistillResult:
+             progress, batch_size, holdout, eval_every, patience, weight_decay, cosine, device, providers,
+             cluster_aware) -> DistillResult:
     import torch
     import torch.nn.functional as F
 
@@ -227,7 +232,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     # The student first: an op the interpreter cannot run is said before any data is read or pooled.
-    student = build_student(student_model)
+    student = build_student(student_model, cluster_aware=cluster_aware)
     pool, pool_labels = _pool(train, "train data")
     if labels is not None:
         pool_labels = np.asarray(labels)

@@ -677,9 +677,13 @@ class Student(nn.Module):
 
     ``weights`` maps each trained tensor's ONNX name to its parameter; ``quantized`` maps the names
     of integer weights (behind a DequantizeLinear) to (scale, zero point, lo, hi) of their grid.
+
+    ``cluster_aware``: each weight that ``cluster`` stored as a codebook and codes is trained as a
+    latent float weight snapped to its centroids (``onnxopt.cluster_training``; ``clustered`` lists
+    them), its codes and codebook written back; else only its codebook trains, codes held.
     """
 
-    def __init__(self, model: ir.Model):
+    def __init__(self, model: ir.Model, cluster_aware: bool = False):
         super().__init__()
         graph = model.graph
         check_supported(model)
@@ -741,6 +745,56 @@ class Student(nn.Module):
                 self.register_buffer(key, torch.from_numpy(np.array(array, copy=True)))
             self._keys[name] = key
         self.weights = {name: self.params[key] for name, key in self._keys.items() if key in self.params}
+        self.clustered: list = []
+        if cluster_aware:
+            self._cluster_latents(graph)
+
+    def _cluster_latents(self, graph: ir.Graph) -> None:
+        """Give each recognized clustered weight a latent parameter (its decoded value) and run its
+        Gather as the latent snapped to the centroids; its decoder nodes leave the program."""
+        from onnxopt import cluster_training as ct
+
+        entries = {id(entry[4]): i for i, entry in enumerate(self._program)}
+        dropped: set[int] = set()
+        for cw in ct.find_clustered(graph):
+            book_key = self._keys.get(cw.codebook)
+            codes = graph.initializers[cw.codes]
+            if book_key not in self.params or any(use.node not in cw.decoder for use in codes.uses()):
+                continue
+            env = {name: self._constant(name) for name in self._keys}
+            with torch.no_grad():
+                for node in cw.decoder:
+                    fn, in_names, out_names, attrs, _ = self._program[entries[id(node)]]
+                    result = fn([None if n is None or n == "" else env[n] for n in in_names], attrs, node)
+                    for n, r in zip(out_names, result if isinstance(result, (tuple, list)) else (result,)):
+                        env[n] = r
+            index = env[cw.gather.inputs[1].name].cpu().numpy()
+            offsets = None if cw.offsets is None else graph.initializers[cw.offsets].const_value.numpy()
+            book = self.params[book_key].detach().cpu().numpy()
+            local = ct.layout(cw, index, offsets, book, codes.const_value.numpy())
+            if local is None:
+                continue
+            zero = torch.from_numpy(book.reshape(cw.channels, cw.k) == 0)
+            held = zero.gather(1, ct.channels_first(torch.from_numpy(local.astype(np.int64)), cw))
+            cw.latent_key, cw.zero_key, cw.held_key = f"{book_key}_latent", f"{book_key}_zero", f"{book_key}_held"
+            self.params[cw.latent_key] = nn.Parameter(torch.from_numpy(np.ascontiguousarray(book.reshape(-1)[index])))
+            self.register_buffer(cw.zero_key, zero)
+            self.register_buffer(cw.held_key, held)
+            i = entries[id(cw.gather)]
+            _, in_names, out_names, attrs, node = self._program[i]
+            self._program[i] = (lambda inputs, attrs, node, cw=cw: self._clustered_weight(cw), [], out_names, attrs, node)
+            dropped.update(id(n) for n in cw.decoder)
+            self.clustered.append(cw)
+        self._program = [entry for entry in self._program if id(entry[4]) not in dropped]
+
+    def _cluster_state(self, cw) -> tuple:
+        return (self.params[cw.latent_key], self.params[self._keys[cw.codebook]], getattr(self, cw.zero_key),
+                getattr(self, cw.held_key))
+
+    def _clustered_weight(self, cw) -> torch.Tensor:
+        from onnxopt.cluster_training import quantized
+
+        return quantized(cw, *self._cluster_state(cw))
 
     def _constant(self, name: str) -> torch.Tensor:
         key = self._keys[name]
@@ -773,9 +827,10 @@ class Student(nn.Module):
         return {name: env[name] for name in (outputs or self.output_names)}
 
 
-def build_student(model: ir.Model) -> Student:
-    """A trainable torch copy of ``model`` (raises ``UnsupportedOpError`` for ops it cannot run)."""
-    return Student(model)
+def build_student(model: ir.Model, cluster_aware: bool = False) -> Student:
+    """A trainable torch copy of ``model`` (raises ``UnsupportedOpError`` for ops it cannot run);
+    ``cluster_aware``: clustered weights train as latents snapped to their centroids (see ``Student``)."""
+    return Student(model, cluster_aware=cluster_aware)
 
 
 def _to_torch(feed: Mapping[str, np.ndarray], device=None) -> dict[str, torch.Tensor]:
@@ -845,7 +900,8 @@ def check_matches(student: Student, model: ir.Model, feed: Mapping[str, np.ndarr
 
 def write_back(model: ir.Model, student: Student) -> ir.Model:
     """Store the student's trained weights into ``model`` in place (same names, dtypes, shapes;
-    integer weights re-quantized on their grid); no node is added, removed or rewired. Returns ``model``."""
+    integer weights re-quantized on their grid; clustered weights trained as latents: their codes and
+    codebook); no node is added, removed or rewired. Returns ``model``."""
     graph = model.graph
     constants = {node.outputs[0].name: node for node in graph if node.op_type == "Constant"}
     with torch.no_grad():
@@ -868,4 +924,9 @@ def write_back(model: ir.Model, student: Student) -> ir.Model:
                 old = node.attributes["value"].value
                 array = array.astype(old.dtype.numpy()).reshape(old.shape.numpy())
                 node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, dtype=old.dtype, name=old.name))
+        if student.clustered:
+            from onnxopt.cluster_training import write_codes
+
+            for cw in student.clustered:  # after the codebooks above: codes and codebook from the latents
+                write_codes(graph, cw, *(t.detach().cpu() for t in student._cluster_state(cw)))
     return model
