@@ -250,8 +250,11 @@ def _optimize(
                 check_labels(dataset.labels, np.asarray(first[name]), name, dataset.source)
         if large and validate:
             reference_outputs = _reference_outputs(original, dataset, providers)
-            if quantization is not None:  # its fallback judges against these, not a live session
-                quantization.reference_outputs = reference_outputs
+        elif validate and dataset.batches:  # the first batch's outputs, just computed, are the validation's too
+            reference_outputs = quantization.reference_outputs if quantization is not None else ReferenceOutputs()
+            reference_outputs.keep(0, first)
+        if quantization is not None and reference_outputs is not None:  # its fallback judges against these
+            quantization.reference_outputs = reference_outputs
         if large:
             original.release()  # its weights would sit beside each pass's and the candidate's
         if max_drop is not None and validate and dataset.labels is None:  # any lossy run, before any pass
