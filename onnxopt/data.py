@@ -754,13 +754,9 @@ def _file_rows(readers: dict[str, _RowReader], specs: list[InputSpec], where: st
     inputs = {s.name for s in specs}
     label_key = next((k for k in LABEL_KEYS if k in readers and k not in inputs), None)
     labels = readers.get(label_key) if label_key else None
-    readers = {name: r for name, r in readers.items() if name in inputs or name not in LABEL_KEYS}
-    _check_names(readers.keys(), specs, where)
-    if not specs or any(s.shape is None or len(readers[s.name].shape) != len(s.shape) for s in specs):
+    total = _rows_of(readers, specs, where)
+    if total is None:
         return None
-    total = _common_length({s.name: readers[s.name].shape for s in specs}, where)
-    if total == 0:
-        raise DataError(f"{where}: no samples (the arrays are empty along axis 0)")
     count = min(total, max_samples) if max_samples else total
     if labels is not None:
         shape = labels.shape
@@ -906,18 +902,26 @@ class _Closing:
         self._archive.close()
 
 
-def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
-                 where: str, max_samples: int | None = None) -> DataStream | None:
-    """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
-    (one feed per leading entry, scalars). Labels are skipped: calibration reads no labels."""
+def _rows_of(readers: dict[str, _RowReader], specs: list[InputSpec], where: str) -> int | None:
+    """The samples (rows) of on-disk arrays that feed ``specs`` a sample a row, their names checked
+    (labels aside); None where the layout needs the in-memory reader (one feed per leading entry, scalars)."""
     inputs = {s.name for s in specs}
-    readers = {name: r for name, r in readers.items() if name in inputs or name not in LABEL_KEYS}
-    _check_names(readers.keys(), specs, where)
+    _check_names([name for name in readers if name in inputs or name not in LABEL_KEYS], specs, where)
     if not specs or any(s.shape is None or len(readers[s.name].shape) != len(s.shape) for s in specs):
         return None
     count = _common_length({s.name: readers[s.name].shape for s in specs}, where)
     if count == 0:
         raise DataError(f"{where}: no samples (the arrays are empty along axis 0)")
+    return count
+
+
+def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
+                 where: str, max_samples: int | None = None) -> DataStream | None:
+    """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
+    (one feed per leading entry, scalars). Labels are skipped: calibration reads no labels."""
+    count = _rows_of(readers, specs, where)
+    if count is None:
+        return None
     count = min(count, max_samples) if max_samples else count
     step = _batch_step(specs, count, batch_size, where)
     # dtypes and fixed dims, before any pass runs: a zero-copy stand-in for the first batch
