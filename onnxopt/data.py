@@ -863,16 +863,35 @@ def _npz_readers(path: Path) -> dict[str, _RowReader]:
     try:
         with zipfile.ZipFile(path) as archive:
             members = [n for n in archive.namelist() if n.endswith(".npy")]
+            starts = {n: _stored_start(path, archive.getinfo(n)) for n in members}
     except (OSError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({one_line(exc)})") from None
 
     def opener(member: str):
         def open_member():
+            if starts[member] is not None:  # stored as it is: the file itself, from the member's first byte
+                f = open(path, "rb")  # noqa: SIM115 (the reader closes it: with open_member() as f)
+                f.seek(starts[member])
+                return f
             archive = zipfile.ZipFile(path)
             return _Closing(archive.open(member), archive)
         return open_member
 
     return {m[:-4]: _RowReader(opener(m), f"{path}[{m[:-4]}]") for m in members}
+
+
+def _stored_start(path: Path, info: zipfile.ZipInfo) -> int | None:
+    """Where an uncompressed, unencrypted member's bytes start in the ``.npz`` (``np.savez`` writes
+    such members), so that a range of its rows is read from there, not through every byte before
+    it; None for other members (they are read through their zip stream)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        return None
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
 
 
 def _file_readers(path: Path) -> dict[str, _RowReader] | None:
