@@ -4,6 +4,12 @@ Torch-Pruning anchor beside it.
     .venv/bin/python -m pip install torch-pruning   # only for the anchor; skipped without it
     .venv/bin/python -m benchmarks.distill [--ratio 0.5] [--epochs 60] [--lr 3e-3] [--threads 1] [--int8] [--json out.json]
     .venv/bin/python -m benchmarks.distill --real [--real-ratios 0.3,0.5] [--criteria l1,taylor] [--steps 200] [--lr 1e-3]
+    .venv/bin/python -m benchmarks.distill --features [--feature-ratios 0.5,0.7] [--feature-steps 30,60,150]
+                                           [--feature-weights 0,0.1,1] [--seeds 0,1,2]
+
+``--features``: intermediate matching (``features="auto"``: the activations at the channel groups'
+boundaries, the teacher's sliced to the channels the student kept) against output-only distillation,
+with few steps, per ratio, steps, seed and weight; test accuracy (docs/distillation.md has the figures).
 
 ``--real``: a trained model from a package instead, PP-OCR's text-direction classifier
 (``ppocr-mobile-cls`` of ``models/corpus.py``, MobileNetV3, 0/180 degrees), pruned at each ratio by each
@@ -89,6 +95,42 @@ def onnxopt_run(train_x, test_x, test_y, *, ratio, epochs, lr, seed) -> dict:
         "best_step": result.best_step,
         "held_out_agreement": result.best.get("agreement"),
     }
+
+
+def feature_runs(train_x, test_x, test_y, *, ratios, steps, seeds, weights, lr) -> list[dict]:
+    """Intermediate matching against output-only distillation, with few steps: per ratio, number of
+    steps, seed and feature weight (0: outputs only), the test accuracy of the distilled student.
+    ``features="auto"``: the boundaries the pruning pass recorded, the teacher's sliced to the kept channels."""
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    rows = []
+    for ratio in ratios:
+        for n in steps:
+            for seed in seeds:
+                for weight in weights:
+                    student = ir.load(DIGITS / "digits_cnn.onnx")
+                    Simplify()(student)
+                    pruner = PruneChannels(ratio=ratio, importance="l1")
+                    pruner(student)
+                    FoldBatchNorm()(student)
+                    matching = {"features": "auto", "feature_weight": weight, "kept_channels": pruner.kept_channels,
+                                "boundaries": pruner.boundaries} if weight else {}
+                    result = distill(student, teacher, {"input": train_x}, steps=n, lr=lr, seed=seed,
+                                     patience=10**9, eval_every=max(1, n // 5), **matching)
+                    rows.append({"ratio": ratio, "steps": n, "seed": seed, "feature_weight": weight,
+                                 "matched": len(result.features), "accuracy": _accuracy(result.model, test_x, test_y),
+                                 "seconds": result.seconds})
+    return rows
+
+
+def print_features(rows: list[dict]) -> None:
+    print(f"{'ratio':>6s}{'steps':>7s}{'weight':>8s}{'matched':>9s}  accuracy per seed (mean){'':8s}seconds (mean)")
+    keys = dict.fromkeys((r["ratio"], r["steps"], r["feature_weight"]) for r in rows)
+    for ratio, n, weight in keys:
+        group = [r for r in rows if (r["ratio"], r["steps"], r["feature_weight"]) == (ratio, n, weight)]
+        accuracies = [r["accuracy"] * 100 for r in group]
+        print(f"{ratio:>6g}{n:>7d}{weight:>8g}{group[0]['matched']:>9d}  "
+              f"{' '.join(f'{a:.2f}' for a in accuracies)} ({np.mean(accuracies):.2f})"
+              f"{np.mean([r['seconds'] for r in group]):>10.1f}")
 
 
 def int8_runs(train_x, test_x, test_y, *, ratio, epochs, lr, seed) -> dict:
@@ -340,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=1024, help="--real: rendered training lines")
     parser.add_argument("--test", type=int, default=512, help="--real: rendered test lines")
     parser.add_argument("--steps", type=int, default=120, help="--real: distillation steps (batch 32)")
+    parser.add_argument("--features", action="store_true",
+                        help="instead: intermediate matching (features='auto') against outputs only, with few steps")
+    parser.add_argument("--feature-ratios", default="0.5,0.7")
+    parser.add_argument("--feature-steps", default="30,60,150")
+    parser.add_argument("--feature-weights", default="0,0.1,1", help="0: outputs only")
+    parser.add_argument("--seeds", default="0,1,2", help="--features: seeds")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -362,6 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     train_x = splits["train"][0]  # labels deliberately unused
     test = np.load(DIGITS / "digits_test.npz")
     test_x, test_y = test["input"], test["labels"]
+    if args.features:
+        feature_rows = feature_runs(train_x, test_x, test_y, ratios=[float(r) for r in args.feature_ratios.split(",")],
+                                    steps=[int(n) for n in args.feature_steps.split(",")],
+                                    seeds=[int(x) for x in args.seeds.split(",")],
+                                    weights=[float(w) for w in args.feature_weights.split(",")], lr=args.lr)
+        print(f"digits CNN, prune (l1) + distillation on the unlabeled training split ({len(train_x)} images), lr {args.lr}, "
+              f"batch 32; test split ({len(test_y)} images); {_cpu()}, {args.threads} torch threads")
+        print_features(feature_rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cpu": _cpu(), **vars(args), "rows": feature_rows}, indent=2))
+        return 0
     options = dict(ratio=args.ratio, epochs=args.epochs, lr=args.lr, seed=args.seed)
     float_accuracy = _accuracy(ir.load(DIGITS / "digits_cnn.onnx"), test_x, test_y)
     rows = {"onnxopt": onnxopt_run(train_x, test_x, test_y, **options)}

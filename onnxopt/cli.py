@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label loss when --train-data has labels (default 0.5)")
     parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the distillation (default 0)")
+    parser.add_argument("--distill-features", metavar="auto|NAME[,NAME]",
+                        help="--distill: also match intermediate tensors to the teacher's, sliced to the channels the student "
+                             "kept; auto: the channel groups' boundaries (the activations each pruned layer's consumer reads)")
+    parser.add_argument("--feature-weight", type=float, default=1.0, metavar="W",
+                        help="weight of the intermediate matching loss beside the output loss (default 1)")
     parser.add_argument("--int4-block-size", type=int, default=32, metavar="B", help="--quantize int4: weights per scale (default 32)")
     parser.add_argument("--int4-method", default="rtn", choices=("rtn", "hqq", "gptq"),
                         help="--quantize int4: round to nearest, HQQ, or GPTQ (needs --calibration or --data)")
@@ -183,6 +188,8 @@ def _recipe(args, parser) -> Recipe:
             value = [e.strip() for item in value for e in item.split(",") if e.strip()]
         elif name == "outputs":
             value = [o.strip() for o in value.split(",") if o.strip()]
+        elif name == "distill_features":
+            value = "auto" if value.strip() == "auto" else [o.strip() for o in value.split(",") if o.strip()]
         elif name == "smooth_quant":
             try:
                 value = value if value == "auto" else float(value)

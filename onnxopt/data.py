@@ -8,7 +8,9 @@ taken as labels. Synthetic data is produced only when asked for.
 
 ``load_data`` holds every batch (validation data is read many times); ``stream_data`` reads an
 ``.npz`` or a folder of ``.npy`` sequentially from disk, and consumes an iterator as it goes, so
-that calibration over thousands of samples holds one batch at a time.
+that calibration over thousands of samples holds one batch at a time; ``sample_rows`` reads the
+same files by ranges of rows in any order, so that distillation shuffles a training set larger
+than memory a chunk at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ __all__ = [
     "parse_dims",
     "LABEL_KEYS",
     "check_data_path",
+    "SampleRows",
+    "sample_rows",
+    "POOL_LIMIT",
 ]
 
 import itertools
@@ -674,15 +679,126 @@ def stream_data(
     stream = None
     if isinstance(source, (str, os.PathLike)) and str(source) != "synthetic":
         path = check_data_path(source)
-        if path.is_file() and path.suffix == ".npz":
-            stream = _npz_stream(path, specs, batch_size, max_samples)
-        elif path.is_dir() and not any(path.glob("input_*.pb")) and not any(path.glob("test_data_set*")):
-            stream = _npy_folder_stream(path, specs, batch_size, max_samples)
+        readers = _file_readers(path)
+        if readers is not None:
+            stream = _rows_stream(readers, specs, batch_size, str(path), max_samples)
     elif isinstance(source, Iterator):
         stream = _iterator_stream(_first_samples(source, max_samples) if max_samples else source, specs)
     if stream is None:
         return load_data(source, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
     return stream
+
+
+class SampleRows:
+    """Samples read by ranges of rows, in any order: the training data of distillation.
+
+    Over an ``.npz`` or a folder of ``.npy`` files, each ``read`` reads just those rows from disk and
+    keeps nothing, so that a training set larger than memory is trained on a chunk at a time; over
+    arrays in memory (every other source, pooled by ``sample_rows``) it slices them. Labels beside
+    the inputs (``labels``, ``label``, ``y``, ``targets``) come with their rows.
+    """
+
+    synthetic = False
+
+    def __init__(self, columns: Mapping[str, _RowReader | np.ndarray], labels: _RowReader | np.ndarray | None,
+                 specs: list[InputSpec], source: str, count: int) -> None:
+        self._columns, self._labels, self._specs = dict(columns), labels, specs
+        self.source, self.num_samples = source, count
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the samples are arrays in memory (a read slices them) rather than read from disk."""
+        return all(isinstance(c, np.ndarray) for c in self._columns.values())
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample's inputs."""
+        return sum(math.prod(c.shape[1:]) * c.dtype.itemsize for c in self._columns.values())
+
+    def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The inputs of samples ``[start, stop)`` and their labels (None without labels)."""
+        stop = min(stop, self.num_samples)
+        feed = {name: _row_range(column, start, stop) for name, column in self._columns.items()}
+        if self._specs:
+            feed = _check_feed(feed, self._specs, f"{self.source} samples {start}..{stop - 1}")
+        if self._labels is None:
+            return feed, None
+        labels = np.asarray(_row_range(self._labels, start, stop)).reshape(-1)
+        if labels.size and labels.min() < 0:
+            raise DataError(f"{self.source}: label {labels.min()} is negative; labels are class indices, 0 or more")
+        return feed, labels
+
+
+def _row_range(column: _RowReader | np.ndarray, start: int, stop: int) -> np.ndarray:
+    return column.rows(start, stop) if isinstance(column, _RowReader) else column[start:stop]
+
+
+# What sample_rows pools in memory of a source that cannot be read by row ranges (arrays, an
+# iterable of feeds, onnx test data): past this, a clear error that names the formats read from disk.
+POOL_LIMIT = 2 * 2**30
+
+
+def sample_rows(source, model: ir.Model, *, where: str = "train data", max_samples: int | None = None) -> SampleRows:
+    """``source`` as ``SampleRows`` for ``model``'s inputs: an ``.npz`` or a folder of ``.npy`` with
+    one sample per row is read from disk range by range (never whole); any other source is read by
+    ``load_data`` and pooled in memory (at most ``POOL_LIMIT`` bytes). At most ``max_samples``."""
+    if isinstance(source, SampleRows):
+        return source
+    specs = input_specs(model)
+    if isinstance(source, (str, os.PathLike)) and str(source) != "synthetic":
+        readers = _file_readers(check_data_path(source))
+        rows = None if readers is None else _file_rows(readers, specs, str(source), max_samples)
+        if rows is not None:
+            return rows
+    if isinstance(source, Mapping):
+        missing = [s.name for s in specs if s.name not in source]
+        if missing:
+            raise DataError(f"{where}: no input '{missing[0]}' (the model's inputs: {', '.join(s.name for s in specs)})")
+    data = source if isinstance(source, (Dataset, DataStream)) else load_data(source, model, max_samples=max_samples)
+    parts: dict[str, list[np.ndarray]] = {}
+    size = 0
+    for feed in data:
+        for name, array in feed.items():
+            array = np.asarray(array)
+            if array.ndim == 0:
+                raise DataError(f"{where}: input '{name}' is a scalar (0-d); distillation needs a first axis of samples")
+            parts.setdefault(name, []).append(array)
+            size += array.nbytes
+        if size > POOL_LIMIT:
+            raise DataError(f"{where}: more than {_gib(POOL_LIMIT)} of samples to hold in memory; give an .npz or a "
+                            "folder of .npy files (one sample per row), which is read a chunk at a time")
+    if not parts:
+        raise DataError(f"{where}: no batches")
+    pooled = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+    count = _common_length({name: a.shape for name, a in pooled.items()}, where)
+    labels = getattr(data, "labels", None)
+    if labels is not None and len(labels) != count:
+        raise DataError(f"{where}: {len(labels)} labels for {count} samples")
+    return SampleRows(pooled, None if labels is None else np.asarray(labels), [], getattr(data, "source", where), count)
+
+
+def _file_rows(readers: dict[str, _RowReader], specs: list[InputSpec], where: str,
+               max_samples: int | None) -> SampleRows | None:
+    """``readers``' arrays as rows of samples (labels too); None where the layout needs the
+    in-memory reader (one feed per leading entry, scalars)."""
+    inputs = {s.name for s in specs}
+    label_key = next((k for k in LABEL_KEYS if k in readers and k not in inputs), None)
+    labels = readers.get(label_key) if label_key else None
+    total = _rows_of(readers, specs, where)
+    if total is None:
+        return None
+    count = min(total, max_samples) if max_samples else total
+    if labels is not None:
+        shape = labels.shape
+        if labels.dtype.kind not in "iub":
+            raise DataError(f"labels '{label_key}' have dtype {labels.dtype}: they must be class indices (integers)")
+        if not shape or shape[1:] != (1,) * (len(shape) - 1):
+            raise DataError(f"labels '{label_key}' have shape {list(shape)}: one class index per sample is expected")
+        if shape[0] != total:
+            raise DataError(f"{where}: {shape[0]} labels for {total} samples")
+    first = {s.name: np.broadcast_to(np.zeros((), readers[s.name].dtype), (1, *readers[s.name].shape[1:])) for s in specs}
+    _check_feed(first, specs, f"{where} sample 0")
+    return SampleRows({s.name: readers[s.name] for s in specs}, labels, specs, where, count)
 
 
 class _RowReader:
@@ -715,6 +831,24 @@ class _RowReader:
                     raise DataError(f"{self.where}: not a readable .npy array ({one_line(exc)})") from None
             return np.ascontiguousarray(whole[:rows]) if self.shape else whole
         return next(self.blocks(max(rows, 1), rows), np.empty((0, *self.shape[1:]), self.dtype))
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)``, only those read: the file (or zip member) is opened, its header read
+        and the stream moved to ``start`` (a compressed ``.npz`` member is decompressed up to it)."""
+        stop = min(stop, self.shape[0])
+        if self.fortran:  # column-major: rows are not contiguous on disk
+            return np.ascontiguousarray(self.read()[start:stop])
+        n = max(stop - start, 0)
+        self._check_size(n)
+        row = self.shape[1:]
+        row_bytes = math.prod(row) * self.dtype.itemsize
+        with self._open() as f:
+            _npy_header(f, self.where)
+            f.seek(start * row_bytes, os.SEEK_CUR)
+            buffer = bytearray(n * row_bytes)
+            if f.readinto(buffer) != len(buffer):
+                raise DataError(f"{self.where}: the file ends before its {self.shape[0]} rows")
+        return np.frombuffer(buffer, dtype=self.dtype).reshape((n, *row))
 
     def blocks(self, step: int, count: int | None = None) -> Iterator[np.ndarray]:
         """Blocks of ``step`` rows of the first ``count`` rows (all by default)."""
@@ -759,11 +893,16 @@ def _npz_readers(path: Path) -> dict[str, _RowReader]:
     try:
         with zipfile.ZipFile(path) as archive:
             members = [n for n in archive.namelist() if n.endswith(".npy")]
+            starts = {n: _stored_start(path, archive.getinfo(n)) for n in members}
     except (OSError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({one_line(exc)})") from None
 
     def opener(member: str):
         def open_member():
+            if starts[member] is not None:  # stored as it is: the file itself, from the member's first byte
+                f = open(path, "rb")  # noqa: SIM115 (the reader closes it: with open_member() as f)
+                f.seek(starts[member])
+                return f
             archive = zipfile.ZipFile(path)
             return _Closing(archive.open(member), archive)
         return open_member
@@ -771,18 +910,31 @@ def _npz_readers(path: Path) -> dict[str, _RowReader]:
     return {m[:-4]: _RowReader(opener(m), f"{path}[{m[:-4]}]") for m in members}
 
 
-def _npz_stream(path: Path, specs: list[InputSpec], batch_size: int | None,
-                max_samples: int | None = None) -> DataStream | None:
-    return _rows_stream(_npz_readers(path), specs, batch_size, str(path), max_samples)
+def _stored_start(path: Path, info: zipfile.ZipInfo) -> int | None:
+    """Where an uncompressed, unencrypted member's bytes start in the ``.npz`` (``np.savez`` writes
+    such members), so that a range of its rows is read from there, not through every byte before
+    it; None for other members (they are read through their zip stream)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        return None
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
 
 
-def _npy_folder_stream(path: Path, specs: list[InputSpec], batch_size: int | None,
-                       max_samples: int | None = None) -> DataStream | None:
+def _file_readers(path: Path) -> dict[str, _RowReader] | None:
+    """A row reader per array of an ``.npz`` or of a folder of ``.npy`` files (not onnx test data);
+    None for other sources."""
+    if path.is_file() and path.suffix == ".npz":
+        return _npz_readers(path)
+    if not path.is_dir() or any(path.glob("input_*.pb")) or any(path.glob("test_data_set*")):
+        return None
     files = sorted(path.glob("*.npy"))
     if not files:
         return None
-    readers = {f.stem: _RowReader(lambda f=f: open(_regular_file(f), "rb"), str(f)) for f in files}
-    return _rows_stream(readers, specs, batch_size, str(path), max_samples)
+    return {f.stem: _RowReader(lambda f=f: open(_regular_file(f), "rb"), str(f)) for f in files}
 
 
 class _Closing:
@@ -799,18 +951,26 @@ class _Closing:
         self._archive.close()
 
 
-def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
-                 where: str, max_samples: int | None = None) -> DataStream | None:
-    """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
-    (one feed per leading entry, scalars). Labels are skipped: calibration reads no labels."""
+def _rows_of(readers: dict[str, _RowReader], specs: list[InputSpec], where: str) -> int | None:
+    """The samples (rows) of on-disk arrays that feed ``specs`` a sample a row, their names checked
+    (labels aside); None where the layout needs the in-memory reader (one feed per leading entry, scalars)."""
     inputs = {s.name for s in specs}
-    readers = {name: r for name, r in readers.items() if name in inputs or name not in LABEL_KEYS}
-    _check_names(readers.keys(), specs, where)
+    _check_names([name for name in readers if name in inputs or name not in LABEL_KEYS], specs, where)
     if not specs or any(s.shape is None or len(readers[s.name].shape) != len(s.shape) for s in specs):
         return None
     count = _common_length({s.name: readers[s.name].shape for s in specs}, where)
     if count == 0:
         raise DataError(f"{where}: no samples (the arrays are empty along axis 0)")
+    return count
+
+
+def _rows_stream(readers: dict[str, _RowReader], specs: list[InputSpec], batch_size: int | None,
+                 where: str, max_samples: int | None = None) -> DataStream | None:
+    """Batches cut along axis 0 of on-disk arrays; None where the layout needs the in-memory reader
+    (one feed per leading entry, scalars). Labels are skipped: calibration reads no labels."""
+    count = _rows_of(readers, specs, where)
+    if count is None:
+        return None
     count = min(count, max_samples) if max_samples else count
     step = _batch_step(specs, count, batch_size, where)
     # dtypes and fixed dims, before any pass runs: a zero-copy stand-in for the first batch

@@ -10,9 +10,13 @@ change, and they are written back into the same graph. Labels are optional (Hint
     where it was)
     other outputs (features, probabilities, boxes):  L_kd = mean((s - t)^2) / (var(t) + 1e-12)
     with labels:  L = alpha * CE(s, labels) + (1 - alpha) * L_kd, else L = L_kd (summed over outputs)
+    intermediate matching (``features``):  L += w * mean over tensors f of mean((s_f - t_f[kept])^2) / var(t_f)
+    (the teacher's activation cut to the channels pruning left the student; FitNets, Romero et al. 2015,
+    without a regressor: the channels are the same ones)
 
-Adam with cosine learning-rate decay on shuffled mini-batches, deterministic under ``seed``; CPU unless torch sees CUDA. Teacher
-outputs are computed once per sample and kept. Early stopping watches held-out data (``eval``, or
+Adam with cosine learning-rate decay on shuffled mini-batches, deterministic under ``seed``; CPU unless torch sees CUDA. The
+training data is read a chunk at a time (``CHUNK_BYTES``): the teacher's outputs are computed once
+per sample and kept when one chunk holds it all, else again each time a chunk is read. Early stopping watches held-out data (``eval``, or
 ``holdout`` of the training samples): top-1 agreement with the teacher on the first logits output,
 ties broken by the distillation loss (the loss alone when no output is logits); the best weights
 seen (the untrained ones included) are the ones written back.
@@ -22,13 +26,13 @@ torch is imported only when ``distill`` runs (``onnxopt[train]``).
 
 from __future__ import annotations
 
-__all__ = ["DistillResult", "distill", "output_kinds"]
+__all__ = ["DistillResult", "distill", "output_kinds", "feature_candidates", "CHUNK_BYTES"]
 
 import copy
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +40,9 @@ import onnx_ir as ir
 
 from onnxopt.errors import DataError, OptionError
 
-# Samples kept in memory for training (inputs and teacher outputs): past this, a clear error.
-POOL_LIMIT_BYTES = 2 * 2**30
+# The most bytes of one chunk of training samples, its inputs and the teacher's targets for them:
+# training holds one chunk (and the held-out samples, at most a chunk's rows), whatever the data's size.
+CHUNK_BYTES = 256 * 2**20
 TEACHER_BATCH = 256
 
 
@@ -59,31 +64,9 @@ class DistillResult:
     best: dict = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
-
-
-def _pool(data, where: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """All batches of ``data`` (a Dataset, DataStream, list or iterable of feeds) concatenated by input."""
-    if isinstance(data, Mapping):
-        data = [data]
-    parts: dict[str, list[np.ndarray]] = {}
-    size = 0
-    for feed in data:
-        for name, array in feed.items():
-            array = np.asarray(array)
-            if array.ndim == 0:
-                raise DataError(f"{where}: input '{name}' is a scalar (0-d); distillation needs a first axis of samples")
-            parts.setdefault(name, []).append(array)
-            size += array.nbytes
-        if size > POOL_LIMIT_BYTES:
-            raise DataError(f"{where}: more than {POOL_LIMIT_BYTES // 2**30} GiB of samples; distillation keeps them in memory")
-    if not parts:
-        raise DataError(f"{where}: no batches")
-    pooled = {name: np.concatenate(arrays) for name, arrays in parts.items()}
-    counts = {len(a) for a in pooled.values()}
-    if len(counts) != 1:
-        raise DataError(f"{where}: inputs have different numbers of samples ({sorted(counts)})")
-    labels = getattr(data, "labels", None)
-    return pooled, None if labels is None else np.asarray(labels)
+    features: list[str] = field(default_factory=list)
+    features_skipped: dict[str, str] = field(default_factory=dict)
+    chunks: int = 1
 
 
 def _take(pool: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
@@ -94,7 +77,10 @@ def _count(pool: Mapping[str, np.ndarray]) -> int:
     return len(next(iter(pool.values())))
 
 
-def _teacher_outputs(session, pool: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+def _teacher_outputs(session, pool: Mapping[str, np.ndarray], names: list[str],
+                     slices: Mapping[str, tuple[int, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The teacher's ``names`` on ``pool``, run by ``TEACHER_BATCH`` samples; an intermediate tensor
+    in ``slices`` (name -> channel axis, positions the student kept) cut to those channels."""
     from onnxopt.runtime import run_session
 
     n = _count(pool)
@@ -102,8 +88,98 @@ def _teacher_outputs(session, pool: Mapping[str, np.ndarray], names: list[str]) 
     for start in range(0, n, TEACHER_BATCH):
         outs = run_session(session, _take(pool, np.arange(start, min(n, start + TEACHER_BATCH))))
         for name in names:
-            chunks[name].append(outs[name])
+            out = outs[name]
+            if name in slices:
+                axis, positions = slices[name]
+                out = np.take(out, positions, axis=axis) if out.ndim > axis else out
+            chunks[name].append(out)
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def _with_outputs(teacher: ir.Model, names: list[str]) -> ir.Model:
+    """``teacher`` itself when ``names`` is empty, else a copy whose graph also outputs ``names``
+    (the caller's model is never changed)."""
+    if not names:
+        return teacher
+    copy_ = teacher.clone()
+    values = {v.name: v for node in copy_.graph for v in node.outputs}
+    for name in names:
+        if not values[name].is_graph_output():
+            copy_.graph.outputs.append(values[name])
+    return copy_
+
+
+def _signatures(model: ir.Model) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Per value a node computes: that node's op type and the op types that read the value."""
+    return {v.name: (node.op_type, tuple(sorted(use.node.op_type for use in v.uses())))
+            for node in model.graph for v in node.outputs}
+
+
+def feature_candidates(student: ir.Model, teacher: ir.Model, features: str | Sequence[str],
+                       boundaries: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The intermediate tensors to match, and those left out with why (``auto`` only).
+
+    ``features``: ``"auto"`` (the channel groups' boundaries: ``boundaries`` from the pruning pass,
+    else the values a Conv, Gemm or MatMul of the student reads by channel) or tensor names. A tensor
+    matches where both graphs compute it by the same op and it is read by the same ops: a pass that
+    kept a name but changed what it holds (fold-bn leaves a Conv's name on the normalized values) is
+    refused. A named tensor that does not match is an ``OptionError``; ``auto`` leaves it out."""
+    explicit = features != "auto"
+    if explicit and (isinstance(features, str) or not all(isinstance(f, str) and f for f in features) or not features):
+        raise OptionError(f"--distill-features: give auto or tensor names, not {features!r}")
+    if explicit:
+        names = list(features)
+    elif boundaries is not None:
+        names = list(boundaries)
+    else:
+        from onnxopt.passes.channel_groups import analyze
+
+        probed = {p.value for g in analyze(student).groups for p in g.probes}
+        names = [v.name for node in student.graph for v in node.outputs if v.name in probed]
+    mine, theirs = _signatures(student), _signatures(teacher)
+    outputs = {v.name for v in student.graph.outputs}
+    chosen, skipped = [], {}
+    for name in dict.fromkeys(names):
+        why = None
+        if name in outputs:
+            why = "is a graph output (matched as one)"
+        elif name not in mine:
+            why = "is not computed by the student (a pass removed or renamed it)"
+        elif name not in theirs:
+            why = "is not computed by the teacher"
+        elif mine[name] != theirs[name]:
+            why = (f"is computed by {mine[name][0]} and read by {', '.join(mine[name][1]) or 'nothing'} in the student, "
+                   f"by {theirs[name][0]} and read by {', '.join(theirs[name][1]) or 'nothing'} in the teacher "
+                   "(a pass changed what it holds)")
+        if why is None:
+            chosen.append(name)
+        elif explicit:
+            raise OptionError(f"--distill-features: '{name}' {why}")
+        else:
+            skipped[name] = why
+    return chosen, skipped
+
+
+def _check_feature_shapes(student, feed, targets, names, skipped, *, explicit: bool) -> tuple[list[str], dict]:
+    """The ``names`` whose student tensor has the shape of the teacher's, sliced (a channel count the
+    pruning pass left no record of is left out by ``auto``, an error for a named tensor)."""
+    import torch
+
+    if not names:
+        return names, skipped
+    with torch.no_grad():
+        outs = student({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}, names)
+    kept, skipped = [], dict(skipped)
+    for name in names:
+        mine, theirs = tuple(outs[name].shape), targets[name].shape
+        if mine == theirs:
+            kept.append(name)
+            continue
+        why = f"has shape {list(mine)} in the student, {list(theirs)} in the teacher (sliced to the kept channels)"
+        if explicit:
+            raise DataError(f"--distill-features: '{name}' {why}")
+        skipped[name] = why
+    return kept, skipped
 
 
 def output_kinds(teacher: Mapping[str, np.ndarray]) -> dict[str, str]:
@@ -166,6 +242,10 @@ def distill(
     providers: str = "cpu",
     threads: int | None = None,
     cluster_aware: bool = True,
+    features: str | Sequence[str] | None = None,
+    feature_weight: float = 1.0,
+    kept_channels: Mapping[str, tuple[int, np.ndarray]] | None = None,
+    boundaries: Sequence[str] | None = None,
 ) -> DistillResult:
     """Train ``student_model``'s weights (in place) to match ``teacher_model`` on ``train``.
 
@@ -181,6 +261,19 @@ def distill(
     (digits, AMD EPYC 2 cores shared: 8-9 s with one thread, 17-84 s with two under the same load).
     ``cluster_aware``: a clustered weight (``cluster``) trains as a latent float weight snapped to its
     centroids, so its codes change too (``onnxopt.cluster_training``); False: its codebook alone.
+
+    ``train`` may also be a path (an ``.npz``, a folder of ``.npy``) or ``onnxopt.data.SampleRows``:
+    such files are read a chunk of rows at a time (``CHUNK_BYTES`` of inputs and teacher targets),
+    chunks in a shuffled order and samples shuffled within each, so memory does not grow with the
+    training set; the held-out samples are then a ``holdout`` fraction of each chunk, at most a
+    chunk's rows in all. Other sources are pooled in memory (``onnxopt.data.POOL_LIMIT``).
+
+    ``features``: intermediate matching, ``"auto"`` or tensor names (see ``feature_candidates``):
+    the student's tensor is pulled towards the teacher's at the same place, the teacher's cut to
+    the channels the student kept (``kept_channels``: name -> (channel axis, kept positions), as
+    ``PruneChannels.kept_channels`` records them; ``boundaries``: the candidates of ``auto``, as
+    ``PruneChannels.boundaries``), by the normalized MSE of each, averaged and added to the
+    output loss with weight ``feature_weight``.
     """
     import torch
 
@@ -194,17 +287,19 @@ def distill(
                         alpha=alpha, lr=lr, seed=seed, eval=eval, labels=labels, progress=progress,
                         batch_size=batch_size, holdout=holdout, eval_every=eval_every, patience=patience,
                         weight_decay=weight_decay, cosine=cosine, device=device, providers=providers,
-                        cluster_aware=cluster_aware)
+                        cluster_aware=cluster_aware, features=features, feature_weight=feature_weight,
+                        kept_channels=kept_channels, boundaries=boundaries)
     finally:
         torch.set_num_threads(previous)
 
 
 def _distill(student_model, teacher_model, train, *, steps, epochs, temperature, alpha, lr, seed, eval, labels,
              progress, batch_size, holdout, eval_every, patience, weight_decay, cosine, device, providers,
-             cluster_aware) -> DistillResult:
+             cluster_aware, features, feature_weight, kept_channels, boundaries) -> DistillResult:
     import torch
     import torch.nn.functional as F
 
+    from onnxopt.data import sample_rows
     from onnxopt.runtime import create_session
     from onnxopt.student import QDQ_MISMATCH_FRACTION, build_student, check_matches, has_quantize_nodes, write_back
 
@@ -223,6 +318,8 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         raise OptionError(f"alpha must be in [0, 1], not {alpha}")
     if batch_size < 1:
         raise OptionError(f"batch_size must be >= 1, not {batch_size}")
+    if not 0 < feature_weight < math.inf:
+        raise OptionError(f"feature_weight must be a finite number > 0, not {feature_weight}")
     if progress is True:
         progress = _console_progress
 
@@ -231,46 +328,97 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    # The student first: an op the interpreter cannot run is said before any data is read or pooled.
+    # The student first: an op the interpreter cannot run is said before any data is read.
     student = build_student(student_model, cluster_aware=cluster_aware)
-    pool, pool_labels = _pool(train, "train data")
+    rows = sample_rows(train, student_model, where="train data")
+    n = rows.num_samples
     if labels is not None:
-        pool_labels = np.asarray(labels)
-    missing = [v.name for v in student_model.graph.inputs if v.name not in pool and v.const_value is None]
-    if missing:
-        raise DataError(f"train data: no input '{missing[0]}' (the model's inputs: {', '.join(v.name for v in student_model.graph.inputs)})")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != n:
+            raise DataError(f"train labels: {len(labels)} labels for {n} samples")
     output_names = [v.name for v in student_model.graph.outputs]
-    teacher_session = create_session(teacher_model, providers=providers)
+    feature_names, skipped = ([], {}) if not features else feature_candidates(student_model, teacher_model, features,
+                                                                              boundaries)
+    teacher_session = create_session(_with_outputs(teacher_model, feature_names), providers=providers)
     teacher_names = {o.name for o in teacher_session.get_outputs()}
     if not set(output_names) <= teacher_names:
         raise DataError(f"the student's outputs {sorted(set(output_names) - teacher_names)} are not the teacher's")
-    n = _count(pool)
-    teacher = _teacher_outputs(teacher_session, pool, output_names)
-    kinds = output_kinds(teacher)
-    logits_name = next((name for name in output_names if kinds[name] in ("logits", "probabilities")), None)
-    pool_labels = _check_labels(pool_labels, n, "train labels", logits_name)
+    target_names = output_names + feature_names
+    slices = {name: kept_channels[name] for name in feature_names if name in (kept_channels or {})}
 
+    def load(data, begin: int, end: int, given_labels=None) -> tuple[dict, np.ndarray | None, dict]:
+        """Samples [begin, end) of ``data``: inputs, labels, and the teacher's targets for them."""
+        feed, chunk_labels = data.read(begin, end)
+        if given_labels is not None:
+            chunk_labels = given_labels[begin:end]
+        return feed, chunk_labels, _teacher_outputs(teacher_session, feed, target_names, slices)
+
+    # Chunks of samples whose inputs and teacher targets fit CHUNK_BYTES: one chunk is in memory at a
+    # time (the only one is kept: the teacher runs once on a small training set).
+    probe_feed, _, probe_targets = load(rows, 0, min(n, batch_size))
+    probe_rows = len(next(iter(probe_targets.values())))
+    per_sample = rows.sample_bytes + sum(a.nbytes for a in probe_targets.values()) // max(probe_rows, 1)
+    chunk_rows = max(batch_size, CHUNK_BYTES // max(per_sample, 1))
+    spans = [(begin, min(n, begin + chunk_rows)) for begin in range(0, n, chunk_rows)]
+    cache = {0: load(rows, *spans[0], labels)}
+    single = len(spans) == 1
+    kinds = output_kinds({name: cache[0][2][name] for name in output_names})
+    logits_name = next((name for name in output_names if kinds[name] in ("logits", "probabilities")), None)
+
+    def checked(loaded):
+        feed, chunk_labels, targets = loaded
+        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name), targets
+
+    cache[0] = checked(cache[0])
+
+    def chunk(i: int):
+        if i in cache:
+            return cache[i] if single else cache.pop(i)
+        return checked(load(rows, *spans[i], labels))
+
+    feature_names, skipped = _check_feature_shapes(student, probe_feed, probe_targets, feature_names, skipped,
+                                                  explicit=features != "auto")
+    target_names = output_names + feature_names
+
+    # Held-out samples: ``eval``, or a ``holdout`` fraction of each chunk (at most a chunk's rows in all).
     if eval is not None:
-        eval_pool, eval_labels = _pool(eval, "eval data")
-        eval_teacher = _teacher_outputs(teacher_session, eval_pool, output_names)
+        eval_rows = sample_rows(eval, student_model, where="eval data")
+        eval_pool, eval_labels, eval_teacher = load(eval_rows, 0, eval_rows.num_samples)
         eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name)
-        train_index = rng.permutation(n)
-    else:
+        train_index = [rng.permutation(n)] if single else [np.arange(end - begin) for begin, end in spans]
+    elif single:
         order = rng.permutation(n)
         held = int(round(n * holdout)) if n >= 10 else 0
-        eval_index, train_index = order[:held], order[held:]
+        eval_index, train_index = order[:held], [order[held:]]
         if held == 0:
             eval_index = order
+        pool, pool_labels, teacher = cache[0]
         eval_pool, eval_teacher = _take(pool, eval_index), _take(teacher, eval_index)
         eval_labels = None if pool_labels is None else pool_labels[eval_index]
-    del teacher_session  # every teacher output is computed: free its threads and memory before training
-    n_train = len(train_index)
-    per_epoch = max(1, math.ceil(n_train / batch_size))
+    else:
+        parts, train_index = [], []
+        for i, (begin, end) in enumerate(spans):
+            order = np.random.default_rng([seed, i]).permutation(end - begin)
+            held = min(int(round((end - begin) * holdout)), max(1, chunk_rows // len(spans)))
+            feed, chunk_labels, targets = chunk(i)
+            parts.append((_take(feed, order[:held]), None if chunk_labels is None else chunk_labels[order[:held]],
+                          _take(targets, order[:held])))
+            train_index.append(order[held:])
+            del feed, chunk_labels, targets
+        eval_pool = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        eval_teacher = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+        eval_labels = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+        del parts
+    n_train = sum(len(index) for index in train_index)
+    if n_train == 0:
+        raise DataError("train data: no samples left to train on after the held-out ones")
+    per_epoch = max(1, sum(math.ceil(len(index) / batch_size) for index in train_index))
     total = steps if steps is not None else (10 if epochs is None else epochs) * per_epoch
     eval_every = eval_every or per_epoch
 
-    check_feed = _take(pool, train_index[: min(64, n_train)])
-    check_matches(student, student_model, check_feed,
+    if single:
+        teacher_session = None  # every teacher output is computed: free its threads and memory before training
+    check_matches(student, student_model, probe_feed,
                   mismatch_fraction=QDQ_MISMATCH_FRACTION if has_quantize_nodes(student_model) else 0.0)
     student.to(device)
 
@@ -283,7 +431,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     pre_softmax = {name: producers[name].inputs[0].name for name in output_names
                    if kinds[name] == "probabilities" and name in producers and producers[name].op_type == "Softmax"
                    and producers[name].attributes.get("axis", ir.AttrInt64("axis", -1)).value in (-1, 1)}
-    wanted = output_names + sorted(set(pre_softmax.values()) - set(output_names))
+    wanted = output_names + sorted(set(pre_softmax.values()) - set(output_names)) + feature_names
 
     def as_logits(name, y, outs=None):
         if kinds[name] != "probabilities":
@@ -292,7 +440,13 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
             return outs[pre_softmax[name]]
         return torch.log(y.clamp_min(1e-12))
 
+    def normalized_mse(s, t):
+        s, t = s.float(), t.float()
+        return F.mse_loss(s, t) / (t.var(unbiased=False).detach() + 1e-12)
+
     def loss_of(outs, targets, hard):
+        """The outputs' distillation loss (with the hard loss when labels are given), and the
+        intermediate tensors' (the mean of their normalized MSEs; 0 without any)."""
         total_loss = 0.0
         for name in output_names:
             s, t = outs[name], targets[name]
@@ -301,22 +455,24 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
                 total_loss = total_loss + F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
                                                    reduction="batchmean", log_target=True) * temperature**2
             else:
-                s, t = s.float(), t.float()
-                total_loss = total_loss + F.mse_loss(s, t) / (t.var(unbiased=False).detach() + 1e-12)
+                total_loss = total_loss + normalized_mse(s, t)
         if hard is not None and alpha > 0:
             total_loss = alpha * F.cross_entropy(as_logits(logits_name, outs[logits_name], outs), hard) + (1 - alpha) * total_loss
-        return total_loss
+        feature_loss = sum(normalized_mse(outs[name], targets[name]) for name in feature_names) / max(len(feature_names), 1)
+        return total_loss, feature_loss
 
     def evaluate(step: int, train_loss: float | None) -> dict:
         student.eval()
         m = _count(eval_pool)
-        loss_sum, agree, correct = 0.0, 0, 0
+        loss_sum, feature_sum, agree, correct = 0.0, 0.0, 0, 0
         with torch.no_grad():
             for begin in range(0, m, TEACHER_BATCH):
                 index = np.arange(begin, min(m, begin + TEACHER_BATCH))
                 outs = student(tensors(_take(eval_pool, index)), wanted)
                 targets = tensors(_take(eval_teacher, index))
-                loss_sum += float(loss_of(outs, targets, None)) * len(index)
+                output_loss, feature_loss = loss_of(outs, targets, None)
+                loss_sum += float(output_loss) * len(index)
+                feature_sum += float(feature_loss) * len(index)
                 if logits_name is not None:
                     top = outs[logits_name].argmax(dim=1).cpu().numpy()
                     agree += int((top == eval_teacher[logits_name][index].argmax(axis=1)).sum())
@@ -324,6 +480,8 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
                         correct += int((top == eval_labels[index]).sum())
         entry = {"step": step, "train_loss": train_loss, "loss": loss_sum / m,
                  "seconds": round(time.perf_counter() - start_time, 3)}
+        if feature_names:
+            entry["feature_loss"] = feature_sum / m
         if logits_name is not None:
             entry["agreement"] = agree / m
             if eval_labels is not None:
@@ -333,6 +491,19 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     def score(entry: dict) -> tuple:
         return (entry.get("agreement", 0.0), -entry["loss"])
 
+    def batches():
+        """Training batches without end: each epoch visits the chunks in a shuffled order and each
+        chunk's samples in a shuffled order, under the seed; one chunk in memory at a time."""
+        while True:
+            for i in (rng.permutation(len(spans)) if not single else [0]):
+                feed, chunk_labels, targets = chunk(int(i))
+                order = train_index[i][rng.permutation(len(train_index[i]))]
+                for begin in range(0, len(order), batch_size):
+                    batch = order[begin: begin + batch_size]
+                    yield (_take(feed, batch), None if chunk_labels is None else chunk_labels[batch],
+                           _take(targets, batch))
+                del feed, chunk_labels, targets
+
     history = [evaluate(0, None)]
     best_entry, best_state = history[0], copy.deepcopy(student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=weight_decay)
@@ -340,17 +511,14 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / max(total, 1))) if cosine else 1.0)
     stale, step, running, counted, stopped = 0, 0, 0.0, 0, False
-    order = np.empty(0, dtype=np.int64)
-    cursor = 0
+    stream = batches()
     while step < total:
-        if cursor >= len(order):
-            order, cursor = train_index[rng.permutation(n_train)], 0
-        batch = order[cursor: cursor + batch_size]
-        cursor += batch_size
+        feed, hard, targets = next(stream)
         student.train()
-        outs = student(tensors(_take(pool, batch)), wanted)
-        hard = None if pool_labels is None else torch.from_numpy(pool_labels[batch]).to(device)
-        loss = loss_of(outs, tensors(_take(teacher, batch)), hard)
+        outs = student(tensors(feed), wanted)
+        hard = None if hard is None else torch.from_numpy(hard).to(device)
+        output_loss, feature_loss = loss_of(outs, tensors(targets), hard)
+        loss = output_loss + feature_weight * feature_loss if feature_names else output_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -373,6 +541,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
                 if stale >= patience:
                     stopped = step < total
                     break
+    stream.close()
 
     student.load_state_dict(best_state)
     student.to("cpu")
@@ -380,5 +549,5 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     return DistillResult(
         model=student_model, history=history, seconds=time.perf_counter() - start_time, steps=step,
         best_step=best_entry["step"], stopped_early=stopped, initial=history[0], best=best_entry, kinds=kinds,
-        device=str(device),
+        device=str(device), features=feature_names, features_skipped=skipped, chunks=len(spans),
     )

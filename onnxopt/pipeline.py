@@ -20,8 +20,8 @@ import onnx_ir as ir
 from onnxopt import io
 from onnxopt.budget import LossyFallback, judge, lossy_units
 from onnxopt.compressed_size import run_sizes
-from onnxopt.data import (Dataset, cannot_run, check_labels, feed_dims, head, input_specs, load_data, parse_dims,
-                          timing_feed)
+from onnxopt.data import (Dataset, SampleRows, cannot_run, check_labels, feed_dims, head, input_specs, load_data,
+                          parse_dims, sample_rows, timing_feed)
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
 from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
@@ -159,6 +159,8 @@ def _optimize(
     alpha: float = 0.5,
     lr: float = 1e-3,
     seed: int = 0,
+    distill_features: str | Sequence[str] | None = None,
+    feature_weight: float = 1.0,
     outputs: Sequence[str] | None = None,
     smooth_quant: float | str | None = None,
     precision: str | None = None,
@@ -269,7 +271,7 @@ def _optimize(
         if scalar:
             raise OptionError(f"--distill: input '{scalar[0]}' is a scalar (0-d); distillation needs inputs with a "
                               "first axis of samples")
-        train = load_data(train_data, working, batch_size=batch_size, dims=dims, max_samples=max_samples)
+        train = sample_rows(train_data, working, max_samples=max_samples)  # files: read a chunk at a time
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
     # Judged on the model as the data meets it: a batch dim that --fix-dim fixes is never cut.
@@ -336,10 +338,12 @@ def _optimize(
         for what, reason in left[:3]:
             report.notes.append(f"{name}: {what} left: {reason}")
     fallback = None
+    ran = list(pass_objects)  # the pass objects that made the model (the budget's fallback reruns some)
     if fallback_start is not None:
         fallback = LossyFallback(fallback_start, pass_objects[fallback_from:], original, dataset, max_drop=max_drop,
                                  min_cosine=min_cosine, providers=providers, judged_outputs=outputs)
         working, rerun, _, _ = fallback.run(working)
+        ran = [*pass_objects[:fallback_from], *rerun]
         for record, p in zip(report.passes[fallback_from:], rerun):
             record.summary = getattr(p, "summary", "") or record.summary
             record.details = dict(getattr(p, "details", {}) or {})
@@ -354,7 +358,8 @@ def _optimize(
         epochs, lr = _low_bit_defaults(pass_objects, epochs, steps, lr, report.notes)
         report.passes.append(distill_step(model, working, train, dict(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
-            batch_size=batch_size or 32), progress, stat_dims))
+            batch_size=batch_size or 32, features=distill_features, feature_weight=feature_weight,
+            **(channel_map(ran) if distill_features else {})), progress, stat_dims))
         report.lossy = True
     precision_missed = None
     if precision:  # last: islands are measured on the model as it ships
@@ -471,8 +476,24 @@ def _low_bit_defaults(pass_objects, epochs: int | None, steps: int | None, lr: f
     return epochs, lr
 
 
-def distill_step(model, working: ir.Model, train: Dataset, options: dict, progress: Progress | None,
-                  stat_dims: dict[str, int]) -> PassRecord:
+def channel_map(passes: Sequence) -> dict:
+    """What the pruning passes among ``passes`` (in the order they ran) record for distillation's
+    intermediate matching: ``kept_channels`` (value name -> channel axis and the positions of the
+    input model's value kept) and ``boundaries`` (the values consumers read by channel, the
+    candidates of ``auto``); ``{}`` when no pass pruned."""
+    from onnxopt.passes.prune_channels import compose_kept
+
+    pruners = [p for p in passes if isinstance(p, PruneChannels) and p.boundaries]
+    if not pruners:
+        return {}
+    kept: dict = {}
+    for p in pruners:
+        kept = compose_kept(kept, p.kept_channels)
+    return {"kept_channels": kept, "boundaries": list(dict.fromkeys(b for p in pruners for b in p.boundaries))}
+
+
+def distill_step(model, working: ir.Model, train: Dataset | SampleRows, options: dict, progress: Progress | None,
+                 stat_dims: dict[str, int]) -> PassRecord:
     """Train ``working``'s weights (in place; nodes and shapes unchanged) to match the input
     ``model`` on ``train``, with torch (``onnxopt[train]``): see ``onnxopt.distill``."""
     import_torch("--distill")
@@ -490,10 +511,17 @@ def distill_step(model, working: ir.Model, train: Dataset, options: dict, progre
                 return f"{label} {entry[key]:.2%}"
         return f"loss {entry.get('loss', float('nan')):.4g}"
 
-    summary = (f"{result.steps} steps on {train.num_samples} samples ({train.source}); held out: "
-               f"{figure(initial)} -> {figure(best)}{', stopped early' if result.stopped_early else ''}")
+    matched = f"; matched {plural(len(result.features), 'intermediate tensor')}" if options.get("features") else ""
+    chunks = f" in {result.chunks} chunks" if result.chunks > 1 else ""
+    summary = (f"{result.steps} steps on {train.num_samples} samples ({train.source}{chunks}); held out: "
+               f"{figure(initial)} -> {figure(best)}{', stopped early' if result.stopped_early else ''}{matched}")
     details = {"steps": result.steps, "best_step": result.best_step, "initial": initial, "best": best,
-               "history": result.history, "kinds": result.kinds, "device": result.device, "samples": train.num_samples}
+               "history": result.history, "kinds": result.kinds, "device": result.device, "samples": train.num_samples,
+               "chunks": result.chunks}
+    if options.get("features"):
+        details["features"] = list(result.features)
+        details["features_skipped"] = dict(result.features_skipped)
+        details["feature_weight"] = options.get("feature_weight", 1.0)
     return PassRecord(name="distill", modified=True, seconds=time.perf_counter() - start, summary=summary,
                       after=model_stats(working, dims=stat_dims), details=details)
 

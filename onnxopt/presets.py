@@ -37,11 +37,11 @@ import numpy as np
 from onnxopt import io
 from onnxopt.budget import DEFAULT_MAX_DROP, judge
 from onnxopt.compressed_size import compressed_sizes
-from onnxopt.data import load_data, parse_dims
+from onnxopt.data import load_data, parse_dims, sample_rows
 from onnxopt.errors import OptionError
 from onnxopt.options import require_torch
 from onnxopt.pipeline import OptimizeResult, optimize, with_pruning
-from onnxopt.recipe import Recipe
+from onnxopt.recipe import DISTILL_OPTIONS, Recipe
 from onnxopt.runtime import ModelSnapshot, run_session
 
 PRESETS = ("deep-compression",)
@@ -207,7 +207,7 @@ def _run_setting(model, base: Recipe, settings: Mapping[str, float], sparse_runs
                                     summary=cluster.summary, after=model_stats(working, dims=dims),
                                     details=dict(cluster.details)))
     tail.append(_stage("cluster", working, dataset, base.providers))
-    train = load_data(base.train_data, working, batch_size=base.batch_size, dims=dims, max_samples=base.max_samples)
+    train = sample_rows(base.train_data, working, max_samples=base.max_samples)
     report.passes.append(distill_step(model, working, train, dict(
         epochs=base.epochs, steps=base.steps, temperature=base.temperature, alpha=base.alpha, lr=base.lr, seed=base.seed,
         providers=base.providers, batch_size=base.batch_size or 32), progress, dims))
@@ -232,8 +232,7 @@ def _label(settings: Mapping[str, float]) -> str:
 def _undistilled(recipe: Recipe) -> Recipe:
     """``recipe`` without distillation (its options back at their defaults, as the recipe requires)."""
     default = Recipe()
-    return recipe.replace(distill=False, **{n: getattr(default, n) for n in
-                                            ("train_data", "epochs", "steps", "temperature", "alpha", "lr", "seed")})
+    return recipe.replace(distill=False, **{n: getattr(default, n) for n in DISTILL_OPTIONS})
 
 
 def _stages(model, recipe: Recipe, tail: list[dict]) -> list[dict]:

@@ -24,7 +24,7 @@ as on the command line.
 
 from __future__ import annotations
 
-__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET", "read_toml", "TOML_LIMIT"]
+__all__ = ["Recipe", "DEFAULT_PASSES", "QUANTIZE_PRESET", "DISTILL_OPTIONS", "read_toml", "TOML_LIMIT"]
 
 import dataclasses
 import math
@@ -56,7 +56,7 @@ DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
 # --quantize int8 with the default passes: prune's lossless removal is left to a run of its own.
 QUANTIZE_PRESET = ("simplify", "fold-bn", "share-init", "quantize")
 # Options of the compression family's passes: each adds its pass (after the others) when given.
-_DISTILL_OPTIONS = ("train_data", "epochs", "steps", "temperature", "alpha", "lr", "seed")
+DISTILL_OPTIONS = ("train_data", "epochs", "steps", "temperature", "alpha", "lr", "seed", "distill_features", "feature_weight")
 _INT4_OPTIONS = ("int4_block_size", "int4_method", "int4_symmetric", "accuracy_level")
 QUANTIZE_MODES = ("int8", "int8-dynamic", "int4", "auto")  # auto: onnxopt.auto_quantize
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
@@ -154,6 +154,9 @@ class Recipe:
     alpha: float = 0.5
     lr: float = 1e-3
     seed: int = 0
+    # intermediate matching: "auto" (the channel groups' boundaries) or tensor names, and its weight
+    distill_features: str | Sequence[str] | None = None
+    feature_weight: float = 1.0
     # the rest of the compression family (lossy: reported, not judged by the lossless tolerance)
     cluster_bits: int | None = None
     cluster_per_channel: bool = False
@@ -235,8 +238,9 @@ class Recipe:
         if not isinstance(self.distill, bool):
             raise OptionError(f"--distill: distill must be true or false, not {self.distill!r}")
         if not self.distill:
-            if any(getattr(self, n) != getattr(default, n) for n in _DISTILL_OPTIONS):
-                raise OptionError("--train-data, --epochs, --steps, --temperature, --alpha, --lr and --seed apply to --distill")
+            if any(getattr(self, n) != getattr(default, n) for n in DISTILL_OPTIONS):
+                raise OptionError("--train-data, --epochs, --steps, --temperature, --alpha, --lr, --seed, --distill-features "
+                                  "and --feature-weight apply to --distill")
             return
         if self.train_data is None:
             raise OptionError("--distill needs --train-data (inputs to train on; labels are not needed)")
@@ -252,6 +256,16 @@ class Recipe:
             raise OptionError(f"--alpha {self.alpha!r}: must be a number in [0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise OptionError(f"--seed {self.seed!r}: must be a whole number from 0 to 2**63 - 1")
+        features = self.distill_features
+        if features is not None and features != "auto" and (
+                isinstance(features, str) or not isinstance(features, Sequence) or not features
+                or not all(isinstance(f, str) and f.strip() for f in features)):
+            raise OptionError(f"--distill-features {features!r}: give auto or tensor names (NAME[,NAME])")
+        weight = self.feature_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise OptionError(f"--feature-weight {weight!r}: must be a finite number above 0")
+        if weight != 1.0 and features is None:
+            raise OptionError("--feature-weight applies to --distill-features")
 
     def _check_family(self) -> None:
         def number(flag: str, value, low: float, high: float, high_open: bool = False, whole: bool = False,

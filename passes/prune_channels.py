@@ -33,7 +33,7 @@ flattening Reshape its target. Stale intermediate shapes are cleared.
 
 from __future__ import annotations
 
-__all__ = ["PruneChannels", "IMPORTANCE_CRITERIA", "DATA_CRITERIA"]
+__all__ = ["PruneChannels", "IMPORTANCE_CRITERIA", "DATA_CRITERIA", "kept_positions", "compose_kept"]
 
 import logging
 import math
@@ -101,6 +101,11 @@ class PruneChannels(OnnxoptPass):
         self.round_to = round_to
         self.protect_first = protect_first
         self.activation = activation
+        # Set by a run: value name -> (channel axis, positions kept of the value before the run), for
+        # every value whose channel layout the analysis tracked; and the values a consumer (Conv,
+        # Gemm, MatMul) reads by channel, in graph order: the channel groups' boundaries.
+        self.kept_channels: dict[str, tuple[int, np.ndarray]] = {}
+        self.boundaries: list[str] = []
 
     @property
     def mode(self) -> str:
@@ -132,6 +137,10 @@ class PruneChannels(OnnxoptPass):
                 plan[gid] = np.asarray(sorted(channels))[1:] if self.mode != "importance" else channels[:-1]
             if len(plan[gid]) == 0:
                 del plan[gid]
+        # Which positions of each tracked value survive, and where consumers read channels: what
+        # distillation needs to compare the pruned student's activations with the teacher's.
+        self.kept_channels = kept_positions(analysis, plan)
+        self.boundaries = _boundaries(analysis)
         removed_params, bias_params = _surgery(model, analysis, plan, folds)
         removed = sum(len(c) for c in plan.values())
         total = sum(g.size for g in groups if g.prunable)
@@ -199,6 +208,43 @@ class PruneChannels(OnnxoptPass):
             n = size - keep
         order = np.argsort(score, kind="stable")
         return np.sort(order[:n])
+
+
+def kept_positions(analysis: ChannelAnalysis, plan: dict[int, np.ndarray]) -> dict[str, tuple[int, np.ndarray]]:
+    """Per tracked value: its channel axis and the positions along it that removing ``plan``'s
+    channels (group id -> channel indices) leaves, in order (all of them where nothing is removed)."""
+    kept = {}
+    for name, track in analysis.tracks.items():
+        removed = []
+        for seg in track.segs:
+            channels = plan.get(seg.space) if seg.space is not None else None
+            if channels is None or not len(channels):
+                continue
+            c = np.asarray(channels, dtype=np.int64)
+            c = c[(c >= seg.start) & (c < seg.start + seg.length)]
+            removed.append(((seg.offset + (c - seg.start) * seg.stride)[:, None] + np.arange(seg.stride)[None, :]).reshape(-1))
+        positions = np.arange(track.size, dtype=np.int64)
+        if removed:
+            positions = np.setdiff1d(positions, np.concatenate(removed))
+        kept[name] = (track.axis, positions)
+    return kept
+
+
+def compose_kept(first: dict[str, tuple[int, np.ndarray]], then: dict[str, tuple[int, np.ndarray]]) -> dict[str, tuple[int, np.ndarray]]:
+    """The positions of the original values that two pruning runs in a row keep: ``then`` indexes
+    the positions ``first`` left."""
+    composed = dict(first)
+    for name, (axis, positions) in then.items():
+        before = first.get(name)
+        composed[name] = (axis, positions) if before is None or before[0] != axis else (axis, before[1][positions])
+    return composed
+
+
+def _boundaries(analysis: ChannelAnalysis) -> list[str]:
+    """The values that a consumer reads by channel (every group's probes), in graph order."""
+    probed = {p.value for g in analysis.groups for p in g.probes}
+    order = [v.name for node in analysis.nodes for v in node.outputs if v.name in probed]
+    return list(dict.fromkeys(order))
 
 
 def _member_array(m) -> np.ndarray | None:

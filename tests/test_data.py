@@ -461,3 +461,31 @@ def test_negative_labels_are_refused(tmp_path):
     np.savez(tmp_path / "d.npz", x=images(2), labels=np.array([1, -3]))
     with pytest.raises(DataError, match="-3"):
         load_data(tmp_path / "d.npz", cnn())
+
+
+# --- rows in any order (distillation's training data) ---------------------------------------------
+
+
+def test_sample_rows_reads_any_range_of_an_npz_or_npy_folder_with_its_labels(tmp_path):
+    from onnxopt.data import SampleRows, sample_rows
+
+    x, y = images(70), np.arange(70) % 4
+    np.savez(tmp_path / "a.npz", x=x, labels=y)
+    np.savez_compressed(tmp_path / "c.npz", x=x, labels=y)
+    (tmp_path / "f").mkdir()
+    np.save(tmp_path / "f" / "x.npy", np.asfortranarray(x))
+    np.save(tmp_path / "f" / "y.npy", y[:, None])
+    for source in (tmp_path / "a.npz", tmp_path / "c.npz", tmp_path / "f", {"x": x, "labels": y}):
+        rows = sample_rows(source, cnn())
+        assert isinstance(rows, SampleRows) and rows.num_samples == 70 and rows.sample_bytes == x[0].nbytes
+        assert rows.in_memory == isinstance(source, dict)
+        for start, stop in ((40, 70), (0, 7), (65, 90)):
+            feed, labels = rows.read(start, stop)
+            np.testing.assert_array_equal(feed["x"], x[start:stop])
+            np.testing.assert_array_equal(labels, y[start:stop])
+    assert sample_rows(tmp_path / "a.npz", cnn(), max_samples=10).num_samples == 10
+    np.savez(tmp_path / "bad.npz", x=x, labels=y[:60])
+    with pytest.raises(DataError, match="60 labels for 70 samples"):
+        sample_rows(tmp_path / "bad.npz", cnn())
+    with pytest.raises(DataError, match="no input 'x'"):
+        sample_rows({"z": x}, cnn())

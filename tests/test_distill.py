@@ -373,3 +373,119 @@ def test_a_scalar_input_is_one_line_not_a_traceback(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and "scalar (0-d)" in err, err
         assert not (tmp_path / "o.onnx").exists()
+
+
+# --- intermediate matching -------------------------------------------------------------------------
+
+
+def _pruned_as_the_pipeline_does(ratio: float) -> tuple[ir.Model, PruneChannels]:
+    """simplify -> prune -> fold-bn, as ``optimize(prune=...)`` orders them; the pass records its map."""
+    model = ir.load(DIGITS / "digits_cnn.onnx")
+    Simplify()(model)
+    pruner = PruneChannels(ratio=ratio, importance="l1")
+    pruner(model)
+    FoldBatchNorm()(model)
+    return model, pruner
+
+
+def _features(teacher: ir.Model, student: ir.Model, names, kept, x) -> tuple[dict, dict]:
+    from onnxopt.distill import _teacher_outputs, _with_outputs
+    from onnxopt.runtime import create_session
+
+    session = create_session(_with_outputs(teacher, names), optimization="disabled")
+    theirs = _teacher_outputs(session, {"input": x}, names, {n: kept[n] for n in names})
+    with torch.no_grad():
+        mine = build_student(student)({"input": torch.from_numpy(x)}, names)
+    return theirs, {n: t.numpy() for n, t in mine.items()}
+
+
+def test_sliced_teacher_features_equal_the_students_where_nothing_changed_them():
+    """Unpruned (ratio 0): every boundary the teacher computes, sliced by the recorded map, is the
+    student's (fold-bn included). Pruned by half: the first pruned layer's activation, whose inputs
+    pruning left alone, is the teacher's at exactly the channels the student kept."""
+    from onnxopt.distill import feature_candidates
+
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    x = _digits_inputs("digits_test.npz")[:32]
+    student, pruner = _pruned_as_the_pipeline_does(0.0)
+    names, skipped = feature_candidates(student, teacher, "auto", pruner.boundaries)
+    assert len(names) == 5 and not skipped
+    theirs, mine = _features(teacher, student, names, pruner.kept_channels, x)
+    for name in names:
+        np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-4, atol=1e-5)
+
+    student, pruner = _pruned_as_the_pipeline_does(0.5)
+    names, _ = feature_candidates(student, teacher, "auto", pruner.boundaries)
+    first = "/features/features.1/body/body.0/body.0.2/Relu_output_0"
+    assert first in names and len(pruner.kept_channels[first][1]) == 8
+    theirs, mine = _features(teacher, student, [first], pruner.kept_channels, x)
+    assert mine[first].shape[1] == 8
+    np.testing.assert_allclose(mine[first], theirs[first], rtol=1e-4, atol=1e-5)
+
+
+def test_a_tensor_whose_meaning_a_pass_changed_is_not_matched():
+    """fold-bn leaves a Conv's output name on the normalized values: the teacher's tensor of that name
+    is before BatchNormalization. auto leaves it out; named, it is a one-line error."""
+    from onnxopt.distill import feature_candidates
+
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    student, _ = _pruned_as_the_pipeline_does(0.5)
+    conv = "/features/features.1/body/body.0/body.0.0/Conv_output_0"
+    names, skipped = feature_candidates(student, teacher, "auto", [conv, "output"])
+    assert names == [] and "BatchNormalization" in skipped[conv] and "graph output" in skipped["output"]
+    with pytest.raises(OptionError, match="read by Relu in the student") as info:
+        distill(student, teacher, {"input": _digits_inputs("digits_calib.npz")}, steps=1, features=[conv])
+    assert "\n" not in str(info.value)
+
+
+def test_pruning_with_feature_matching_trains_and_reports_the_matched_tensors():
+    import onnxopt
+
+    calib, test = DIGITS / "digits_calib.npz", DIGITS / "digits_test.npz"
+    result = onnxopt.optimize(DIGITS / "digits_cnn.onnx", prune=0.5, distill=True, train_data=calib, data=test,
+                              steps=30, lr=3e-3, distill_features="auto", feature_weight=0.5, latency=False)
+    record = next(p for p in result.report.passes if p.name == "distill")
+    assert "matched 5 intermediate tensors" in record.summary
+    assert record.details["features"][1] == "/features/features.1/body/body.0/body.0.2/Relu_output_0"
+    assert record.details["feature_weight"] == 0.5 and record.details["best"]["feature_loss"] >= 0
+    assert record.details["best"]["agreement"] > record.details["initial"]["agreement"]
+    assert "features" in result.report.to_dict()["passes"][-1]["details"]
+
+
+# --- training data read a chunk at a time ----------------------------------------------------------
+
+
+def test_distillation_streams_its_training_data_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """With a chunk cap far below the data, no read takes more than one chunk's rows, training
+    visits several chunks, and the result is the same under the same seed, from an .npz, a folder
+    of .npy and arrays in memory alike (one chunking, one shuffle)."""
+    from onnxopt import distill as distill_module
+    from onnxopt.data import SampleRows
+
+    x = _digits_inputs("digits_test.npz")  # 540 samples
+    np.savez(tmp_path / "train.npz", input=x)
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "input.npy", x)
+    per_sample = x[0].nbytes + 10 * 4  # an input and the teacher's 10 logits
+    monkeypatch.setattr(distill_module, "CHUNK_BYTES", 64 * per_sample)
+    reads = []
+    original_read = SampleRows.read
+
+    def counting_read(self, start, stop):
+        feed, labels = original_read(self, start, stop)
+        reads.append(len(feed["input"]))
+        return feed, labels
+
+    monkeypatch.setattr(SampleRows, "read", counting_read)
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    snapshots = []
+    for source in (tmp_path / "train.npz", tmp_path / "train.npz", tmp_path / "folder", {"input": x}):
+        student = _pruned_digits()
+        result = distill(student, teacher, source, steps=40, batch_size=16, lr=3e-3, seed=5, eval_every=20)
+        assert result.chunks == 9 and result.steps == 40
+        snapshots.append(snapshot(student))
+    assert reads and max(reads) <= 64, "one chunk at most is read at a time"
+    assert snapshots[0] == snapshots[1] == snapshots[2] == snapshots[3]
+    other = _pruned_digits()
+    distill(other, teacher, tmp_path / "train.npz", steps=40, batch_size=16, lr=3e-3, seed=6, eval_every=20)
+    assert snapshot(other) != snapshots[0]

@@ -77,6 +77,21 @@ def test_constant_of_a_zero_channel_folds_into_an_unpadded_conv():
     assert constant_array(conv2.inputs[1]).shape == (4, 4, 3, 3)
 
 
+def test_kept_channels_say_which_positions_each_value_keeps():
+    """Distillation slices the teacher's activations with these: per tracked value, its channel axis
+    and the positions that survive, and the values consumers read by channel (the boundaries)."""
+    model = chain("", [0, 2, 5], consumer="gemm")
+    p = prune(model)
+    for name in ("c", "b", "r", "p", "f"):
+        assert p.kept_channels[name][0] == 1
+        assert p.kept_channels[name][1].tolist() == [1, 3, 4]
+    assert p.boundaries == ["f"]
+    from onnxopt.passes.prune_channels import compose_kept
+
+    again = compose_kept(p.kept_channels, {"r": (1, np.array([0, 2]))})
+    assert again["r"][1].tolist() == [1, 4] and again["c"][1].tolist() == [1, 3, 4]
+
+
 def test_constant_of_a_zero_channel_keeps_it_before_a_padded_conv():
     model = chain("[1,1,1,1]", [1, 4])
     p = prune(model)

@@ -163,6 +163,24 @@ def test_distill_options_are_checked_before_work(tmp_path, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_intermediate_matching_flags_round_trip_and_are_checked(tmp_path, capsys):
+    pytest.importorskip("torch")
+    for features in ("auto", ["a", "b"]):
+        recipe = Recipe(prune=0.5, distill=True, train_data=CALIB, distill_features=features, feature_weight=0.5)
+        assert Recipe.from_toml_text(recipe.to_toml()) == recipe
+    out = str(tmp_path / "o.onnx")
+    assert main([DIGITS, "--prune", "0.5", "--distill", "--train-data", CALIB, "--distill-features", "a, b",
+                 "--save-recipe", str(tmp_path / "r.toml"), "--no-validate", "--no-latency", "-q", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--distill-features: 'a' is not computed by the student" in err
+    for flags, words in ((["--distill-features", "auto"], "apply to --distill"),
+                         (["--distill", "--train-data", CALIB, "--feature-weight", "2"], "applies to --distill-features"),
+                         (["--distill", "--train-data", CALIB, "--distill-features", "auto", "--feature-weight", "0"],
+                          "must be a finite number above 0")):
+        assert main([DIGITS, *flags, "-o", out]) == 2
+        assert words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode,op", [("int8-dynamic", "MatMulInteger"), ("int4", "MatMulNBits")])
 def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
