@@ -41,7 +41,7 @@ from onnxopt.budget import judge as judge_budget
 from onnxopt.calibrate import DEFAULT_PERCENTILE, METHODS, calibrate
 from onnxopt.data import Dataset, feed_dims, feed_rows, first_rows, stream_data, take_rows, synthetic_data
 from onnxopt.errors import ModelLoadError, OptionError, one_line
-from onnxopt.latency import compare_latency, median_interval, pair_seconds_needed, timing_settings
+from onnxopt.latency import call_seconds, compare_latency, median_interval, pair_seconds_needed, timing_settings
 from onnxopt.latency import verdict as latency_verdict
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
@@ -376,6 +376,15 @@ class QuantizationStep:
             named = [_named(float_model), _named(model)]
             plain = ModelSnapshot(named[0])
             best = ModelSnapshot(named[1])
+            per_call = call_seconds(best, feed, settings)
+            if pair_seconds_needed(per_call) > _speed_budget(per_call):
+                # Every timing would stop undecided (no difference) after its first block: a call of
+                # 0.12 s (a 320x320 detector at batch 2) needs 3.6 s for the 6 blocks of a verdict.
+                # Profiling the layers (3 s there) would then only decide nothing.
+                info["skipped"] = (f"a call takes {per_call:.2f} s at batch {info['batch']}: a side-by-side timing "
+                                   f"needs {pair_seconds_needed(per_call):.1f} s for a verdict, more than the "
+                                   f"{_speed_budget(per_call):.1f} s it may take; --batch-size N times at N")
+                return model, p, result
             totals: list[list[float]] = []  # whole-run times of the profiled runs: the vs_float figure
             k_float, k_int8 = kernel_times([plain, best], feed, settings, totals=totals)
             t_float = layer_times(named[0], k_float, quantized)
@@ -386,18 +395,9 @@ class QuantizationStep:
             chosen = self._slower_layers(float_model, quantized, t_int8, t_float)
             info["slower_in_int8"] = {n: [t_int8[n], t_float[n]] for n in chosen}
             sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0})
-            call_seconds = sum(k_int8.values()) * 1e-6  # profiled: an overestimate, on the safe side
-            budget = min(max(SPEED_BUDGET_CALLS * call_seconds, SPEED_BUDGET_SECONDS[0]), SPEED_BUDGET_SECONDS[1])
+            budget = _speed_budget(sum(k_int8.values()) * 1e-6)  # profiled: an overestimate, on the safe side
             ratio, misses = 1.0, 0
             model_micros = sum(k_int8.values())
-            per_call = float(np.median(totals[1])) * 1e-6 if len(totals) > 1 and totals[1] else call_seconds
-            if sizes and pair_seconds_needed(per_call) > budget:
-                # Each timing would stop undecided (no difference) after its first block: a call of
-                # 0.12 s (a 320x320 detector at batch 2) needs 3.6 s for the 6 blocks of a verdict.
-                info["untimed"] = (f"a call takes {per_call:.2f} s: a side-by-side timing needs "
-                                   f"{pair_seconds_needed(per_call):.1f} s for a verdict, more than its budget "
-                                   f"({budget:.1f} s); --batch-size N times at N")
-                sizes = []
             for step, size in enumerate(sizes, 1):
                 if progress:
                     progress("speed", step, len(sizes))
@@ -821,6 +821,11 @@ def optimized_ops_of(snapshot: ModelSnapshot, providers) -> dict[str, int]:
     return optimized_ops(ir.load(snapshot.path), providers=providers)
 
 
+def _speed_budget(call: float) -> float:
+    """Seconds one side-by-side timing of the speed fallback may take, for calls of ``call`` seconds."""
+    return min(max(SPEED_BUDGET_CALLS * call, SPEED_BUDGET_SECONDS[0]), SPEED_BUDGET_SECONDS[1])
+
+
 def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
     """What the speed fallback found and kept (each kept layer with both times), for the report."""
     if not speed:
@@ -835,9 +840,6 @@ def _speed_notes(speed: dict[str, Any] | None) -> list[str]:
                      f"model runs {speed['ratio']:.2f}x the all-int8 one's time")
         notes += [f"quantize: kept {n} float for speed: int8 kernels {slow[n][0]:.0f} us, float {slow[n][1]:.0f} us"
                   for n in kept]
-    elif slow and speed.get("untimed"):
-        notes.append(f"quantize: {len(slow)} layers ran slower in int8 than in float ({where}); none was tried float: "
-                     f"{speed['untimed']}")
     elif slow and speed["tried"]:
         tried = ", ".join(f"{t['ratio']:.2f}x" if "ratio" in t else f"{1 - t['profiled_gain']:.2f}x by its kernels, not timed"
                           for t in speed["tried"])
