@@ -1,4 +1,5 @@
-"""Weight-only int4: block-wise 4-bit weights in com.microsoft MatMulNBits and GatherBlockQuantized.
+"""Weight-only int4: block-wise 4-bit weights in com.microsoft MatMulNBits and GatherBlockQuantized,
+with 8-bit blocks for the nodes that need them.
 
 A MatMul weight ``W`` (K x N) is cut along K into blocks of ``block_size`` rows per column; each block
 ``b`` of column ``n`` keeps a float scale ``s`` and a zero point ``z`` and 4-bit codes ``q`` in [0, 15]::
@@ -27,12 +28,21 @@ Layout (what onnxruntime's MatMulNBitsQuantizer writes): ``B`` uint8 ``[N, n_blo
 zero points uint8 ``[N, ceil(n_blocks/2)]`` (two blocks a byte, low nibble first, a missing last block
 as 8) or float ``[N * n_blocks]`` (HQQ). Embedding tables (Gather of a constant 2-D table on axis 0)
 become GatherBlockQuantized on int4 (symmetric, ``q - 0``) or uint4 codes, blocks along the hidden axis.
+
+8 bits (``wide``): the same arithmetic with codes in [0, 255] and zero point 128 (symmetric: ``s = m / -128``;
+HQQ's 8-bit blocks are RTN asymmetric: onnxruntime's CPU kernel takes no float zero points at 8 bits);
+MatMulNBits ``bits = 8`` holds one code a byte, ``B`` ``[N, n_blocks, B]``, uint8 zero points ``[N, n_blocks]``
+(byte for byte onnxruntime's ``quantize_matmul_8bits``); GatherBlockQuantized ``bits = 8`` reads uint8 codes
+(no zero points: 128). A weight at 8 bits costs ``1 + 4/B`` bytes (4-bit: ``1/2 + 4/B``; float: 4), so the
+accuracy budget's way back (``excluding``) steps a layer to 8 bits before float: its error drops ~16x
+for a tenth of what float would cost in the file.
 """
 
 from __future__ import annotations
 
 __all__ = ["QuantizeWeightsInt4", "rtn_blocks", "hqq_blocks", "gptq_blocks", "pack_nibbles", "dequantize_blocks"]
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -47,6 +57,10 @@ logger = logging.getLogger(__name__)
 _METHODS = ("rtn", "hqq", "gptq")
 _SUPPORTED = ("MatMul", "Gemm")
 _MS = "com.microsoft"
+_FALLBACKS = ("int8", "float")  # where ``excluding`` sends a 4-bit unit
+# The rounded weights kept for the fallback's reruns, at most (codes, scales, zero points): an LLM's
+# would not fit, and there the reruns round again.
+_MEMO_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------- the arithmetic
@@ -55,28 +69,34 @@ def _half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(x + np.float32(0.5))
 
 
-def _params(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """RTN (scale, zero point) per block of ``blocks`` [..., B], float32."""
+def _levels(bits: int) -> tuple[int, int]:
+    """(largest code, middle code) of ``bits``-bit codes: (15, 8) at 4 bits, (255, 128) at 8."""
+    return 2**bits - 1, 2 ** (bits - 1)
+
+
+def _params(blocks: np.ndarray, symmetric: bool, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """RTN (scale, zero point) per block of ``blocks`` [..., B], float32, for ``bits``-bit codes."""
+    top, mid = _levels(bits)
     blocks = blocks.astype(np.float32)
     if symmetric:
         hi, lo = blocks.max(-1), blocks.min(-1)
         extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-        scale = (extreme / np.float32(-8)).astype(np.float32)
-        return scale, np.full(scale.shape, 8, np.float32)
+        scale = (extreme / np.float32(-mid)).astype(np.float32)
+        return scale, np.full(scale.shape, mid, np.float32)
     lo = np.minimum(blocks.min(-1), 0).astype(np.float32)
     hi = np.maximum(blocks.max(-1), 0).astype(np.float32)
-    scale = ((hi - lo) / np.float32(15)).astype(np.float32)
+    scale = ((hi - lo) / np.float32(top)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        zero = np.where(scale == 0, 8, np.clip(_half_up(-lo / scale), 0, 15)).astype(np.float32)
+        zero = np.where(scale == 0, mid, np.clip(_half_up(-lo / scale), 0, top)).astype(np.float32)
     return scale, zero
 
 
-def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """4-bit codes of ``blocks`` [..., B] for per-block ``scale`` and ``zero`` [...]."""
+def _codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int = 4) -> np.ndarray:
+    """``bits``-bit codes (uint8) of ``blocks`` [..., B] for per-block ``scale`` and ``zero`` [...]."""
     with np.errstate(divide="ignore", invalid="ignore"):
         recip = np.where(scale == 0, 0, np.float32(1) / scale).astype(np.float32)
     x = blocks.astype(np.float32) * recip[..., None] + zero[..., None].astype(np.float32)
-    return np.clip(_half_up(x), 0, 15).astype(np.uint8)
+    return np.clip(_half_up(x), 0, _levels(bits)[0]).astype(np.uint8)
 
 
 def _to_blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
@@ -96,11 +116,12 @@ def _clear_padding(q: np.ndarray, k: int) -> np.ndarray:
     return flat.reshape(q.shape)
 
 
-def rtn_blocks(w: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rtn_blocks(w: np.ndarray, block_size: int, symmetric: bool,
+               bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to nearest: (codes [N, n_blocks, B] uint8, scales [N, n_blocks], zero points [N, n_blocks] float)."""
     blocks, k = _to_blocks(w, block_size)
-    scale, zero = _params(blocks, symmetric)
-    return _clear_padding(_codes(blocks, scale, zero), k), scale, zero
+    scale, zero = _params(blocks, symmetric, bits)
+    return _clear_padding(_codes(blocks, scale, zero, bits), k), scale, zero
 
 
 def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -110,24 +131,25 @@ def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
 
 
 def hqq_blocks(w: np.ndarray, block_size: int, iters: int = 20, p: float = 0.7, beta: float = 10.0,
-               kappa: float = 1.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               kappa: float = 1.01, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HQQ: a float zero point refined by half-quadratic splitting, from two starts (the block's own
     min/max, as the paper; RTN asymmetric's range that holds 0); per block, the iterate (starts
     included) with the smallest squared error is kept."""
+    top, mid = _levels(bits)
     blocks, k = _to_blocks(w, block_size)
     real = np.ones_like(blocks, dtype=bool)
     real.reshape(blocks.shape[0], -1)[:, k:] = False
     lo = np.where(real, blocks, np.inf).min(-1)
     hi = np.where(real, blocks, -np.inf).max(-1)
-    minmax = ((hi - lo) / np.float32(15)).astype(np.float32)
-    starts = [(minmax, np.where(minmax == 0, 8, -lo / np.where(minmax == 0, 1, minmax)).round().astype(np.float32)),
-              _params(blocks, symmetric=False)]
+    minmax = ((hi - lo) / np.float32(top)).astype(np.float32)
+    starts = [(minmax, np.where(minmax == 0, mid, -lo / np.where(minmax == 0, 1, minmax)).round().astype(np.float32)),
+              _params(blocks, symmetric=False, bits=bits)]
     best = None
     for scale, z in starts:
         safe = np.where(scale == 0, 1, scale).astype(np.float32)
 
         def error(z, scale=scale):
-            q = _codes(blocks, scale, z)
+            q = _codes(blocks, scale, z, bits)
             return q, (np.where(real, (q - z[..., None]) * scale[..., None] - blocks, 0) ** 2).sum(-1)
 
         q0, err0 = error(z)
@@ -139,7 +161,7 @@ def hqq_blocks(w: np.ndarray, block_size: int, iters: int = 20, p: float = 0.7, 
                     np.where(better, z, best[2]), np.where(better, err0, best[3])]
         b = beta
         for _ in range(iters):
-            q = np.clip(np.rint(blocks / safe[..., None] + z[..., None]), 0, 15)
+            q = np.clip(np.rint(blocks / safe[..., None] + z[..., None]), 0, top)
             we = _shrink(blocks - (q - z[..., None]) * scale[..., None], b, p)
             z = np.where(scale == 0, z, ((q - (blocks - we) / safe[..., None]) * real).sum(-1) / real.sum(-1)).astype(np.float32)
             b *= kappa
@@ -152,7 +174,7 @@ def hqq_blocks(w: np.ndarray, block_size: int, iters: int = 20, p: float = 0.7, 
 
 
 def gptq_blocks(w: np.ndarray, gram: np.ndarray, block_size: int, symmetric: bool,
-                damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                damp: float = 0.01, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ with the Hessian ``gram`` = X^T X (K x K): rounding with error compensation, block scales
     set from the compensated rows when each block starts."""
     k, n = w.shape
@@ -173,8 +195,8 @@ def gptq_blocks(w: np.ndarray, gram: np.ndarray, block_size: int, symmetric: boo
             end = min(row + block_size, k)
             block = np.zeros((n, block_size), np.float32)
             block[:, : end - row] = work[row:end].T
-            scale[:, b], zero[:, b] = _params(block, symmetric)
-        q = _codes(work[row][:, None].astype(np.float32), scale[:, b], zero[:, b])[:, 0]
+            scale[:, b], zero[:, b] = _params(block, symmetric, bits)
+        q = _codes(work[row][:, None].astype(np.float32), scale[:, b], zero[:, b], bits)[:, 0]
         codes[:, row] = q
         deq = (q.astype(np.float64) - zero[:, b]) * scale[:, b]
         err = (work[row] - deq) / hinv[row, row]
@@ -195,9 +217,17 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0::2] & 15) | ((codes[..., 1::2] & 15) << 4)
 
 
-def _pack_zero_points(zero: np.ndarray) -> np.ndarray:
-    """uint8 zero points [N, n_blocks] as [N, ceil(n_blocks/2)], a missing last block as 8."""
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``bits``-bit codes as MatMulNBits stores them along the last axis: two a byte at 4 bits, one at 8."""
+    return pack_nibbles(codes) if bits == 4 else codes.astype(np.uint8)
+
+
+def _pack_zero_points(zero: np.ndarray, bits: int = 4) -> np.ndarray:
+    """uint8 zero points [N, n_blocks] as MatMulNBits reads them: at 4 bits [N, ceil(n_blocks/2)], a
+    missing last block as 8; at 8 bits [N, n_blocks], one a byte."""
     n, n_blocks = zero.shape
+    if bits == 8:
+        return zero.astype(np.uint8)
     z = np.full((n, n_blocks + n_blocks % 2), 8, np.uint8)
     z[:, :n_blocks] = zero.astype(np.uint8)
     return pack_nibbles(z)
@@ -217,6 +247,9 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
     - with ``embeddings``, a Gather on axis 0 of a constant 2-D float32 table, every reader of which
       is a Gather, whose width is a multiple of ``block_size``, becomes GatherBlockQuantized (RTN);
     - ``accuracy_level`` (0-4) is written on each MatMulNBits when given;
+    - a node that ``wide`` names (op type, name, label or pattern, as ``exclude``) gets 8-bit blocks;
+      ``fallback`` says where the way back (``excluding``) sends a unit: ``"int8"`` (default) to 8
+      bits first, to float only when it is already at 8 bits; ``"float"`` straight to float;
     - a weight read by several nodes is quantized once; the float copy is dropped when nothing else reads it;
     - a model that is already quantized is left as it is, with that reason.
     """
@@ -238,12 +271,16 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         embeddings: bool = True,
         calibration_gram: Mapping[str, np.ndarray] | None = None,
         exclude: Iterable[str] = (),
+        wide: Iterable[str] = (),
+        fallback: str = "int8",
     ) -> None:
         super().__init__()
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16 (onnxruntime's kernels), not {block_size!r}")
         if method not in _METHODS:
             raise ValueError(f"method must be one of {', '.join(_METHODS)}, not {method!r}")
+        if fallback not in _FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(_FALLBACKS)}, not {fallback!r}")
         if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4 (MatMulNBits), not {accuracy_level!r}")
         op_types = tuple(op_types)
@@ -258,6 +295,27 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         self.embeddings = embeddings
         self.calibration_gram = None if calibration_gram is None else dict(calibration_gram)
         self.exclude = tuple(exclude)
+        self.wide = tuple(wide)
+        self.fallback = fallback
+        self.stepped: tuple[str, ...] = ()  # the units of ``wide`` that ``excluding`` put there
+        self._memo: dict[tuple, tuple] = {}  # shared by the copies ``excluding`` makes: a weight is rounded once
+
+    def excluding(self, units) -> QuantizeWeightsInt4:
+        """The way back one step: with ``fallback = "int8"`` a unit at 4 bits goes to 8 bits (``wide``)
+        and only a unit already at 8 bits to float (``exclude``); with ``"float"`` every unit goes to float."""
+        units = list(units)
+        if self.fallback == "float":
+            return super().excluding(units)
+        up = [u for u in units if self.undo_step(u) == "8 bits"]
+        new = super().excluding([u for u in units if u not in up])
+        new.wide = (*self.wide, *[u for u in up if u not in self.wide])
+        new.stepped = (*self.stepped, *[u for u in up if u not in self.stepped])
+        return new
+
+    def undo_step(self, unit: str) -> str:
+        """What ``excluding([unit])`` makes of ``unit``: "8 bits" or "float"."""
+        at_8 = self.details.get("bits", {}).get(unit) == 8 or unit in self.wide
+        return "8 bits" if self.fallback == "int8" and not at_8 else "float"
 
     def gram_needs(self, model: ir.Model) -> dict[str, str]:
         """For GPTQ: weight name -> the activation whose X^T X (over all rows) the pass needs."""
@@ -311,8 +369,8 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
     # ------------------------------------------------------------------ rewrite
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.details = {"method": self.method, "block_size": self.block_size, "symmetric": self.symmetric,
-                        "accuracy_level": self.accuracy_level, "quantized": [], "embeddings": [], "left": {},
-                        "weights": {}}
+                        "accuracy_level": self.accuracy_level, "fallback": self.fallback, "quantized": [],
+                        "embeddings": [], "left": {}, "weights": {}, "bits": {}, "wide": {}}
         marks = already_quantized(model, weight_only=True)
         if marks:
             self.summary = f"already quantized ({marks[0]}, ...): nothing done"
@@ -337,7 +395,7 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
                     quiet = why == "excluded" or why.startswith(("weight B is not", "op type"))
                     (logger.info if quiet else logger.warning)("quantize-int4: %s stays float: %s", label, why)
                     continue
-                self._rewrite_matmul(graph, node, label, names, done)
+                self._rewrite_matmul(graph, node, label, names, done, self._bits(node, label))
                 self.details["quantized"].append(label)
             elif node.op_type == "Gather" and self.embeddings:
                 why = self._gather_refusal(node)
@@ -347,63 +405,88 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
                     self.details["left"][label] = why
                     logger.warning("quantize-int4: embedding %s stays float: %s", label, why)
                     continue
-                self._rewrite_gather(graph, node, label, names, tables)
+                self._rewrite_gather(graph, node, label, names, tables, self._bits(node, label))
                 self.details["embeddings"].append(label)
         count = len(self.details["quantized"]) + len(self.details["embeddings"])
         if count:
             model.opset_imports.setdefault(_MS, 1)
             graph.sort()
-        before = sum(r["bytes_before"] for r in self.details["weights"].values())
-        after = sum(r["bytes_after"] for r in self.details["weights"].values())
+        weights = self.details["weights"].values()
+        before = sum(r["bytes_before"] for r in weights)
+        after = sum(r["bytes_after"] for r in weights)
+        count = sum(r["bytes_before"] // 4 for r in weights)
+        wide = [r for r in weights if r["bits"] == 8]
+        self.details["bytes_per_weight"] = after / count if count else None
         self.summary = (
             f"int4 {self.method} (block {self.block_size}, {'symmetric' if self.symmetric and self.method != 'hqq' else 'asymmetric'}): "
             f"{len(self.details['quantized'])} of {total} MatMul/Gemm as MatMulNBits, "
-            f"{len(self.details['embeddings'])} embedding tables as GatherBlockQuantized; weights {before:,} -> {after:,} bytes"
+            f"{len(self.details['embeddings'])} embedding tables as GatherBlockQuantized; "
+            f"{len(wide)} of {len(self.details['weights'])} weights at 8 bits; weights {before:,} -> {after:,} bytes"
+            + (f" ({after / count:.3f} bytes a weight)" if count else "")
         )
-        return ir.passes.PassResult(model, modified=bool(count))
+        return ir.passes.PassResult(model, modified=bool(len(self.details["quantized"]) + len(self.details["embeddings"])))
 
-    def _quantize(self, w: np.ndarray, name: str):
-        """(codes, scales, zero points, float zero points?) of one weight, by the configured method."""
-        if self.method == "hqq":
-            return (*hqq_blocks(w, self.block_size), True)
-        if self.method == "gptq":
-            gram = (self.calibration_gram or {}).get(name)
-            if gram is not None and np.shape(gram) == (w.shape[0], w.shape[0]):
-                return (*gptq_blocks(w, gram, self.block_size, self.symmetric), False)
+    def _bits(self, node: ir.Node, label: str) -> int:
+        """8 for a node that ``wide`` names (recorded with why), else 4."""
+        if not any(_matches(p, node) for p in self.wide):
+            self.details["bits"][label] = 4
+            return 4
+        self.details["bits"][label] = 8
+        self.details["wide"][label] = ("the accuracy budget's fallback stepped it up from 4 bits" if label in self.stepped
+                                       else "named in wide")
+        return 8
+
+    def _quantize(self, w: np.ndarray, name: str, bits: int):
+        """(codes, scales, zero points, float zero points?) of one weight, by the configured method; a
+        weight met before with the same content and bits (an earlier run of this pass or of a copy that
+        ``excluding`` made) is not rounded again."""
+        gram = (self.calibration_gram or {}).get(name) if self.method == "gptq" else None
+        with_gram = gram is not None and np.shape(gram) == (w.shape[0], w.shape[0])
+        key = (name, bits, w.shape, hashlib.blake2b(w.tobytes(), digest_size=16).digest(), with_gram and id(gram))
+        if key not in self._memo:
+            if self.method == "hqq" and bits == 4:
+                found = (*hqq_blocks(w, self.block_size, bits=bits), True)
+            elif self.method == "hqq":  # onnxruntime's CPU kernel refuses float zero points at 8 bits
+                found = (*rtn_blocks(w, self.block_size, False, bits), False)
+            elif with_gram:
+                found = (*gptq_blocks(w, gram, self.block_size, self.symmetric, bits=bits), False)
+            else:
+                found = (*rtn_blocks(w, self.block_size, self.symmetric, bits), False)
+            if sum(a.nbytes for found in self._memo.values() for a in found[:3]) < _MEMO_BYTES:
+                self._memo[key] = found
+            return found
+        if self.method == "gptq" and not with_gram:
             logger.warning("quantize-int4: no calibration gram for %s: rounded to nearest", name)
             self.details.setdefault("gptq_without_gram", []).append(name)
-        return (*rtn_blocks(w, self.block_size, self.symmetric), False)
+        return self._memo[key]
 
-    def _rewrite_matmul(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope, done: dict) -> None:
+    def _rewrite_matmul(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope, done: dict,
+                        bits: int) -> None:
         b = node.inputs[1]
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
-        key = (id(b), transposed)
+        key = (id(b), transposed, bits)
         if key not in done:
             w = constant_array(b)
             w = np.ascontiguousarray(w.T if transposed else w).astype(np.float32)
-            codes, scale, zero, float_zero = self._quantize(w, b.name or label)
+            codes, scale, zero, float_zero = self._quantize(w, b.name or label, bits)
             base = b.name or label
-            packed = _const(graph, names, f"{base}_Q4", pack_nibbles(codes))
+            packed = _const(graph, names, f"{base}_Q{bits}", pack_codes(codes, bits))
             scales = _const(graph, names, f"{base}_scales", scale.astype(np.float32))
             zp = None
             if float_zero:
                 zp = _const(graph, names, f"{base}_zero_points", zero.reshape(-1).astype(np.float32))
-            elif not self.symmetric:
-                zp = _const(graph, names, f"{base}_zero_points", _pack_zero_points(zero))
+            elif not self.symmetric or self.method == "hqq":
+                zp = _const(graph, names, f"{base}_zero_points", _pack_zero_points(zero, bits))
             done[key] = (packed, scales, zp, w.shape)
             k, n = w.shape
-            err = dequantize_blocks(codes, scale, zero, k) - w
-            self.details["weights"][base] = {
-                "shape": [k, n], "bytes_before": int(w.nbytes),
-                "bytes_after": int(packed.const_value.nbytes + scales.const_value.nbytes + (zp.const_value.nbytes if zp is not None else 0)),
-                "relative_error": float(np.linalg.norm(err) / (np.linalg.norm(w) or 1.0)),
-            }
+            self._record(base if (id(b), transposed, 12 - bits) not in done else f"{base} ({bits} bits)", w,
+                         dequantize_blocks(codes, scale, zero, k), bits, [packed, scales, zp])
         packed, scales, zp, (k, n) = done[key]
-        attributes = {"K": k, "N": n, "bits": 4, "block_size": self.block_size}
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": self.block_size}
         if self.accuracy_level is not None:
             attributes["accuracy_level"] = self.accuracy_level
         inputs = [node.inputs[0], packed, scales] + ([zp] if zp is not None else [])
-        mm = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_MS, name=names.fresh(f"{label}_Q4"))
+        mm = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_MS, name=names.fresh(f"{label}_Q{bits}"))
         mm.outputs[0].name = names.fresh(f"{mm.name}_output")
         mm.outputs[0].dtype = ir.DataType.FLOAT
         new_nodes, last = [mm], mm
@@ -419,40 +502,60 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [last.outputs[0]])
         for value in old:
             drop_if_unused(graph, value)
-        logger.info("quantize-int4: %s runs as MatMulNBits (K=%d, N=%d)", label, k, n)
+        logger.info("quantize-int4: %s runs as MatMulNBits (K=%d, N=%d, %d bits)", label, k, n, bits)
 
-    def _rewrite_gather(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope, tables: dict) -> None:
+    def _record(self, base: str, w: np.ndarray, approx: np.ndarray, bits: int, stored: list) -> None:
+        """``details["weights"][base]``: shape, bits, bytes before and after, bytes a weight, relative error."""
+        after = sum(_stored_bytes(v) for v in stored if v is not None)
+        self.details["weights"][base] = {
+            "shape": list(w.shape), "bits": bits, "bytes_before": int(w.nbytes), "bytes_after": after,
+            "bytes_per_weight": after / w.size,
+            "relative_error": float(np.linalg.norm(approx - w) / (np.linalg.norm(w) or 1.0)),
+        }
+
+    def _rewrite_gather(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope, tables: dict,
+                        bits: int) -> None:
         table = node.inputs[0]
-        if id(table) not in tables:
+        key = (id(table), bits)
+        if key not in tables:
             t = constant_array(table).astype(np.float32)
             rows, width = t.shape
             blocks = t.reshape(rows, width // self.block_size, self.block_size)
-            scale, zero = _params(blocks, self.symmetric)
-            codes = _codes(blocks, scale, zero).reshape(rows, width)
+            scale, zero = _params(blocks, self.symmetric, bits)
+            codes = _codes(blocks, scale, zero, bits).reshape(rows, width)
             base = table.name or label
-            if self.symmetric:  # int4 codes q - 8 (two's complement nibbles), zero point 0
+            zp = None
+            if bits == 8:  # uint8 codes, one a byte; without zero points onnxruntime takes 128
+                data = _const(graph, names, f"{base}_Q8", codes)
+                if not self.symmetric:
+                    zp = _const(graph, names, f"{base}_zero_points", zero.astype(np.uint8))
+            elif self.symmetric:  # int4 codes q - 8 (two's complement nibbles), zero point 0
                 data = _packed(graph, names, f"{base}_Q4", (codes.astype(np.int8) - 8).astype(np.uint8), ir.DataType.INT4)
-                zp = None
             else:
                 data = _packed(graph, names, f"{base}_Q4", codes, ir.DataType.UINT4)
                 zp = _packed(graph, names, f"{base}_zero_points", zero.astype(np.uint8), ir.DataType.UINT4)
             scales = _const(graph, names, f"{base}_scales", scale.astype(np.float32))
-            tables[id(table)] = (data, scales, zp)
-            err = (codes.reshape(blocks.shape).astype(np.float32) - zero[..., None]) * scale[..., None] - blocks
-            self.details["weights"][base] = {
-                "shape": [rows, width], "bytes_before": int(t.nbytes),
-                "bytes_after": int(t.size // 2 + scale.nbytes + (scale.size // 2 if zp is not None else 0)),
-                "relative_error": float(np.linalg.norm(err) / (np.linalg.norm(t) or 1.0)),
-            }
-        data, scales, zp = tables[id(table)]
+            tables[key] = (data, scales, zp)
+            approx = (codes.reshape(blocks.shape).astype(np.float32) - zero[..., None]) * scale[..., None]
+            self._record(base if (id(table), 12 - bits) not in tables else f"{base} ({bits} bits)", t,
+                         approx.reshape(rows, width), bits, [data, scales, zp])
+        data, scales, zp = tables[key]
         inputs = [data, node.inputs[1], scales] + ([zp] if zp is not None else [])
-        gq = ir.node("GatherBlockQuantized", inputs, domain=_MS, name=names.fresh(f"{label}_Q4"),
-                     attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size})
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size}
+        if bits == 8:
+            attributes["bits"] = 8
+        gq = ir.node("GatherBlockQuantized", inputs, domain=_MS, name=names.fresh(f"{label}_Q{bits}"), attributes=attributes)
         gq.outputs[0].name = names.fresh(f"{gq.name}_output")
         gq.outputs[0].dtype = ir.DataType.FLOAT
         ir.convenience.replace_nodes_and_values(graph, node, [node], [gq], [node.outputs[0]], [gq.outputs[0]])
         drop_if_unused(graph, table)
-        logger.info("quantize-int4: embedding %s runs as GatherBlockQuantized", label)
+        logger.info("quantize-int4: embedding %s runs as GatherBlockQuantized (%d bits)", label, bits)
+
+
+def _stored_bytes(value: ir.Value) -> int:
+    """Bytes of an initializer's data as the file holds it (4-bit tensors two a byte)."""
+    tensor = value.const_value
+    return int(-(-tensor.size * tensor.dtype.bitwidth // 8))
 
 
 def _const(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
