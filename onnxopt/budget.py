@@ -40,6 +40,7 @@ MAX_ROUNDS = 8
 STALL_ROUNDS = 2
 STALL_GAIN = 0.1
 SPREAD_DB = 1.0  # no unit losing more than this at its own output: the error is spread over many
+_FINAL = ("as it was", "float")  # undo steps after which a unit is out of the lossy pass
 
 
 def _differs(o) -> bool:
@@ -208,7 +209,9 @@ def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *
 
 class LossyFallback:
     """Judge a model made by lossy passes against the budget and, while it misses, undo the most
-    harmful units of those passes (see the module docstring). ``start`` is the model before the
+    harmful units of those passes (see the module docstring); a pass with ``undo_step`` undoes a unit
+    in steps (int4 -> 8 bits -> float), each step a round's undoing, recorded in ``kept[i]["to"]``; a
+    round takes partial steps only, while any unit has one left. ``start`` is the model before the
     first lossy pass; ``passes`` the lossy passes in order (each with ``units`` and ``excluding``)."""
 
     def __init__(self, start: ir.Model, passes: list, original: ModelSnapshot, data: Dataset, *,
@@ -237,9 +240,14 @@ class LossyFallback:
                 self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),
                                                   first_figure=first_figure, figure=figure, top_harm_db=candidates[0][0])
                 break
-            take = candidates[: 2 ** (round_ - 1)]
+            # Partial steps (int4 -> 8 bits) first: a round sends nothing to float while a unit can
+            # still step. The harm ranks an 8-bit layer that reads exact inputs (counted 60 dB) above
+            # a 4-bit layer deep in the model, though it adds far less noise.
+            partial = [(h, u) for h, u in candidates if self._step(u) not in _FINAL]
+            take = (partial or candidates)[: 2 ** (round_ - 1)]
             for h, unit in take:
-                self.details["kept"].append({"unit": unit, "round": round_, "harm_db": round(h, 2), "figure": figure})
+                self.details["kept"].append({"unit": unit, "round": round_, "harm_db": round(h, 2), "figure": figure,
+                                             "to": self._step(unit)})
             units = {u for _, u in take}
             self.passes = [p.excluding([u for u in p.units if u in units]) if p in lossy_units(self.passes) else p
                            for p in self.passes]
@@ -252,6 +260,14 @@ class LossyFallback:
                                               first_figure=first_figure, figure=figure)
         self.details.update(met=met, figure=figure)
         return model, self.passes, met, figure
+
+    def _step(self, unit: str) -> str:
+        """Where undoing ``unit`` takes it: a pass's ``undo_step`` (weight-only int4: "8 bits" before
+        "float"), else "as it was"."""
+        for p in lossy_units(self.passes):
+            if unit in p.units:
+                return p.undo_step(unit) if hasattr(p, "undo_step") else "as it was"
+        return "as it was"
 
     def _apply(self) -> ir.Model:
         working = self.start.clone()

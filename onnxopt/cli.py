@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--quantize int4: round to nearest, HQQ, or GPTQ (needs --calibration or --data)")
     parser.add_argument("--int4-asymmetric", dest="int4_symmetric", action="store_false", help="--quantize int4: zero points per block")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), help="--quantize int4: MatMulNBits accuracy_level")
+    parser.add_argument("--int4-fallback", default="int8", choices=("int8", "float"),
+                        help="--quantize int4 with a budget (--min-cosine, --max-drop): a layer that misses goes to 8-bit "
+                             "blocks first and to float only if it still harms (int8, default), or to float at once")
     parser.add_argument("--preset", choices=("deep-compression",),
                         help="deep-compression: prune, sparsify, distill, cluster, distill over a small grid of settings "
                              "(needs --train-data and labelled --eval); the smallest storage within --max-drop wins")

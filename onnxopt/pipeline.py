@@ -348,10 +348,7 @@ def _optimize(
             record.summary = getattr(p, "summary", "") or record.summary
             record.details = dict(getattr(p, "details", {}) or {})
             record.after = model_stats(working, dims=stat_dims) if p is rerun[-1] else record.after
-        if fallback.details["kept"]:
-            report.notes.append(f"budget: kept {plural(len(fallback.details['kept']), 'layer')} as they were: "
-                                f"{', '.join(k['unit'] for k in fallback.details['kept'][:6])}"
-                                f"{' …' if len(fallback.details['kept']) > 6 else ''} ({fallback.details['figure']})")
+        report.notes += _fallback_notes(fallback.details)
         if fallback.details.get("stuck"):
             report.notes.append(f"budget: {fallback.details['stuck']}")
     if distill:  # the lossy passes' cost, won back from the input model as teacher
@@ -427,6 +424,18 @@ def _optimize(
     if progress:
         progress("done", 1, 1)
     return OptimizeResult(working, report, source, declared)
+
+
+def _fallback_notes(details: dict) -> list[str]:
+    """The budget's way back in the report: the layers kept as they were (or float), and those only
+    stepped to 8 bits (weight-only int4), a note each, with the figure the fallback ended on."""
+    notes = []
+    for label, kept in (("kept {} as they were", [k for k in details["kept"] if k.get("to", "as it was") != "8 bits"]),
+                        ("stepped {} to 8 bits", [k for k in details["kept"] if k.get("to") == "8 bits"])):
+        if kept:
+            notes.append(f"budget: {label.format(plural(len(kept), 'layer'))}: {', '.join(k['unit'] for k in kept[:6])}"
+                         f"{' …' if len(kept) > 6 else ''} ({details['figure']})")
+    return notes
 
 
 def _precision_step(working: ir.Model, precision: str, dataset: Dataset | None, providers, min_cosine: float | None,

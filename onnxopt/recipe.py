@@ -57,7 +57,7 @@ DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
 QUANTIZE_PRESET = ("simplify", "fold-bn", "share-init", "quantize")
 # Options of the compression family's passes: each adds its pass (after the others) when given.
 DISTILL_OPTIONS = ("train_data", "epochs", "steps", "temperature", "alpha", "lr", "seed", "distill_features", "feature_weight")
-_INT4_OPTIONS = ("int4_block_size", "int4_method", "int4_symmetric", "accuracy_level")
+_INT4_OPTIONS = ("int4_block_size", "int4_method", "int4_symmetric", "accuracy_level", "int4_fallback")
 QUANTIZE_MODES = ("int8", "int8-dynamic", "int4", "auto")  # auto: onnxopt.auto_quantize
 _FAMILY_OPTIONS = ("cluster_bits", "cluster_per_channel", "sparsity", "sparsity_pattern", "lowrank_energy", "lowrank_ratio")
 _QUANTIZE_OPTIONS = ("activations", "per_tensor", "bias_correction", "exclude", "calibrate", "percentile", "target",
@@ -143,6 +143,7 @@ class Recipe:
     int4_method: str = "rtn"
     int4_symmetric: bool = True
     accuracy_level: int | None = None
+    int4_fallback: str = "int8"  # the budget's way back for a 4-bit layer: 8 bits first, or float at once
     # half precision, after the other passes: "fp16" or "bf16" (float32 islands chosen by measurement)
     precision: str | None = None
     # knowledge distillation from the input model, after the lossy passes
@@ -229,9 +230,12 @@ class Recipe:
             raise OptionError(f"--int4-method {self.int4_method!r}: not one of rtn, hqq, gptq")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OptionError(f"--accuracy-level {self.accuracy_level!r}: not one of 0, 1, 2, 3, 4")
+        if self.int4_fallback not in ("int8", "float"):
+            raise OptionError(f"--int4-fallback {self.int4_fallback!r}: not one of int8, float")
         default = Recipe()
         if self.quantize != "int4" and any(getattr(self, n) != getattr(default, n) for n in _INT4_OPTIONS):
-            raise OptionError("--int4-block-size, --int4-method, --int4-asymmetric and --accuracy-level apply to --quantize int4")
+            raise OptionError("--int4-block-size, --int4-method, --int4-asymmetric, --int4-fallback and --accuracy-level "
+                              "apply to --quantize int4")
         if self.quantize == "int4" and self.int4_method == "gptq" and self.calibration is None and self.data is None:
             raise OptionError("--int4-method gptq needs --calibration (or --data): its X^T X per weight input comes "
                               "from running the model on samples")
@@ -351,7 +355,8 @@ class Recipe:
 
     def _int4_pass(self) -> QuantizeWeightsInt4:
         return QuantizeWeightsInt4(block_size=self.int4_block_size, symmetric=self.int4_symmetric, method=self.int4_method,
-                                   accuracy_level=self.accuracy_level, exclude=tuple(self.exclude))
+                                   accuracy_level=self.accuracy_level, exclude=tuple(self.exclude),
+                                   fallback=self.int4_fallback)
 
     def _cluster_pass(self) -> ClusterWeights:
         return ClusterWeights(bits=4 if self.cluster_bits is None else self.cluster_bits, per_channel=self.cluster_per_channel)

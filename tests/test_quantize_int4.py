@@ -23,21 +23,22 @@ def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
     return {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_packed_bytes_identical_to_onnxruntime(symmetric):
+def test_packed_bytes_identical_to_onnxruntime(symmetric, bits):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     rng = np.random.default_rng(3)
     w = (rng.standard_t(3, (80, 48)) * 0.05).astype(np.float32)  # K = 80: a padded last block
     w[:32, 0] = np.linspace(-8, 7, 32) / 8 * 0.05 + 0.0  # one block on a regular grid
     theirs = MatMulNBitsQuantizer(ir.to_proto(single_matmul(w)), algo_config=DefaultWeightOnlyQuantConfig(
-        block_size=32, is_symmetric=symmetric))
+        block_size=32, is_symmetric=symmetric, bits=bits))
     theirs.process()
     ref = {t.name: onnx.numpy_helper.to_array(t) for t in theirs.model.model.graph.initializer}
     model = single_matmul(w)
-    QuantizeWeightsInt4(block_size=32, symmetric=symmetric)(model)
+    QuantizeWeightsInt4(block_size=32, symmetric=symmetric, wide=["MatMul"] if bits == 8 else ())(model)
     mine = _initializers(model)
-    for suffix in ("_Q4", "_scales", *(() if symmetric else ("_zero_points",))):
+    for suffix in (f"_Q{bits}", "_scales", *(() if symmetric else ("_zero_points",))):
         assert mine["W" + suffix].dtype == ref["W" + suffix].dtype
         assert mine["W" + suffix].shape == ref["W" + suffix].shape
         assert mine["W" + suffix].tobytes() == ref["W" + suffix].tobytes(), suffix
