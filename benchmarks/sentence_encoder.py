@@ -179,7 +179,7 @@ def _build(kind: str, options: dict, src: str, out: str, calib: str, evaluation:
                      latency=False, latency_budget=3.0, **options)
         r.save(out)
         info["ok"] = r.ok
-        info["notes"] = r.report.notes[:4]
+        info["notes"] = r.report.notes[:4] + [n for n in r.report.notes[4:] if n.startswith("budget")]
         for p in r.report.passes:
             if "auto" in p.details:
                 a = p.details["auto"]

@@ -312,6 +312,12 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         new.stepped = (*self.stepped, *[u for u in up if u not in self.stepped])
         return new
 
+    def isolating(self, units) -> QuantizeWeightsInt4:
+        """The same pass rewriting only ``units`` of its last run (each at the bits it had), every
+        other one left float: the budget measures what one unit alone does to the outputs."""
+        keep = set(units)
+        return LossyNodes.excluding(self, [u for u in self.units if u not in keep])
+
     def undo_step(self, unit: str) -> str:
         """What ``excluding([unit])`` makes of ``unit``: "8 bits" or "float"."""
         at_8 = self.details.get("bits", {}).get(unit) == 8 or unit in self.wide

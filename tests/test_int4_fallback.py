@@ -92,6 +92,18 @@ def test_excluding_steps_4_then_8_then_float():
         QuantizeWeightsInt4(fallback="int16")
 
 
+def test_isolating_rewrites_only_that_unit_at_its_bits():
+    p = QuantizeWeightsInt4().excluding(["MatMul(k)"])  # MatMul(k) at 8 bits
+    p(tiny_transformer())
+    alone = p.isolating(["MatMul(k)"])
+    model = tiny_transformer()
+    alone(model)
+    assert alone.units == ["MatMul(k)"] and alone.details["bits"] == {"MatMul(k)": 8}
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == 1
+    nothing = p.isolating([])
+    assert not nothing(tiny_transformer()).modified
+
+
 def test_8bit_embedding_table_within_its_scales():
     feeds = token_feeds()
     table = next(v for v in tiny_transformer().graph.initializers.values() if v.name == "E").const_value.numpy()
