@@ -318,6 +318,17 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         keep = set(units)
         return LossyNodes.excluding(self, [u for u in self.units if u not in keep])
 
+    def undo_cost(self, unit: str) -> float | None:
+        """Bytes the file grows by when ``excluding([unit])`` takes its next step (None: not known):
+        to 8 bits, half a byte a weight; to float, 4 bytes less what it holds now."""
+        size = self.details.get("sizes", {}).get(unit)
+        if size is None:
+            return None
+        if self.undo_step(unit) == "8 bits":
+            return size / 2
+        held = (1 if self.details["bits"].get(unit) == 8 else 0.5) + 4 / self.block_size
+        return size * (4 - held)
+
     def undo_step(self, unit: str) -> str:
         """What ``excluding([unit])`` makes of ``unit``: "8 bits" or "float"."""
         at_8 = self.details.get("bits", {}).get(unit) == 8 or unit in self.wide
@@ -376,7 +387,7 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.details = {"method": self.method, "block_size": self.block_size, "symmetric": self.symmetric,
                         "accuracy_level": self.accuracy_level, "fallback": self.fallback, "quantized": [],
-                        "embeddings": [], "left": {}, "weights": {}, "bits": {}, "wide": {}}
+                        "embeddings": [], "left": {}, "weights": {}, "bits": {}, "wide": {}, "sizes": {}}
         marks = already_quantized(model, weight_only=True)
         if marks:
             self.summary = f"already quantized ({marks[0]}, ...): nothing done"
@@ -409,7 +420,8 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
                     continue
                 if why is not None:
                     self.details["left"][label] = why
-                    logger.warning("quantize-int4: embedding %s stays float: %s", label, why)
+                    (logger.info if why == "excluded" else logger.warning)("quantize-int4: embedding %s stays float: %s",
+                                                                           label, why)
                     continue
                 self._rewrite_gather(graph, node, label, names, tables, self._bits(node, label))
                 self.details["embeddings"].append(label)
@@ -488,6 +500,7 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
             self._record(base if (id(b), transposed, 12 - bits) not in done else f"{base} ({bits} bits)", w,
                          dequantize_blocks(codes, scale, zero, k), bits, [packed, scales, zp])
         packed, scales, zp, (k, n) = done[key]
+        self.details["sizes"][label] = k * n
         attributes = {"K": k, "N": n, "bits": bits, "block_size": self.block_size}
         if self.accuracy_level is not None:
             attributes["accuracy_level"] = self.accuracy_level
@@ -546,6 +559,7 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
             self._record(base if (id(table), 12 - bits) not in tables else f"{base} ({bits} bits)", t,
                          approx.reshape(rows, width), bits, [data, scales, zp])
         data, scales, zp = tables[key]
+        self.details["sizes"][label] = int(np.prod(data.shape))
         inputs = [data, node.inputs[1], scales] + ([zp] if zp is not None else [])
         attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size}
         if bits == 8:
