@@ -243,25 +243,50 @@ class LossyFallback:
                                                   first_figure=first_figure, figure=figure, top_harm_db=max(h for h, _ in candidates))
                 break
             # Partial steps (int4 -> 8 bits) first: a round sends nothing to float while a unit can
-            # still step. The harm ranks an 8-bit layer that reads exact inputs (counted 60 dB) above
-            # a 4-bit layer deep in the model, though it adds far less noise.
+            # still step (8 bits removes most of a layer's error for a tenth of float's bytes).
             partial = [(h, u) for h, u in candidates if self._step(u) not in _FINAL]
             take = (partial or candidates)[: 2 ** (round_ - 1)]
             for h, unit in take:
                 self.details["kept"].append({"unit": unit, "round": round_, "harm_db": round(h, 2), "figure": figure,
                                              "to": self._step(unit)})
             units = {u for _, u in take}
-            self.passes = [p.excluding([u for u in p.units if u in units]) if p in lossy_units(self.passes) else p
-                           for p in self.passes]
+            before = self.passes
+            self.passes = _undoing(self.passes, units)
             model = self._apply()
             met, figure = self._judge(model)
             convergence.add(shortfall(self.last, self.max_drop, self.min_cosine), len(self.details["kept"]))
             self.details["rounds"].append({"round": round_, "undone": sorted(units), "met": met, "figure": figure})
+        lossy = lossy_units(self.passes)
+        if met and self.details["rounds"] and len(take) > 1 and all(hasattr(p, "undo_cost") for p in lossy):
+            model, figure = self._trim(before, [u for _, u in take], model, figure)
         if not met and "stuck" not in self.details and self.details["kept"]:  # every round used
             self.details["stuck"] = why_stuck(self.last, self.max_drop, self.min_cosine, kept=len(self.details["kept"]),
                                               first_figure=first_figure, figure=figure)
         self.details.update(met=met, figure=figure)
         return model, self.passes, met, figure
+
+    def _trim(self, before: list, take: list[str], model: ir.Model, figure: str) -> tuple[ir.Model, str]:
+        """The fewest of the last round's steps (in its order) that still meet the budget, by bisection:
+        rounds double, so the last one may take twice what the budget needs, and where a pass prices
+        its steps (``undo_cost``: bytes) those are bytes the file need not carry."""
+        lo, hi, best = 0, len(take), (model, self.passes, figure, self.last)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            self.passes = _undoing(before, set(take[:mid]))
+            candidate = self._apply()
+            met, got = self._judge(candidate)
+            self.details["rounds"].append({"round": "trim", "undone": sorted(take[:mid]), "met": met, "figure": got})
+            if met:
+                hi, best = mid, (candidate, self.passes, got, self.last)
+            else:
+                lo = mid
+        model, self.passes, figure, self.last = best
+        dropped = set(take[hi:])
+        last = self.details["kept"][-1]["round"]
+        self.details["kept"] = [k for k in self.details["kept"] if not (k["round"] == last and k["unit"] in dropped)]
+        if dropped:
+            self.details["trimmed"] = sorted(dropped)
+        return model, figure
 
     def _step(self, unit: str) -> str:
         """Where undoing ``unit`` takes it: a pass's ``undo_step`` (weight-only int4: "8 bits" before
@@ -374,6 +399,12 @@ class LossyFallback:
         finally:
             snapshot.close()
         return out
+
+
+def _undoing(passes: list, units: set[str]) -> list:
+    """``passes`` with the lossy ones undoing ``units`` one step each (``excluding``)."""
+    lossy = lossy_units(passes)
+    return [p.excluding([u for u in p.units if u in units]) if p in lossy else p for p in passes]
 
 
 def lossy_units(passes: Sequence) -> list:

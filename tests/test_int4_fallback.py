@@ -145,6 +145,18 @@ def test_budget_fallback_ends_at_8_bits_smaller_than_float_fallback(tmp_path):
     assert not float_record.details["wide"]
 
 
+def test_budget_fallback_trims_its_last_round_to_a_mix_of_4_and_8_bits():
+    # min cosine 0.99: rounds of 1, 2, 4 steps would put all 7 layers at 8 bits; the last round's steps
+    # are trimmed (bisection) to the fewest that still meet it.
+    r = onnxopt.optimize(tiny_transformer(), quantize="int4", data=token_feeds(batch=8, seq=16), min_cosine=0.99,
+                         latency=False)
+    assert r.ok
+    record = next(p for p in r.report.passes if p.name == "quantize-int4")
+    bits = record.details["bits"]
+    assert 8 in bits.values() and 4 in bits.values(), bits
+    assert f"{sum(b == 8 for b in bits.values())} of 7 weights at 8 bits" in record.summary
+
+
 def test_int4_fallback_option_round_trips_and_is_checked(tmp_path):
     recipe = Recipe(quantize="int4", int4_fallback="float")
     assert "int4_fallback = \"float\"" in recipe.to_toml()
