@@ -52,6 +52,16 @@ class LossyLayers:
     # at the pass's one setting; ``AUTO``: to be chosen from data before the pass runs.
     per_layer: dict | str | None = None
 
+    LEVEL_FIELD: str = ""  # the attribute that holds the pass's one setting: "sparsity", "bits", "energy"
+
+    def uniform(self, level) -> LossyLayers:
+        """The same pass with every layer at ``level`` (no ``per_layer``)."""
+        new = copy.copy(self)
+        new.per_layer = None
+        setattr(new, self.LEVEL_FIELD, level)
+        new.details, new.summary = {}, ""
+        return new
+
     def at_levels(self, per_layer) -> LossyLayers:
         """The same pass rewriting exactly the units ``per_layer`` names, each at its level."""
         new = copy.copy(self)

@@ -118,6 +118,7 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
     """
 
     name = "cluster"
+    LEVEL_FIELD = "bits"
     LEVELS = (8, 6, 5, 4, 3, 2, 1)
 
     @property

@@ -110,6 +110,7 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
     """
 
     name = "lowrank"
+    LEVEL_FIELD = "energy"
     LEVELS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 
     @property
@@ -141,6 +142,11 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         if isinstance(per_layer, dict) and not all(0.0 < e <= 1.0 for e in per_layer.values()):
             raise ValueError(f"per_layer energy must be in (0, 1], got {per_layer}")
         self.per_layer = dict(per_layer) if isinstance(per_layer, dict) else per_layer
+
+    def uniform(self, level) -> LowRankFactorize:
+        new = super().uniform(level)
+        new.ratio = None
+        return new
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._check_levels()
@@ -241,7 +247,7 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         rows = _static(node.outputs[0].shape)
         unit = "model" if rows else "per output row"
         rows = _prod(rows[:-1]) if rows else 1
-        return {"op": node.op_type, "form": "two " + node.op_type, **info,
+        return {"op": node.op_type, "form": "two " + node.op_type, **info, "nodes": [hidden.producer().name, node.name],
                 "params_before": n_in * n_out, "params_after": r * (n_in + n_out),
                 "bytes_before": n_in * n_out * dtype.itemsize, "bytes_after": r * (n_in + n_out) * dtype.itemsize,
                 "macs_before": rows * n_in * n_out, "macs_after": rows * r * (n_in + n_out), "macs_unit": unit}
@@ -299,7 +305,7 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         if macs is None:  # spatial sizes unknown: MACs per output position (the k x 1 conv counted at its own)
             positions = None
             macs = cost
-        return {"op": "Conv", "form": form, **info, "params_before": int(w.size), "params_after": int(cost),
+        return {"op": "Conv", "form": form, **info, "nodes": [hidden.producer().name, node.name], "params_before": int(w.size), "params_after": int(cost),
                 "bytes_before": int(w.nbytes), "bytes_after": int(cost) * w.dtype.itemsize,
                 "macs_before": (positions or 1) * int(w.size), "macs_after": macs,
                 "macs_unit": "model" if positions else "per output position"}

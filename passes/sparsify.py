@@ -91,6 +91,7 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
     """
 
     name = "sparsify"
+    LEVEL_FIELD = "sparsity"
     LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
     @property
