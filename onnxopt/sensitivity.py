@@ -280,9 +280,12 @@ def keep_faster(start: ir.Model, pass_, search: LevelSearch, feed: Mapping[str, 
                 threads: int | None = 1) -> LevelSearch:
     """``search`` (of a ``lowrank`` pass) without the layers whose two kernels did not run faster than
     the one they replace (``measure_latency``, on ``feed``); each layer's times go into its details.
-    A layer that could not be timed (no node names) is kept, and says so."""
+    A layer that could not be timed is kept, and says so."""
+    from onnxopt.profiling import named_nodes
+
     if not search.per_layer:
         return search
+    start = named_nodes(start)  # onnxruntime reports kernel times by node name
     trial = pass_.at_levels(search.per_layer)
     model = trial(start.clone()).model
     records = trial.details.get("layers", {})
@@ -291,7 +294,7 @@ def keep_faster(start: ir.Model, pass_, search: LevelSearch, feed: Mapping[str, 
     for unit in search.per_layer:
         row = search.details["layers"][unit]
         if unit not in times:
-            row["latency_us"] = "not timed (unnamed node)"
+            row["latency_us"] = "not timed (no kernel of its own in the profile)"
             continue
         one, two = times[unit]
         row["latency_us"] = {"before": round(one, 1), "after": round(two, 1)}
@@ -315,7 +318,7 @@ def measure_latency(start: ir.Model, model: ir.Model, records: Mapping[str, dict
     """Kernel time (µs) of each factorized layer before (its one node in ``start``) and after (its two
     nodes in ``model``; ``records``: the ``lowrank`` pass's layer records, with ``nodes``), from one
     interleaved profiled run of both models on ``feed`` (``onnxopt.profiling``). Layers whose nodes
-    have no names are left out."""
+    have no names, or no kernel of their own in the profile, are left out."""
     from onnxopt.latency import timing_settings
     from onnxopt.profiling import kernel_times, layer_times
 
