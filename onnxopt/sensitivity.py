@@ -16,7 +16,8 @@ sensitivity analysis (Han et al. 2015) and HAQ's allocation under a budget (Wang
    input model to the harshest setting, on which sensitive layers reach harsh levels last.
 3. **Choice**: under the budget, the harshest setting on the path whose whole model meets it
    (bisection: a session a probe; the sum of single-layer sensitivities only orders the path, the
-   whole model decides); at a size (``target_bytes``), the first setting whose layers' bytes are
+   whole model decides); at a size (``target_bytes``, or the bytes a uniform setting of the pass
+   gives the same layers: ``like``), the first setting whose layers' bytes are
    at most the target, then validated once.
 
 The result is a mapping layer -> level that the pass takes as ``per_layer`` (it replays without
@@ -105,14 +106,21 @@ class _Judge:
 
 def choose_levels(start: ir.Model, pass_, original: ModelSnapshot, data: Dataset, *, max_drop: float | None = None,
                   min_cosine: float | None = None, providers="cpu", judged_outputs: Sequence[str] | None = None,
-                  levels: Sequence | None = None, target_bytes: int | None = None,
+                  levels: Sequence | None = None, target_bytes: int | None = None, like=None,
                   progress: Progress | None = None) -> LevelSearch:
     """Levels per layer for ``pass_`` (a ``LossyLayers`` pass) on ``start`` (the model it receives),
     by measured sensitivity against ``original`` on ``data`` (see the module docstring).
 
     ``levels``: the candidates, mildest first (default ``pass_.LEVELS``). ``target_bytes``: choose by
-    size (the layers' stored bytes at most this) instead of by the budget. ``start`` is not changed.
+    size (the layers' stored bytes at most this) instead of by the budget; ``like``: a pass of the
+    same kind at a uniform setting, whose bytes on the same layers are the target (a like-for-like
+    comparison). ``start`` is not changed.
     """
+    if like is not None:
+        uniform = like.excluding(())  # a copy: the caller's pass keeps its details
+        uniform(start.clone())
+        like = {u: r["bytes_after"] for u, r in uniform.details.get("layers", {}).items()}
+        target_bytes = -1  # the sum over the layers, once they are known (``_search``)
     levels = list(pass_.LEVELS if levels is None else levels)
     if not levels:
         raise ValueError(f"{pass_.name}: no levels to try")
@@ -126,7 +134,8 @@ def choose_levels(start: ir.Model, pass_, original: ModelSnapshot, data: Dataset
         return LevelSearch({}, details, f"{pass_.name} auto: the model it receives misses the budget already "
                                         f"({figure0}): every layer left as it was")
     with _quiet_passes():
-        return _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine)
+        return _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine,
+                       like)
 
 
 @contextlib.contextmanager
@@ -142,7 +151,7 @@ def _quiet_passes():
         log.setLevel(level)
 
 
-def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine):
+def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine, like):
     base, base_tie = _sensitivity(v0, max_drop, min_cosine)
     probe_pass = pass_.uniform(levels[-1])
     probe_pass(start.clone())
@@ -164,6 +173,8 @@ def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, pr
             figure, tie = _sensitivity(v, max_drop, min_cosine)
             before[unit] = int(record["bytes_before"])
             probes[unit].append(_Probe(level, int(record["bytes_after"]), figure - base, tie - base_tie, met, record))
+    if like is not None:  # the uniform setting's bytes on these layers (those it left alone: as they were)
+        target_bytes = sum(like.get(u, b) for u, b in before.items())
     path = _greedy_path(probes, before, budgeted=target_bytes is None)
 
     def layer_bytes(state: Mapping[str, int]) -> int:
