@@ -113,11 +113,26 @@ def _sensitivity_rows(x: np.ndarray, y: np.ndarray) -> list[dict]:
     return rows
 
 
-def _row(name: str, model: ir.Model, x: np.ndarray, y: np.ndarray, extra: dict) -> dict:
-    proto = ir.to_proto(model)
+def _row(name: str, model: ir.Model | onnx.ModelProto, x: np.ndarray, y: np.ndarray, extra: dict) -> dict:
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
     sizes = compressed_sizes(proto)
     return {"recipe": name, "accuracy": _accuracy(proto, x, y), **{k: v for k, v in sizes.items() if k != "deep_compression"},
             **extra}
+
+
+def _print_sensitivity(rows: list[dict]) -> None:
+    print(f"{'recipe':28} {'acc %':>6} {'layers B':>9} {'gzip -9':>8} {'DeepComp B':>10}  levels")
+    for r in rows:
+        print(f"{r['recipe']:28} {100 * r['accuracy']:6.2f} {r['layer_bytes']:9,} {r['weight_gzip9']:8,} "
+              f"{r['deep_compression_bytes']:10,}  {r.get('levels', '')} {r.get('latency_us', '')}")
+
+
+def _print_recipes(rows: list[dict]) -> None:
+    ref = rows[0]["weight_gzip9"]
+    print(f"{'recipe':34} {'acc %':>6} {'weights B':>10} {'gzip -9':>8} {'x':>6} {'DeepComp B':>10} {'file B':>8}")
+    for r in rows:
+        print(f"{r['recipe']:34} {100 * r['accuracy']:6.2f} {r['weight_bytes']:10,} {r['weight_gzip9']:8,} "
+              f"{ref / r['weight_gzip9']:6.1f} {r['deep_compression_bytes']:10,} {r['file_bytes']:8,}")
 
 
 def main() -> None:
@@ -130,33 +145,17 @@ def main() -> None:
     x, y = data["input"], data["labels"]
     if args.sensitivity:
         rows = _sensitivity_rows(x, y)
-        print(f"{'recipe':28} {'acc %':>6} {'layers B':>9} {'gzip -9':>8} {'DeepComp B':>10}  levels")
-        for r in rows:
-            print(f"{r['recipe']:28} {100 * r['accuracy']:6.2f} {r['layer_bytes']:9,} {r['weight_gzip9']:8,} "
-                  f"{r['deep_compression_bytes']:10,}  {r.get('levels', '')} {r.get('latency_us', '')}")
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
-        return
-    rows = []
-
-    def record(name: str, proto: onnx.ModelProto) -> None:
-        sizes = compressed_sizes(proto)
-        rows.append({"recipe": name, "accuracy": _accuracy(proto, x, y),
-                     **{k: v for k, v in sizes.items() if k != "deep_compression"}})
-
-    for name, passes in _recipes():
-        model = _base()
-        for p in passes:
-            p(model)
-        record(name, ir.to_proto(model))
-    for name, anchor in _anchor_recipes():
-        record(name, anchor(ir.to_proto(_base())))
-
-    ref = rows[0]["weight_gzip9"]
-    print(f"{'recipe':34} {'acc %':>6} {'weights B':>10} {'gzip -9':>8} {'x':>6} {'DeepComp B':>10} {'file B':>8}")
-    for r in rows:
-        print(f"{r['recipe']:34} {100 * r['accuracy']:6.2f} {r['weight_bytes']:10,} {r['weight_gzip9']:8,} "
-              f"{ref / r['weight_gzip9']:6.1f} {r['deep_compression_bytes']:10,} {r['file_bytes']:8,}")
+        _print_sensitivity(rows)
+    else:
+        rows = []
+        for name, passes in _recipes():
+            model = _base()
+            for p in passes:
+                p(model)
+            rows.append(_row(name, model, x, y, {}))
+        for name, anchor in _anchor_recipes():
+            rows.append(_row(name, anchor(ir.to_proto(_base())), x, y, {}))
+        _print_recipes(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
