@@ -15,7 +15,7 @@ as the int8 step ranks its nodes (``onnxopt.quantization``).
 
 from __future__ import annotations
 
-__all__ = ["Convergence", "judge", "LossyFallback", "lossy_units", "shortfall", "tensor_sqnr", "unit_tensors",
+__all__ = ["Convergence", "budget_limits", "judge", "LossyFallback", "lossy_units", "shortfall", "tensor_sqnr", "unit_tensors",
            "why_stuck"]
 
 import math
@@ -117,7 +117,8 @@ def tensor_sqnr(reference: ir.Model, candidate: ir.Model, names: Sequence[str], 
     return result
 
 
-def _limits(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[float | None, float | None]:
+def budget_limits(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[float | None, float | None]:
+    """The limits ``judge`` applies to ``v``: ``(max_drop, min_cosine)``, a limit that does not apply None."""
     labelled = v.accuracy_before is not None and v.accuracy_after is not None
     if max_drop is None and min_cosine is None:
         return (DEFAULT_MAX_DROP, None) if labelled else (None, DEFAULT_MIN_COSINE)
@@ -130,7 +131,7 @@ def shortfall(v: Validation, max_drop: float | None, min_cosine: float | None) -
     output's worst sample). The fallback watches it fall round by round."""
     if v.error:
         return math.inf
-    max_drop, min_cosine = _limits(v, max_drop, min_cosine)
+    max_drop, min_cosine = budget_limits(v, max_drop, min_cosine)
     gap = 0.0
     if max_drop is not None:
         gap += max(0.0, (v.accuracy_before - v.accuracy_after) * 100 - max_drop)
@@ -175,7 +176,7 @@ def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *
     """Why keeping the most harmful layers as they were stopped moving the metric: what the measure
     itself shows (one sample, one output, too few samples, synthetic inputs, error spread over every
     layer), in one sentence for the report."""
-    max_drop, min_cosine = _limits(v, max_drop, min_cosine)
+    max_drop, min_cosine = budget_limits(v, max_drop, min_cosine)
     moved = f"keeping {kept} layer{'s' if kept != 1 else ''} as they were moved {first_figure} to {figure}"
     reasons = []
     if max_drop is not None and v.samples:

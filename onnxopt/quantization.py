@@ -45,7 +45,7 @@ from onnxopt.latency import call_seconds, compare_latency, median_interval, pair
 from onnxopt.latency import verdict as latency_verdict
 from onnxopt.observe import DEFAULT_MAX_BYTES, BatchSplitter, ChannelMeanObserver, ErrorObserver, expose, optimized_ops
 from onnxopt.passes.quantize import QuantizeQDQ, already_quantized, node_label
-from onnxopt.profiling import kernel_times, layer_times
+from onnxopt.profiling import kernel_times, layer_times, named_nodes
 from onnxopt.report import Report, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
 from onnxopt.stats import node_macs
@@ -373,7 +373,7 @@ class QuantizationStep:
         plain = best = None
         try:
             # onnxruntime reports node names: unnamed layers are profiled under their labels.
-            named = [_named(float_model), _named(model)]
+            named = [named_nodes(float_model), named_nodes(model)]
             plain = ModelSnapshot(named[0])
             best = ModelSnapshot(named[1])
             per_call = call_seconds(best, feed, settings)
@@ -871,17 +871,6 @@ def _profiled_ratio(float_runs: Sequence[float], int8_runs: Sequence[float]) -> 
     low, high = median_interval(ratios)
     return {"ratio": round(ratio, 3), "low": round(low, 3), "high": round(high, 3),
             "verdict": latency_verdict(ratio, low, high, SPEED_MIN_GAIN), "profiled": True}
-
-
-def _named(model: ir.Model) -> ir.Model:
-    """``model``, or a copy whose unnamed nodes are named by their labels (``node_label``)."""
-    if all(node.name for node in model.graph):
-        return model
-    copy = model.clone()
-    for node in copy.graph:
-        if not node.name:
-            node.name = node_label(node)
-    return copy
 
 
 def _snapshot_key(snapshot: ModelSnapshot) -> bytes | None:
