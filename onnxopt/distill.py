@@ -8,6 +8,9 @@ change, and they are written back into the same graph. Labels are optional (Hint
     probabilities (2-D rows of a softmax head): the same on log(p), logits up to a constant per row
     (an MSE on saturated probabilities has almost no gradient: it left a pruned PP-OCR classifier
     where it was)
+    embeddings (2-D rows of unit L2 norm: a sentence encoder's normalized output):  L_kd = mean(1 - cos(s, t))
+    per row (a KL on softmaxed embeddings, what a 2-D output would otherwise get as logits, ignores
+    their scale and is not what a user compares them by)
     other outputs (features, probabilities, boxes):  L_kd = mean((s - t)^2) / (var(t) + 1e-12)
     with labels:  L = alpha * CE(s, labels) + (1 - alpha) * L_kd, else L = L_kd (summed over outputs)
     intermediate matching (``features``):  L += w * mean over tensors f of mean((s_f - t_f[kept])^2) / var(t_f)
@@ -184,13 +187,16 @@ def _check_feature_shapes(student, feed, targets, names, skipped, *, explicit: b
 
 def output_kinds(teacher: Mapping[str, np.ndarray]) -> dict[str, str]:
     """``logits`` for 2-D float outputs with more than one class that are not probabilities (rows
-    in [0, 1] summing to 1), ``probabilities`` for those that are; ``features`` for every other output."""
+    in [0, 1] summing to 1), ``probabilities`` for those that are, ``embeddings`` for those whose
+    rows all have unit L2 norm (an encoder's normalized output: compared by cosine, not by class);
+    ``features`` for every other output."""
     kinds = {}
     for name, t in teacher.items():
         kind = "features"
         if t.ndim == 2 and t.shape[1] > 1 and np.issubdtype(t.dtype, np.floating):
             probabilities = t.min() >= 0 and t.max() <= 1 and np.allclose(t.sum(axis=1), 1, atol=1e-3)
-            kind = "probabilities" if probabilities else "logits"
+            unit = len(t) > 0 and np.allclose(np.linalg.norm(t.astype(np.float64), axis=1), 1, atol=1e-3)
+            kind = "probabilities" if probabilities else "embeddings" if unit else "logits"
         kinds[name] = kind
     return kinds
 
@@ -246,6 +252,7 @@ def distill(
     feature_weight: float = 1.0,
     kept_channels: Mapping[str, tuple[int, np.ndarray]] | None = None,
     boundaries: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> DistillResult:
     """Train ``student_model``'s weights (in place) to match ``teacher_model`` on ``train``.
 
@@ -274,6 +281,10 @@ def distill(
     ``PruneChannels.kept_channels`` records them; ``boundaries``: the candidates of ``auto``, as
     ``PruneChannels.boundaries``), by the normalized MSE of each, averaged and added to the
     output loss with weight ``feature_weight``.
+
+    ``outputs``: the graph outputs the loss matches (default: all), as ``--outputs`` names the ones
+    the budget judges: a sentence encoder is trained on its pooled ``sentence_embedding`` alone, not
+    on ``last_hidden_state``, whose padding positions carry no meaning.
     """
     import torch
 
@@ -288,14 +299,14 @@ def distill(
                         batch_size=batch_size, holdout=holdout, eval_every=eval_every, patience=patience,
                         weight_decay=weight_decay, cosine=cosine, device=device, providers=providers,
                         cluster_aware=cluster_aware, features=features, feature_weight=feature_weight,
-                        kept_channels=kept_channels, boundaries=boundaries)
+                        kept_channels=kept_channels, boundaries=boundaries, outputs=outputs)
     finally:
         torch.set_num_threads(previous)
 
 
 def _distill(student_model, teacher_model, train, *, steps, epochs, temperature, alpha, lr, seed, eval, labels,
              progress, batch_size, holdout, eval_every, patience, weight_decay, cosine, device, providers,
-             cluster_aware, features, feature_weight, kept_channels, boundaries) -> DistillResult:
+             cluster_aware, features, feature_weight, kept_channels, boundaries, outputs) -> DistillResult:
     import torch
     import torch.nn.functional as F
 
@@ -337,6 +348,11 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         if len(labels) != n:
             raise DataError(f"train labels: {len(labels)} labels for {n} samples")
     output_names = [v.name for v in student_model.graph.outputs]
+    if outputs is not None:
+        unknown = [name for name in outputs if name not in output_names]
+        if unknown or not outputs:
+            raise OptionError(f"distill outputs: {unknown or 'none given'} not among the model's outputs {output_names}")
+        output_names = [name for name in output_names if name in set(outputs)]
     feature_names, skipped = ([], {}) if not features else feature_candidates(student_model, teacher_model, features,
                                                                               boundaries)
     teacher_session = create_session(_with_outputs(teacher_model, feature_names), providers=providers)
@@ -454,6 +470,8 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
                 s, t = as_logits(name, s, outs), as_logits(name, t)
                 total_loss = total_loss + F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
                                                    reduction="batchmean", log_target=True) * temperature**2
+            elif kinds[name] == "embeddings":
+                total_loss = total_loss + (1 - F.cosine_similarity(s.float(), t.float(), dim=1, eps=1e-12)).mean()
             else:
                 total_loss = total_loss + normalized_mse(s, t)
         if hard is not None and alpha > 0:
