@@ -312,6 +312,10 @@ def _optimize(
         if _needs_grams(p):
             p.calibration_gram = gptq_grams(working, p, calibration if calibration is not None else data, dims, batch_size,
                                             providers, max_samples, progress)
+        if isinstance(p, LowRankFactorize) and calibration is not None and not p.activation_gram:
+            # activation-aware: the factors that keep the layer's output, not its weight (passes/lowrank.py)
+            p.activation_gram = gptq_grams(working, p, calibration, dims, batch_size, providers, max_samples, progress,
+                                           exclude_padding=True)
         if p in auto:  # levels per layer by measured sensitivity, on the model as this pass receives it
             _choose_levels(p, working, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
                            outputs=outputs, feed=timed, threads=threads, progress=progress, notes=report.notes)
@@ -367,7 +371,7 @@ def _optimize(
         epochs, lr = _low_bit_defaults(pass_objects, epochs, steps, lr, report.notes)
         report.passes.append(distill_step(model, working, train, dict(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
-            batch_size=batch_size or 32, features=distill_features, feature_weight=feature_weight,
+            batch_size=batch_size or 32, features=distill_features, feature_weight=feature_weight, outputs=outputs,
             **(channel_map(ran) if distill_features else {})), progress, stat_dims))
         report.lossy = True
     precision_missed = None
@@ -767,7 +771,8 @@ def _needs_grams(p) -> bool:
 def gptq_grams(model: ir.Model, int4: QuantizeWeightsInt4, data, dims, batch_size, providers,
                max_samples: int | None = None, progress: Progress | None = None,
                exclude_padding: bool = False) -> dict[str, np.ndarray]:
-    """Weight name -> ``X^T X`` of its MatMul/Gemm's activation input over ``data``, for GPTQ: one
+    """Weight name -> ``X^T X`` of its MatMul/Gemm's activation input over ``data``, for GPTQ (and the
+    activation-aware ``lowrank``: any pass with ``gram_needs``): one
     streamed run (``onnxopt.calibrate.gram_matrices``) for every input; weights that read the same
     input share its matrix. With ``exclude_padding``, padding positions are left out where the model
     has an attention-mask input (``onnxopt.validate.mask_input``) and the tensor is laid out

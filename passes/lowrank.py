@@ -143,6 +143,25 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
             raise ValueError(f"per_layer energy must be in (0, 1], got {per_layer}")
         self.per_layer = dict(per_layer) if isinstance(per_layer, dict) else per_layer
 
+    def gram_needs(self, model: ir.Model) -> dict[str, str]:
+        """Weight name -> the activation whose ``XᵀX`` the activation-aware form needs: the input of
+        each MatMul, and of each Gemm without transA, that this pass may factorize (a Conv's would
+        be its im2col patches: not gathered, so Conv layers keep the weight-error form)."""
+        needs = {}
+        for graph in graphs_of(model):
+            for node in graph:
+                if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+                    continue
+                weight, x = node.inputs[1], node.inputs[0]
+                if weight is None or x is None or not weight.name or not x.name or weight.name in self.activation_gram:
+                    continue
+                if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+                    continue
+                array = constant_array(weight)
+                if array is not None and array.ndim == 2 and array.dtype.kind == "f" and array.size >= self.min_params:
+                    needs[weight.name] = x.name
+        return needs
+
     def uniform(self, level) -> LowRankFactorize:
         new = super().uniform(level)
         new.ratio = None
