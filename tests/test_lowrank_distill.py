@@ -105,3 +105,16 @@ def test_factorized_encoder_distilled_keeps_its_graph_and_wins_back_cosine():
     after = _cosines(student, teacher, held)
     assert 1 - after.min() <= 0.5 * (1 - before.min()), (before.min(), after.min())
     assert after.mean() > before.mean()
+
+
+def test_calibration_makes_lowrank_activation_aware():
+    """With --calibration, the pipeline gathers each layer's input Gram and the factors keep the
+    layer's output (each record has its output error); without, the weight-error form."""
+    from onnxopt import optimize
+
+    feeds = token_feeds(4, 8, seed=1)
+    aware = optimize(tiny_transformer(), lowrank_ratio=0.5, calibration=feeds, validate=False, latency=False)
+    plain = optimize(tiny_transformer(), lowrank_ratio=0.5, validate=False, latency=False)
+    layers = [p.details["layers"] for p in aware.report.passes if p.name == "lowrank"][0]
+    assert layers and all("output_error" in r for r in layers.values())
+    assert all("output_error" not in r for p in plain.report.passes if p.name == "lowrank" for r in p.details["layers"].values())
