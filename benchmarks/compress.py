@@ -135,12 +135,99 @@ def _print_recipes(rows: list[dict]) -> None:
               f"{ref / r['weight_gzip9']:6.1f} {r['deep_compression_bytes']:10,} {r['file_bytes']:8,}")
 
 
+def resnet50(seed: int = 0) -> ir.Model:
+    """ResNet-50 of the onnx package's light test data with random weights, BatchNorm folded.
+
+    The light model builds every parameter by a ``ConstantOfShape`` of one value (its weights rank 1,
+    which any factorization reproduces exactly): each Conv and Gemm weight here is a He-normal random
+    tensor under ``seed``, every other parameter keeps its one value, all as initializers."""
+    import os
+
+    from onnxopt.passes import FoldBatchNorm, Simplify
+
+    path = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    model = ir.load(path)
+    rng = np.random.default_rng(seed)
+    weights = {n.inputs[1].name for n in model.graph if n.op_type in ("Conv", "Gemm")}
+    for node in list(model.graph):
+        if node.op_type != "ConstantOfShape":
+            continue
+        shape = tuple(int(d) for d in node.inputs[0].const_value.numpy())
+        out = node.outputs[0]
+        if out.name in weights:
+            fan_in = int(np.prod(shape[1:])) if len(shape) == 4 else shape[-1]
+            array = (rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+        else:
+            array = np.full(shape, node.attributes["value"].value.numpy().reshape(-1)[0], np.float32)
+        value = ir.Value(name=out.name + "_init", const_value=ir.tensor(array, name=out.name + "_init"),
+                         shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+        model.graph.register_initializer(value)
+        out.replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+    model.graph.inputs[:] = [v for v in model.graph.inputs if v.uses() and v.const_value is None]
+    Simplify()(model)
+    FoldBatchNorm()(model)
+    return model
+
+
+def resnet_rows(ratios=(0.5, 0.3), threads: int = 1, budget: float = 3.0) -> list[dict]:
+    """ResNet-50 (random weights: MACs, parameters and latency only) factorized at each ratio: the
+    layers whose two kernels ran slower than their one (``onnxopt.sensitivity.measure_latency``, batch
+    1, one thread), the model with only the faster ones kept (what ``keep_faster`` keeps), those
+    layers timed again in a second profiled run (none should be slower), and the whole model's latency
+    against fp32 (``compare_latency``)."""
+    from onnxopt.latency import compare_latency
+    from onnxopt.profiling import named_nodes
+    from onnxopt.runtime import ModelSnapshot
+    from onnxopt.sensitivity import measure_latency
+    from onnxopt.stats import model_stats
+
+    base = named_nodes(resnet50())
+    feed = {base.graph.inputs[0].name: np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    before = model_stats(base)
+    base_snapshot = ModelSnapshot(base)
+    rows = []
+    for ratio in ratios:
+        all_layers = LowRankFactorize(ratio=ratio)
+        model = all_layers(base.clone()).model
+        times = measure_latency(base, model, all_layers.details["layers"], feed, threads=threads)
+        faster = {u: ratio for u, (one, two) in times.items() if two < one}
+        kept = LowRankFactorize(per_layer=faster)
+        kept_model = kept(base.clone()).model
+        again = measure_latency(base, kept_model, kept.details["layers"], feed, threads=threads)
+        row = {"ratio": ratio, "factorized": len(all_layers.details["layers"]), "timed": len(times),
+               "slower_all": sorted(u for u, (one, two) in times.items() if two >= one), "kept": len(faster),
+               "slower_again": sorted(u for u, (one, two) in again.items() if two >= one)}
+        for label, m in (("all", model), ("kept", kept_model)):
+            stats = model_stats(m)
+            snapshot = ModelSnapshot(m)
+            lat = compare_latency(base_snapshot, snapshot, feed, threads=threads, budget_seconds=budget)
+            snapshot.close()
+            row[label] = {"params_ratio": stats.params / before.params, "macs_ratio": stats.macs / before.macs,
+                          "latency": [lat.ratio, lat.ratio_low, lat.ratio_high]}
+        rows.append(row)
+        print(f"ratio {ratio}: factorized {row['factorized']} (timed {row['timed']}), slower {len(row['slower_all'])}; "
+              f"kept {row['kept']}, slower when timed again {len(row['slower_again'])} {row['slower_again'][:4]}; "
+              + "; ".join(f"{k}: params {row[k]['params_ratio']:.3f} MACs {row[k]['macs_ratio']:.3f} "
+                          f"latency {row[k]['latency'][0]:.2f} [{row[k]['latency'][1]:.2f}, {row[k]['latency'][2]:.2f}]"
+                          for k in ("all", "kept")), flush=True)
+    base_snapshot.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the rows here too")
     parser.add_argument("--sensitivity", action="store_true",
                         help="uniform settings against levels per layer by measured sensitivity at the same size")
+    parser.add_argument("--resnet", action="store_true",
+                        help="lowrank on ResNet-50 (random weights): per-layer kernel times, the faster layers kept")
     args = parser.parse_args()
+    if args.resnet:
+        rows = resnet_rows()
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     data = np.load(DIGITS / "digits_test.npz")
     x, y = data["input"], data["labels"]
     if args.sensitivity:
