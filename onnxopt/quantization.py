@@ -381,7 +381,8 @@ class QuantizationStep:
                 # Every timing would stop undecided (no difference) after its first block: a call of
                 # 0.12 s (a 320x320 detector at batch 2) needs 3.6 s for the 6 blocks of a verdict.
                 # Profiling the layers (3 s there) would then only decide nothing.
-                info["skipped"] = (f"a call takes {per_call:.2f} s at batch {info['batch']}: a side-by-side timing "
+                at = f" at batch {info['batch']}" if info["batch"] else ""
+                info["skipped"] = (f"a call takes {per_call:.2f} s{at}: a side-by-side timing "
                                    f"needs {pair_seconds_needed(per_call):.1f} s for a verdict, more than the "
                                    f"{_speed_budget(per_call):.1f} s it may take; --batch-size N times at N")
                 return model, p, result
