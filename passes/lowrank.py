@@ -202,7 +202,9 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
                         continue
                 if reason != "small":
                     self.details["skipped"][key] = reason
-                    logger.warning("lowrank: %s %s left alone: %s", node.op_type, key, reason)
+                    # two activations multiplied (attention's Q·Kᵀ) are no layer to factorize: not worth a warning
+                    log = logger.debug if weight.producer() is not None and weight.producer().op_type != "Constant" else logger.warning
+                    log("lowrank: %s %s left alone: %s", node.op_type, key, reason)
         before = sum(r["params_before"] for r in self.details["layers"].values())
         after = sum(r["params_after"] for r in self.details["layers"].values())
         self.summary = f"factorized {done} layers; their weights {before:,} -> {after:,} parameters" + (
