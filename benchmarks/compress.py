@@ -170,7 +170,7 @@ def resnet50(seed: int = 0) -> ir.Model:
     return model
 
 
-def resnet_rows(ratios=(0.5, 0.3), threads: int = 1, budget: float = 3.0) -> list[dict]:
+def resnet_rows(ratios=(0.8, 0.5), threads: int = 1, budget: float = 3.0) -> list[dict]:
     """ResNet-50 (random weights: MACs, parameters and latency only) factorized at each ratio: the
     layers whose two kernels ran slower than their one (``onnxopt.sensitivity.measure_latency``, batch
     1, one thread), the model with only the faster ones kept (what ``keep_faster`` keeps), those
@@ -191,12 +191,12 @@ def resnet_rows(ratios=(0.5, 0.3), threads: int = 1, budget: float = 3.0) -> lis
         all_layers = LowRankFactorize(ratio=ratio)
         model = all_layers(base.clone()).model
         times = measure_latency(base, model, all_layers.details["layers"], feed, threads=threads)
-        faster = {u: ratio for u, (one, two) in times.items() if two < one}
-        kept = LowRankFactorize(per_layer=faster)
+        faster = [u for u, (one, two) in times.items() if two < one]
+        kept = LowRankFactorize(ratio=ratio, layers=faster)
         kept_model = kept(base.clone()).model
         again = measure_latency(base, kept_model, kept.details["layers"], feed, threads=threads)
         row = {"ratio": ratio, "factorized": len(all_layers.details["layers"]), "timed": len(times),
-               "slower_all": sorted(u for u, (one, two) in times.items() if two >= one), "kept": len(faster),
+               "slower_all": sorted(u for u, (one, two) in times.items() if two >= one), "kept_layers": len(faster),
                "slower_again": sorted(u for u, (one, two) in again.items() if two >= one)}
         for label, m in (("all", model), ("kept", kept_model)):
             stats = model_stats(m)
@@ -207,7 +207,7 @@ def resnet_rows(ratios=(0.5, 0.3), threads: int = 1, budget: float = 3.0) -> lis
                           "latency": [lat.ratio, lat.ratio_low, lat.ratio_high]}
         rows.append(row)
         print(f"ratio {ratio}: factorized {row['factorized']} (timed {row['timed']}), slower {len(row['slower_all'])}; "
-              f"kept {row['kept']}, slower when timed again {len(row['slower_again'])} {row['slower_again'][:4]}; "
+              f"kept {row['kept_layers']}, slower when timed again {len(row['slower_again'])} {row['slower_again'][:4]}; "
               + "; ".join(f"{k}: params {row[k]['params_ratio']:.3f} MACs {row[k]['macs_ratio']:.3f} "
                           f"latency {row[k]['latency'][0]:.2f} [{row[k]['latency'][1]:.2f}, {row[k]['latency'][2]:.2f}]"
                           for k in ("all", "kept")), flush=True)
