@@ -195,7 +195,9 @@ def output_kinds(teacher: Mapping[str, np.ndarray]) -> dict[str, str]:
     return kinds
 
 
-def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | None) -> np.ndarray | None:
+def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | None,
+                  classes: int = 0) -> np.ndarray | None:
+    """``labels`` as int64 class indices of ``logits`` (an output of ``classes`` columns), or a one-line ``DataError``."""
     if labels is None:
         return None
     labels = np.asarray(labels).reshape(-1)
@@ -205,6 +207,9 @@ def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | N
         raise DataError(f"{where}: labels given, but no model output is logits (2-D, one column per class)")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be integer class indices, not {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        wrong = labels.min() if labels.min() < 0 else labels.max()
+        raise DataError(f"{where}: label {wrong} is not a class of output '{logits}' (class indices 0..{classes - 1})")
     return labels.astype(np.int64)
 
 
@@ -364,10 +369,11 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     single = len(spans) == 1
     kinds = output_kinds({name: cache[0][2][name] for name in output_names})
     logits_name = next((name for name in output_names if kinds[name] in ("logits", "probabilities")), None)
+    classes = cache[0][2][logits_name].shape[1] if logits_name else 0
 
     def checked(loaded):
         feed, chunk_labels, targets = loaded
-        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name), targets
+        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name, classes), targets
 
     cache[0] = checked(cache[0])
 
@@ -384,7 +390,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     if eval is not None:
         eval_rows = sample_rows(eval, student_model, where="eval data")
         eval_pool, eval_labels, eval_teacher = load(eval_rows, 0, eval_rows.num_samples)
-        eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name)
+        eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name, classes)
         train_index = [rng.permutation(n)] if single else [np.arange(end - begin) for begin, end in spans]
     elif single:
         order = rng.permutation(n)

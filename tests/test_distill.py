@@ -286,6 +286,9 @@ def test_labels_mix_in_and_are_checked():
     assert torch.get_num_threads() == 2, "the run's thread count is restored"
     with pytest.raises(DataError, match="labels"):
         distill(_pruned_digits(), teacher, {"input": x}, labels=y[:10], steps=1)
+    # past the classes: one line, not torch's IndexError from cross_entropy ("Target 109 is out of bounds")
+    with pytest.raises(DataError, match=r"label 109 is not a class of output 'output' \(class indices 0..9\)"):
+        distill(_pruned_digits(), teacher, {"input": x}, labels=y + 100, steps=1)
 
 
 def test_options_are_checked():
