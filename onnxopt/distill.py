@@ -138,11 +138,16 @@ def feature_candidates(student: ir.Model, teacher: ir.Model, features: str | Seq
         names = [v.name for node in student.graph for v in node.outputs if v.name in probed]
     mine, theirs = _signatures(student), _signatures(teacher)
     outputs = {v.name for v in student.graph.outputs}
+    inputs = {v.name for v in teacher.graph.inputs}
     chosen, skipped = [], {}
     for name in dict.fromkeys(names):
         why = None
         if name in outputs:
             why = "is a graph output (matched as one)"
+        elif name in inputs:
+            why = "is a graph input (the same in both models: nothing to match)"
+        elif name not in theirs and name not in mine:
+            why = "is computed by no node of the input model (give the name of a node's output)"
         elif name not in mine:
             why = "is not computed by the student (a pass removed or renamed it)"
         elif name not in theirs:

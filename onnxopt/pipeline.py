@@ -273,6 +273,10 @@ def _optimize(
         if scalar:
             raise OptionError(f"--distill: input '{scalar[0]}' is a scalar (0-d); distillation needs inputs with a "
                               "first axis of samples")
+        if distill_features is not None and distill_features != "auto":  # a name no node computes: before any pass
+            from onnxopt.distill import feature_candidates
+
+            feature_candidates(working, working, distill_features)
         train = sample_rows(train_data, working, max_samples=max_samples)  # files: read a chunk at a time
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)

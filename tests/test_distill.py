@@ -455,6 +455,24 @@ def test_pruning_with_feature_matching_trains_and_reports_the_matched_tensors():
     assert "features" in result.report.to_dict()["passes"][-1]["details"]
 
 
+@pytest.mark.parametrize("name, words", [
+    ("nope", "'nope' is computed by no node of the input model"),
+    ("input", "'input' is a graph input"),
+    ("output", "'output' is a graph output"),
+])
+def test_a_feature_name_the_input_model_does_not_compute_is_refused_before_any_pass(name, words):
+    """A typo was said only after every pass had run ('is not computed by the student (a pass removed
+    or renamed it)'), and a graph input was said to be removed by a pass."""
+    import onnxopt
+
+    calls = []
+    with pytest.raises(OptionError, match=words):
+        onnxopt.optimize(DIGITS / "digits_cnn.onnx", sparsity=0.5, distill=True, train_data=DIGITS / "digits_calib.npz",
+                         steps=1, distill_features=[name], validate=False, latency=False,
+                         progress=lambda what, i, n: calls.append(what))
+    assert not any(what.startswith("pass") for what in calls), calls
+
+
 # --- training data read a chunk at a time ----------------------------------------------------------
 
 
