@@ -52,6 +52,11 @@ def test_the_quantize_preset_and_its_options_go_into_the_pass_object():
     ("quantize = \"int2\"\n", ["--quantize 'int2'"]),
     ("passes = [\"simplify\", \"nope\"]\n", []),
     ("this is = not toml [\n", ["not valid TOML"]),
+    # a path field of another TOML type reached os.path.realpath/isfile: TypeError
+    ("data = 5\n", ["data = 5: give a file path as a string"]),
+    ("calibration = [\"c.npz\"]\nquantize = \"int8\"\n", ["calibration = ['c.npz']"]),
+    ("distill = true\nprune = 0.3\ntrain_data = {input = \"x\"}\n", ["train_data = {'input': 'x'}"]),
+    ("data = 1979-05-27\n", ["data = datetime.date"]),
 ])
 def test_a_bad_recipe_file_is_one_line_and_exit_2(tmp_path, capsys, text, words):
     path = tmp_path / "r.toml"
