@@ -101,11 +101,13 @@ class Dataset:
 
     @property
     def num_samples(self) -> int:
-        total = 0
-        for batch in self.batches:
-            first = next(iter(batch.values()), None)
-            total += 1 if first is None or first.ndim == 0 else first.shape[0]
-        return total
+        return sum(batch_samples(batch) for batch in self.batches)
+
+
+def batch_samples(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one batch as ``Dataset.num_samples`` counts them: its first input's first dim (1 for a scalar)."""
+    first = next(iter(feed.values()), None)
+    return 1 if first is None or np.ndim(first) == 0 else int(np.shape(first)[0])
 
 
 def feed_dims(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, int]:
