@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 from onnxopt import io
@@ -239,8 +240,12 @@ def _check_paths(args, output: str) -> None:
                                                   for f in sorted(io.referenced_files(args.model))]
     for flag in ("calibration", "data", "recipe", "train_data"):
         value = getattr(args, flag)
+        shown = f"--{'eval/--data' if flag == 'data' else flag.replace('_', '-')}"
         if value and value != "synthetic" and os.path.isfile(value):
-            inputs.append((f"the --{'eval/--data' if flag == 'data' else flag.replace('_', '-')} file", value))
+            inputs.append((f"the {shown} file", value))
+        elif value and value != "synthetic" and os.path.isdir(value):  # the files a data folder's reader reads
+            inputs += [(f"a file of the {shown} folder", str(f)) for pattern in ("*.npy", "input_*.pb", "test_data_set*/*.pb")
+                       for f in sorted(Path(value).glob(pattern))]
     for what, path in inputs:
         if same(output, path) and not (args.in_place and path == args.model):
             raise OutputPathError(f"{output}: refusing to overwrite {what}; choose another -o path")
