@@ -43,6 +43,9 @@ from onnxopt.errors import DataError, OptionError
 # The most bytes of one chunk of training samples, its inputs and the teacher's targets for them:
 # training holds one chunk (and the held-out samples, at most a chunk's rows), whatever the data's size.
 CHUNK_BYTES = 256 * 2**20
+# Samples on which the interpreter is proven equal to onnxruntime before training (``check_matches``):
+# enough that QDQ_MISMATCH_FRACTION (2%) allows the one rounding tie a QDQ graph may flip (32 allowed none).
+CHECK_SAMPLES = 64
 TEACHER_BATCH = 256
 
 
@@ -365,7 +368,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
 
     # Chunks of samples whose inputs and teacher targets fit CHUNK_BYTES: one chunk is in memory at a
     # time (the only one is kept: the teacher runs once on a small training set).
-    probe_feed, _, probe_targets = load(rows, 0, min(n, batch_size))
+    probe_feed, _, probe_targets = load(rows, 0, min(n, max(batch_size, CHECK_SAMPLES)))
     probe_rows = len(next(iter(probe_targets.values())))
     per_sample = rows.sample_bytes + sum(a.nbytes for a in probe_targets.values()) // max(probe_rows, 1)
     chunk_rows = max(batch_size, CHUNK_BYTES // max(per_sample, 1))
