@@ -9,7 +9,7 @@ with the figure that says why; ``shortfall`` how far it is from the budget, whic
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_MAX_DROP", "DEFAULT_MIN_COSINE", "judge", "limits", "shortfall"]
+__all__ = ["DEFAULT_MAX_DROP", "DEFAULT_MIN_COSINE", "budget_limits", "judge", "shortfall"]
 
 import math
 
@@ -50,9 +50,8 @@ def judge(v: Validation, max_drop: float | None, min_cosine: float | None) -> tu
     return bool(ok), "; ".join(parts)
 
 
-def limits(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[float | None, float | None]:
-    """The limits ``judge`` applies to ``v``: the defaults when no budget is given, no accuracy limit
-    without labels."""
+def budget_limits(v: Validation, max_drop: float | None, min_cosine: float | None) -> tuple[float | None, float | None]:
+    """The limits ``judge`` applies to ``v``: ``(max_drop, min_cosine)``, a limit that does not apply None."""
     labelled = v.accuracy_before is not None and v.accuracy_after is not None
     if max_drop is None and min_cosine is None:
         return (DEFAULT_MAX_DROP, None) if labelled else (None, DEFAULT_MIN_COSINE)
@@ -65,7 +64,7 @@ def shortfall(v: Validation, max_drop: float | None, min_cosine: float | None) -
     output's worst sample). The fallback watches it fall round by round."""
     if v.error:
         return math.inf
-    max_drop, min_cosine = limits(v, max_drop, min_cosine)
+    max_drop, min_cosine = budget_limits(v, max_drop, min_cosine)
     gap = 0.0
     if max_drop is not None:
         gap += max(0.0, (v.accuracy_before - v.accuracy_after) * 100 - max_drop)

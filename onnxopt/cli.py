@@ -25,6 +25,14 @@ from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress, guarded
 
 
+def _or_auto(kind):
+    """An argparse type: a number of ``kind``, or ``auto`` (chosen per layer by measured sensitivity)."""
+    def parse(text: str):
+        return "auto" if text == "auto" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid float value"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="onnxopt",
@@ -98,14 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
     parser.add_argument("--max-drop", type=float, metavar="POINTS", help="a lossy run's budget: accuracy points the --eval labels may lose (int8 default 1.0); layers are undone until it holds")
     parser.add_argument("--min-cosine", type=float, metavar="C", help="a lossy run's budget without labels: least cosine per sample to the original (int8 default 0.99)")
-    parser.add_argument("--cluster-bits", type=int, metavar="B",
-                        help="weight clustering: a 2^B-entry codebook per weight (1: binary, 2: ternary; adds the 'cluster' pass; lossy)")
+    parser.add_argument("--cluster-bits", type=_or_auto(int), metavar="B",
+                        help="weight clustering: a 2^B-entry codebook per weight (1: binary, 2: ternary; adds the 'cluster' pass; "
+                             "lossy); auto: bits per layer by measured sensitivity under the budget")
     parser.add_argument("--cluster-per-channel", action="store_true", help="one codebook per output channel")
-    parser.add_argument("--sparsity", type=float, metavar="S",
-                        help="zero this fraction of each weight by magnitude, stored sparse (adds the 'sparsify' pass; lossy)")
+    parser.add_argument("--sparsity", type=_or_auto(float), metavar="S",
+                        help="zero this fraction of each weight by magnitude, stored sparse (adds the 'sparsify' pass; lossy); "
+                             "auto: per layer by measured sensitivity under the budget (--max-drop / --min-cosine, on --eval)")
     parser.add_argument("--sparsity-pattern", choices=("2:4",), help="N:M sparsity: keep the 2 largest of every 4")
-    parser.add_argument("--lowrank-energy", type=float, metavar="E",
-                        help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy)")
+    parser.add_argument("--lowrank-energy", type=_or_auto(float), metavar="E",
+                        help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy); "
+                             "auto: per layer by measured sensitivity under the budget, where the pair is faster too")
     parser.add_argument("--lowrank-ratio", type=float, metavar="R", help="factorize to about this fraction of each layer's weights")
     parser.add_argument("--precision", choices=("fp16", "bf16"),
                         help="convert weights and compute to half precision, inputs/outputs kept float32; float32 islands "

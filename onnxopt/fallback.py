@@ -31,7 +31,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxopt.budget import judge, limits, shortfall
+from onnxopt.budget import budget_limits, judge, shortfall
 from onnxopt.data import Dataset
 from onnxopt.report import Validation
 from onnxopt.runtime import ModelSnapshot
@@ -179,7 +179,7 @@ def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *
     """Why keeping the most harmful layers as they were stopped moving the metric: what the measure
     itself shows (one sample, one output, too few samples, synthetic inputs, error spread over every
     layer), in one sentence for the report."""
-    max_drop, min_cosine = limits(v, max_drop, min_cosine)
+    max_drop, min_cosine = budget_limits(v, max_drop, min_cosine)
     moved = f"keeping {kept} layer{'s' if kept != 1 else ''} as they were moved {first_figure} to {figure}"
     reasons = []
     if max_drop is not None and v.samples:

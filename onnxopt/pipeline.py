@@ -27,7 +27,9 @@ from onnxopt.fallback import LossyFallback, lossy_units
 from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
-from onnxopt.passes import REGISTRY, ClusterWeights, FixInputShapes, PruneChannels, QuantizeQDQ, QuantizeWeightsInt4
+from onnxopt.passes import (REGISTRY, ClusterWeights, FixInputShapes, LowRankFactorize, PruneChannels, QuantizeQDQ,
+                             QuantizeWeightsInt4)
+from onnxopt.passes._base import AUTO
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
@@ -288,7 +290,11 @@ def _optimize(
     report.lossy = any(getattr(p, "lossy", False) for p in pass_objects if not isinstance(p, QuantizeQDQ))
     # With a budget, lossy passes that rewrite layers one by one are judged by it and undone layer by
     # layer while it misses (onnxopt.fallback); without, they are reported, not judged.
-    budgeted = validate and (max_drop is not None or min_cosine is not None) and quantization is None
+    auto = [p for p in pass_objects if getattr(p, "per_layer", None) == AUTO]
+    if auto and not validate:
+        raise OptionError(f"{auto[0].name}: levels per layer by sensitivity (auto) are measured against the input "
+                          "model: not with validate=False (--no-validate)")
+    budgeted = validate and (max_drop is not None or min_cosine is not None or bool(auto)) and quantization is None
     undoable = lossy_units(pass_objects) if budgeted else []
     fallback_start = fallback_from = None
     for step, p in enumerate(pass_objects):
@@ -307,6 +313,9 @@ def _optimize(
         if _needs_grams(p):
             p.calibration_gram = gptq_grams(working, p, calibration if calibration is not None else data, dims, batch_size,
                                             providers, max_samples, progress)
+        if p in auto:  # levels per layer by measured sensitivity, on the model as this pass receives it
+            _choose_levels(p, working, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
+                           outputs=outputs, feed=timed, threads=threads, progress=progress, notes=report.notes)
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -330,7 +339,7 @@ def _optimize(
             PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,
                 summary=getattr(p, "summary", "") or ("changed" if result.modified else "no change"),
-                after=after, details=dict(getattr(p, "details", {}) or {}),
+                after=after, details=_details(p),
             )
         )
         # Layers the quantization step kept float on purpose, it reports itself.
@@ -347,7 +356,7 @@ def _optimize(
         ran = [*pass_objects[:fallback_from], *rerun]
         for record, p in zip(report.passes[fallback_from:], rerun):
             record.summary = getattr(p, "summary", "") or record.summary
-            record.details = dict(getattr(p, "details", {}) or {})
+            record.details = _details(p)
             record.after = model_stats(working, dims=stat_dims) if p is rerun[-1] else record.after
         if fallback.details["kept"]:
             report.notes.append(f"budget: kept {plural(len(fallback.details['kept']), 'layer')} as they were: "
@@ -430,6 +439,33 @@ def _optimize(
     return OptimizeResult(working, report, source, declared)
 
 
+def _details(p) -> dict:
+    """A pass's details for its record, with the sensitivity search that chose its levels (``auto``)."""
+    details = dict(getattr(p, "details", {}) or {})
+    if getattr(p, "sensitivity", None):
+        details["sensitivity"] = p.sensitivity
+    return details
+
+
+def _choose_levels(p, working: ir.Model, original: ModelSnapshot, dataset: Dataset, *, max_drop, min_cosine, providers,
+                   outputs, feed, threads, progress, notes: list[str]) -> None:
+    """Fill ``p.per_layer`` (``auto``) by measured sensitivity under the budget (``onnxopt.sensitivity``);
+    a ``lowrank`` pass keeps only the layers whose two kernels run faster than the one (on ``feed``)."""
+    from onnxopt.sensitivity import choose_levels, keep_faster
+
+    search = choose_levels(working, p, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
+                           judged_outputs=outputs, progress=progress)
+    if isinstance(p, LowRankFactorize):
+        if feed is None:
+            search.note += "; not timed (no data to time on): layers kept by size and error alone"
+        elif resolve_providers(providers)[0] != "CPUExecutionProvider":
+            search.note += f"; not timed: per-layer kernel times are CPU only, not {resolve_providers(providers)[0]}"
+        else:
+            search = keep_faster(working, p, search, feed, providers, 1 if threads is None else threads)
+    p.per_layer, p.sensitivity = search.per_layer, search.details
+    notes.append(search.note)
+
+
 def _precision_step(working: ir.Model, precision: str, dataset: Dataset | None, providers, min_cosine: float | None,
                     stat_dims: dict[str, int]) -> PassRecord:
     """``working`` in float16 or bfloat16 (``onnxopt.precision``): float32 islands chosen by measurement
@@ -465,7 +501,7 @@ LOW_BIT_LR = 3e-3
 def _low_bit_defaults(pass_objects, epochs: int | None, steps: int | None, lr: float, notes: list[str]) -> tuple:
     """``(epochs, lr)`` for distillation: the low-bit defaults where a ``cluster`` pass of 1 or 2 bits
     ran and the caller left either at its default (``epochs``/``steps`` None, ``lr`` 1e-3), else as given."""
-    low = [p.bits for p in pass_objects if isinstance(p, ClusterWeights) and p.bits <= 2]
+    low = [b for b in (_least_bits(p) for p in pass_objects if isinstance(p, ClusterWeights)) if b is not None and b <= 2]
     default_lr = Recipe().lr
     if not low or (epochs is not None or steps is not None) and lr != default_lr:
         return epochs, lr
@@ -491,6 +527,13 @@ def channel_map(passes: Sequence) -> dict:
     for p in pruners:
         kept = compose_kept(kept, p.kept_channels)
     return {"kept_channels": kept, "boundaries": list(dict.fromkeys(b for p in pruners for b in p.boundaries))}
+
+
+def _least_bits(p: ClusterWeights) -> int | None:
+    """The fewest bits a cluster pass gives a layer (None: it changes none)."""
+    if isinstance(p.per_layer, dict):
+        return min(p.per_layer.values(), default=None)
+    return p.bits
 
 
 def distill_step(model, working: ir.Model, train: Dataset | SampleRows, options: dict, progress: Progress | None,

@@ -31,7 +31,7 @@ from onnxopt.errors import one_line
 from onnxopt.latency import call_seconds, compare_latency, median_interval, pair_seconds_needed, timing_settings
 from onnxopt.latency import verdict as latency_verdict
 from onnxopt.passes.quantize import QuantizeQDQ, node_label
-from onnxopt.profiling import kernel_times, layer_times
+from onnxopt.profiling import kernel_times, layer_times, named_nodes
 from onnxopt.runtime import ModelSnapshot
 from onnxopt.stats import node_macs
 
@@ -111,7 +111,7 @@ class SpeedFallback:
         plain = best = None
         try:
             # onnxruntime reports node names: unnamed layers are profiled under their labels.
-            named = [_named(float_model), _named(model)]
+            named = [named_nodes(float_model), named_nodes(model)]
             plain = ModelSnapshot(named[0])
             best = ModelSnapshot(named[1])
             per_call = call_seconds(best, feed, settings)
@@ -119,7 +119,8 @@ class SpeedFallback:
                 # Every timing would stop undecided (no difference) after its first block: a call of
                 # 0.12 s (a 320x320 detector at batch 2) needs 3.6 s for the 6 blocks of a verdict.
                 # Profiling the layers (3 s there) would then only decide nothing.
-                info["skipped"] = (f"a call takes {per_call:.2f} s at batch {info['batch']}: a side-by-side timing "
+                at = f" at batch {info['batch']}" if info["batch"] else ""
+                info["skipped"] = (f"a call takes {per_call:.2f} s{at}: a side-by-side timing "
                                    f"needs {pair_seconds_needed(per_call):.1f} s for a verdict, more than the "
                                    f"{_speed_budget(per_call):.1f} s it may take; --batch-size N times at N")
                 return model, p, result
@@ -325,14 +326,3 @@ def _profiled_ratio(float_runs: Sequence[float], int8_runs: Sequence[float]) -> 
     low, high = median_interval(ratios)
     return {"ratio": round(ratio, 3), "low": round(low, 3), "high": round(high, 3),
             "verdict": latency_verdict(ratio, low, high, SPEED_MIN_GAIN), "profiled": True}
-
-
-def _named(model: ir.Model) -> ir.Model:
-    """``model``, or a copy whose unnamed nodes are named by their labels (``node_label``)."""
-    if all(node.name for node in model.graph):
-        return model
-    copy = model.clone()
-    for node in copy.graph:
-        if not node.name:
-            node.name = node_label(node)
-    return copy
