@@ -151,7 +151,7 @@ def test_without_a_mask_input_the_padding_counts():
 
 
 def test_an_unjudged_output_that_fails_is_reported_not_judged():
-    from onnxopt.quantization import QuantizationStep
+    from onnxopt.int8_fallback import Int8Budget
 
     feeds = _feeds()
     v = _compare(_padded(0.0), _padded(0.0), feeds)
@@ -166,11 +166,10 @@ def test_an_unjudged_output_that_fails_is_reported_not_judged():
     assert any("judged outputs: y" in n for n in judged.notes)
     every = _compare(_padded(0.0), wrong, feeds)
     assert not every.ok
-    step = QuantizationStep.__new__(QuantizationStep)  # the verdict alone: no calibration needed
-    step.max_drop, step.min_cosine = None, 0.99
-    ok, figure = step.judge(judged)
+    budget = Int8Budget(None, 0.99)  # the int8 step's verdict alone: no calibration needed
+    ok, figure = budget.judge(judged)
     assert ok and "of y" in figure
-    assert not step.judge(every)[0]
+    assert not budget.judge(every)[0]
 
 
 def test_an_unknown_judged_output_is_refused():
