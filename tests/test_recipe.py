@@ -177,7 +177,7 @@ def test_intermediate_matching_flags_round_trip_and_are_checked(tmp_path, capsys
     assert main([DIGITS, "--prune", "0.5", "--distill", "--train-data", CALIB, "--distill-features", "a, b",
                  "--save-recipe", str(tmp_path / "r.toml"), "--no-validate", "--no-latency", "-q", "-o", out]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--distill-features: 'a' is not computed by the student" in err
+    assert err.count("\n") == 1 and "--distill-features: 'a' is computed by no node of the input model" in err
     for flags, words in ((["--distill-features", "auto"], "apply to --distill"),
                          (["--distill", "--train-data", CALIB, "--feature-weight", "2"], "applies to --distill-features"),
                          (["--distill", "--train-data", CALIB, "--distill-features", "auto", "--feature-weight", "0"],
