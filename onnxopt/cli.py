@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 from onnxopt import io
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", metavar="PATH", help="write the report as one self-contained HTML page, with per-layer charts")
     parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation under onnxruntime")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency comparison")
-    parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
+    parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5; up to 3x that where "
+                             "the 6 pairs of an interval need it)")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels by importance (lossy; 'prune' pass)")
     parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation", "apoz", "entropy", "taylor", "fisher"),
@@ -239,8 +241,12 @@ def _check_paths(args, output: str) -> None:
                                                   for f in sorted(io.referenced_files(args.model))]
     for flag in ("calibration", "data", "recipe", "train_data"):
         value = getattr(args, flag)
+        shown = f"--{'eval/--data' if flag == 'data' else flag.replace('_', '-')}"
         if value and value != "synthetic" and os.path.isfile(value):
-            inputs.append((f"the --{'eval/--data' if flag == 'data' else flag.replace('_', '-')} file", value))
+            inputs.append((f"the {shown} file", value))
+        elif value and value != "synthetic" and os.path.isdir(value):  # the files a data folder's reader reads
+            inputs += [(f"a file of the {shown} folder", str(f)) for pattern in ("*.npy", "input_*.pb", "test_data_set*/*.pb")
+                       for f in sorted(Path(value).glob(pattern))]
     for what, path in inputs:
         if same(output, path) and not (args.in_place and path == args.model):
             raise OutputPathError(f"{output}: refusing to overwrite {what}; choose another -o path")

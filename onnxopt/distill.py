@@ -46,6 +46,9 @@ from onnxopt.errors import DataError, OptionError
 # The most bytes of one chunk of training samples, its inputs and the teacher's targets for them:
 # training holds one chunk (and the held-out samples, at most a chunk's rows), whatever the data's size.
 CHUNK_BYTES = 256 * 2**20
+# Samples on which the interpreter is proven equal to onnxruntime before training (``check_matches``):
+# enough that QDQ_MISMATCH_FRACTION (2%) allows the one rounding tie a QDQ graph may flip (32 allowed none).
+CHECK_SAMPLES = 64
 TEACHER_BATCH = 256
 
 
@@ -141,11 +144,16 @@ def feature_candidates(student: ir.Model, teacher: ir.Model, features: str | Seq
         names = [v.name for node in student.graph for v in node.outputs if v.name in probed]
     mine, theirs = _signatures(student), _signatures(teacher)
     outputs = {v.name for v in student.graph.outputs}
+    inputs = {v.name for v in teacher.graph.inputs}
     chosen, skipped = [], {}
     for name in dict.fromkeys(names):
         why = None
         if name in outputs:
             why = "is a graph output (matched as one)"
+        elif name in inputs:
+            why = "is a graph input (the same in both models: nothing to match)"
+        elif name not in theirs and name not in mine:
+            why = "is computed by no node of the input model (give the name of a node's output)"
         elif name not in mine:
             why = "is not computed by the student (a pass removed or renamed it)"
         elif name not in theirs:
@@ -201,7 +209,9 @@ def output_kinds(teacher: Mapping[str, np.ndarray]) -> dict[str, str]:
     return kinds
 
 
-def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | None) -> np.ndarray | None:
+def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | None,
+                  classes: int = 0) -> np.ndarray | None:
+    """``labels`` as int64 class indices of ``logits`` (an output of ``classes`` columns), or a one-line ``DataError``."""
     if labels is None:
         return None
     labels = np.asarray(labels).reshape(-1)
@@ -211,6 +221,9 @@ def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | N
         raise DataError(f"{where}: labels given, but no model output is logits (2-D, one column per class)")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be integer class indices, not {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        wrong = labels.min() if labels.min() < 0 else labels.max()
+        raise DataError(f"{where}: label {wrong} is not a class of output '{logits}' (class indices 0..{classes - 1})")
     return labels.astype(np.int64)
 
 
@@ -371,7 +384,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
 
     # Chunks of samples whose inputs and teacher targets fit CHUNK_BYTES: one chunk is in memory at a
     # time (the only one is kept: the teacher runs once on a small training set).
-    probe_feed, _, probe_targets = load(rows, 0, min(n, batch_size))
+    probe_feed, _, probe_targets = load(rows, 0, min(n, max(batch_size, CHECK_SAMPLES)))
     probe_rows = len(next(iter(probe_targets.values())))
     per_sample = rows.sample_bytes + sum(a.nbytes for a in probe_targets.values()) // max(probe_rows, 1)
     chunk_rows = max(batch_size, CHUNK_BYTES // max(per_sample, 1))
@@ -380,10 +393,11 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     single = len(spans) == 1
     kinds = output_kinds({name: cache[0][2][name] for name in output_names})
     logits_name = next((name for name in output_names if kinds[name] in ("logits", "probabilities")), None)
+    classes = cache[0][2][logits_name].shape[1] if logits_name else 0
 
     def checked(loaded):
         feed, chunk_labels, targets = loaded
-        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name), targets
+        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name, classes), targets
 
     cache[0] = checked(cache[0])
 
@@ -400,7 +414,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     if eval is not None:
         eval_rows = sample_rows(eval, student_model, where="eval data")
         eval_pool, eval_labels, eval_teacher = load(eval_rows, 0, eval_rows.num_samples)
-        eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name)
+        eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name, classes)
         train_index = [rng.permutation(n)] if single else [np.arange(end - begin) for begin, end in spans]
     elif single:
         order = rng.permutation(n)

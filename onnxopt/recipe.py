@@ -192,6 +192,9 @@ class Recipe:
     @classmethod
     def _from_table(cls, table: Mapping[str, Any], where: str) -> Recipe:
         _known(table, where)
+        for name in ("data", "calibration", "train_data"):  # a file holds paths; arrays come by the API alone
+            if name in table and not isinstance(table[name], str):
+                raise OptionError(f"{where}: {name} = {table[name]!r}: give a file path as a string")
         recipe = cls(**table)
         recipe.check_options()
         return recipe

@@ -31,7 +31,7 @@ class LossyLayers:
     """The way back of a lossy pass that rewrites layers one by one (clustering, sparsity, low rank):
     after a run, ``units`` names the layers it changed (its ``details["layers"]`` keys: a weight's
     or a node's name), and ``excluding(units)`` is the same pass, leaving those alone. The pipeline's
-    accuracy budget (``onnxopt.budget``) undoes the most harmful layers with it, whatever the pass."""
+    accuracy budget (``onnxopt.fallback``) undoes the most harmful layers with it, whatever the pass."""
 
     exclude: frozenset[str] = frozenset()
 
