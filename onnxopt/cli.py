@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 from onnxopt import io
@@ -23,6 +24,14 @@ from onnxopt.target import TARGETS
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_RTOL, HALF_RTOL
 
 from onnxopt.terminal import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ArgumentParser, Progress, guarded
+
+
+def _or_auto(kind):
+    """An argparse type: a number of ``kind``, or ``auto`` (chosen per layer by measured sensitivity)."""
+    def parse(text: str):
+        return "auto" if text == "auto" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid float value"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", metavar="PATH", help="write the report as one self-contained HTML page, with per-layer charts")
     parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip validation under onnxruntime")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency comparison")
-    parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5)")
+    parser.add_argument("--latency-budget", type=float, default=5.0, metavar="S", help="seconds for the latency comparison (default 5; up to 3x that where "
+                             "the 6 pairs of an interval need it)")
     parser.add_argument("--in-place", action="store_true", help="allow the output to overwrite the input")
     parser.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of channels by importance (lossy; 'prune' pass)")
     parser.add_argument("--importance", default="l1", choices=("l1", "l2", "bn", "activation", "apoz", "entropy", "taylor", "fisher"),
@@ -98,14 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep in float: node name, op type or pattern (repeatable, comma-separated)")
     parser.add_argument("--max-drop", type=float, metavar="POINTS", help="a lossy run's budget: accuracy points the --eval labels may lose (int8 default 1.0); layers are undone until it holds")
     parser.add_argument("--min-cosine", type=float, metavar="C", help="a lossy run's budget without labels: least cosine per sample to the original (int8 default 0.99)")
-    parser.add_argument("--cluster-bits", type=int, metavar="B",
-                        help="weight clustering: a 2^B-entry codebook per weight (1: binary, 2: ternary; adds the 'cluster' pass; lossy)")
+    parser.add_argument("--cluster-bits", type=_or_auto(int), metavar="B",
+                        help="weight clustering: a 2^B-entry codebook per weight (1: binary, 2: ternary; adds the 'cluster' pass; "
+                             "lossy); auto: bits per layer by measured sensitivity under the budget")
     parser.add_argument("--cluster-per-channel", action="store_true", help="one codebook per output channel")
-    parser.add_argument("--sparsity", type=float, metavar="S",
-                        help="zero this fraction of each weight by magnitude, stored sparse (adds the 'sparsify' pass; lossy)")
+    parser.add_argument("--sparsity", type=_or_auto(float), metavar="S",
+                        help="zero this fraction of each weight by magnitude, stored sparse (adds the 'sparsify' pass; lossy); "
+                             "auto: per layer by measured sensitivity under the budget (--max-drop / --min-cosine, on --eval)")
     parser.add_argument("--sparsity-pattern", choices=("2:4",), help="N:M sparsity: keep the 2 largest of every 4")
-    parser.add_argument("--lowrank-energy", type=float, metavar="E",
-                        help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy)")
+    parser.add_argument("--lowrank-energy", type=_or_auto(float), metavar="E",
+                        help="factorize Gemm/MatMul/Conv weights keeping this fraction of spectral energy (adds 'lowrank'; lossy); "
+                             "auto: per layer by measured sensitivity under the budget, where the pair is faster too")
     parser.add_argument("--lowrank-ratio", type=float, metavar="R", help="factorize to about this fraction of each layer's weights")
     parser.add_argument("--precision", choices=("fp16", "bf16"),
                         help="convert weights and compute to half precision, inputs/outputs kept float32; float32 islands "
@@ -231,8 +244,12 @@ def _check_paths(args, output: str) -> None:
                                                   for f in sorted(io.referenced_files(args.model))]
     for flag in ("calibration", "data", "recipe", "train_data"):
         value = getattr(args, flag)
+        shown = f"--{'eval/--data' if flag == 'data' else flag.replace('_', '-')}"
         if value and value != "synthetic" and os.path.isfile(value):
-            inputs.append((f"the --{'eval/--data' if flag == 'data' else flag.replace('_', '-')} file", value))
+            inputs.append((f"the {shown} file", value))
+        elif value and value != "synthetic" and os.path.isdir(value):  # the files a data folder's reader reads
+            inputs += [(f"a file of the {shown} folder", str(f)) for pattern in ("*.npy", "input_*.pb", "test_data_set*/*.pb")
+                       for f in sorted(Path(value).glob(pattern))]
     for what, path in inputs:
         if same(output, path) and not (args.in_place and path == args.model):
             raise OutputPathError(f"{output}: refusing to overwrite {what}; choose another -o path")

@@ -101,11 +101,13 @@ class Dataset:
 
     @property
     def num_samples(self) -> int:
-        total = 0
-        for batch in self.batches:
-            first = next(iter(batch.values()), None)
-            total += 1 if first is None or first.ndim == 0 else first.shape[0]
-        return total
+        return sum(batch_samples(batch) for batch in self.batches)
+
+
+def batch_samples(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one batch as ``Dataset.num_samples`` counts them: its first input's first dim (1 for a scalar)."""
+    first = next(iter(feed.values()), None)
+    return 1 if first is None or np.ndim(first) == 0 else int(np.shape(first)[0])
 
 
 def feed_dims(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, int]:
@@ -266,7 +268,7 @@ def load_data(
     elif isinstance(source, Mapping):
         arrays, per_batch, name = dict(source), None, "data"
     elif isinstance(source, Iterable):
-        feeds = (dict(b) for b in source)
+        feeds = _feeds(source)
         arrays, per_batch, name = None, list(_first_samples(feeds, max_samples) if max_samples else feeds), "data"
     else:
         raise DataError(f"cannot read input data from {type(source).__name__}")
@@ -297,6 +299,16 @@ def load_data(
         if len(labels) != total:
             raise DataError(f"{name}: {len(labels)} labels for {total} samples")
     return Dataset(batches, labels, name)
+
+
+def _feeds(source: Iterable) -> Iterator[dict]:
+    """The batches of an iterable of feeds, each a dict; an item that is no mapping (a file name in
+    a list) is a one-line ``DataError``."""
+    for i, batch in enumerate(source):
+        if not isinstance(batch, Mapping):
+            raise DataError(f"data batch {i}: {type(batch).__name__} is not a mapping of input names to arrays "
+                            "(give a file path as one string, a dict of arrays, or an iterable of such dicts)")
+        yield dict(batch)
 
 
 def _first_samples(feeds: Iterable[dict], max_samples: int) -> Iterator[dict]:
@@ -683,7 +695,7 @@ def stream_data(
         if readers is not None:
             stream = _rows_stream(readers, specs, batch_size, str(path), max_samples)
     elif isinstance(source, Iterator):
-        stream = _iterator_stream(_first_samples(source, max_samples) if max_samples else source, specs)
+        stream = _iterator_stream(_first_samples(_feeds(source), max_samples) if max_samples else _feeds(source), specs)
     if stream is None:
         return load_data(source, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
     return stream

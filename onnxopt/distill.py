@@ -8,6 +8,9 @@ change, and they are written back into the same graph. Labels are optional (Hint
     probabilities (2-D rows of a softmax head): the same on log(p), logits up to a constant per row
     (an MSE on saturated probabilities has almost no gradient: it left a pruned PP-OCR classifier
     where it was)
+    embeddings (2-D rows of unit L2 norm: a sentence encoder's normalized output):  L_kd = mean(1 - cos(s, t))
+    per row (a KL on softmaxed embeddings, what a 2-D output would otherwise get as logits, ignores
+    their scale and is not what a user compares them by)
     other outputs (features, probabilities, boxes):  L_kd = mean((s - t)^2) / (var(t) + 1e-12)
     with labels:  L = alpha * CE(s, labels) + (1 - alpha) * L_kd, else L = L_kd (summed over outputs)
     intermediate matching (``features``):  L += w * mean over tensors f of mean((s_f - t_f[kept])^2) / var(t_f)
@@ -43,6 +46,9 @@ from onnxopt.errors import DataError, OptionError
 # The most bytes of one chunk of training samples, its inputs and the teacher's targets for them:
 # training holds one chunk (and the held-out samples, at most a chunk's rows), whatever the data's size.
 CHUNK_BYTES = 256 * 2**20
+# Samples on which the interpreter is proven equal to onnxruntime before training (``check_matches``):
+# enough that QDQ_MISMATCH_FRACTION (2%) allows the one rounding tie a QDQ graph may flip (32 allowed none).
+CHECK_SAMPLES = 64
 TEACHER_BATCH = 256
 
 
@@ -138,11 +144,16 @@ def feature_candidates(student: ir.Model, teacher: ir.Model, features: str | Seq
         names = [v.name for node in student.graph for v in node.outputs if v.name in probed]
     mine, theirs = _signatures(student), _signatures(teacher)
     outputs = {v.name for v in student.graph.outputs}
+    inputs = {v.name for v in teacher.graph.inputs}
     chosen, skipped = [], {}
     for name in dict.fromkeys(names):
         why = None
         if name in outputs:
             why = "is a graph output (matched as one)"
+        elif name in inputs:
+            why = "is a graph input (the same in both models: nothing to match)"
+        elif name not in theirs and name not in mine:
+            why = "is computed by no node of the input model (give the name of a node's output)"
         elif name not in mine:
             why = "is not computed by the student (a pass removed or renamed it)"
         elif name not in theirs:
@@ -184,18 +195,23 @@ def _check_feature_shapes(student, feed, targets, names, skipped, *, explicit: b
 
 def output_kinds(teacher: Mapping[str, np.ndarray]) -> dict[str, str]:
     """``logits`` for 2-D float outputs with more than one class that are not probabilities (rows
-    in [0, 1] summing to 1), ``probabilities`` for those that are; ``features`` for every other output."""
+    in [0, 1] summing to 1), ``probabilities`` for those that are, ``embeddings`` for those whose
+    rows all have unit L2 norm (an encoder's normalized output: compared by cosine, not by class);
+    ``features`` for every other output."""
     kinds = {}
     for name, t in teacher.items():
         kind = "features"
         if t.ndim == 2 and t.shape[1] > 1 and np.issubdtype(t.dtype, np.floating):
             probabilities = t.min() >= 0 and t.max() <= 1 and np.allclose(t.sum(axis=1), 1, atol=1e-3)
-            kind = "probabilities" if probabilities else "logits"
+            unit = len(t) > 0 and np.allclose(np.linalg.norm(t.astype(np.float64), axis=1), 1, atol=1e-3)
+            kind = "probabilities" if probabilities else "embeddings" if unit else "logits"
         kinds[name] = kind
     return kinds
 
 
-def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | None) -> np.ndarray | None:
+def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | None,
+                  classes: int = 0) -> np.ndarray | None:
+    """``labels`` as int64 class indices of ``logits`` (an output of ``classes`` columns), or a one-line ``DataError``."""
     if labels is None:
         return None
     labels = np.asarray(labels).reshape(-1)
@@ -205,6 +221,9 @@ def _check_labels(labels: np.ndarray | None, n: int, where: str, logits: str | N
         raise DataError(f"{where}: labels given, but no model output is logits (2-D, one column per class)")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be integer class indices, not {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        wrong = labels.min() if labels.min() < 0 else labels.max()
+        raise DataError(f"{where}: label {wrong} is not a class of output '{logits}' (class indices 0..{classes - 1})")
     return labels.astype(np.int64)
 
 
@@ -246,6 +265,7 @@ def distill(
     feature_weight: float = 1.0,
     kept_channels: Mapping[str, tuple[int, np.ndarray]] | None = None,
     boundaries: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> DistillResult:
     """Train ``student_model``'s weights (in place) to match ``teacher_model`` on ``train``.
 
@@ -274,6 +294,10 @@ def distill(
     ``PruneChannels.kept_channels`` records them; ``boundaries``: the candidates of ``auto``, as
     ``PruneChannels.boundaries``), by the normalized MSE of each, averaged and added to the
     output loss with weight ``feature_weight``.
+
+    ``outputs``: the graph outputs the loss matches (default: all), as ``--outputs`` names the ones
+    the budget judges: a sentence encoder is trained on its pooled ``sentence_embedding`` alone, not
+    on ``last_hidden_state``, whose padding positions carry no meaning.
     """
     import torch
 
@@ -288,14 +312,14 @@ def distill(
                         batch_size=batch_size, holdout=holdout, eval_every=eval_every, patience=patience,
                         weight_decay=weight_decay, cosine=cosine, device=device, providers=providers,
                         cluster_aware=cluster_aware, features=features, feature_weight=feature_weight,
-                        kept_channels=kept_channels, boundaries=boundaries)
+                        kept_channels=kept_channels, boundaries=boundaries, outputs=outputs)
     finally:
         torch.set_num_threads(previous)
 
 
 def _distill(student_model, teacher_model, train, *, steps, epochs, temperature, alpha, lr, seed, eval, labels,
              progress, batch_size, holdout, eval_every, patience, weight_decay, cosine, device, providers,
-             cluster_aware, features, feature_weight, kept_channels, boundaries) -> DistillResult:
+             cluster_aware, features, feature_weight, kept_channels, boundaries, outputs) -> DistillResult:
     import torch
     import torch.nn.functional as F
 
@@ -337,6 +361,11 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
         if len(labels) != n:
             raise DataError(f"train labels: {len(labels)} labels for {n} samples")
     output_names = [v.name for v in student_model.graph.outputs]
+    if outputs is not None:
+        unknown = [name for name in outputs if name not in output_names]
+        if unknown or not outputs:
+            raise OptionError(f"distill outputs: {unknown or 'none given'} not among the model's outputs {output_names}")
+        output_names = [name for name in output_names if name in set(outputs)]
     feature_names, skipped = ([], {}) if not features else feature_candidates(student_model, teacher_model, features,
                                                                               boundaries)
     teacher_session = create_session(_with_outputs(teacher_model, feature_names), providers=providers)
@@ -355,7 +384,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
 
     # Chunks of samples whose inputs and teacher targets fit CHUNK_BYTES: one chunk is in memory at a
     # time (the only one is kept: the teacher runs once on a small training set).
-    probe_feed, _, probe_targets = load(rows, 0, min(n, batch_size))
+    probe_feed, _, probe_targets = load(rows, 0, min(n, max(batch_size, CHECK_SAMPLES)))
     probe_rows = len(next(iter(probe_targets.values())))
     per_sample = rows.sample_bytes + sum(a.nbytes for a in probe_targets.values()) // max(probe_rows, 1)
     chunk_rows = max(batch_size, CHUNK_BYTES // max(per_sample, 1))
@@ -364,10 +393,11 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     single = len(spans) == 1
     kinds = output_kinds({name: cache[0][2][name] for name in output_names})
     logits_name = next((name for name in output_names if kinds[name] in ("logits", "probabilities")), None)
+    classes = cache[0][2][logits_name].shape[1] if logits_name else 0
 
     def checked(loaded):
         feed, chunk_labels, targets = loaded
-        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name), targets
+        return feed, _check_labels(chunk_labels, _count(feed), "train labels", logits_name, classes), targets
 
     cache[0] = checked(cache[0])
 
@@ -384,7 +414,7 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
     if eval is not None:
         eval_rows = sample_rows(eval, student_model, where="eval data")
         eval_pool, eval_labels, eval_teacher = load(eval_rows, 0, eval_rows.num_samples)
-        eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name)
+        eval_labels = _check_labels(eval_labels, _count(eval_pool), "eval labels", logits_name, classes)
         train_index = [rng.permutation(n)] if single else [np.arange(end - begin) for begin, end in spans]
     elif single:
         order = rng.permutation(n)
@@ -454,6 +484,8 @@ def _distill(student_model, teacher_model, train, *, steps, epochs, temperature,
                 s, t = as_logits(name, s, outs), as_logits(name, t)
                 total_loss = total_loss + F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
                                                    reduction="batchmean", log_target=True) * temperature**2
+            elif kinds[name] == "embeddings":
+                total_loss = total_loss + (1 - F.cosine_similarity(s.float(), t.float(), dim=1, eps=1e-12)).mean()
             else:
                 total_loss = total_loss + normalized_mse(s, t)
         if hard is not None and alpha > 0:

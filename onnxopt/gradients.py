@@ -54,6 +54,8 @@ def _loss_kinds(outputs: Mapping[str, np.ndarray], has_labels: bool) -> dict[str
     kinds = {}
     for name, kind in output_kinds(outputs).items():
         y = outputs[name]
+        if kind == "embeddings":  # as before distillation told them apart: the argmax's cross-entropy
+            kind = "logits"
         if kind == "features" and np.issubdtype(y.dtype, np.floating) and y.ndim >= 1 and y.shape[-1] > 1 and y.size:
             if y.min() >= 0 and y.max() <= 1 and np.allclose(y.sum(axis=-1), 1, atol=1e-3):
                 kind = "probabilities"

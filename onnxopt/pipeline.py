@@ -18,15 +18,18 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.budget import LossyFallback, judge, lossy_units
+from onnxopt.budget import judge
 from onnxopt.compressed_size import run_sizes
 from onnxopt.data import (Dataset, SampleRows, cannot_run, check_labels, feed_dims, head, input_specs, load_data,
                           parse_dims, sample_rows, timing_feed)
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
+from onnxopt.fallback import LossyFallback, lossy_units
 from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
-from onnxopt.passes import REGISTRY, ClusterWeights, FixInputShapes, PruneChannels, QuantizeQDQ, QuantizeWeightsInt4
+from onnxopt.passes import (REGISTRY, ClusterWeights, FixInputShapes, LowRankFactorize, PruneChannels, QuantizeQDQ,
+                             QuantizeWeightsInt4)
+from onnxopt.passes._base import AUTO
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.passes.prune_channels import DATA_CRITERIA
 from onnxopt.quantization import QuantizationStep
@@ -177,7 +180,7 @@ def _optimize(
     method) and judged as a lossy pass: ``max_drop`` accuracy points with labels, else ``min_cosine``
     per output; then, with ``speed_fallback`` (None: when ``latency`` is measured), layers whose int8
     kernels run slower than float (at the ``threads`` and the batch that latency is measured at) stay
-    float when that makes the model faster; see ``onnxopt.quantization``.
+    float when that makes the model faster; see ``onnxopt.quantization`` and ``onnxopt.speed_fallback``.
 
     ``target`` (``auto``, ``avx2``, ``avx512``, ``vnni``, ``arm64``, ``tensorrt``; see ``onnxopt.target``)
     is the machine a quantized model is made for: its int8 weights are those its kernels sum exactly.
@@ -253,10 +256,10 @@ def _optimize(
         if large and validate:
             reference_outputs = _reference_outputs(original, dataset, providers)
         elif validate and dataset.batches:  # the first batch's outputs, just computed, are the validation's too
-            reference_outputs = quantization.reference_outputs if quantization is not None else ReferenceOutputs()
+            reference_outputs = quantization.budget.reference_outputs if quantization is not None else ReferenceOutputs()
             reference_outputs.keep(0, first)
         if quantization is not None and reference_outputs is not None:  # its fallback judges against these
-            quantization.reference_outputs = reference_outputs
+            quantization.budget.reference_outputs = reference_outputs
         if large:
             original.release()  # its weights would sit beside each pass's and the candidate's
         if max_drop is not None and validate and dataset.labels is None:  # any lossy run, before any pass
@@ -271,6 +274,10 @@ def _optimize(
         if scalar:
             raise OptionError(f"--distill: input '{scalar[0]}' is a scalar (0-d); distillation needs inputs with a "
                               "first axis of samples")
+        if distill_features is not None and distill_features != "auto":  # a name no node computes: before any pass
+            from onnxopt.distill import feature_candidates
+
+            feature_candidates(working, working, distill_features)
         train = sample_rows(train_data, working, max_samples=max_samples)  # files: read a chunk at a time
     before = model_stats(working, dims=stat_dims)
     report = Report(model=label, output=None, before=before, after=before)
@@ -286,8 +293,12 @@ def _optimize(
     # reported, not judged by the lossless tolerance.
     report.lossy = any(getattr(p, "lossy", False) for p in pass_objects if not isinstance(p, QuantizeQDQ))
     # With a budget, lossy passes that rewrite layers one by one are judged by it and undone layer by
-    # layer while it misses (onnxopt.budget); without, they are reported, not judged.
-    budgeted = validate and (max_drop is not None or min_cosine is not None) and quantization is None
+    # layer while it misses (onnxopt.fallback); without, they are reported, not judged.
+    auto = [p for p in pass_objects if getattr(p, "per_layer", None) == AUTO]
+    if auto and not validate:
+        raise OptionError(f"{auto[0].name}: levels per layer by sensitivity (auto) are measured against the input "
+                          "model: not with validate=False (--no-validate)")
+    budgeted = validate and (max_drop is not None or min_cosine is not None or bool(auto)) and quantization is None
     undoable = lossy_units(pass_objects) if budgeted else []
     fallback_start = fallback_from = None
     for step, p in enumerate(pass_objects):
@@ -306,6 +317,13 @@ def _optimize(
         if _needs_grams(p):
             p.calibration_gram = gptq_grams(working, p, calibration if calibration is not None else data, dims, batch_size,
                                             providers, max_samples, progress)
+        if isinstance(p, LowRankFactorize) and calibration is not None and not p.activation_gram:
+            # activation-aware: the factors that keep the layer's output, not its weight (passes/lowrank.py)
+            p.activation_gram = gptq_grams(working, p, calibration, dims, batch_size, providers, max_samples, progress,
+                                           exclude_padding=True)
+        if p in auto:  # levels per layer by measured sensitivity, on the model as this pass receives it
+            _choose_levels(p, working, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
+                           outputs=outputs, feed=timed, threads=threads, progress=progress, notes=report.notes)
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -329,7 +347,7 @@ def _optimize(
             PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,
                 summary=getattr(p, "summary", "") or ("changed" if result.modified else "no change"),
-                after=after, details=dict(getattr(p, "details", {}) or {}),
+                after=after, details=_details(p),
             )
         )
         # Layers the quantization step kept float on purpose, it reports itself.
@@ -346,7 +364,7 @@ def _optimize(
         ran = [*pass_objects[:fallback_from], *rerun]
         for record, p in zip(report.passes[fallback_from:], rerun):
             record.summary = getattr(p, "summary", "") or record.summary
-            record.details = dict(getattr(p, "details", {}) or {})
+            record.details = _details(p)
             record.after = model_stats(working, dims=stat_dims) if p is rerun[-1] else record.after
         report.notes += _fallback_notes(fallback.details)
         if fallback.details.get("stuck"):
@@ -355,7 +373,7 @@ def _optimize(
         epochs, lr = _low_bit_defaults(pass_objects, epochs, steps, lr, report.notes)
         report.passes.append(distill_step(model, working, train, dict(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
-            batch_size=batch_size or 32, features=distill_features, feature_weight=feature_weight,
+            batch_size=batch_size or 32, features=distill_features, feature_weight=feature_weight, outputs=outputs,
             **(channel_map(ran) if distill_features else {})), progress, stat_dims))
         report.lossy = True
     precision_missed = None
@@ -372,13 +390,13 @@ def _optimize(
         candidate = ModelSnapshot(working)
         if validate:
             # The quantization step validated the model it settled on already: on the same data.
-            report.validation = quantization.validated(candidate, rtol, atol) if quantization is not None else None
+            report.validation = quantization.budget.validated(candidate, rtol, atol) if quantization is not None else None
             if report.validation is None:
                 report.validation = compare_models(
                     original, candidate, dataset, providers=providers, rtol=rtol, atol=atol,
                     runtime_floor=quantization is None and not report.lossy,
                     progress=(lambda i, n: progress("validate", i, n)) if progress else None,
-                    reference_outputs=quantization.reference_outputs if quantization is not None else reference_outputs,
+                    reference_outputs=quantization.budget.reference_outputs if quantization is not None else reference_outputs,
                     judged_outputs=outputs,
                 )
             if large:
@@ -410,7 +428,7 @@ def _optimize(
         elif latency and (report.validation is None or report.validation.error is None):
             report.latency = compare_latency(
                 original, candidate, timed, providers=providers, threads=threads,
-                budget_seconds=latency_budget,
+                budget_seconds=latency_budget, stretch=LATENCY_STRETCH,
                 progress=(lambda i, t: progress("latency", int(t), int(latency_budget))) if progress else None,
             )
         if quantization is not None:
@@ -436,6 +454,33 @@ def _fallback_notes(details: dict) -> list[str]:
             notes.append(f"budget: {label.format(plural(len(kept), 'layer'))}: {', '.join(k['unit'] for k in kept[:6])}"
                          f"{' …' if len(kept) > 6 else ''} ({details['figure']})")
     return notes
+
+
+def _details(p) -> dict:
+    """A pass's details for its record, with the sensitivity search that chose its levels (``auto``)."""
+    details = dict(getattr(p, "details", {}) or {})
+    if getattr(p, "sensitivity", None):
+        details["sensitivity"] = p.sensitivity
+    return details
+
+
+def _choose_levels(p, working: ir.Model, original: ModelSnapshot, dataset: Dataset, *, max_drop, min_cosine, providers,
+                   outputs, feed, threads, progress, notes: list[str]) -> None:
+    """Fill ``p.per_layer`` (``auto``) by measured sensitivity under the budget (``onnxopt.sensitivity``);
+    a ``lowrank`` pass keeps only the layers whose two kernels run faster than the one (on ``feed``)."""
+    from onnxopt.sensitivity import choose_levels, keep_faster
+
+    search = choose_levels(working, p, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
+                           judged_outputs=outputs, progress=progress)
+    if isinstance(p, LowRankFactorize):
+        if feed is None:
+            search.note += "; not timed (no data to time on): layers kept by size and error alone"
+        elif resolve_providers(providers)[0] != "CPUExecutionProvider":
+            search.note += f"; not timed: per-layer kernel times are CPU only, not {resolve_providers(providers)[0]}"
+        else:
+            search = keep_faster(working, p, search, feed, providers, 1 if threads is None else threads)
+    p.per_layer, p.sensitivity = search.per_layer, search.details
+    notes.append(search.note)
 
 
 def _precision_step(working: ir.Model, precision: str, dataset: Dataset | None, providers, min_cosine: float | None,
@@ -470,10 +515,15 @@ LOW_BIT_EPOCHS = 60
 LOW_BIT_LR = 3e-3
 
 
+# The side-by-side latency may run past --latency-budget, up to this many times it, to reach the 6
+# pairs of a ratio with an interval (a 320x320 detector at batch 2 on a loaded machine: 0.2 s a call).
+LATENCY_STRETCH = 3.0
+
+
 def _low_bit_defaults(pass_objects, epochs: int | None, steps: int | None, lr: float, notes: list[str]) -> tuple:
     """``(epochs, lr)`` for distillation: the low-bit defaults where a ``cluster`` pass of 1 or 2 bits
     ran and the caller left either at its default (``epochs``/``steps`` None, ``lr`` 1e-3), else as given."""
-    low = [p.bits for p in pass_objects if isinstance(p, ClusterWeights) and p.bits <= 2]
+    low = [b for b in (_least_bits(p) for p in pass_objects if isinstance(p, ClusterWeights)) if b is not None and b <= 2]
     default_lr = Recipe().lr
     if not low or (epochs is not None or steps is not None) and lr != default_lr:
         return epochs, lr
@@ -499,6 +549,13 @@ def channel_map(passes: Sequence) -> dict:
     for p in pruners:
         kept = compose_kept(kept, p.kept_channels)
     return {"kept_channels": kept, "boundaries": list(dict.fromkeys(b for p in pruners for b in p.boundaries))}
+
+
+def _least_bits(p: ClusterWeights) -> int | None:
+    """The fewest bits a cluster pass gives a layer (None: it changes none)."""
+    if isinstance(p.per_layer, dict):
+        return min(p.per_layer.values(), default=None)
+    return p.bits
 
 
 def distill_step(model, working: ir.Model, train: Dataset | SampleRows, options: dict, progress: Progress | None,
@@ -733,7 +790,8 @@ def _needs_grams(p) -> bool:
 def gptq_grams(model: ir.Model, int4: QuantizeWeightsInt4, data, dims, batch_size, providers,
                max_samples: int | None = None, progress: Progress | None = None,
                exclude_padding: bool = False) -> dict[str, np.ndarray]:
-    """Weight name -> ``X^T X`` of its MatMul/Gemm's activation input over ``data``, for GPTQ: one
+    """Weight name -> ``X^T X`` of its MatMul/Gemm's activation input over ``data``, for GPTQ (and the
+    activation-aware ``lowrank``: any pass with ``gram_needs``): one
     streamed run (``onnxopt.calibrate.gram_matrices``) for every input; weights that read the same
     input share its matrix. With ``exclude_padding``, padding positions are left out where the model
     has an attention-mask input (``onnxopt.validate.mask_input``) and the tensor is laid out

@@ -9,7 +9,7 @@ misses the budget it measures each converted node:
 - a node whose half-precision output is NaN/inf where float32 is finite, while its inputs are finite,
   is an overflow's source: those nodes are kept float32 first, and the measure is taken again;
 - else each converted node's harm is the SQNR its output loses against its inputs' worst (inputs at
-  60 dB or more count as 60 dB, as ``onnxopt.quantization`` does), and the most harmful nodes are kept
+  60 dB or more count as 60 dB, as ``onnxopt.sqnr`` does), and the most harmful nodes are kept
   float32 in growing sets (1, 2, 4, ... up to ``max_islands``) until the budget holds.
 
 Every island comes back with its reason. On CPU onnxruntime lacks most float16 kernels and inserts

@@ -14,7 +14,7 @@ The search is cheap where it can be: a setting's storage hardly depends on disti
 tensors and their shapes are the same; only the clusters' frequencies, which the Huffman codes
 follow, differ: 2571 vs 2577 bytes on the digits CNN), so every setting is first sized without
 distillation, and the distilled runs go smallest first, stopping at the first that meets the
-budget; the chosen run's own storage is what the report gives. Where none does, the mildest setting runs again with the budget (``onnxopt.budget``: the
+budget; the chosen run's own storage is what the report gives. Where none does, the mildest setting runs again with the budget (``onnxopt.fallback``: the
 layers that harm most are kept as they were, judged before distillation, then distilled).
 
 The accuracy that selects is measured on ``--eval``: a figure chosen on the data it is reported on

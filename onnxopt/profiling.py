@@ -17,7 +17,7 @@ these figures are confirmed.
 
 from __future__ import annotations
 
-__all__ = ["kernel_times", "layer_times"]
+__all__ = ["kernel_times", "layer_times", "named_nodes"]
 
 import json
 import os
@@ -103,6 +103,20 @@ def _medians(events: list[dict], runs: int) -> dict[str, float]:
         if e.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX) and e.get("ts", 0) >= cutoff:
             durations[name[: -len(_KERNEL_SUFFIX)]].append(float(e.get("dur", 0)))
     return {name: float(np.median(d)) for name, d in durations.items()}
+
+
+def named_nodes(model: ir.Model) -> ir.Model:
+    """``model``, or a copy whose unnamed nodes are named by their labels (``node_label``): onnxruntime
+    reports kernel times by node name."""
+    from onnxopt.passes.quantize import node_label
+
+    if all(node.name for node in model.graph):
+        return model
+    copy = model.clone()
+    for node in copy.graph:
+        if not node.name:
+            node.name = node_label(node)
+    return copy
 
 
 def layer_times(model: ir.Model, times: Mapping[str, float], layers: Iterable[str]) -> dict[str, float]:

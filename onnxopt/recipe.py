@@ -50,6 +50,7 @@ from onnxopt.passes import (
     QuantizeWeightsInt4,
     SparsifyWeights,
 )
+from onnxopt.passes._base import AUTO
 from onnxopt.validate import DEFAULT_ATOL
 
 DEFAULT_PASSES = ("simplify", "fold-bn", "prune", "share-init")
@@ -158,12 +159,13 @@ class Recipe:
     # intermediate matching: "auto" (the channel groups' boundaries) or tensor names, and its weight
     distill_features: str | Sequence[str] | None = None
     feature_weight: float = 1.0
-    # the rest of the compression family (lossy: reported, not judged by the lossless tolerance)
-    cluster_bits: int | None = None
+    # the rest of the compression family (lossy: reported, not judged by the lossless tolerance);
+    # "auto": per layer by measured sensitivity under the budget (onnxopt.sensitivity)
+    cluster_bits: int | str | None = None
     cluster_per_channel: bool = False
-    sparsity: float | None = None
+    sparsity: float | str | None = None
     sparsity_pattern: str | None = None
-    lowrank_energy: float | None = None
+    lowrank_energy: float | str | None = None
     lowrank_ratio: float | None = None
 
     # -- building -----------------------------------------------------------------------------------
@@ -191,6 +193,9 @@ class Recipe:
     @classmethod
     def _from_table(cls, table: Mapping[str, Any], where: str) -> Recipe:
         _known(table, where)
+        for name in ("data", "calibration", "train_data"):  # a file holds paths; arrays come by the API alone
+            if name in table and not isinstance(table[name], str):
+                raise OptionError(f"{where}: {name} = {table[name]!r}: give a file path as a string")
         recipe = cls(**table)
         recipe.check_options()
         return recipe
@@ -284,16 +289,30 @@ class Recipe:
                 raise OptionError(f"{flag} {value:g}: must be in {'(' if low_open else '['}{low:g}, {high:g}"
                                   f"{')' if high_open else ']'}")
 
-        number("--cluster-bits", self.cluster_bits, 1, 8, whole=True)
-        number("--sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        autos = self.auto_levels()
+        if autos and self.data is None:
+            raise OptionError(f"{autos[0]} auto measures each layer on --eval (or --data): give it")
+        if autos and not self.validate:
+            raise OptionError(f"{autos[0]} auto measures each layer against the input model: not with --no-validate")
+        if self.sparsity == AUTO and self.sparsity_pattern is not None:
+            raise OptionError("--sparsity auto chooses a sparsity per layer; --sparsity-pattern 2:4 fixes one: give one")
+        if self.lowrank_energy == AUTO and self.lowrank_ratio is not None:
+            raise OptionError("--lowrank-energy auto and --lowrank-ratio both set the rank: give one")
+        number("--cluster-bits", _fixed(self.cluster_bits), 1, 8, whole=True)
+        number("--sparsity", _fixed(self.sparsity), 0.0, 1.0, high_open=True)
         if self.lowrank_energy == 0:
             raise OptionError("--lowrank-energy 0: keeps nothing; give a fraction in (0, 1]")
-        number("--lowrank-energy", self.lowrank_energy, 0.0, 1.0, low_open=True)
+        number("--lowrank-energy", _fixed(self.lowrank_energy), 0.0, 1.0, low_open=True)
         number("--lowrank-ratio", self.lowrank_ratio, 0.0, 1.0, low_open=True, high_open=True)
         if self.sparsity_pattern not in (None, "2:4"):
             raise OptionError(f"--sparsity-pattern {self.sparsity_pattern!r}: not one of 2:4")
         if not isinstance(self.cluster_per_channel, bool):
             raise OptionError(f"cluster_per_channel: must be true or false, not {self.cluster_per_channel!r}")
+
+    def auto_levels(self) -> list[str]:
+        """The flags set to ``auto`` (levels per layer chosen by measured sensitivity)."""
+        return [flag for flag, value in (("--sparsity", self.sparsity), ("--cluster-bits", self.cluster_bits),
+                                         ("--lowrank-energy", self.lowrank_energy)) if value == AUTO]
 
     def pass_list(self) -> list[str | ir.passes.PassBase]:
         """The passes in order, names or objects: ``quantize int8`` adds its pass (with the default
@@ -359,12 +378,18 @@ class Recipe:
                                    fallback=self.int4_fallback)
 
     def _cluster_pass(self) -> ClusterWeights:
+        if self.cluster_bits == AUTO:
+            return ClusterWeights(per_channel=self.cluster_per_channel, per_layer=AUTO)
         return ClusterWeights(bits=4 if self.cluster_bits is None else self.cluster_bits, per_channel=self.cluster_per_channel)
 
     def _sparsify_pass(self) -> SparsifyWeights:
+        if self.sparsity == AUTO:
+            return SparsifyWeights(per_layer=AUTO)
         return SparsifyWeights(sparsity=0.5 if self.sparsity is None else self.sparsity, pattern=self.sparsity_pattern)
 
     def _lowrank_pass(self) -> LowRankFactorize:
+        if self.lowrank_energy == AUTO:
+            return LowRankFactorize(per_layer=AUTO)
         return LowRankFactorize(energy=0.9 if self.lowrank_energy is None else self.lowrank_energy, ratio=self.lowrank_ratio)
 
     def _quantize_pass(self) -> QuantizeQDQ:
@@ -406,6 +431,11 @@ class Recipe:
                 raise OptionError(f"--save-recipe: pass {getattr(p, 'name', type(p).__name__)!r} is an object with "
                                   "options a recipe cannot hold; name it from onnxopt.passes.REGISTRY instead")
         return names
+
+
+def _fixed(value):
+    """A level as ``number`` checks it: ``auto`` is checked apart; any other string is refused there."""
+    return None if value == AUTO else value
 
 
 def _known(names: Mapping[str, Any], where: str) -> None:

@@ -454,8 +454,9 @@ def _squeeze(inputs, attrs, node):
     return x.squeeze(tuple(a % x.ndim for a in axes))
 
 
-@_op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+@_op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare")
 def _reduce(inputs, attrs, node):
+    """The Reduce* ops; ReduceL2 is the norm a sentence encoder divides its pooled embedding by."""
     x = inputs[0]
     axes = _axes(inputs, attrs)
     keep = bool(attrs.get("keepdims", 1))
@@ -468,6 +469,10 @@ def _reduce(inputs, attrs, node):
         return x.mean(dim=dims, keepdim=keep)
     if node.op_type == "ReduceSum":
         return x.sum(dim=dims, keepdim=keep)
+    if node.op_type in ("ReduceL2", "ReduceL1"):  # vector_norm: a zero vector's gradient is 0, not NaN
+        return torch.linalg.vector_norm(x, 2 if node.op_type == "ReduceL2" else 1, dim=dims, keepdim=keep)
+    if node.op_type == "ReduceSumSquare":
+        return (x * x).sum(dim=dims, keepdim=keep)
     return (x.amax if node.op_type == "ReduceMax" else x.amin)(dim=dims, keepdim=keep)
 
 
@@ -478,6 +483,14 @@ def _expand(inputs, attrs, node):
     shape = [1] * (rank - len(shape)) + shape
     dims = [1] * (rank - x.ndim) + list(x.shape)
     return x.reshape(dims).expand([max(a, b) for a, b in zip(dims, shape)])
+
+
+@_op("Range")
+def _range(inputs, attrs, node):
+    """start, start + delta, ... below ``limit`` (the position ids of a transformer's embeddings)."""
+    start, limit, delta = (t.reshape(()) for t in inputs[:3])
+    values = torch.arange(start.item(), limit.item(), delta.item(), device=start.device)
+    return values.to(start.dtype)
 
 
 @_op("CumSum")

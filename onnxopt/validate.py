@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from onnxopt.data import Dataset, cannot_run, check_labels
+from onnxopt.data import Dataset, batch_samples, cannot_run, check_labels
 from onnxopt.errors import one_line
 from onnxopt.report import OutputComparison, Validation
 from onnxopt.runtime import ModelSnapshot, resolve_providers, run_session
@@ -74,13 +74,18 @@ class OutputAccumulator:
         self.sample_cos_count = 0
         self.sample_cos_worst = float("inf")
         self.rows_seen = 0  # rows of the first axis so far: the next row's index over the whole data
+        self.rows_per_batch = True  # each batch's output ran over as many rows as the batch has samples
         self.worst_rows: list[tuple[float, int]] = []  # the least per-sample cosines and their rows
         self.masked = 0  # values left out as padding
 
-    def update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None,
+               samples: int | None = None) -> None:
         """Add one batch; ``mask`` ([B, S], nonzero where real) leaves padding out when the output's
-        leading dims are [B, S]."""
+        leading dims are [B, S]; ``samples``: the batch's samples (its output's rows are named as
+        samples only where each batch's are as many)."""
         self.dtype = ref.dtype if self.dtype is None else self.dtype
+        if samples is not None and (ref.ndim == 0 or ref.shape[0] != samples):
+            self.rows_per_batch = False
         if ref.shape != cand.shape:
             self.shape_error = f"shape {list(cand.shape)} != reference {list(ref.shape)}"
             return
@@ -171,8 +176,9 @@ class OutputAccumulator:
     def result(self, rtol: float | None, atol: float, floor: float | None = None, samples: int | None = None) -> OutputComparison:
         """The figures and the verdict; ``rtol=None`` takes the default for the output's dtype.
         ``samples``: the data's sample count; the worst samples are named only where the output's
-        first axis ran over exactly that many rows (its rows are the data's samples)."""
-        rows_are_samples = samples is not None and self.rows_seen == samples
+        first axis ran over exactly that many rows, each batch's as many as the batch's samples (its
+        rows are the data's samples)."""
+        rows_are_samples = samples is not None and self.rows_seen == samples and self.rows_per_batch
         if rtol is None:
             rtol = default_rtol(self.dtype) if self.dtype is not None else DEFAULT_RTOL
         if self.shape_error:
@@ -277,7 +283,7 @@ def compare_models(
             check_labels(data.labels, np.asarray(ref_out[ref_names[0]]), ref_names[0], data.source)
         mask = np.asarray(feed[mask_name]) if mask_name is not None and mask_name in feed else None
         for name in ref_names:
-            accumulators[name].update(np.asarray(ref_out[name]), np.asarray(cand_out[name]), mask)
+            accumulators[name].update(np.asarray(ref_out[name]), np.asarray(cand_out[name]), mask, batch_samples(feed))
         if data.labels is not None:
             ref_logits.append(np.asarray(ref_out[ref_names[0]]))
             cand_logits.append(np.asarray(cand_out[ref_names[0]]))

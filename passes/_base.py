@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "OnnxoptPass", "NameScope", "constant_array", "replace_weight", "drop_if_unused", "graphs_of", "channel_abs_max",
+    "AUTO", "OnnxoptPass", "NameScope", "constant_array", "replace_weight", "drop_if_unused", "graphs_of", "channel_abs_max",
     "along_axis",
 ]
 
@@ -31,7 +31,7 @@ class LossyLayers:
     """The way back of a lossy pass that rewrites layers one by one (clustering, sparsity, low rank):
     after a run, ``units`` names the layers it changed (its ``details["layers"]`` keys: a weight's
     or a node's name), and ``excluding(units)`` is the same pass, leaving those alone. The pipeline's
-    accuracy budget (``onnxopt.budget``) undoes the most harmful layers with it, whatever the pass."""
+    accuracy budget (``onnxopt.fallback``) undoes the most harmful layers with it, whatever the pass."""
 
     exclude: frozenset[str] = frozenset()
 
@@ -44,6 +44,48 @@ class LossyLayers:
         new.exclude = frozenset(self.exclude) | set(units)
         new.details, new.summary = {}, ""
         return new
+
+    # Per-layer levels (sparsity, bits, energy: each pass's own), mildest first: the candidates a
+    # search by measured sensitivity (``onnxopt.sensitivity``) tries on each layer.
+    LEVELS: tuple = ()
+    # ``per_layer``: unit -> level, only those units rewritten (each at its level); None: every layer
+    # at the pass's one setting; ``AUTO``: to be chosen from data before the pass runs.
+    per_layer: dict | str | None = None
+
+    LEVEL_FIELD: str = ""  # the attribute that holds the pass's one setting: "sparsity", "bits", "energy"
+
+    def uniform(self, level) -> LossyLayers:
+        """The same pass with every layer at ``level`` (no ``per_layer``)."""
+        new = copy.copy(self)
+        new.per_layer = None
+        setattr(new, self.LEVEL_FIELD, level)
+        new.details, new.summary = {}, ""
+        return new
+
+    def at_levels(self, per_layer) -> LossyLayers:
+        """The same pass rewriting exactly the units ``per_layer`` names, each at its level."""
+        new = copy.copy(self)
+        new.per_layer = dict(per_layer)
+        new.details, new.summary = {}, ""
+        return new
+
+    def _check_levels(self) -> None:
+        if self.per_layer == AUTO:
+            raise ValueError(f"{self.name}: per_layer='auto' is chosen from data by onnxopt.optimize "
+                             "(onnxopt.sensitivity); give a mapping of layer -> level to run the pass alone")
+
+    def _level(self, *keys: str, default):
+        """The level of the first of ``keys`` that ``per_layer`` names (else ``default``), and whether
+        the layer is to be rewritten at all (with ``per_layer``, only the units it names are)."""
+        if not isinstance(self.per_layer, dict):
+            return default, True
+        for key in keys:
+            if key in self.per_layer:
+                return self.per_layer[key], True
+        return default, False
+
+
+AUTO = "auto"
 
 
 class LossyNodes:

@@ -112,10 +112,14 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
     - ``per_channel`` (and always for bits 1 and 2) needs the readers to agree on the output-channel
       axis; where they do not (or for sparse values) one codebook serves the tensor;
     - at most 2^bits distinct values (per channel where per channel): reproduced exactly;
-    - deterministic: k-means++ draws from ``seed``.
+    - deterministic: k-means++ draws from ``seed``;
+    - ``per_layer`` (weight or node name -> bits; ``onnxopt.sensitivity`` chooses it by measured
+      sensitivity): only those weights, each at its own bits.
     """
 
     name = "cluster"
+    LEVEL_FIELD = "bits"
+    LEVELS = (8, 6, 5, 4, 3, 2, 1)
 
     @property
     def lossy(self) -> bool:
@@ -130,10 +134,13 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         layers: list[str] | None = None,
         min_elements: int = 64,
         seed: int = 0,
+        per_layer: dict[str, int] | str | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
             raise ValueError(f"bits must be 1..8, got {bits}")
+        if isinstance(per_layer, dict) and not all(isinstance(b, int) and 1 <= b <= 8 for b in per_layer.values()):
+            raise ValueError(f"per_layer bits must be 1..8, got {per_layer}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         self.bits = bits
@@ -142,9 +149,17 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         self.layers = set(layers) if layers is not None else None
         self.min_elements = min_elements
         self.seed = seed
+        self.per_layer = dict(per_layer) if isinstance(per_layer, dict) else per_layer
+
+    def _bits(self, weight: Weight) -> int | None:
+        """The weight's bits (None: ``per_layer`` leaves it alone)."""
+        bits, named = self._level(weight.name, *(n.name for n in weight.readers if n.name), default=self.bits)
+        return int(bits) if named else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self._check_levels()
         weights, skipped = find_weights(model, self.layers, self.min_elements)
+        weights = [w for w in weights if self._bits(w) is not None]
         skipped.update({w.name: "kept for the accuracy budget" for w in weights if w.name in self.exclude})
         weights = [w for w in weights if w.name not in self.exclude]
         self.details = {"bits": self.bits, "layers": {}, "skipped": skipped}
@@ -153,59 +168,61 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
         before = after = 0
         for weight in weights:
             names = scopes.setdefault(id(weight.graph), NameScope(weight.graph))
-            record = self._apply(weight, names)
+            record = self._apply(weight, names, self._bits(weight))
             self.details["layers"][weight.name] = record
             before += record["bytes_before"]
             after += record["bytes_after"]
+        values = (f"{2 ** self.bits} values" if self.per_layer is None else
+                  f"per layer {'/'.join(str(b) for b in sorted({self._bits(w) for w in weights}, reverse=True))} bits")
         self.summary = (
-            f"clustered {len(weights)} weights to {2 ** self.bits} values"
+            f"clustered {len(weights)} weights to {values}"
             f"{' per channel' if self.per_channel else ''}; weights {before:,} -> {after:,} bytes"
         )
         return ir.passes.PassResult(model, modified=bool(weights))
 
-    def _encode_with_zero(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    def _encode_with_zero(self, w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, str]:
         """A codebook for sparse values with fillers: the non-zeros' centroids and an exact 0."""
         nonzero = w != 0
-        if np.unique(w).size <= 2 ** self.bits:
-            return self._encode(w)
-        k = max(1, 2 ** self.bits - 1) if self.bits > 2 else None
-        centroids, labels, mode = self._encode(w[nonzero], k)
+        if np.unique(w).size <= 2 ** bits:
+            return self._encode(w, bits)
+        k = max(1, 2 ** bits - 1) if bits > 2 else None
+        centroids, labels, mode = self._encode(w[nonzero], bits, k)
         book = np.unique(np.concatenate([centroids, np.zeros(1, dtype=w.dtype)]))
         codes = np.zeros(w.shape, dtype=np.int64)
         codes[nonzero] = np.searchsorted(book, centroids)[labels]
         codes[~nonzero] = np.searchsorted(book, np.zeros((), dtype=w.dtype))
         return book, codes, mode + " + zero"
 
-    def _encode(self, w: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    def _encode(self, w: np.ndarray, bits: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
         """One codebook for ``w``: ``(centroids, labels, mode)``; ``k`` centroids (default 2^bits)."""
-        k = 2 ** self.bits if k is None else k
+        k = 2 ** bits if k is None else k
         if np.unique(w).size <= k:
             centroids, labels = kmeans_1d(w, k)
             return centroids, labels, "exact"
-        if self.bits == 1:
+        if bits == 1:
             return (*_binary(w), "binary")
-        if self.bits == 2:
+        if bits == 2:
             return (*_ternary(w), "ternary")
         return (*kmeans_1d(w, k, self.init, self.seed), "kmeans")
 
-    def _apply(self, weight: Weight, names: NameScope) -> dict:
+    def _apply(self, weight: Weight, names: NameScope, bits: int) -> dict:
         w = weight.array
-        axis = output_axis(weight) if (self.per_channel or self.bits <= 2) else None
-        if axis is not None and np.unique(w).size <= 2 ** self.bits:
+        axis = output_axis(weight) if (self.per_channel or bits <= 2) else None
+        if axis is not None and np.unique(w).size <= 2 ** bits:
             axis = None  # the whole tensor fits one exact codebook
         if axis is None and weight.sparse_values and not w.all():
-            centroids, labels, mode = self._encode_with_zero(w)
+            centroids, labels, mode = self._encode_with_zero(w, bits)
             codebook = centroids
             codes = labels
         elif axis is None:
-            centroids, labels, mode = self._encode(w)
+            centroids, labels, mode = self._encode(w, bits)
             codebook = centroids
             codes = labels
         else:
             channels = np.moveaxis(w, axis, 0)
             books, code_list, modes = [], [], set()
             for channel in channels:
-                c, lab, mode = self._encode(channel)
+                c, lab, mode = self._encode(channel, bits)
                 books.append(c)
                 code_list.append(lab)
                 modes.add(mode)
@@ -213,19 +230,19 @@ class ClusterWeights(LossyLayers, OnnxoptPass):
             codebook = np.stack([np.concatenate([b, np.full(k - b.size, b[-1], dtype=w.dtype)]) for b in books])
             codes = np.moveaxis(np.stack(code_list), 0, axis)
             mode = "/".join(sorted(modes))
-        bits = packed_bits(codebook.shape[-1]) if self._compact else 8
-        if bits < 8 and codes.size - -(-codes.size * bits // 8) <= decoder_bytes(weight.name, 2 * (8 // bits)):
-            bits = 8  # the unpacking nodes would take more of the file than packing saves
-        decoded = self._insert(weight, codebook, codes.astype(np.uint8), axis, names, bits)
+        code_bits = packed_bits(codebook.shape[-1]) if self._compact else 8
+        if code_bits < 8 and codes.size - -(-codes.size * code_bits // 8) <= decoder_bytes(weight.name, 2 * (8 // code_bits)):
+            code_bits = 8  # the unpacking nodes would take more of the file than packing saves
+        decoded = self._insert(weight, codebook, codes.astype(np.uint8), axis, names, code_bits)
         approx = codebook.reshape(-1)[codes if axis is None else codes + self._offsets(codebook, axis, w.ndim)]
         err = approx.astype(np.float64) - w
         norm = float(np.linalg.norm(w.astype(np.float64)))
         record = {
             "shape": list(w.shape), "mode": mode, "clusters": int(codebook.shape[-1]),
-            "per_channel": axis is not None,
+            "per_channel": axis is not None, "bits": bits,
             "bytes_before": int(w.nbytes),
-            "code_bits": bits,
-            "bytes_after": int(-(-codes.size * bits // 8) + codebook.nbytes + (8 * codebook.shape[0] if axis is not None else 0)),
+            "code_bits": code_bits,
+            "bytes_after": int(-(-codes.size * code_bits // 8) + codebook.nbytes + (8 * codebook.shape[0] if axis is not None else 0)),
             "max_abs_error": float(np.abs(err).max()),
             "relative_error": float(np.linalg.norm(err) / norm) if norm else 0.0,
         }

@@ -104,14 +104,20 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
       explicit pads (no auto_pad);
     - rewritten only where the pair has fewer weights (r < n_in n_out / (n_in + n_out));
     - ``layers`` names weights or nodes (None: all); weights below ``min_params`` are left alone;
-    - ``activation_gram``: weight name -> XᵀX of that layer's inputs (n_in x n_in), optional.
+    - ``activation_gram``: weight name -> XᵀX of that layer's inputs (n_in x n_in), optional;
+    - ``per_layer`` (weight or node name -> energy; ``onnxopt.sensitivity`` chooses it by measured
+      sensitivity): only those layers, each keeping its own fraction of energy (``ratio`` unused).
     """
 
     name = "lowrank"
+    LEVEL_FIELD = "energy"
+    LEVELS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 
     @property
     def lossy(self) -> bool:
         """A truncated factorization changes outputs; the full rank (energy 1, no ratio) does not."""
+        if self.per_layer is not None:
+            return not isinstance(self.per_layer, dict) or any(e < 1.0 for e in self.per_layer.values())
         return not (self.ratio is None and self.energy >= 1.0)
 
     def __init__(
@@ -121,6 +127,7 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         layers: list[str] | None = None,
         min_params: int = 1024,
         activation_gram: dict[str, np.ndarray] | None = None,
+        per_layer: dict[str, float] | str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < energy <= 1.0:
@@ -132,8 +139,36 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         self.layers = set(layers) if layers is not None else None
         self.min_params = min_params
         self.activation_gram = dict(activation_gram or {})
+        if isinstance(per_layer, dict) and not all(0.0 < e <= 1.0 for e in per_layer.values()):
+            raise ValueError(f"per_layer energy must be in (0, 1], got {per_layer}")
+        self.per_layer = dict(per_layer) if isinstance(per_layer, dict) else per_layer
+
+    def gram_needs(self, model: ir.Model) -> dict[str, str]:
+        """Weight name -> the activation whose ``XᵀX`` the activation-aware form needs: the input of
+        each MatMul, and of each Gemm without transA, that this pass may factorize (a Conv's would
+        be its im2col patches: not gathered, so Conv layers keep the weight-error form)."""
+        needs = {}
+        for graph in graphs_of(model):
+            for node in graph:
+                if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+                    continue
+                weight, x = node.inputs[1], node.inputs[0]
+                if weight is None or x is None or not weight.name or not x.name or weight.name in self.activation_gram:
+                    continue
+                if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+                    continue
+                array = constant_array(weight)
+                if array is not None and array.ndim == 2 and array.dtype.kind == "f" and array.size >= self.min_params:
+                    needs[weight.name] = x.name
+        return needs
+
+    def uniform(self, level) -> LowRankFactorize:
+        new = super().uniform(level)
+        new.ratio = None
+        return new
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self._check_levels()
         self.details = {"layers": {}, "skipped": {}}
         done = 0
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
@@ -147,6 +182,9 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
                     continue
                 key = weight.name or node.name
                 if self.layers is not None and weight.name not in self.layers and node.name not in self.layers:
+                    continue
+                self._energy, named = self._level(key, node.name, default=self.energy)
+                if not named:
                     continue
                 if key in self.exclude or node.name in self.exclude:
                     self.details["skipped"][key] = "kept for the accuracy budget"
@@ -164,7 +202,9 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
                         continue
                 if reason != "small":
                     self.details["skipped"][key] = reason
-                    logger.warning("lowrank: %s %s left alone: %s", node.op_type, key, reason)
+                    # two activations multiplied (attention's Q·Kᵀ) are no layer to factorize: not worth a warning
+                    log = logger.debug if weight.producer() is not None and weight.producer().op_type != "Constant" else logger.warning
+                    log("lowrank: %s %s left alone: %s", node.op_type, key, reason)
         before = sum(r["params_before"] for r in self.details["layers"].values())
         after = sum(r["params_after"] for r in self.details["layers"].values())
         self.summary = f"factorized {done} layers; their weights {before:,} -> {after:,} parameters" + (
@@ -203,7 +243,7 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         return gram
 
     def _factor(self, w: np.ndarray, gram: np.ndarray | None):
-        return factorize(w, gram, energy=self.energy, ratio=self.ratio)
+        return factorize(w, gram, energy=self._energy, ratio=None if self.per_layer is not None else self.ratio)
 
     def _dense(self, graph: ir.Graph, node: ir.Node, weight: ir.Value, names: NameScope) -> dict | str:
         b = constant_array(weight)
@@ -228,8 +268,9 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         rows = _static(node.outputs[0].shape)
         unit = "model" if rows else "per output row"
         rows = _prod(rows[:-1]) if rows else 1
-        return {"op": node.op_type, "form": "two " + node.op_type, **info,
+        return {"op": node.op_type, "form": "two " + node.op_type, **info, "nodes": [hidden.producer().name, node.name],
                 "params_before": n_in * n_out, "params_after": r * (n_in + n_out),
+                "bytes_before": n_in * n_out * dtype.itemsize, "bytes_after": r * (n_in + n_out) * dtype.itemsize,
                 "macs_before": rows * n_in * n_out, "macs_after": rows * r * (n_in + n_out), "macs_unit": unit}
 
     def _conv(self, graph: ir.Graph, node: ir.Node, weight: ir.Value, names: NameScope) -> dict | str:
@@ -285,7 +326,8 @@ class LowRankFactorize(LossyLayers, OnnxoptPass):
         if macs is None:  # spatial sizes unknown: MACs per output position (the k x 1 conv counted at its own)
             positions = None
             macs = cost
-        return {"op": "Conv", "form": form, **info, "params_before": int(w.size), "params_after": int(cost),
+        return {"op": "Conv", "form": form, **info, "nodes": [hidden.producer().name, node.name], "params_before": int(w.size), "params_after": int(cost),
+                "bytes_before": int(w.nbytes), "bytes_after": int(cost) * w.dtype.itemsize,
                 "macs_before": (positions or 1) * int(w.size), "macs_after": macs,
                 "macs_unit": "model" if positions else "per output position"}
 

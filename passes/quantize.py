@@ -210,6 +210,284 @@ class QuantPlan:
     outputs: dict[str, str] = field(default_factory=dict)       # node → the tensor carrying its result
 
 
+class _Placement:
+    """One ``QuantizeQDQ.plan`` under way: the ``QuantPlan`` it fills, the activations it marks for
+    quantization (in order), and the scale groups it joins (union-find: pass-through chains, and
+    those chains joined by Concats). Its steps run in the order ``QuantizeQDQ.plan`` gives."""
+
+    _INTEGER_ROLES = ("weighted", "elementwise", "lookup", "concat", "pooling")
+
+    def __init__(self, qdq: QuantizeQDQ, model: ir.Model) -> None:
+        self.qdq, self.graph = qdq, model.graph
+        self.plan = QuantPlan()
+        self.quantized: dict[str, None] = {}  # ordered set of tensor names
+        self.parent: dict[str, str] = {}  # scale groups: pass-through chains joined by Concats
+        self.chain_parent: dict[str, str] = {}  # pass-through chains alone
+        self.chain_candidates: list[ir.Node] = []  # ops that pay only inside an integer chain (``join_chains``)
+        self.dtypes, self.shapes = _inferred_types(model)
+
+    # ------------------------------------------------------------------ the pieces every step uses
+    def find(self, x: str, parent: dict[str, str] | None = None) -> str:
+        """The representative of ``x``'s scale group (``parent``: the groups, else the chains alone)."""
+        parent = self.parent if parent is None else parent
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    def union(self, a: str, b: str, chain: bool = True) -> None:
+        """One scale for ``a`` and ``b``; ``chain``: a pass-through chain too (not a Concat's join)."""
+        for links in (self.parent, self.chain_parent) if chain else (self.parent,):
+            ra, rb = self.find(a, links), self.find(b, links)
+            if ra != rb:
+                links[rb] = ra
+
+    def dtype_of(self, value: ir.Value) -> ir.DataType | None:
+        return value.dtype if value.dtype is not None else self.dtypes.get(value.name)
+
+    def is_activation(self, value: ir.Value | None) -> bool:
+        """Whether ``value`` is a float32 tensor computed from the inputs: what calibration gives a range."""
+        return (
+            value is not None
+            and self.dtype_of(value) in _FLOATS
+            and constant_array(value) is None
+            and not value.is_initializer()  # with a default that callers may override: not calibrated
+        )
+
+    def not_activation(self, value: ir.Value | None, what: str = "input") -> str:
+        """Why ``value`` is not quantized as an activation."""
+        dtype = self.dtype_of(value) if value is not None else None
+        if dtype in _OTHER_FLOATS:
+            return f"{what} is {dtype.name.lower()}: only float32 tensors are quantized"
+        if value is not None and value.is_initializer() and value.is_graph_input():
+            return f"{what} is a graph input with a default (an initializer callers may override)"
+        return f"{what} is not a float activation"
+
+    def mark(self, value: ir.Value) -> None:
+        self.quantized.setdefault(value.name, None)
+
+    def output_of(self, node: ir.Node) -> ir.Value:
+        """The tensor that carries ``node``'s quantized output: a sole Relu/Clip reader folds in."""
+        out = node.outputs[0]
+        readers = out.uses()
+        if len(readers) == 1 and not out.is_graph_output():
+            reader = readers[0].node
+            if reader.op_type in _FOLDED and not self.qdq._excluded(reader) and _clip_is_static(reader):
+                self.plan.folded[node_label(reader)] = node_label(node)
+                if reader.outputs[0].name not in self.plan.folded_outputs:
+                    self.plan.folded_outputs.append(reader.outputs[0].name)
+                return reader.outputs[0]
+        return out
+
+    # ------------------------------------------------------------------ the steps
+    def place(self) -> None:
+        """Each main-graph node of a quantizable kind, in order: quantized (its role in ``plan.nodes``,
+        its tensors marked), left float with its reason (``plan.left``: ``exclude``d, a constant or
+        non-float input, numerically sensitive), or, for Add, Mul, lookups and MatMuls of two
+        activations, a candidate that ``join_chains`` decides."""
+        for node in self.graph:
+            op = node.op_type
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if self.qdq._excluded(node) and op in QUANTIZED_OPS:
+                self.plan.left[node_label(node)] = self.qdq.reasons.get(node_label(node), "excluded")
+            elif op in _WEIGHTED:
+                self._weighted(node)
+            elif op in _LOOKUP:
+                if self.is_activation(node.inputs[0]):
+                    self.chain_candidates.append(node)
+            elif op in _ELEMENTWISE:
+                if not all(self.is_activation(v) for v in node.inputs):
+                    if self.dtype_of(node.outputs[0]) in _FLOATS:
+                        self.plan.left[node_label(node)] = "an operand is a constant (bias or scale): kept in float for precision"
+                    continue
+                self.chain_candidates.append(node)
+            elif op == "Concat":
+                self._concat(node)
+            elif op in _POOLING:
+                if not self.is_activation(node.inputs[0]):
+                    self.plan.left[node_label(node)] = self.not_activation(node.inputs[0])
+                    continue
+                self.mark(node.inputs[0])
+                self.mark(node.outputs[0])
+                self.plan.nodes[node_label(node)] = "pooling"
+            elif op == "Gather" or op in _PASS_THROUGH:
+                self._table(node)
+            elif op in _SENSITIVE:
+                self.plan.left[node_label(node)] = "numerically sensitive: stays float"
+
+    def _weighted(self, node: ir.Node) -> None:
+        """Conv, ConvTranspose, Gemm and MatMul: integer with a constant weight (MatMul: or a second
+        activation, then a chain candidate) and a float activation input; Conv's output is quantized
+        here (onnxruntime fuses only DQ → op → Q), MatMul's and Gemm's by ``mark_weighted_outputs``."""
+        plan, label = self.plan, node_label(node)
+        if node.op_type in ("Conv", "ConvTranspose"):
+            if not self.is_activation(node.inputs[0]):
+                plan.left[label] = self.not_activation(node.inputs[0])
+                return
+            if len(node.inputs) < 2 or constant_array(node.inputs[1]) is None:
+                plan.left[label] = "weight is not a constant"
+                return
+            if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None:
+                plan.left[label] = "bias is not a constant"
+                return
+            self.mark(node.inputs[0])
+            self.mark(self.output_of(node))
+        elif node.op_type == "Gemm":
+            reason = _gemm_refusal(node)
+            if reason is None and not self.is_activation(node.inputs[0]):
+                reason = self.not_activation(node.inputs[0], "input A")
+            if reason:
+                plan.left[label] = reason
+                return
+            self.mark(node.inputs[0])
+        else:  # MatMul
+            a, b = node.inputs[0], node.inputs[1]
+            if not self.is_activation(a):
+                plan.left[label] = self.not_activation(a, "input A")
+                return
+            if constant_array(b) is None and not self.is_activation(b):
+                plan.left[label] = "input B is neither a constant nor a float activation"
+                return
+            if constant_array(b) is None:
+                self.chain_candidates.append(node)  # two activations: decided by ``join_chains``
+                return
+            self.mark(a)
+        plan.nodes[label] = "weighted"
+
+    def _concat(self, node: ir.Node) -> None:
+        """A Concat of float activations computes on integers with one scale for its inputs and output
+        (they join one scale group); one with a constant input, or that computes a parameter, stays float."""
+        if not all(self.is_activation(v) for v in node.inputs):
+            if self.dtype_of(node.outputs[0]) in _FLOATS:
+                self.plan.left[node_label(node)] = "an input is a constant: kept in float"
+            return
+        if _feeds_parameter(node.outputs[0]):
+            self.plan.left[node_label(node)] = "computes a parameter (Resize scales, Pad value, Clip bound): kept in float"
+            return
+        out = node.outputs[0]
+        for v in node.inputs:
+            self.mark(v)
+            self.union(out.name, v.name, chain=False)
+        self.mark(out)
+        self.plan.nodes[node_label(node)] = "concat"
+
+    def _table(self, node: ir.Node) -> None:
+        """A float constant read only by shape ops or a Gather (an embedding table, a sliced projection
+        weight) is stored as integers with its own range (``plan.fixed``), and its scale passes
+        through to what reads it."""
+        plan = self.plan
+        table_value = node.inputs[0] if node.inputs else None
+        table = constant_array(table_value)
+        if (
+            table is None or self.dtype_of(table_value) not in _FLOATS or table.size == 0
+            or table_value.is_graph_output() or _feeds_parameter(table_value)
+            or any(u.node.op_type not in _PASS_THROUGH | {"Gather"} or u.idx != 0
+                   for u in table_value.uses())
+        ):
+            return
+        self.mark(table_value)
+        plan.fixed[table_value.name] = (float(min(table.min(), 0.0)), float(max(table.max(), 0.0)))
+        plan.tables.append(table_value.name) if table_value.name not in plan.tables else None
+        for out in node.outputs:
+            self.mark(out)
+            self.union(table_value.name, out.name)
+        plan.nodes[node_label(node)] = "pass-through"
+
+    def propagate(self) -> None:
+        """Pass-through ops carry the scale of their data input forward (a fixed point over chains),
+        and a Relu/Clip not folded into its producer takes its input's."""
+        plan, changed = self.plan, True
+        while changed:
+            changed = False
+            for node in self.graph:
+                through = node.op_type in _PASS_THROUGH
+                if not through and not (node.op_type in _FOLDED and node_label(node) not in plan.folded):
+                    continue
+                if self.qdq._excluded(node) or not node.inputs or node.inputs[0] is None:
+                    continue
+                if node.inputs[0].name not in self.quantized or node_label(node) in plan.nodes:
+                    continue
+                for out in node.outputs:
+                    if self.dtype_of(out) in _FLOATS and not out.is_graph_output() and not _feeds_parameter(out):
+                        self.mark(out)
+                        if through:
+                            self.union(node.inputs[0].name, out.name)
+                plan.nodes[node_label(node)] = "pass-through" if through else "activation"
+                changed = True
+
+    def _feeds_integer_op(self, value: ir.Value, seen: set) -> bool:
+        """Whether a quantized compute op reads ``value``, directly or through pass-through ops."""
+        for use in value.uses():
+            reader = use.node
+            if id(reader) in seen:
+                continue
+            seen.add(id(reader))
+            if self.plan.nodes.get(node_label(reader)) in self._INTEGER_ROLES:
+                return True
+            if reader.op_type in _PASS_THROUGH and use.idx == 0 and not self.qdq._excluded(reader):
+                if any(self._feeds_integer_op(out, seen) for out in reader.outputs):
+                    return True
+        return False
+
+    def join_chains(self) -> None:
+        """Add, Mul, lookups and activation × activation MatMul need a Q/DQ on every input: they pay off
+        only inside an integer chain, when a quantized op reads their result (a residual Add before a
+        Conv does; one before LayerNormalization only adds error and time), or, for a MatMul, when its
+        B is an integer table. A fixed point, since such ops read each other; the others stay float."""
+        plan, changed = self.plan, True
+        while changed:
+            changed = False
+            for node in self.chain_candidates:
+                if node_label(node) in plan.nodes:
+                    continue
+                b = node.inputs[1] if node.op_type == "MatMul" else None
+                from_table = b is not None and b.name in self.quantized and self.find(b.name) in plan.fixed
+                if not from_table and not self._feeds_integer_op(self.output_of(node), set()):
+                    continue
+                plan.nodes[node_label(node)] = (
+                    "weighted" if node.op_type == "MatMul" else "lookup" if node.op_type in _LOOKUP else "elementwise"
+                )
+                changed = True
+        for node in self.chain_candidates:
+            if node_label(node) not in plan.nodes:
+                plan.folded = {k: v for k, v in plan.folded.items() if v != node_label(node)}
+                plan.left[node_label(node)] = _CHAIN_REASON
+                continue
+            for v in node.inputs:
+                self.mark(v)
+            if node.op_type != "MatMul":
+                self.mark(self.output_of(node))
+
+    def mark_weighted_outputs(self) -> None:
+        """MatMul and Gemm outputs are quantized only when a quantized op reads them (else they fuse into
+        float-output kernels), or after a folded Relu/Clip (so that it fuses away), or with ``quantize_outputs``."""
+        for node in self.graph:
+            if self.plan.nodes.get(node_label(node)) != "weighted" or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            out = self.output_of(node)
+            if out is not node.outputs[0] or self.qdq.quantize_outputs:
+                self.mark(out)
+                continue
+            if any(node_label(u.node) in self.plan.nodes and u.node.op_type not in _PASS_THROUGH for u in out.uses()):
+                self.mark(out)
+
+    def result(self) -> QuantPlan:
+        """The plan: each integer op's output tensor, the nodes out of reach (subgraphs, recurrent ops),
+        and the marked tensors with their inferred types and shapes, scale groups and chains."""
+        plan = self.plan
+        for node in self.graph:
+            if plan.nodes.get(node_label(node)) in self._INTEGER_ROLES:
+                plan.outputs[node_label(node)] = self.output_of(node).name
+        for label, reason in out_of_reach(self.graph).items():
+            plan.left.setdefault(label, reason)
+        plan.tensors = [t for t in self.quantized]
+        plan.dtypes = {t: self.dtypes[t] for t in plan.tensors if t in self.dtypes}
+        plan.shapes = {t: self.shapes[t] for t in plan.tensors if t in self.shapes}
+        plan.groups = {t: self.find(t) for t in plan.tensors}
+        plan.chains = {t: self.find(t, self.chain_parent) for t in plan.tensors}
+        return plan
+
+
 class QuantizeQDQ(OnnxoptPass):
     """Insert QDQ pairs with calibrated scales, weights as int8 initializers behind DequantizeLinear.
 
@@ -357,249 +635,21 @@ class QuantizeQDQ(OnnxoptPass):
         return done
 
     def plan(self, model: ir.Model) -> QuantPlan:
-        """Decide placement on the main graph without changing it (ranges are not needed)."""
+        """Decide placement on the main graph without changing it (ranges are not needed), in the
+        steps of ``_Placement``: ``place`` each node (quantized, left float with its reason, or a
+        chain candidate), ``propagate`` scales through pass-through ops, ``join_chains`` (Add, Mul and
+        activation × activation MatMul, integer only where a quantized op reads them), ``propagate``
+        again from them, and ``mark_weighted_outputs`` (MatMul/Gemm outputs that a quantized op reads)."""
         if any(self._standing_batchnorm(node) is not None for node in model.graph):
             model = model.clone()  # plan the graph that ``call`` will quantize: standing BNs as Convs
             self._batchnorms_as_convs(model.graph)
-        graph = model.graph
-        plan = QuantPlan()
-        quantized: dict[str, None] = {}  # ordered set of tensor names
-        parent: dict[str, str] = {}  # scale groups: pass-through chains joined by Concats
-        chain_parent: dict[str, str] = {}  # pass-through chains alone
-
-        def find(x: str, parent: dict[str, str] = parent) -> str:
-            while parent.get(x, x) != x:
-                x = parent[x]
-            return x
-
-        def union(a: str, b: str, chain: bool = True) -> None:
-            for links in (parent, chain_parent) if chain else (parent,):
-                ra, rb = find(a, links), find(b, links)
-                if ra != rb:
-                    links[rb] = ra
-
-        dtypes, shapes = _inferred_types(model)
-
-        def dtype_of(value: ir.Value) -> ir.DataType | None:
-            return value.dtype if value.dtype is not None else dtypes.get(value.name)
-
-        def is_activation(value: ir.Value | None) -> bool:
-            return (
-                value is not None
-                and dtype_of(value) in _FLOATS
-                and constant_array(value) is None
-                and not value.is_initializer()  # with a default that callers may override: not calibrated
-            )
-
-        def not_activation(value: ir.Value | None, what: str = "input") -> str:
-            """Why ``value`` is not quantized as an activation."""
-            dtype = dtype_of(value) if value is not None else None
-            if dtype in _OTHER_FLOATS:
-                return f"{what} is {dtype.name.lower()}: only float32 tensors are quantized"
-            if value is not None and value.is_initializer() and value.is_graph_input():
-                return f"{what} is a graph input with a default (an initializer callers may override)"
-            return f"{what} is not a float activation"
-
-        def mark(value: ir.Value) -> None:
-            quantized.setdefault(value.name, None)
-
-        def output_of(node: ir.Node) -> ir.Value:
-            """The tensor that carries ``node``'s quantized output: a sole Relu/Clip reader folds in."""
-            out = node.outputs[0]
-            readers = out.uses()
-            if len(readers) == 1 and not out.is_graph_output():
-                reader = readers[0].node
-                if reader.op_type in _FOLDED and not self._excluded(reader) and _clip_is_static(reader):
-                    plan.folded[node_label(reader)] = node_label(node)
-                    if reader.outputs[0].name not in plan.folded_outputs:
-                        plan.folded_outputs.append(reader.outputs[0].name)
-                    return reader.outputs[0]
-            return out
-
-        name_of = node_label
-        chain_candidates: list[ir.Node] = []
-        for node in graph:
-            op = node.op_type
-            if node.domain not in ("", "ai.onnx"):
-                continue
-            if self._excluded(node) and op in QUANTIZED_OPS:
-                plan.left[name_of(node)] = self.reasons.get(name_of(node), "excluded")
-                continue
-            if op in ("Conv", "ConvTranspose"):
-                if not is_activation(node.inputs[0]):
-                    plan.left[name_of(node)] = not_activation(node.inputs[0])
-                    continue
-                if len(node.inputs) < 2 or constant_array(node.inputs[1]) is None:
-                    plan.left[name_of(node)] = "weight is not a constant"
-                    continue
-                if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None:
-                    plan.left[name_of(node)] = "bias is not a constant"
-                    continue
-                mark(node.inputs[0])
-                mark(output_of(node))
-                plan.nodes[name_of(node)] = "weighted"
-            elif op == "Gemm":
-                reason = _gemm_refusal(node)
-                if reason is None and not is_activation(node.inputs[0]):
-                    reason = not_activation(node.inputs[0], "input A")
-                if reason:
-                    plan.left[name_of(node)] = reason
-                    continue
-                mark(node.inputs[0])
-                plan.nodes[name_of(node)] = "weighted"
-            elif op == "MatMul":
-                a, b = node.inputs[0], node.inputs[1]
-                if not is_activation(a):
-                    plan.left[name_of(node)] = not_activation(a, "input A")
-                    continue
-                if constant_array(b) is None and not is_activation(b):
-                    plan.left[name_of(node)] = "input B is neither a constant nor a float activation"
-                    continue
-                if constant_array(b) is None:
-                    chain_candidates.append(node)  # two activations: decided below
-                    continue
-                mark(a)
-                plan.nodes[name_of(node)] = "weighted"
-            elif op in _LOOKUP:
-                if is_activation(node.inputs[0]):
-                    chain_candidates.append(node)
-            elif op in _ELEMENTWISE:
-                if not all(is_activation(v) for v in node.inputs):
-                    if dtype_of(node.outputs[0]) in _FLOATS:
-                        plan.left[name_of(node)] = "an operand is a constant (bias or scale): kept in float for precision"
-                    continue
-                chain_candidates.append(node)
-            elif op == "Concat":
-                if not all(is_activation(v) for v in node.inputs):
-                    if dtype_of(node.outputs[0]) in _FLOATS:
-                        plan.left[name_of(node)] = "an input is a constant: kept in float"
-                    continue
-                if _feeds_parameter(node.outputs[0]):
-                    plan.left[name_of(node)] = "computes a parameter (Resize scales, Pad value, Clip bound): kept in float"
-                    continue
-                out = node.outputs[0]
-                for v in node.inputs:
-                    mark(v)
-                    union(out.name, v.name, chain=False)
-                mark(out)
-                plan.nodes[name_of(node)] = "concat"
-            elif op in _POOLING:
-                if not is_activation(node.inputs[0]):
-                    plan.left[name_of(node)] = not_activation(node.inputs[0])
-                    continue
-                mark(node.inputs[0])
-                mark(node.outputs[0])
-                plan.nodes[name_of(node)] = "pooling"
-            elif op == "Gather" or op in _PASS_THROUGH:
-                # A float constant read only by shape ops or a Gather (an embedding table, a sliced
-                # projection weight) is stored as integers with its own range, and its scale
-                # passes through to what reads it.
-                table_value = node.inputs[0] if node.inputs else None
-                table = constant_array(table_value)
-                if (
-                    table is None or dtype_of(table_value) not in _FLOATS or table.size == 0
-                    or table_value.is_graph_output() or _feeds_parameter(table_value)
-                    or any(u.node.op_type not in _PASS_THROUGH | {"Gather"} or u.idx != 0
-                           for u in table_value.uses())
-                ):
-                    continue
-                mark(table_value)
-                plan.fixed[table_value.name] = (float(min(table.min(), 0.0)), float(max(table.max(), 0.0)))
-                plan.tables.append(table_value.name) if table_value.name not in plan.tables else None
-                for out in node.outputs:
-                    mark(out)
-                    union(table_value.name, out.name)
-                plan.nodes[name_of(node)] = "pass-through"
-            elif op in _SENSITIVE:
-                plan.left[name_of(node)] = "numerically sensitive: stays float"
-
-        def propagate() -> None:
-            """Pass-through ops carry the scale of their data input forward (a fixed point over chains)."""
-            changed = True
-            while changed:
-                changed = False
-                for node in graph:
-                    through = node.op_type in _PASS_THROUGH
-                    if not through and not (node.op_type in _FOLDED and name_of(node) not in plan.folded):
-                        continue
-                    if self._excluded(node) or not node.inputs or node.inputs[0] is None:
-                        continue
-                    if node.inputs[0].name not in quantized or name_of(node) in plan.nodes:
-                        continue
-                    for out in node.outputs:
-                        if dtype_of(out) in _FLOATS and not out.is_graph_output() and not _feeds_parameter(out):
-                            mark(out)
-                            if through:
-                                union(node.inputs[0].name, out.name)
-                    plan.nodes[name_of(node)] = "pass-through" if through else "activation"
-                    changed = True
-
-        propagate()
-        # Add, Mul and activation × activation MatMul need a Q/DQ on every input: they pay off only
-        # inside an integer chain, when a quantized op reads their result (a residual Add before a
-        # Conv does; one before LayerNormalization only adds error and time). A fixed point, since
-        # such ops read each other.
-        def feeds_integer_op(value: ir.Value, seen: set) -> bool:
-            for use in value.uses():
-                reader = use.node
-                if id(reader) in seen:
-                    continue
-                seen.add(id(reader))
-                role = plan.nodes.get(name_of(reader))
-                if role in ("weighted", "elementwise", "lookup", "concat", "pooling"):
-                    return True
-                if reader.op_type in _PASS_THROUGH and use.idx == 0 and not self._excluded(reader):
-                    if any(feeds_integer_op(out, seen) for out in reader.outputs):
-                        return True
-            return False
-
-        changed = True
-        while changed:
-            changed = False
-            for node in chain_candidates:
-                if name_of(node) in plan.nodes:
-                    continue
-                b = node.inputs[1] if node.op_type == "MatMul" else None
-                from_table = b is not None and b.name in quantized and find(b.name) in plan.fixed
-                if not from_table and not feeds_integer_op(output_of(node), set()):
-                    continue
-                plan.nodes[name_of(node)] = (
-                    "weighted" if node.op_type == "MatMul" else "lookup" if node.op_type in _LOOKUP else "elementwise"
-                )
-                changed = True
-        for node in chain_candidates:
-            if name_of(node) not in plan.nodes:
-                plan.folded = {k: v for k, v in plan.folded.items() if v != name_of(node)}
-                plan.left[name_of(node)] = _CHAIN_REASON
-                continue
-            for v in node.inputs:
-                mark(v)
-            if node.op_type != "MatMul":
-                mark(output_of(node))
-        propagate()
-
-        # MatMul/Gemm outputs: quantized only when a quantized op reads them.
-        for node in graph:
-            if plan.nodes.get(name_of(node)) != "weighted" or node.op_type not in ("MatMul", "Gemm"):
-                continue
-            out = output_of(node)
-            if out is not node.outputs[0] or self.quantize_outputs:
-                mark(out)  # a folded Relu/Clip: quantize after it so that it fuses away
-                continue
-            if any(name_of(u.node) in plan.nodes and u.node.op_type not in _PASS_THROUGH for u in out.uses()):
-                mark(out)
-
-        for node in graph:
-            if plan.nodes.get(name_of(node)) in ("weighted", "elementwise", "lookup", "concat", "pooling"):
-                plan.outputs[name_of(node)] = output_of(node).name
-        for label, reason in out_of_reach(graph).items():
-            plan.left.setdefault(label, reason)
-        plan.tensors = [t for t in quantized]
-        plan.dtypes = {t: dtypes[t] for t in plan.tensors if t in dtypes}
-        plan.shapes = {t: shapes[t] for t in plan.tensors if t in shapes}
-        plan.groups = {t: find(t) for t in plan.tensors}
-        plan.chains = {t: find(t, chain_parent) for t in plan.tensors}
-        return plan
+        placement = _Placement(self, model)
+        placement.place()
+        placement.propagate()
+        placement.join_chains()
+        placement.propagate()
+        placement.mark_weighted_outputs()
+        return placement.result()
 
     # ------------------------------------------------------------------ rewriting
     def correctable_inputs(self, model: ir.Model) -> dict[str, int]:

@@ -84,14 +84,21 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
     - ``pattern="2:4"`` needs the input-channel dimension a multiple of 4 and readers that agree on
       it; other weights are skipped with the reason;
     - the sparse form (see the module docstring) is written only where its bytes are fewer than
-      the dense tensor's; else the masked weight stays dense, and ``details`` says which.
+      the dense tensor's; else the masked weight stays dense, and ``details`` says which;
+    - ``per_layer`` (weight or node name -> sparsity; ``onnxopt.sensitivity`` chooses it by measured
+      sensitivity): only those weights, each at its own sparsity (0: left alone); ``scope`` is then
+      per layer and ``pattern`` does not apply.
     """
 
     name = "sparsify"
+    LEVEL_FIELD = "sparsity"
+    LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
     @property
     def lossy(self) -> bool:
         """Zeroing weights changes outputs, unless nothing is zeroed."""
+        if self.per_layer is not None:
+            return not isinstance(self.per_layer, dict) or any(v > 0 for v in self.per_layer.values())
         return not (self.sparsity == 0.0 and self.pattern is None)
 
     def __init__(
@@ -101,6 +108,7 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
         pattern: str | None = None,
         layers: list[str] | None = None,
         min_elements: int = 64,
+        per_layer: dict[str, float] | str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= sparsity < 1.0:
@@ -112,15 +120,25 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
         self.sparsity = sparsity
         self.scope = scope
         self.pattern = pattern
+        if isinstance(per_layer, dict):
+            bad = {k: v for k, v in per_layer.items() if not 0.0 <= v < 1.0}
+            if bad:
+                raise ValueError(f"per_layer sparsity must be in [0, 1), got {bad}")
+            if pattern is not None:
+                raise ValueError("per_layer sparsity and an N:M pattern do not combine")
         self.layers = set(layers) if layers is not None else None
         self.min_elements = min_elements
+        self.per_layer = dict(per_layer) if isinstance(per_layer, dict) else per_layer
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self._check_levels()
         self.details = {"layers": {}, "skipped": {}}
-        if self.sparsity == 0.0 and self.pattern is None:
+        if not self.lossy:
             self.summary = "sparsity 0: nothing pruned"
             return ir.passes.PassResult(model, modified=False)
         weights, skipped = find_weights(model, self.layers, self.min_elements)
+        if self.per_layer is not None:  # only the layers it names, and not those at 0
+            weights = [w for w in weights if self._sparsity(w) > 0]
         skipped.update({w.name: "kept for the accuracy budget" for w in weights if w.name in self.exclude})
         weights = [w for w in weights if w.name not in self.exclude]
         self.details["skipped"] = skipped
@@ -139,7 +157,7 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
             sparse += record["form"] == "sparse"
             dense += record["form"] == "dense"
         self.summary = (
-            f"pruned {len(masks)} weights ({self.pattern or f'{self.sparsity:.0%} {self.scope}'}); "
+            f"pruned {len(masks)} weights ({self._setting()}); "
             f"{sparse} stored sparse, {dense} dense; weights {before:,} -> {after:,} bytes"
         )
         return ir.passes.PassResult(model, modified=bool(masks))
@@ -158,9 +176,9 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
                     continue
                 out.append((w, _nm_mask(w.array, axis, n, m)))
             return out
-        if self.scope == "layer":
+        if self.scope == "layer" or self.per_layer is not None:
             for w in weights:
-                count = int(round(self.sparsity * w.array.size))
+                count = int(round(self._sparsity(w) * w.array.size))
                 out.append((w, _smallest_mask(np.abs(w.array), count)))
             return out
         if not weights:
@@ -172,6 +190,16 @@ class SparsifyWeights(LossyLayers, OnnxoptPass):
             out.append((w, keep[start:start + w.array.size].reshape(w.array.shape)))
             start += w.array.size
         return out
+
+    def _sparsity(self, weight: Weight) -> float:
+        level, named = self._level(weight.name, *(n.name for n in weight.readers if n.name), default=self.sparsity)
+        return level if named else 0.0
+
+    def _setting(self) -> str:
+        if self.per_layer is not None:
+            levels = sorted(set(self.per_layer.values()) - {0})
+            return f"per layer: {', '.join(f'{v:.0%}' for v in levels)}"
+        return self.pattern or f"{self.sparsity:.0%} {self.scope}"
 
     def _apply(self, weight: Weight, mask: np.ndarray, names: NameScope) -> dict:
         w = weight.array

@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 
 import onnxopt
-from onnxopt.budget import judge, tensor_sqnr, unit_tensors
+from onnxopt.budget import judge
+from onnxopt.sqnr import tensor_sqnr, unit_tensors
 from onnxopt.passes import ClusterWeights, FoldBatchNorm, LowRankFactorize, QuantizeDynamic, Simplify, SparsifyWeights
 from onnxopt.report import OutputComparison, Validation
 

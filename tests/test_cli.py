@@ -233,6 +233,24 @@ def test_output_or_report_over_an_input_is_refused(capsys, folder, target):
     assert_refused(capsys, folder, args, *words)
 
 
+@pytest.mark.parametrize("flags", [["-o", "{x}"], ["--report", "{x}", "-o", "{out}"],
+                                   ["--prune", "0.5", "--distill", "--train-data", "{data}", "-o", "{x}"]])
+def test_output_or_report_over_a_file_of_a_data_folder_is_refused(capsys, model, flags):
+    """A file that a --data or --train-data folder's reader reads was overwritten by the model or a
+    report: only a data file given itself was protected."""
+    if "--distill" in flags:
+        pytest.importorskip("torch")
+    data = model.parent / "data"
+    data.mkdir()
+    np.save(data / "x.npy", X)
+    names = {"x": data / "x.npy", "out": model.parent / "out.onnx", "data": data}
+    args = [model, "--no-latency", *(f.format(**names) for f in flags)]
+    if "--train-data" not in flags:
+        args += ["--data", data]
+    which = "--train-data" if "--train-data" in flags else "--eval/--data"
+    assert_refused(capsys, model.parent, args, f"refusing to overwrite a file of the {which} folder")
+
+
 def test_a_failed_run_says_why_on_stderr_even_when_quiet(capsys, model):
     np.savez(model.parent / "c.npz", x=X)
     code = call(model, "--quantize", "int8", "--calibration", model.parent / "c.npz", "--exclude", "Conv,Gemm", "-q")

@@ -1,5 +1,5 @@
 """The accuracy fallbacks stop when keeping more layers as they were no longer moves the metric, and
-say why from what the measure shows (``onnxopt.budget``: ``shortfall``, ``Convergence``, ``why_stuck``)."""
+say why from what the measure shows (``onnxopt.budget``: ``shortfall``; ``onnxopt.fallback``: ``Convergence``, ``why_stuck``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 import onnxopt
 import onnxopt.validate
-from onnxopt.budget import STALL_GAIN, Convergence, shortfall, why_stuck
+from onnxopt.budget import shortfall
+from onnxopt.fallback import STALL_GAIN, Convergence, why_stuck
 from onnxopt.report import OutputComparison, Validation
 
 
@@ -162,10 +163,10 @@ def test_int8_fallback_goes_on_while_each_round_closes_the_gap(monkeypatch):
 
 
 def test_layer_fallback_of_other_lossy_passes_stops_the_same_way(monkeypatch):
-    import onnxopt.budget
+    import onnxopt.fallback
 
     fake, calls = _fake_compare([0.90, 0.901, 0.9015, 0.902, 0.9025, 0.903, 0.9035, 0.904, 0.9045])
-    monkeypatch.setattr(onnxopt.budget, "compare_models", fake)
+    monkeypatch.setattr(onnxopt.fallback, "compare_models", fake)
     result = onnxopt.optimize(DIGITS / "digits_cnn.onnx", cluster_bits=3, data=DIGITS / "digits_test.npz",
                               latency=False, min_cosine=0.99)
     stuck = [n for n in result.report.notes if n.startswith("budget: keeping")]
@@ -180,7 +181,7 @@ def test_rounds_judged_on_a_few_samples_where_a_miss_there_is_a_miss_on_all(monk
     whole data misses does not end the fallback."""
     import numpy as np
 
-    from onnxopt.quantization import JUDGE_SAMPLES
+    from onnxopt.int8_fallback import JUDGE_SAMPLES
 
     images = np.load(DIGITS / "digits_test.npz")["input"][:64]
     unlabelled = tmp_path / "inputs.npz"
@@ -216,12 +217,12 @@ def test_fallback_ranks_small_models_on_8_samples_whatever_the_batch_size(monkey
     """One observation run's worth of tensors: with --batch-size 1 (or a model fixed at batch 1) each
     batch is a part of one sample, and ranking on the first part alone judged one sample, not 8."""
     import onnxopt.observe
-    import onnxopt.quantization
+    import onnxopt.sqnr
 
     fake, calls = _fake_compare([0.90, 0.995])
     monkeypatch.setattr(onnxopt.validate, "compare_models", fake)
     ranked = []  # samples seen by each ranking (_harm) of the fallback
-    harm = onnxopt.quantization.QuantizationStep._harm
+    harm = onnxopt.sqnr.QuantizedSqnr.harm
 
     def counting(self, *args, **kwargs):
         rows = []
@@ -235,7 +236,7 @@ def test_fallback_ranks_small_models_on_8_samples_whatever_the_batch_size(monkey
             first = rows[0][0] if rows else None
             ranked.append(sum(n for obs, n in rows if obs == first))
 
-    monkeypatch.setattr(onnxopt.quantization.QuantizationStep, "_harm", counting)
+    monkeypatch.setattr(onnxopt.sqnr.QuantizedSqnr, "harm", counting)
     _quantize(DIGITS, batch_size=1)
     assert ranked == [8]
     ranked.clear()
@@ -243,7 +244,7 @@ def test_fallback_ranks_small_models_on_8_samples_whatever_the_batch_size(monkey
     _quantize(DIGITS)
     assert ranked == [8]
     ranked.clear()  # tensors that fill a run's budget with one sample (a 320x320 detector): one sample
-    monkeypatch.setattr(onnxopt.quantization, "DEFAULT_MAX_BYTES", 2_000)
+    monkeypatch.setattr(onnxopt.sqnr, "DEFAULT_MAX_BYTES", 2_000)
     monkeypatch.setattr(onnxopt.validate, "compare_models", _fake_compare([0.90, 0.995])[0])
     _quantize(DIGITS)
     assert ranked == [1]

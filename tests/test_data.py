@@ -206,6 +206,22 @@ def test_unreadable_sources(tmp_path):
         load_data(42, cnn())
 
 
+def test_an_iterable_of_what_is_not_a_feed_is_one_line(tmp_path):
+    """A list of file names (or of bare arrays) was taken for feeds: dict('a.npz') raised ValueError
+    ('dictionary update sequence element #0 has length 1'), an iterator AttributeError."""
+    from onnxopt.data import sample_rows
+
+    words = "data batch 0: str is not a mapping of input names to arrays"
+    with pytest.raises(DataError, match=words):
+        load_data([str(tmp_path / "a.npz")], cnn())
+    with pytest.raises(DataError, match=words):
+        stream_data(iter([str(tmp_path / "a.npz")]), cnn(), max_samples=4)
+    with pytest.raises(DataError, match=words):
+        sample_rows([str(tmp_path / "a.npz")], cnn())
+    with pytest.raises(DataError, match="data batch 1: ndarray is not a mapping"):
+        load_data([{"x": images(1)}, images(1)], cnn())
+
+
 # -- --dim and synthetic data ------------------------------------------------------------------------
 
 

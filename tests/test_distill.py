@@ -265,6 +265,23 @@ def test_distillation_trains_a_quantized_student_on_its_grid():
     assert changed
 
 
+def test_the_interpreter_is_checked_on_enough_samples_for_a_qdq_tie(monkeypatch):
+    """The check before training ran on the first batch (32 samples) since training data streams:
+    QDQ_MISMATCH_FRACTION (2%) of 32 allowed no rounding tie, and `onnxopt digits_cnn.onnx --quantize
+    int8 --distill` failed ('differs from onnxruntime ... on 1 of 32 samples'); 64 allow one."""
+    import onnxopt.student
+    from onnxopt.distill import CHECK_SAMPLES
+    from onnxopt.student import QDQ_MISMATCH_FRACTION
+
+    checked = []
+    original = onnxopt.student.check_matches
+    monkeypatch.setattr(onnxopt.student, "check_matches",
+                        lambda student, model, feed, **kw: (checked.append(len(feed["input"])), original(student, model, feed, **kw)))
+    teacher = ir.load(DIGITS / "digits_cnn.onnx")
+    distill(_quantized_digits(), teacher, {"input": _digits_inputs("digits_calib.npz")}, steps=1)
+    assert checked == [CHECK_SAMPLES] and int(QDQ_MISMATCH_FRACTION * CHECK_SAMPLES) >= 1
+
+
 def test_distillation_is_deterministic_under_a_seed():
     teacher = ir.load(DIGITS / "digits_cnn.onnx")
     train = {"input": _digits_inputs("digits_calib.npz")}
@@ -286,6 +303,9 @@ def test_labels_mix_in_and_are_checked():
     assert torch.get_num_threads() == 2, "the run's thread count is restored"
     with pytest.raises(DataError, match="labels"):
         distill(_pruned_digits(), teacher, {"input": x}, labels=y[:10], steps=1)
+    # past the classes: one line, not torch's IndexError from cross_entropy ("Target 109 is out of bounds")
+    with pytest.raises(DataError, match=r"label 109 is not a class of output 'output' \(class indices 0..9\)"):
+        distill(_pruned_digits(), teacher, {"input": x}, labels=y + 100, steps=1)
 
 
 def test_options_are_checked():
@@ -450,6 +470,24 @@ def test_pruning_with_feature_matching_trains_and_reports_the_matched_tensors():
     assert record.details["feature_weight"] == 0.5 and record.details["best"]["feature_loss"] >= 0
     assert record.details["best"]["agreement"] > record.details["initial"]["agreement"]
     assert "features" in result.report.to_dict()["passes"][-1]["details"]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("nope", "'nope' is computed by no node of the input model"),
+    ("input", "'input' is a graph input"),
+    ("output", "'output' is a graph output"),
+])
+def test_a_feature_name_the_input_model_does_not_compute_is_refused_before_any_pass(name, words):
+    """A typo was said only after every pass had run ('is not computed by the student (a pass removed
+    or renamed it)'), and a graph input was said to be removed by a pass."""
+    import onnxopt
+
+    calls = []
+    with pytest.raises(OptionError, match=words):
+        onnxopt.optimize(DIGITS / "digits_cnn.onnx", sparsity=0.5, distill=True, train_data=DIGITS / "digits_calib.npz",
+                         steps=1, distill_features=[name], validate=False, latency=False,
+                         progress=lambda what, i, n: calls.append(what))
+    assert not any(what.startswith("pass") for what in calls), calls
 
 
 # --- training data read a chunk at a time ----------------------------------------------------------

@@ -178,6 +178,20 @@ def test_slow_calls_are_settled_as_soon_as_the_interval_is_finite_when_the_budge
     assert times.stopped == "decided" and len(times) == _first_check_blocks(2 * 1 * 2.5 * 0.01)
 
 
+def test_a_stretched_budget_reaches_the_six_blocks_of_an_interval(clock):
+    """0.3 s a call in a 3 s budget holds 2 blocks and no interval; ``stretch`` 3 lets timing go on
+    to the 6 blocks of a finite interval (and no further), within 3 times the budget."""
+    from onnxopt.latency import interval_values
+
+    times, _ = measure_pair(clock.model(0.3, noise=0.05, seed=7), clock.model(0.3, noise=0.05, seed=8), budget_seconds=3)
+    assert times.stopped == "budget" and len(times) < interval_values(0.95)
+    clock.now = 0.0
+    times, _ = measure_pair(clock.model(0.3, noise=0.05, seed=7), clock.model(0.3, noise=0.05, seed=8), budget_seconds=3,
+                            stretch=3)
+    assert len(times) == interval_values(0.95) and times.seconds <= 9
+    assert np.isfinite(median_interval(times.ratios)).all()
+
+
 def test_measure_pair_keeps_to_its_budget(clock):
     # Never checking the interval: timing stops only when the next block would overrun the budget.
     times, k = measure_pair(clock.model(0.001), clock.model(0.001), budget_seconds=1.5, min_pairs=10**9)

@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 
 import onnxopt
-import onnxopt.quantization
+import onnxopt.sqnr
 from onnxopt.data import load_data
 from onnxopt.io import load_model
 from onnxopt.passes import QuantizeQDQ
 from onnxopt.quantization import QuantizationStep
+from onnxopt.sqnr import QuantizedSqnr
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 
@@ -33,20 +34,18 @@ def quantized_digits():
 def test_sqnr_rounds_reuse_the_float_session_and_give_a_fresh_sessions_figures(quantized_digits, monkeypatch):
     float_model, model, p, evaluation = quantized_digits
     exposed = []
-    real_expose = onnxopt.quantization.expose
-    monkeypatch.setattr(onnxopt.quantization, "expose", lambda m, names: exposed.append(m) or real_expose(m, names))
+    real_expose = onnxopt.sqnr.expose
+    monkeypatch.setattr(onnxopt.sqnr, "expose", lambda m, names: exposed.append(m) or real_expose(m, names))
     tensor_map = p.details["tensor_map"]
     tensors = sorted({t for ins, out in p.details["io"].values() for t in (*ins, out)})
-    step = object.__new__(QuantizationStep)
-    step.providers = "cpu"
-    first = step._errors(float_model, model, tensor_map, evaluation, tensors)
-    again = step._errors(float_model, model, tensor_map, evaluation, tensors)
-    fewer = step._errors(float_model, model, tensor_map, evaluation, tensors[::2])  # a later round: fewer layers
+    sqnr = QuantizedSqnr("cpu")
+    first = sqnr.errors(float_model, model, tensor_map, evaluation, tensors)
+    again = sqnr.errors(float_model, model, tensor_map, evaluation, tensors)
+    fewer = sqnr.errors(float_model, model, tensor_map, evaluation, tensors[::2])  # a later round: fewer layers
     assert sum(m is float_model for m in exposed) == 1 and len(exposed) == 4  # float once, candidate each time
-    fresh = object.__new__(QuantizationStep)
-    fresh.providers = "cpu"
+    fresh = QuantizedSqnr("cpu")
     assert first and again == first
-    assert fewer == fresh._errors(float_model, model, tensor_map, evaluation, tensors[::2])
+    assert fewer == fresh.errors(float_model, model, tensor_map, evaluation, tensors[::2])
     assert fewer == {t: first[t] for t in tensors[::2] if t in first}
 
 

@@ -52,6 +52,11 @@ def test_the_quantize_preset_and_its_options_go_into_the_pass_object():
     ("quantize = \"int2\"\n", ["--quantize 'int2'"]),
     ("passes = [\"simplify\", \"nope\"]\n", []),
     ("this is = not toml [\n", ["not valid TOML"]),
+    # a path field of another TOML type reached os.path.realpath/isfile: TypeError
+    ("data = 5\n", ["data = 5: give a file path as a string"]),
+    ("calibration = [\"c.npz\"]\nquantize = \"int8\"\n", ["calibration = ['c.npz']"]),
+    ("distill = true\nprune = 0.3\ntrain_data = {input = \"x\"}\n", ["train_data = {'input': 'x'}"]),
+    ("data = 1979-05-27\n", ["data = datetime.date"]),
 ])
 def test_a_bad_recipe_file_is_one_line_and_exit_2(tmp_path, capsys, text, words):
     path = tmp_path / "r.toml"
@@ -172,7 +177,7 @@ def test_intermediate_matching_flags_round_trip_and_are_checked(tmp_path, capsys
     assert main([DIGITS, "--prune", "0.5", "--distill", "--train-data", CALIB, "--distill-features", "a, b",
                  "--save-recipe", str(tmp_path / "r.toml"), "--no-validate", "--no-latency", "-q", "-o", out]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--distill-features: 'a' is not computed by the student" in err
+    assert err.count("\n") == 1 and "--distill-features: 'a' is computed by no node of the input model" in err
     for flags, words in ((["--distill-features", "auto"], "apply to --distill"),
                          (["--distill", "--train-data", CALIB, "--feature-weight", "2"], "applies to --distill-features"),
                          (["--distill", "--train-data", CALIB, "--distill-features", "auto", "--feature-weight", "0"],

@@ -1,5 +1,5 @@
 """Choosing by measurement where int8 pays: per-layer kernel times (``onnxopt.profiling``) and the
-quantization step's speed fallback (``onnxopt.quantization``)."""
+quantization step's speed fallback (``onnxopt.speed_fallback``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 import onnxopt
 import onnxopt.quantization
+import onnxopt.speed_fallback
 from graphs import build, random_feeds
 from onnxopt.calibrate import calibrate
 from onnxopt.cli import main
@@ -146,8 +147,8 @@ def stub_timing(monkeypatch, slow: set[str] | None, verdict: str = "faster", rat
                          and (n.inputs[1].producer() is None or n.inputs[1].producer().op_type != "DequantizeLinear")})
         return comparison(ratio, verdict)
 
-    monkeypatch.setattr(onnxopt.quantization, "kernel_times", fake_kernel_times)
-    monkeypatch.setattr(onnxopt.quantization, "compare_latency", fake_compare)
+    monkeypatch.setattr(onnxopt.speed_fallback, "kernel_times", fake_kernel_times)
+    monkeypatch.setattr(onnxopt.speed_fallback, "compare_latency", fake_compare)
     return compared
 
 
@@ -282,10 +283,9 @@ def test_where_shapes_are_unknown_the_cap_counts_layers():
         weights,
     )
     layers = [node_label(n) for n in model.graph if n.op_type == "MatMul"]
-    assert len(layers) == 4 and onnxopt.quantization.float_mac_share(model, set()) is None
-    step = object.__new__(onnxopt.quantization.QuantizationStep)
-    step.mac_dims = {}
-    chosen = step._slower_layers(model, layers, dict.fromkeys(layers, 10.0), dict.fromkeys(layers, 1.0))
+    assert len(layers) == 4 and onnxopt.speed_fallback.float_mac_share(model, set()) is None
+    step = onnxopt.speed_fallback.SpeedFallback("cpu", None, mac_dims={}, max_float_share=onnxopt.quantization.MAX_FLOAT_SHARE)
+    chosen = step.slower_layers(model, layers, dict.fromkeys(layers, 10.0), dict.fromkeys(layers, 1.0))
     assert len(chosen) == 2
 
 
@@ -295,11 +295,11 @@ def test_the_cap_counts_macs_at_the_calibration_data_dims():
     model = onnxopt.optimize(ROOT / "models" / "zoo" / "transformer_encoder.onnx", "simplify", validate=False,
                              latency=False).model
     layers = [n.name for n in model.graph if n.op_type in ("MatMul", "Gemm")]
-    share = onnxopt.quantization.float_mac_share(model, set(), dims={"seq": 16})
+    share = onnxopt.speed_fallback.float_mac_share(model, set(), dims={"seq": 16})
     assert len(layers) == 17 and share == 1.0
-    step = object.__new__(onnxopt.quantization.QuantizationStep)
-    step.mac_dims = {"seq": 16}
-    chosen = step._slower_layers(model, layers, dict.fromkeys(layers, 10.0), dict.fromkeys(layers, 1.0))
+    step = onnxopt.speed_fallback.SpeedFallback("cpu", None, mac_dims={"seq": 16},
+                                                max_float_share=onnxopt.quantization.MAX_FLOAT_SHARE)
+    chosen = step.slower_layers(model, layers, dict.fromkeys(layers, 10.0), dict.fromkeys(layers, 1.0))
     macs = onnxopt.stats.node_macs(model, dims={"seq": 16})
     left = sum(macs[n] for n in chosen) / sum(macs.values())
     assert chosen and left <= onnxopt.quantization.MAX_FLOAT_SHARE
@@ -307,7 +307,7 @@ def test_the_cap_counts_macs_at_the_calibration_data_dims():
 
 
 def test_a_profiler_that_fails_stops_the_speed_fallback_and_says_so(digits, monkeypatch):
-    monkeypatch.setattr(onnxopt.quantization, "kernel_times", onnxruntime_failure("profiling is not supported here"))
+    monkeypatch.setattr(onnxopt.speed_fallback, "kernel_times", onnxruntime_failure("profiling is not supported here"))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     assert "not supported" in result.report.passes[-1].details["speed"]["error"]
@@ -320,7 +320,7 @@ def test_on_another_execution_provider_the_speed_fallback_says_it_is_cpu_only(di
     from onnxopt.latency import TimingSettings
 
     calls = stub_timing(monkeypatch, None)
-    monkeypatch.setattr(onnxopt.quantization, "timing_settings",
+    monkeypatch.setattr(onnxopt.speed_fallback, "timing_settings",
                         lambda *a, **k: TimingSettings(("CUDAExecutionProvider",), 1, 1, "all", False))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
@@ -331,7 +331,7 @@ def test_on_another_execution_provider_the_speed_fallback_says_it_is_cpu_only(di
 def test_a_failure_while_trying_keeps_the_best_model_so_far(digits, monkeypatch):
     stub_timing(monkeypatch, {"/features/features.0/features.0.0/Conv"})
 
-    monkeypatch.setattr(onnxopt.quantization, "compare_latency", onnxruntime_failure("session creation failed"))
+    monkeypatch.setattr(onnxopt.speed_fallback, "compare_latency", onnxruntime_failure("session creation failed"))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     speed = result.report.passes[-1].details["speed"]
@@ -353,8 +353,8 @@ def stub_formats(monkeypatch, verdict: str, ratio: float) -> list:
         compared.append(dtypes)
         return comparison(ratio, verdict)
 
-    monkeypatch.setattr(onnxopt.quantization, "compare_latency", fake_compare)
-    monkeypatch.setattr(onnxopt.quantization, "kernel_times", lambda snapshots, *a, **k: [{} for _ in snapshots])
+    monkeypatch.setattr(onnxopt.speed_fallback, "compare_latency", fake_compare)
+    monkeypatch.setattr(onnxopt.speed_fallback, "kernel_times", lambda snapshots, *a, **k: [{} for _ in snapshots])
     return compared
 
 
@@ -379,7 +379,7 @@ def test_activations_auto_without_timing_or_on_tensorrt_is_not_measured(digits, 
     plain = onnxopt.optimize(digits / "digits_cnn.onnx", ["simplify", "fold-bn", QuantizeQDQ(activations="auto")],
                              calibration=digits / "digits_calib.npz", latency=False)
     assert plain.report.passes[-1].details["activations_choice"]["chosen"] == "uint8" and not compared
-    monkeypatch.setattr(onnxopt.quantization, "timing_settings",
+    monkeypatch.setattr(onnxopt.speed_fallback, "timing_settings",
                         lambda *a, **k: TimingSettings(("TensorrtExecutionProvider",), 1, 1, "all", False))
     trt = onnxopt.optimize(digits / "digits_cnn.onnx", ["simplify", "fold-bn", QuantizeQDQ(activations="auto")],
                            calibration=digits / "digits_calib.npz", latency=False, speed_fallback=True)
@@ -428,14 +428,14 @@ def test_a_set_whose_profiled_gain_is_below_the_threshold_is_not_timed(digits, m
             totals += [[1000.0] * 6, [700.0, 710.0, 690.0, 705.0, 695.0, 700.0]]
         return [{n: 10.0 if n == first else 1000.0 for n in names}, {n: 12.5 if n == first else 1000.0 for n in names}]
 
-    monkeypatch.setattr(onnxopt.quantization, "kernel_times", fake_kernel_times)
-    monkeypatch.setattr(onnxopt.quantization, "compare_latency", lambda *a, **k: compared.append(a) or comparison(0.5, "faster"))
+    monkeypatch.setattr(onnxopt.speed_fallback, "kernel_times", fake_kernel_times)
+    monkeypatch.setattr(onnxopt.speed_fallback, "compare_latency", lambda *a, **k: compared.append(a) or comparison(0.5, "faster"))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     speed = result.report.passes[-1].details["speed"]
     assert speed["slower_in_int8"] == {first: [12.5, 10.0]} and not compared
     assert [t["verdict"] for t in speed["tried"]] == ["not timed: profiled gain below the threshold"]
-    assert speed["tried"][0]["profiled_gain"] < onnxopt.quantization.SPEED_MIN_GAIN
+    assert speed["tried"][0]["profiled_gain"] < onnxopt.speed_fallback.SPEED_MIN_GAIN
     assert speed["kept_float"] == [] and int8_layers(result.model) == DIGITS_LAYERS
     assert speed["vs_float"] == {"ratio": 0.7, "low": 0.69, "high": 0.71, "verdict": "faster", "profiled": True}
     assert any("by its kernels, not timed" in n for n in result.report.notes)
@@ -447,9 +447,9 @@ def test_calls_too_slow_for_a_verdict_in_the_budget_are_neither_profiled_nor_tim
     speed fallback's budget, so every timing would stop undecided after a block, and profiling the
     layers would decide nothing: neither is spent, and the report says why."""
     spent = []
-    monkeypatch.setattr(onnxopt.quantization, "call_seconds", lambda *a, **k: 0.12)
-    monkeypatch.setattr(onnxopt.quantization, "kernel_times", lambda *a, **k: spent.append("profile") or [{}, {}])
-    monkeypatch.setattr(onnxopt.quantization, "compare_latency", lambda *a, **k: spent.append("time") or comparison(0.5, "faster"))
+    monkeypatch.setattr(onnxopt.speed_fallback, "call_seconds", lambda *a, **k: 0.12)
+    monkeypatch.setattr(onnxopt.speed_fallback, "kernel_times", lambda *a, **k: spent.append("profile") or [{}, {}])
+    monkeypatch.setattr(onnxopt.speed_fallback, "compare_latency", lambda *a, **k: spent.append("time") or comparison(0.5, "faster"))
     result = onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                               latency=False, speed_fallback=True)
     speed = result.report.passes[-1].details["speed"]
@@ -457,7 +457,7 @@ def test_calls_too_slow_for_a_verdict_in_the_budget_are_neither_profiled_nor_tim
     assert any(n.startswith("quantize: speed fallback skipped: a call takes 0.12 s") for n in result.report.notes)
     assert int8_layers(result.model) == DIGITS_LAYERS and result.ok
     # a call of a millisecond: profiled as before
-    monkeypatch.setattr(onnxopt.quantization, "call_seconds", lambda *a, **k: 0.001)
+    monkeypatch.setattr(onnxopt.speed_fallback, "call_seconds", lambda *a, **k: 0.001)
     onnxopt.optimize(digits / "digits_cnn.onnx", "simplify,fold-bn,quantize", calibration=digits / "digits_calib.npz",
                      latency=False, speed_fallback=True)
     assert spent[:1] == ["profile"]
@@ -479,9 +479,9 @@ def test_pair_seconds_needed_is_what_measure_pair_takes_to_a_finite_interval(mon
 
 
 def test_the_profiled_ratio_pairs_the_interleaved_runs():
-    figures = onnxopt.quantization._profiled_ratio([100.0] * 6, [130.0, 125.0, 128.0, 131.0, 127.0, 129.0])
+    figures = onnxopt.speed_fallback._profiled_ratio([100.0] * 6, [130.0, 125.0, 128.0, 131.0, 127.0, 129.0])
     assert figures["verdict"] == "slower" and figures["ratio"] == pytest.approx(1.285)
-    few = onnxopt.quantization._profiled_ratio([100.0] * 3, [50.0] * 3)  # too few runs for an interval
+    few = onnxopt.speed_fallback._profiled_ratio([100.0] * 3, [50.0] * 3)  # too few runs for an interval
     assert few["verdict"] == "no difference" and few["high"] == math.inf
 
 

@@ -100,6 +100,21 @@ def test_the_worst_samples_are_named_by_their_index_over_all_batches(monkeypatch
     assert acc.result(None, 0.0).worst_samples == []
 
 
+def test_no_worst_samples_where_an_outputs_first_axis_only_adds_up_to_the_samples():
+    """A [4, B] output (features first) on batches of 5 and 3 ran over as many rows as the data has
+    samples (8): its worst rows, features, were named as samples, and the int8 fallback judged
+    rounds on a subset of the wrong samples. The rows must be each batch's samples."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,4] x) => (float[4,N] t, float[N,4] y) { t = Transpose <perm = [1, 0]> (x)  y = Mul(x, w) }"""
+    reference = build(text, {"w": np.ones(4, np.float32)})
+    candidate = build(text, {"w": np.array([1.0, 1.0, 1.0, -1.0], np.float32)})
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    v = _compare(reference, candidate, [{"x": x[:5]}, {"x": x[5:]}])
+    transposed, direct = v.outputs
+    assert transposed.worst_samples == []
+    assert direct.worst_samples  # [N, 4]: its rows are the samples
+
+
 def test_take_rows_gathers_samples_across_batches_in_the_order_asked():
     from graphs import build as build_model
     from onnxopt.data import take_rows
@@ -136,7 +151,7 @@ def test_without_a_mask_input_the_padding_counts():
 
 
 def test_an_unjudged_output_that_fails_is_reported_not_judged():
-    from onnxopt.quantization import QuantizationStep
+    from onnxopt.int8_fallback import Int8Budget
 
     feeds = _feeds()
     v = _compare(_padded(0.0), _padded(0.0), feeds)
@@ -151,11 +166,10 @@ def test_an_unjudged_output_that_fails_is_reported_not_judged():
     assert any("judged outputs: y" in n for n in judged.notes)
     every = _compare(_padded(0.0), wrong, feeds)
     assert not every.ok
-    step = QuantizationStep.__new__(QuantizationStep)  # the verdict alone: no calibration needed
-    step.max_drop, step.min_cosine = None, 0.99
-    ok, figure = step.judge(judged)
+    budget = Int8Budget(None, 0.99)  # the int8 step's verdict alone: no calibration needed
+    ok, figure = budget.judge(judged)
     assert ok and "of y" in figure
-    assert not step.judge(every)[0]
+    assert not budget.judge(every)[0]
 
 
 def test_an_unknown_judged_output_is_refused():
