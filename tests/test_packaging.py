@@ -30,7 +30,7 @@ def _module_level_imports(path: Path) -> set[str]:
 
 # Modules that are the optional extras themselves: they may import that extra at module level, and
 # nothing imported when onnxopt loads imports them (checked below).
-EXTRA_MODULES = {"student.py": "train"}
+EXTRA_MODULES = {"student.py": "train", "cluster_training.py": "train"}  # they import torch: imported by training only
 
 
 def _names(deps: list[str]) -> set[str]:
