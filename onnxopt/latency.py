@@ -284,11 +284,16 @@ def measure_pair(
         timing_start = time.perf_counter()
         next_check = min_pairs
         block_seconds = 0.0
+        needed = interval_values(confidence)  # blocks of the first finite interval
+
+        def reachable(now: float, per_block: float) -> int:
+            """Blocks done, and those the rest of the budget holds at ``per_block`` seconds each."""
+            return len(times) + int(max(budget_seconds - (now - start), 0.0) // per_block)
+
         while True:
             block_start = time.perf_counter()
-            if len(times) and block_start - start + block_seconds > budget_seconds and not (
-                    len(times) < interval_values(confidence)
-                    and block_start - start + block_seconds <= stretch * budget_seconds):
+            end = block_start - start + block_seconds  # where the next block would end
+            if len(times) and end > budget_seconds and not (len(times) < needed and end <= stretch * budget_seconds):
                 times.stopped = "budget"
                 break
             ta: list[float] = []
@@ -309,13 +314,10 @@ def measure_pair(
             if len(times) >= max_pairs:
                 times.stopped = "max_pairs"
                 break
-            if stop_undecidable and len(times) < interval_values(confidence):
-                reachable = len(times) + int(max(budget_seconds - (now - start), 0.0) // (0.75 * block_seconds))
-                if reachable < interval_values(confidence):
-                    times.stopped = "undecidable"
-                    break
-            if len(times) < next_check and len(times) >= interval_values(confidence) and min_pairs <= _MIN_BLOCKS \
-                    and len(times) + int(max(budget_seconds - (now - start), 0.0) // block_seconds) < min_pairs:
+            if stop_undecidable and len(times) < needed and reachable(now, 0.75 * block_seconds) < needed:
+                times.stopped = "undecidable"
+                break
+            if needed <= len(times) < next_check and min_pairs <= _MIN_BLOCKS and reachable(now, block_seconds) < min_pairs:
                 # The budget cannot hold ``min_pairs`` blocks (calls of a tenth of a second): the verdict
                 # would come from fewer blocks at the budget's end anyway, so it may come as soon as it is
                 # settled. A caller asking for more blocks than the default gets them.
