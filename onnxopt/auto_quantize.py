@@ -215,7 +215,8 @@ def _static_defaults(recipe: Recipe) -> dict:
     from onnxopt.recipe import _QUANTIZE_OPTIONS, Recipe
 
     default = Recipe()
-    return {n: getattr(default, n) for n in _QUANTIZE_OPTIONS if n not in ("exclude", "target")} | {
+    # smooth_quant applies to both modes (dynamic: one Mul per activation, passes/quantize_dynamic.py)
+    return {n: getattr(default, n) for n in _QUANTIZE_OPTIONS if n not in ("exclude", "target", "smooth_quant")} | {
         "speed_fallback": None}
 
 

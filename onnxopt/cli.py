@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="outputs the accuracy budget judges (default: all); the others are reported, not judged")
     parser.add_argument("--smooth-quant", metavar="ALPHA|auto",
                         help="--quantize int8: SmoothQuant (per-channel activation range moved into the projection weights "
-                             "after each LayerNorm) before calibrating; alpha in [0, 1] or auto (per layer)")
+                             "after each LayerNorm) before calibrating; int8-dynamic: into the weights of every "
+                             "projection, one Mul per activation (needs --calibration); alpha in [0, 1] or auto (per layer)")
+    parser.add_argument("--dynamic-activations", choices=("row", "tensor"), default="row",
+                        help="--quantize int8-dynamic: one scale per row (token) of each activation (default: "
+                             "outlier tokens and padding do not set the others' step) or one per tensor "
+                             "(onnxruntime's fused DynamicQuantizeMatMul: faster, less accurate)")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
     parser.add_argument("--distill", action="store_true",
                         help="after the lossy passes, train the weights to match the input model (the teacher) on --train-data; needs torch")

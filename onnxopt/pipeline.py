@@ -27,8 +27,8 @@ from onnxopt.fallback import LossyFallback, lossy_units
 from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
-from onnxopt.passes import (REGISTRY, ClusterWeights, FixInputShapes, LowRankFactorize, PruneChannels, QuantizeQDQ,
-                             QuantizeWeightsInt4)
+from onnxopt.passes import (REGISTRY, ClusterWeights, FixInputShapes, LowRankFactorize, PruneChannels, QuantizeDynamic,
+                            QuantizeQDQ, QuantizeWeightsInt4)
 from onnxopt.passes._base import AUTO
 from onnxopt.passes.fix_shapes import input_dim_names
 from onnxopt.passes.prune_channels import DATA_CRITERIA
@@ -205,6 +205,8 @@ def _optimize(
     dims = parse_dims(dims)
     if calibration is None and data is None and any(_needs_grams(p) for p in pass_objects):
         raise OptionError(GPTQ_NEEDS_DATA)
+    if calibration is None and any(_needs_smoothing(p) for p in pass_objects):
+        raise OptionError(SMOOTHING_NEEDS_CALIBRATION)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     label = source or type(model).__name__
     working = io.load_model(model)
@@ -317,6 +319,9 @@ def _optimize(
         if _needs_grams(p):
             p.calibration_gram = gptq_grams(working, p, calibration if calibration is not None else data, dims, batch_size,
                                             providers, max_samples, progress)
+        if _needs_smoothing(p):
+            p.act_absmax = smoothing_statistics(working, p, calibration, dims, batch_size, providers, max_samples,
+                                                progress)
         if isinstance(p, LowRankFactorize) and calibration is not None and not p.activation_gram:
             # activation-aware: the factors that keep the layer's output, not its weight (passes/lowrank.py)
             p.activation_gram = gptq_grams(working, p, calibration, dims, batch_size, providers, max_samples, progress,
@@ -324,6 +329,8 @@ def _optimize(
         if p in auto:  # levels per layer by measured sensitivity, on the model as this pass receives it
             _choose_levels(p, working, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
                            outputs=outputs, feed=timed, threads=threads, progress=progress, notes=report.notes)
+        elif isinstance(p, LowRankFactorize) and p.lossy:  # a pair that is not faster is not worth its error
+            p = pass_objects[step] = _faster_layers_only(p, working, timed, providers, threads, report.notes)
         start = time.perf_counter()
         if quantization is not None and p in quantizing:
             result = quantization.run(p, working, dataset if validate else None, original if validate else None, progress,
@@ -461,6 +468,8 @@ def _details(p) -> dict:
     details = dict(getattr(p, "details", {}) or {})
     if getattr(p, "sensitivity", None):
         details["sensitivity"] = p.sensitivity
+    if getattr(p, "layer_latency", None):  # lowrank: each layer's kernel µs, one node before, two after
+        details["latency_us"] = p.layer_latency
     return details
 
 
@@ -481,6 +490,29 @@ def _choose_levels(p, working: ir.Model, original: ModelSnapshot, dataset: Datas
             search = keep_faster(working, p, search, feed, providers, 1 if threads is None else threads)
     p.per_layer, p.sensitivity = search.per_layer, search.details
     notes.append(search.note)
+
+
+def _faster_layers_only(p: LowRankFactorize, working: ir.Model, feed, providers, threads,
+                        notes: list[str]) -> LowRankFactorize:
+    """``p`` without the layers whose two kernels did not run faster than the one they replace, measured
+    (``onnxopt.sensitivity.slower_layers``: one interleaved profiled run on ``feed``, the run's first
+    batch at ``--threads``, default 1); each timed layer's kernel µs goes into the pass's details."""
+    from onnxopt.sensitivity import slower_layers
+
+    if feed is None:
+        notes.append("lowrank: layers not timed (no data to time on): kept by size alone")
+        return p
+    if resolve_providers(providers)[0] != "CPUExecutionProvider":
+        notes.append(f"lowrank: layers not timed: per-layer kernel times are CPU only, not {resolve_providers(providers)[0]}")
+        return p
+    slower, latency = slower_layers(working, p, feed, providers, 1 if threads is None else threads)
+    kept = p.excluding(slower) if slower else p
+    kept.layer_latency = latency
+    if slower:
+        notes.append(f"lowrank: left alone as not faster (two kernels vs one, {threads or 1} thread"
+                     f"{'s' if (threads or 1) != 1 else ''}): {', '.join(slower[:8])}{' …' if len(slower) > 8 else ''}"
+                     f" ({len(slower)} of {len(latency)} timed)")
+    return kept
 
 
 def _precision_step(working: ir.Model, precision: str, dataset: Dataset | None, providers, min_cosine: float | None,
@@ -781,6 +813,31 @@ def activation_statistics(model: ir.Model, data, dims, batch_size, providers, no
 
 GPTQ_NEEDS_DATA = ("--int4-method gptq needs --calibration (or --data): its X^T X per weight input comes from "
                    "running the model on samples")
+
+
+SMOOTHING_NEEDS_CALIBRATION = ("--smooth-quant with --quantize int8-dynamic needs --calibration: the per-channel "
+                               "activation ranges it moves into the weights are measured there")
+
+
+def _needs_smoothing(p) -> bool:
+    return isinstance(p, QuantizeDynamic) and p.smooth_alpha is not None and not p.act_absmax
+
+
+def smoothing_statistics(model: ir.Model, p: QuantizeDynamic, data, dims, batch_size, providers,
+                         max_samples: int | None = None, progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """Per-channel max|x| (``onnxopt.calibrate.channel_absmax``) of every activation that ``p`` will
+    quantize at run time, in one streamed run over the calibration data: SmoothQuant's statistic,
+    which the dynamic pass turns into per-channel scales (``passes/quantize_dynamic.py``). Padding
+    positions are kept: with activations quantized per row they do not set a real row's step, and on
+    all-MiniLM-L6-v2 leaving them out changed the cosine by 2e-5."""
+    from onnxopt.calibrate import channel_absmax
+
+    tensors = p.smoothing_inputs(model)
+    if not tensors:
+        return {}
+    dataset = load_data(data, model, batch_size=batch_size, dims=dims, max_samples=max_samples)
+    return channel_absmax(model, tensors, dataset.batches, providers=providers, total=len(dataset.batches),
+                          progress=(lambda i, n: progress("smoothing statistics", i, n)) if progress else None)
 
 
 def _needs_grams(p) -> bool:

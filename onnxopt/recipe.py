@@ -138,7 +138,8 @@ class Recipe:
     min_cosine: float | None = None
     outputs: Sequence[str] | None = None  # the outputs a budget judges (the others are reported)
     speed_fallback: bool | None = None
-    smooth_quant: float | str | None = None  # int8: SmoothQuant's alpha, or "auto"
+    smooth_quant: float | str | None = None  # int8 (static and dynamic): SmoothQuant's alpha, or "auto"
+    dynamic_activations: str = "row"  # int8-dynamic: one scale per row (token) of each activation, or per tensor
     # weight-only int4 (quantize = "int4") and dynamic int8 (quantize = "int8-dynamic")
     int4_block_size: int = 32
     int4_method: str = "rtn"
@@ -218,6 +219,14 @@ class Recipe:
             raise OptionError(f"--precision {self.precision!r}: not one of fp16, bf16")
         if self.activations not in ("uint8", "int8", "auto"):
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
+        if self.dynamic_activations not in ("row", "tensor"):
+            raise OptionError(f"--dynamic-activations {self.dynamic_activations!r}: not one of row, tensor")
+        if self.dynamic_activations == "tensor" and self.smooth_quant is not None and self.quantize == "int8-dynamic":
+            raise OptionError("--smooth-quant with --quantize int8-dynamic needs --dynamic-activations row: with one "
+                              "scale per tensor, the spread between rows, not channels, sets the step")
+        if self.dynamic_activations != "row" and self.quantize not in ("int8-dynamic", "auto") and not any(
+                p == "quantize-dynamic" for p in self.pass_list()):
+            raise OptionError("--dynamic-activations applies to --quantize int8-dynamic (or auto)")
         self._check_family()
         check_arguments({**self.arguments(), "passes": self.pass_list()})
         if self.distill:
@@ -355,7 +364,8 @@ class Recipe:
 
     def arguments(self) -> dict[str, Any]:
         """The fields that ``onnxopt.pipeline`` reads, by name (the quantize pass's own options go into its object)."""
-        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude", *_FAMILY_OPTIONS,
+        skip = {"passes", "quantize", "activations", "per_tensor", "bias_correction", "exclude", "dynamic_activations",
+                *_FAMILY_OPTIONS,
                 *_INT4_OPTIONS}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
@@ -370,7 +380,8 @@ class Recipe:
         from onnxopt.target import resolve
 
         # The weights the target's kernels sum exactly: 7-bit on x86 without VNNI, as for static int8.
-        return QuantizeDynamic(exclude=tuple(self.exclude)).for_target(resolve(self.target, self.providers).name)
+        return QuantizeDynamic(exclude=tuple(self.exclude), rows=self.dynamic_activations == "row",
+                               smooth_alpha=self.smooth_quant).for_target(resolve(self.target, self.providers).name)
 
     def _int4_pass(self) -> QuantizeWeightsInt4:
         return QuantizeWeightsInt4(block_size=self.int4_block_size, symmetric=self.int4_symmetric, method=self.int4_method,

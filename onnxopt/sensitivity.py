@@ -26,7 +26,9 @@ data); ``details`` holds every figure measured, for the report.
 
 from __future__ import annotations
 
-__all__ = ["LevelSearch", "choose_levels", "keep_faster", "measure_latency"]
+import copy
+
+__all__ = ["LevelSearch", "choose_levels", "keep_faster", "measure_latency", "slower_layers"]
 
 import contextlib
 import logging
@@ -322,6 +324,21 @@ def keep_faster(start: ir.Model, pass_, search: LevelSearch, feed: Mapping[str, 
                         f"{'s' if threads != 1 else ''}): {', '.join(slower)}")
     search.details["latency"] = {"threads": threads, "batch": int(next(iter(feed.values())).shape[0]) if feed else None}
     return search
+
+
+def slower_layers(start: ir.Model, pass_, feed: Mapping[str, np.ndarray], providers="cpu",
+                  threads: int | None = 1) -> tuple[list[str], dict[str, dict]]:
+    """``(slower, latency_us)`` of a ``lowrank`` pass at its own levels (a ratio, an energy): the layers
+    whose two kernels did not run faster than the one they replace (``measure_latency`` on ``feed``, on
+    a copy of ``start``), and each timed layer's kernel µs before and after."""
+    from onnxopt.profiling import named_nodes
+
+    start = named_nodes(start)
+    trial = copy.copy(pass_)
+    model = trial(start.clone()).model
+    times = measure_latency(start, model, trial.details.get("layers", {}), feed, providers, threads)
+    latency = {u: {"before": round(one, 1), "after": round(two, 1)} for u, (one, two) in times.items()}
+    return [u for u, (one, two) in times.items() if two >= one], latency
 
 
 def measure_latency(start: ir.Model, model: ir.Model, records: Mapping[str, dict], feed: Mapping[str, np.ndarray],

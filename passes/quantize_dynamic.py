@@ -21,7 +21,7 @@ from __future__ import annotations
 __all__ = ["QuantizeDynamic"]
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -76,8 +76,17 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         weight_bits: int = 8,
         target: str | None = None,
         embeddings: bool = True,
+        rows: bool = True,
+        smooth_alpha: float | None = None,
+        act_absmax: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
+        if smooth_alpha is not None and smooth_alpha != "auto" and not (
+                isinstance(smooth_alpha, (int, float)) and 0.0 <= float(smooth_alpha) <= 1.0):
+            raise ValueError(f"smooth_alpha {smooth_alpha!r}: a number in [0, 1], 'auto', or None")
+        if smooth_alpha is not None and not rows:
+            raise ValueError("smoothing needs activations quantized per row (rows=True): per tensor, the rows' "
+                             "spread, not the channels', sets the step")
         if target is not None:
             if target not in TARGET_WEIGHT_BITS:
                 raise ValueError(f"target must be one of {', '.join(TARGET_WEIGHT_BITS)}, not {target!r}")
@@ -95,11 +104,15 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         self.weight_bits = weight_bits
         self.target = target
         self.embeddings = embeddings
+        self.rows = rows
+        self.smooth_alpha = smooth_alpha if smooth_alpha in (None, "auto") else float(smooth_alpha)
+        self.act_absmax = dict(act_absmax or {})
 
     def for_target(self, target: str) -> QuantizeDynamic:
         """The same recipe with the weight bits that ``target`` needs (7 on x86 without VNNI)."""
         return QuantizeDynamic(per_channel=self.per_channel, op_types=self.op_types, exclude=self.exclude,
-                               target=target, embeddings=self.embeddings)
+                               target=target, embeddings=self.embeddings, rows=self.rows,
+                               smooth_alpha=self.smooth_alpha, act_absmax=self.act_absmax)
 
     @property
     def weight_max(self) -> int:
@@ -134,6 +147,16 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                 return "Gemm with beta != 1 and a non-constant C"
         return None
 
+    def smoothing_inputs(self, model: ir.Model) -> list[str]:
+        """The activations this pass would quantize (the input A of each MatMul/Gemm it would rewrite):
+        the tensors whose per-channel max|x| smoothing needs (``act_absmax``)."""
+        names = []
+        for node in model.graph:
+            if (node.op_type in self.op_types and node.domain in ("", "ai.onnx") and self._refusal(node) is None
+                    and node.inputs[0].name and node.inputs[0].name not in names):
+                names.append(node.inputs[0].name)
+        return names
+
     # ------------------------------------------------------------------ rewrite
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.details = {"quantized": [], "embeddings": [], "left": {}, "weights": {},
@@ -156,6 +179,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         dq_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}   # id(A) -> (A_q, a_scale, a_zp)
         weights: dict[tuple[int, bool, float], tuple[ir.Value, ir.Value, ir.Value]] = {}  # (id(B), transposed, alpha)
         total = 0
+        chosen: list[tuple[ir.Node, str]] = []
         for node in list(graph):
             if node.op_type not in _SUPPORTED or node.domain not in ("", "ai.onnx"):
                 continue
@@ -170,6 +194,13 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                 by_design = why == "excluded" or why.startswith("weight B is not a constant")
                 (logger.info if by_design else logger.warning)("quantize-dynamic: %s stays float: %s", label, why)
                 continue
+            chosen.append((node, label))
+        self._smoothing = self._smoothing_scales(chosen) if self.smooth_alpha is not None else {}
+        if self.smooth_alpha is not None:
+            self.details["smoothed"] = {name: {"alpha": alpha, "channels": int(sc.size),
+                                               "range_before": r[0], "range_after": r[1]}
+                                        for name, (sc, r, alpha) in self._smoothing.items()}
+        for node, label in chosen:
             self._rewrite(graph, node, label, names, dq_inputs, weights)
             self.details["quantized"].append(label)
             logger.info("quantize-dynamic: %s (%s) runs on integers", label, node.op_type)
@@ -200,7 +231,11 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             f"time, {len(weights)} weights {'per-channel' if self.per_channel else 'per-tensor'}"
             f"{', 7-bit' if self.weight_bits == 7 else ''}); {total - done} left float"
             + (f"; {len(tables)} embedding tables int8 per row" if tables else "")
+            + (f"; activations per row" if self.rows else "; activations per tensor")
+            + (f", {len(self._smoothing)} smoothed (alpha {self.smooth_alpha})" if self._smoothing else "")
         )
+        if any(n.domain == "com.microsoft" for n in graph) and "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
         return ir.passes.PassResult(model, modified=bool(done or tables))
 
     # ------------------------------------------------------------------ embedding tables
@@ -263,15 +298,53 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         if not table.uses():
             graph.initializers.pop(table.name, None)
 
+    def _smoothing_scales(self, chosen: list[tuple[ir.Node, str]]) -> dict[str, tuple]:
+        """Activation name -> (s, (range before, after), alpha): SmoothQuant's per-channel migration for each
+        activation with calibrated ``act_absmax``, ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` over
+        the rows j of every quantized reader's weight. The pass then quantizes ``X / s`` per row and
+        ``s W``: exact in real arithmetic, one Mul added per activation (shared by its readers)."""
+        from onnxopt.passes.smooth_quant import choose_alpha, smoothing_scales
+
+        readers: dict[str, list[np.ndarray]] = {}
+        for node, _ in chosen:
+            a = node.inputs[0]
+            if a.name in self.act_absmax:
+                readers.setdefault(a.name, []).append(self._weight(node))
+        scales = {}
+        for name, ws in readers.items():
+            x_max = np.abs(np.asarray(self.act_absmax[name], np.float64)).reshape(-1)
+            if any(w.shape[0] != x_max.size for w in ws):
+                continue  # statistics of another layout: leave this activation unsmoothed
+            w_max = np.max([np.abs(w).max(axis=1) for w in ws], axis=0).astype(np.float64)
+            if self.smooth_alpha == "auto":
+                alpha, s = choose_alpha(x_max, w_max, [w.astype(np.float64) for w in ws])
+                if s is None:
+                    continue
+            else:
+                alpha, s = self.smooth_alpha, smoothing_scales(x_max, w_max, self.smooth_alpha)
+            spread = lambda v: round(float(v.max() / max(np.median(v), 1e-12)), 2)  # noqa: E731
+            scales[name] = (s.astype(np.float32), (spread(x_max), spread(x_max / s)), alpha)
+        return scales
+
+    @staticmethod
+    def _weight(node: ir.Node) -> np.ndarray:
+        """The node's weight as K x N float32 (Gemm's ``transB`` undone, ``alpha`` folded)."""
+        transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        w = constant_array(node.inputs[1])
+        return ((w.T if transposed else w) * np.float32(alpha)).astype(np.float32)
+
     def _rewrite(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope,
                  dq_inputs: dict, weights: dict) -> None:
         a, b = node.inputs[0], node.inputs[1]
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
         alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
-        key = (id(b), transposed, alpha)
+        smooth = self._smoothing.get(a.name, (None,))[0] if a.name else None
+        key = (id(b), transposed, alpha, a.name if smooth is not None else None)
         if key not in weights:
-            w = constant_array(b)
-            w = (w.T if transposed else w) * np.float32(alpha)
+            w = self._weight(node)
+            if smooth is not None:
+                w = (w * smooth[:, None]).astype(np.float32)
             q, scale = _quantize_weight(w, self.per_channel, self.weight_max)
             base = b.name or label
             w_q = _const(graph, names, f"{base}_quantized", q)
@@ -282,6 +355,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                                              "bytes_after": int(q.nbytes + scale.nbytes + scale.size)}
         w_q, w_zp, w_s = weights[key]
         new_nodes: list[ir.Node] = []
+        if id(a) not in dq_inputs and self.rows:
+            dq_inputs[id(a)] = self._quantize_rows(graph, node, a, label, names)
         if id(a) not in dq_inputs:
             dql = ir.node("DynamicQuantizeLinear", [a], name=names.fresh(f"{a.name or label}_DynamicQuantizeLinear"),
                           num_outputs=3)
@@ -293,15 +368,23 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             graph.insert_before(node, dql)
             dq_inputs[id(a)] = tuple(dql.outputs)
         a_q, a_s, a_zp = dq_inputs[id(a)]
-        scales = ir.node("Mul", [a_s, w_s], name=names.fresh(f"{label}_scales_mul"))
         acc = ir.node("MatMulInteger", [a_q, w_q, a_zp, w_zp], name=names.fresh(f"{label}_quant"))
         cast = ir.node("Cast", [acc.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=names.fresh(f"{label}_cast"))
-        out = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names.fresh(f"{label}_output_scale_mul"))
+        if self.rows:
+            one = _const(graph, names, f"{label}_unit_scale", np.array(1.0, np.float32))
+            acc = ir.node("MatMulIntegerToFloat", [a_q, w_q, one, w_s, a_zp, w_zp], domain="com.microsoft",
+                          name=names.fresh(f"{label}_quant"))
+            cast = ir.node("Identity", [acc.outputs[0]], name=names.fresh(f"{label}_cast"))
+            scales = ir.node("Identity", [cast.outputs[0]], name=names.fresh(f"{label}_weight_scale_mul"))
+            out = ir.node("Mul", [scales.outputs[0], a_s], name=names.fresh(f"{label}_output_scale_mul"))
+        else:
+            scales = ir.node("Mul", [a_s, w_s], name=names.fresh(f"{label}_scales_mul"))
+            out = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names.fresh(f"{label}_output_scale_mul"))
         for n in (scales, acc, cast, out):
             n.outputs[0].name = names.fresh(f"{n.name}_output")
-        acc.outputs[0].dtype = ir.DataType.INT32
+        acc.outputs[0].dtype = ir.DataType.FLOAT if self.rows else ir.DataType.INT32
         cast.outputs[0].dtype = out.outputs[0].dtype = scales.outputs[0].dtype = ir.DataType.FLOAT
-        new_nodes += [scales, acc, cast, out]
+        new_nodes += [acc, cast, scales, out] if self.rows else [scales, acc, cast, out]
         last = out
         c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if c is not None:
@@ -316,6 +399,44 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [last.outputs[0]])
         for value in old_inputs:
             drop_if_unused(graph, value)
+
+
+    def _quantize_rows(self, graph: ir.Graph, node: ir.Node, a: ir.Value, label: str,
+                       names: NameScope) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """``(A_q, a_scale, a_zp)`` with one scale per row of A (the last axis), symmetric:
+        ``a_scale = max|row| / 127`` ([..., M, 1]); ``A_q = round(A / a_scale) + 128`` (uint8 in [1, 255])
+        written by one per-axis QuantizeLinear on the [rows, K] view of A, so the zero point MatMulInteger
+        reads is the scalar 128, and ``a_scale`` broadcasts over the output's columns."""
+        base = a.name or label
+        k = constant_array(node.inputs[1]).shape[0 if node.op_type == "MatMul" or
+                                                 not node.attributes.get_int("transB", 0) else 1]
+        opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 18))
+        nodes: list[ir.Node] = []
+
+        def add(op, inputs, dtype=ir.DataType.FLOAT, **attributes):
+            n = ir.node(op, inputs, attributes=attributes, name=names.fresh(f"{base}_row_{op}"))
+            n.outputs[0].name = names.fresh(f"{n.name}_output")
+            n.outputs[0].dtype = dtype
+            nodes.append(n)
+            return n.outputs[0]
+
+        smooth = self._smoothing.get(a.name, (None,))[0] if a.name else None
+        if smooth is not None:
+            a = add("Mul", [a, _const(graph, names, f"{base}_smooth_inverse", (1.0 / smooth).astype(np.float32))])
+        magnitude = add("Abs", [a])
+        if opset >= 18:
+            peak = add("ReduceMax", [magnitude, _const(graph, names, f"{base}_row_axes", np.array([-1], np.int64))],
+                       keepdims=1)
+        else:
+            peak = add("ReduceMax", [magnitude], axes=[-1], keepdims=1)
+        scale = add("Max", [add("Mul", [peak, _const(graph, names, f"{base}_row_step", np.array(1 / 127, np.float32))]),
+                            _const(graph, names, f"{base}_row_tiny", np.array(_MIN_SCALE, np.float32))])
+        unit = _const(graph, names, f"{base}_row_unit", np.array(1.0, np.float32))
+        offset = _const(graph, names, f"{base}_row_offset", np.array(128, np.uint8))
+        a_q = add("QuantizeLinear", [add("Div", [a, scale]), unit, offset], ir.DataType.UINT8)
+        a_q.shape = a.shape
+        graph.insert_before(node, nodes)
+        return a_q, scale, offset
 
 
 def _const(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:

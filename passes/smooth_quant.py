@@ -32,7 +32,7 @@ residual stream too, which no weight can undo without an added op.
 
 from __future__ import annotations
 
-__all__ = ["SmoothQuant", "AUTO_ALPHAS", "AUTO_MIN_GAIN", "smoothing_error"]
+__all__ = ["SmoothQuant", "AUTO_ALPHAS", "AUTO_MIN_GAIN", "choose_alpha", "smoothing_error", "smoothing_scales"]
 
 import logging
 from collections.abc import Mapping
@@ -131,7 +131,9 @@ def _transposed_weight(matmul: ir.Node) -> _Reader | None:
     return _Reader(t, 0, w, True)
 
 
-def _scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+def smoothing_scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-channel ``s = max|X|^alpha / max|W|^(1 - alpha)``, 1 where either side is 0,
+    kept within [1e-4, 1e4] so that no weight row overflows or vanishes."""
     s = np.power(np.maximum(x_max, _MIN), alpha) / np.power(np.maximum(w_max, _MIN), 1.0 - alpha)
     s = np.where((x_max > _MIN) & (w_max > _MIN) & np.isfinite(s), s, 1.0)
     return np.clip(s, 1.0 / _MAX_SCALE, _MAX_SCALE)
@@ -232,12 +234,18 @@ class SmoothQuant(OnnxoptPass):
     def _choose(self, x_max: np.ndarray, w_max: np.ndarray, rows: list[np.ndarray]):
         """(alpha, scales); for "auto", the grid's least proxy error, or (None, None) when no smoothing wins."""
         if self.alpha != "auto":
-            return float(self.alpha), _scales(x_max, w_max, float(self.alpha))
-        plain = smoothing_error(x_max, rows, np.ones_like(x_max))
-        best = (plain * AUTO_MIN_GAIN, None, None)
-        for alpha in AUTO_ALPHAS:
-            s = _scales(x_max, w_max, alpha)
-            err = smoothing_error(x_max, rows, s)
-            if err < best[0]:
-                best = (err, alpha, s)
-        return best[1], best[2]
+            return float(self.alpha), smoothing_scales(x_max, w_max, float(self.alpha))
+        return choose_alpha(x_max, w_max, rows)
+
+
+def choose_alpha(x_max: np.ndarray, w_max: np.ndarray, rows: list[np.ndarray]):
+    """``alpha="auto"``: (alpha, scales) of ``AUTO_ALPHAS`` with the least ``smoothing_error``, or
+    (None, None) when none at least halves the error of no smoothing (``AUTO_MIN_GAIN``)."""
+    plain = smoothing_error(x_max, rows, np.ones_like(x_max))
+    best = (plain * AUTO_MIN_GAIN, None, None)
+    for alpha in AUTO_ALPHAS:
+        s = smoothing_scales(x_max, w_max, alpha)
+        err = smoothing_error(x_max, rows, s)
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[1], best[2]

@@ -186,7 +186,7 @@ def test_intermediate_matching_flags_round_trip_and_are_checked(tmp_path, capsys
         assert words in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode,op", [("int8-dynamic", "MatMulInteger"), ("int4", "MatMulNBits")])
+@pytest.mark.parametrize("mode,op", [("int8-dynamic", "MatMulIntegerToFloat"), ("int4", "MatMulNBits")])
 def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     model = "models/zoo/transformer_encoder.onnx"
@@ -196,6 +196,34 @@ def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
     data = json.loads(report.read_text())
     assert data["ok"] and data["validation"]["outputs"][0]["cosine"] > 0.9  # lossy: reported, with its cost
     assert out.stat().st_size < 0.6 * __import__("os").path.getsize(model)
+
+
+def test_dynamic_int8_smoothing_and_activation_scales_from_the_command_line(tmp_path, capsys):
+    """--smooth-quant with int8-dynamic: statistics from --calibration, one smoothing Mul per activation
+    in the saved model, the report's pass record says how many; per tensor on request; bad pairs refused."""
+    model = "models/zoo/transformer_encoder.onnx"
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=rng.integers(0, 100, (8, 16)).astype(np.int64))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main([model, "--quantize", "int8-dynamic", "--smooth-quant", "0.5", "--calibration", str(calib),
+                 "--no-latency", "-o", str(out), "--report", str(report), "--dim", "seq=16", "-q"]) == 0
+    record = next(p for p in json.loads(report.read_text())["passes"] if p["name"] == "quantize-dynamic")
+    assert record["details"]["smoothed"] and "smoothed (alpha 0.5)" in record["summary"]
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("MatMulIntegerToFloat") > 0 and "DynamicQuantizeLinear" not in ops
+    assert main([model, "--quantize", "int8-dynamic", "--dynamic-activations", "tensor", "--no-latency", "-o",
+                 str(out), "--dim", "seq=16", "-q"]) == 0
+    assert "DynamicQuantizeLinear" in [n.op_type for n in onnx.load(out).graph.node]
+    capsys.readouterr()
+    for flags, words in ((["--quantize", "int8-dynamic", "--smooth-quant", "0.5"], "needs --calibration"),
+                         (["--quantize", "int8-dynamic", "--smooth-quant", "0.5", "--dynamic-activations", "tensor",
+                           "--calibration", str(calib)], "needs --dynamic-activations row"),
+                         (["--quantize", "int4", "--dynamic-activations", "tensor"], "applies to --quantize int8-dynamic")):
+        assert main([model, *flags, "-o", str(tmp_path / "x.onnx"), "--dim", "seq=16", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1
+        assert not (tmp_path / "x.onnx").exists()
 
 
 def test_precision_fp16_from_the_command_line_halves_the_file_and_times_without_crashing(tmp_path):

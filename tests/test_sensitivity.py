@@ -119,6 +119,35 @@ def test_lowrank_auto_times_the_layers_it_keeps(feeds):
     assert result.report.validation.ok
 
 
+def test_lowrank_at_a_fixed_ratio_times_its_layers_too(feeds):
+    """Not only ``auto``: a lowrank run at a ratio records each factorized layer's kernel times."""
+    low = (randn(48, 4) @ randn(4, 48)).astype(np.float32)
+    result = onnxopt.optimize(two_layers(randn(48, 48), low), passes=[], lowrank_ratio=0.2, data=feeds, latency=False)
+    record = result.report.passes[-1]
+    assert record.name == "lowrank"
+    timed = record.details["latency_us"]
+    assert timed and all(set(t) == {"before", "after"} for t in timed.values())
+    slower = [u for u, t in timed.items() if t["after"] >= t["before"]]
+    assert set(record.details["layers"]) == set(timed) - set(slower)  # whichever won here; no timing asserted
+    assert bool(slower) == any("left alone as not faster" in n for n in result.report.notes)
+
+
+def test_lowrank_leaves_a_layer_whose_pair_is_slower_alone(feeds, monkeypatch):
+    """The rule itself, with the timing decided: a layer measured slower as a pair stays one layer."""
+    from onnxopt import sensitivity
+
+    def timing(start, model, records, feed, providers="cpu", threads=1):
+        return {u: ((1.0, 5.0) if u == "B" else (5.0, 1.0)) for u in records}
+
+    monkeypatch.setattr(sensitivity, "measure_latency", timing)
+    low = (randn(48, 4) @ randn(4, 48)).astype(np.float32)
+    result = onnxopt.optimize(two_layers(low, low.copy()), passes=[], lowrank_ratio=0.2, data=feeds, latency=False)
+    record = result.report.passes[-1]
+    assert set(record.details["layers"]) == {"A"} and record.details["latency_us"]["B"] == {"before": 1.0, "after": 5.0}
+    assert any("left alone as not faster" in n and "B" in n for n in result.report.notes)
+    assert [n.op_type for n in result.model.graph].count("MatMul") == 3  # A's pair and B as it was
+
+
 # -- the lossless endpoints of per-layer levels ------------------------------------------------------
 
 def test_per_layer_endpoints_are_lossless():
