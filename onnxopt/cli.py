@@ -129,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--quantize int8: SmoothQuant (per-channel activation range moved into the projection weights "
                              "after each LayerNorm) before calibrating; int8-dynamic: into the weights of every "
                              "projection, one Mul per activation (needs --calibration); alpha in [0, 1] or auto (per layer)")
-    parser.add_argument("--dynamic-activations", choices=("row", "tensor"), default="row",
-                        help="--quantize int8-dynamic: one scale per row (token) of each activation (default: "
-                             "outlier tokens and padding do not set the others' step) or one per tensor "
-                             "(onnxruntime's fused DynamicQuantizeMatMul: faster, less accurate)")
+    parser.add_argument("--dynamic-activations", choices=("auto", "row", "tensor"), default="auto",
+                        help="--quantize int8-dynamic: row: one scale per row (token) of each activation (outlier "
+                             "tokens and padding do not set the others' step); tensor: one per tensor (onnxruntime's "
+                             "fused DynamicQuantizeMatMul: faster, coarser); auto (default): row without a budget, "
+                             "with --min-cosine/--max-drop tensor first and row for the layers the budget needs")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
     parser.add_argument("--distill", action="store_true",
                         help="after the lossy passes, train the weights to match the input model (the teacher) on --train-data; needs torch")

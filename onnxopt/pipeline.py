@@ -451,12 +451,20 @@ def _optimize(
     return OptimizeResult(working, report, source, declared)
 
 
+_STEP_WORDS = {"per row": "activations quantized per row"}  # a pass's partial undo step, in the report's words
+
+
 def _fallback_notes(details: dict) -> list[str]:
     """The budget's way back in the report: the layers kept as they were (or float), and those only
-    stepped to 8 bits (weight-only int4), a note each, with the figure the fallback ended on."""
+    stepped part of the way (weight-only int4: to 8 bits; dynamic int8: to activations per row), a
+    note each, with the figure the fallback ended on."""
     notes = []
-    for label, kept in (("kept {} as they were", [k for k in details["kept"] if k.get("to", "as it was") != "8 bits"]),
-                        ("stepped {} to 8 bits", [k for k in details["kept"] if k.get("to") == "8 bits"])):
+    final = ("as it was", "float")
+    partial = list(dict.fromkeys(k.get("to") for k in details["kept"] if k.get("to", "as it was") not in final))
+    groups = [("kept {} as they were", [k for k in details["kept"] if k.get("to", "as it was") in final])]
+    groups += [(f"stepped {{}} to {_STEP_WORDS.get(to, to)}", [k for k in details["kept"] if k.get("to") == to])
+               for to in partial]
+    for label, kept in groups:
         if kept:
             notes.append(f"budget: {label.format(plural(len(kept), 'layer'))}: {', '.join(k['unit'] for k in kept[:6])}"
                          f"{' …' if len(kept) > 6 else ''} ({details['figure']})")

@@ -139,7 +139,9 @@ class Recipe:
     outputs: Sequence[str] | None = None  # the outputs a budget judges (the others are reported)
     speed_fallback: bool | None = None
     smooth_quant: float | str | None = None  # int8 (static and dynamic): SmoothQuant's alpha, or "auto"
-    dynamic_activations: str = "row"  # int8-dynamic: one scale per row (token) of each activation, or per tensor
+    # int8-dynamic: "row" (one scale per row, token, of each activation), "tensor" (one per tensor) or "auto"
+    # (per row without a budget; with one, per tensor first and per row where the budget needs it)
+    dynamic_activations: str = "auto"
     # weight-only int4 (quantize = "int4") and dynamic int8 (quantize = "int8-dynamic")
     int4_block_size: int = 32
     int4_method: str = "rtn"
@@ -219,12 +221,12 @@ class Recipe:
             raise OptionError(f"--precision {self.precision!r}: not one of fp16, bf16")
         if self.activations not in ("uint8", "int8", "auto"):
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
-        if self.dynamic_activations not in ("row", "tensor"):
-            raise OptionError(f"--dynamic-activations {self.dynamic_activations!r}: not one of row, tensor")
+        if self.dynamic_activations not in ("row", "tensor", "auto"):
+            raise OptionError(f"--dynamic-activations {self.dynamic_activations!r}: not one of row, tensor, auto")
         if self.dynamic_activations == "tensor" and self.smooth_quant is not None and self.quantize == "int8-dynamic":
             raise OptionError("--smooth-quant with --quantize int8-dynamic needs --dynamic-activations row: with one "
                               "scale per tensor, the spread between rows, not channels, sets the step")
-        if self.dynamic_activations != "row" and self.quantize not in ("int8-dynamic", "auto") and not any(
+        if self.dynamic_activations != "auto" and self.quantize not in ("int8-dynamic", "auto") and not any(
                 p == "quantize-dynamic" for p in self.pass_list()):
             raise OptionError("--dynamic-activations applies to --quantize int8-dynamic (or auto)")
         self._check_family()
@@ -380,7 +382,10 @@ class Recipe:
         from onnxopt.target import resolve
 
         # The weights the target's kernels sum exactly: 7-bit on x86 without VNNI, as for static int8.
-        return QuantizeDynamic(exclude=tuple(self.exclude), rows=self.dynamic_activations == "row",
+        layout = self.dynamic_activations
+        if layout == "auto" and self.max_drop is None and self.min_cosine is None:
+            layout = "row"  # no budget to step by: the accurate layout
+        return QuantizeDynamic(exclude=tuple(self.exclude), activations=layout,
                                smooth_alpha=self.smooth_quant).for_target(resolve(self.target, self.providers).name)
 
     def _int4_pass(self) -> QuantizeWeightsInt4:

@@ -18,7 +18,7 @@ activation (the Q/K/V projections) share one DynamicQuantizeLinear.
 
 from __future__ import annotations
 
-__all__ = ["QuantizeDynamic"]
+__all__ = ["ACTIVATION_LAYOUTS", "QuantizeDynamic"]
 
 import logging
 from collections.abc import Iterable, Mapping
@@ -32,6 +32,9 @@ from onnxopt.passes.quantize import TARGET_WEIGHT_BITS, _matches, already_quanti
 logger = logging.getLogger(__name__)
 
 _SUPPORTED = ("MatMul", "Gemm")
+# "row": every activation per row; "tensor": per tensor (onnxruntime's layout); "auto": per tensor, and
+# the budget's fallback steps a harmful layer's input to per row before it goes float.
+ACTIVATION_LAYOUTS = ("row", "tensor", "auto")
 _MIN_SCALE = 1e-12
 
 
@@ -76,17 +79,20 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         weight_bits: int = 8,
         target: str | None = None,
         embeddings: bool = True,
-        rows: bool = True,
-        smooth_alpha: float | None = None,
+        activations: str = "row",
+        smooth_alpha: float | str | None = None,
         act_absmax: Mapping[str, np.ndarray] | None = None,
+        row_units: Iterable[str] = (),
     ) -> None:
         super().__init__()
+        if activations not in ACTIVATION_LAYOUTS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_LAYOUTS)}, not {activations!r}")
         if smooth_alpha is not None and smooth_alpha != "auto" and not (
                 isinstance(smooth_alpha, (int, float)) and 0.0 <= float(smooth_alpha) <= 1.0):
             raise ValueError(f"smooth_alpha {smooth_alpha!r}: a number in [0, 1], 'auto', or None")
-        if smooth_alpha is not None and not rows:
-            raise ValueError("smoothing needs activations quantized per row (rows=True): per tensor, the rows' "
-                             "spread, not the channels', sets the step")
+        if smooth_alpha is not None and activations == "tensor":
+            raise ValueError("smoothing needs activations quantized per row: per tensor, the rows' spread, not the "
+                             "channels', sets the step")
         if target is not None:
             if target not in TARGET_WEIGHT_BITS:
                 raise ValueError(f"target must be one of {', '.join(TARGET_WEIGHT_BITS)}, not {target!r}")
@@ -104,15 +110,43 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         self.weight_bits = weight_bits
         self.target = target
         self.embeddings = embeddings
-        self.rows = rows
+        self.activations = activations
+        self.row_units = tuple(row_units)
         self.smooth_alpha = smooth_alpha if smooth_alpha in (None, "auto") else float(smooth_alpha)
         self.act_absmax = dict(act_absmax or {})
 
     def for_target(self, target: str) -> QuantizeDynamic:
         """The same recipe with the weight bits that ``target`` needs (7 on x86 without VNNI)."""
         return QuantizeDynamic(per_channel=self.per_channel, op_types=self.op_types, exclude=self.exclude,
-                               target=target, embeddings=self.embeddings, rows=self.rows,
-                               smooth_alpha=self.smooth_alpha, act_absmax=self.act_absmax)
+                               target=target, embeddings=self.embeddings, activations=self.activations,
+                               smooth_alpha=self.smooth_alpha, act_absmax=self.act_absmax, row_units=self.row_units)
+
+    @property
+    def rows(self) -> bool:
+        """Every activation quantized per row."""
+        return self.activations == "row"
+
+    # ------------------------------------------------------------------ the budget's steps
+    def undo_step(self, unit: str) -> str:
+        """What ``excluding([unit])`` makes of ``unit``: with ``activations="auto"`` a MatMul/Gemm whose
+        input is quantized per tensor goes "per row" first, then "float"; else "float"."""
+        if self.activations != "auto" or unit in self.row_units or unit in self.details.get("embeddings", []):
+            return "float"
+        return "per row"
+
+    def excluding(self, units) -> QuantizeDynamic:
+        """The way back one step (``undo_step``): per tensor -> per row (``row_units``) -> float (``exclude``)."""
+        units = list(units)
+        up = [u for u in units if self.undo_step(u) == "per row"]
+        new = super().excluding([u for u in units if u not in up])
+        new.row_units = (*self.row_units, *[u for u in up if u not in self.row_units])
+        return new
+
+    def isolating(self, units) -> QuantizeDynamic:
+        """The same pass rewriting only ``units`` of its last run (each as it was), every other one left
+        float: the budget measures what one unit alone does to the outputs."""
+        keep = set(units)
+        return LossyNodes.excluding(self, [u for u in self.units if u not in keep])
 
     @property
     def weight_max(self) -> int:
@@ -159,7 +193,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
 
     # ------------------------------------------------------------------ rewrite
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.details = {"quantized": [], "embeddings": [], "left": {}, "weights": {},
+        self.details = {"quantized": [], "embeddings": [], "left": {}, "weights": {}, "activations": self.activations,
+                        "row_units": list(self.row_units),
                         "weight_range": [-self.weight_max, self.weight_max],
                         "per_channel": self.per_channel, "target": self.target}
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -195,6 +230,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                 (logger.info if by_design else logger.warning)("quantize-dynamic: %s stays float: %s", label, why)
                 continue
             chosen.append((node, label))
+        self._row_inputs = {id(node.inputs[0]) for node, label in chosen if self.rows or label in self.row_units}
         self._smoothing = self._smoothing_scales(chosen) if self.smooth_alpha is not None else {}
         if self.smooth_alpha is not None:
             self.details["smoothed"] = {name: {"alpha": alpha, "channels": int(sc.size),
@@ -231,7 +267,10 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             f"time, {len(weights)} weights {'per-channel' if self.per_channel else 'per-tensor'}"
             f"{', 7-bit' if self.weight_bits == 7 else ''}); {total - done} left float"
             + (f"; {len(tables)} embedding tables int8 per row" if tables else "")
-            + (f"; activations per row" if self.rows else "; activations per tensor")
+            + ("; activations per row" if self.rows else "; activations per tensor" + (
+                f" ({len(self._row_inputs)} of {len(dq_inputs)} per row, read by the {len(self.row_units)} layers"
+                f" the budget stepped)"
+                if self._row_inputs else ""))
             + (f", {len(self._smoothing)} smoothed (alpha {self.smooth_alpha})" if self._smoothing else "")
         )
         if any(n.domain == "com.microsoft" for n in graph) and "com.microsoft" not in model.opset_imports:
@@ -308,7 +347,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         readers: dict[str, list[np.ndarray]] = {}
         for node, _ in chosen:
             a = node.inputs[0]
-            if a.name in self.act_absmax:
+            if a.name in self.act_absmax and id(a) in self._row_inputs:  # per tensor, the rows set the step
                 readers.setdefault(a.name, []).append(self._weight(node))
         scales = {}
         for name, ws in readers.items():
@@ -355,7 +394,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                                              "bytes_after": int(q.nbytes + scale.nbytes + scale.size)}
         w_q, w_zp, w_s = weights[key]
         new_nodes: list[ir.Node] = []
-        if id(a) not in dq_inputs and self.rows:
+        row_wise = self._row_wise(a)
+        if id(a) not in dq_inputs and row_wise:
             dq_inputs[id(a)] = self._quantize_rows(graph, node, a, label, names)
         if id(a) not in dq_inputs:
             dql = ir.node("DynamicQuantizeLinear", [a], name=names.fresh(f"{a.name or label}_DynamicQuantizeLinear"),
@@ -370,7 +410,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         a_q, a_s, a_zp = dq_inputs[id(a)]
         acc = ir.node("MatMulInteger", [a_q, w_q, a_zp, w_zp], name=names.fresh(f"{label}_quant"))
         cast = ir.node("Cast", [acc.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=names.fresh(f"{label}_cast"))
-        if self.rows:
+        if row_wise:
             one = _const(graph, names, f"{label}_unit_scale", np.array(1.0, np.float32))
             acc = ir.node("MatMulIntegerToFloat", [a_q, w_q, one, w_s, a_zp, w_zp], domain="com.microsoft",
                           name=names.fresh(f"{label}_quant"))
@@ -382,9 +422,9 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             out = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names.fresh(f"{label}_output_scale_mul"))
         for n in (scales, acc, cast, out):
             n.outputs[0].name = names.fresh(f"{n.name}_output")
-        acc.outputs[0].dtype = ir.DataType.FLOAT if self.rows else ir.DataType.INT32
+        acc.outputs[0].dtype = ir.DataType.FLOAT if row_wise else ir.DataType.INT32
         cast.outputs[0].dtype = out.outputs[0].dtype = scales.outputs[0].dtype = ir.DataType.FLOAT
-        new_nodes += [acc, cast, scales, out] if self.rows else [scales, acc, cast, out]
+        new_nodes += [acc, cast, scales, out] if row_wise else [scales, acc, cast, out]
         last = out
         c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if c is not None:
@@ -400,6 +440,11 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         for value in old_inputs:
             drop_if_unused(graph, value)
 
+
+    def _row_wise(self, a: ir.Value) -> bool:
+        """Whether activation ``a`` is quantized per row (else per tensor): all with ``activations="row"``,
+        else those a stepped unit (``row_units``) reads; its other readers share the per-row form."""
+        return id(a) in self._row_inputs
 
     def _quantize_rows(self, graph: ir.Graph, node: ir.Node, a: ir.Value, label: str,
                        names: NameScope) -> tuple[ir.Value, ir.Value, ir.Value]:

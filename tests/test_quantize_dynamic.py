@@ -36,7 +36,7 @@ def _float_initializers(model: ir.Model) -> dict[str, int]:
 
 def test_layout_matches_onnxruntime_quantize_dynamic():
     model = tiny_transformer()
-    p = QuantizeDynamic(rows=False)
+    p = QuantizeDynamic(activations="tensor")
     assert p(model).modified
     ops = [n.op_type for n in model.graph]
     # Q/K/V share one DynamicQuantizeLinear: 3 inputs quantized (n, c, r2, act → 4) for 6 weights.
@@ -57,7 +57,7 @@ def test_layout_matches_onnxruntime_quantize_dynamic():
 
 def test_fused_by_onnxruntime_and_no_float_weight_left(tmp_path):
     model = tiny_transformer()
-    QuantizeDynamic(rows=False)(model)
+    QuantizeDynamic(activations="tensor")(model)
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     ops = _optimized_ops(model, tmp_path)
     assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(ops)
@@ -76,7 +76,7 @@ def test_error_bounded_by_the_scales():
     x = (rng.standard_normal((7, k)) * 2).astype(np.float32)
     x[0, 0] = 25.0  # an outlier: the per-tensor activation scale grows, the bound with it
     model = single_matmul(w)
-    p = QuantizeDynamic(weight_bits=7, rows=False)  # exact on every x86 kernel (no int16 saturation)
+    p = QuantizeDynamic(weight_bits=7, activations="tensor")  # exact on every x86 kernel (no int16 saturation)
     p(model)
     y = run(model, {"x": x})[0]
     ref = x.astype(np.float64) @ w
@@ -111,7 +111,7 @@ def test_gemm_alpha_beta_and_transb(rows):
     model = tiny_transformer(alpha=0.5, beta=2.0)
     feeds = token_feeds()
     ref = run(model, feeds)[0]
-    QuantizeDynamic(op_types=("Gemm",), rows=rows)(model)
+    QuantizeDynamic(op_types=("Gemm",), activations="row" if rows else "tensor")(model)
     y = run(model, feeds)[0]
     assert _integer_matmuls(model) == 1
     cos = (y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)
@@ -145,7 +145,7 @@ def test_zoo_transformer(tmp_path):
     for rows in (False, True):
         model = ir.load(ZOO)
         Simplify()(model)
-        p = QuantizeDynamic(rows=rows)
+        p = QuantizeDynamic(activations="row" if rows else "tensor")
         p(model)
         assert len(p.details["quantized"]) == 13
         y = run(model, feeds)[0]
@@ -242,7 +242,7 @@ def test_rows_error_bounded_by_each_rows_scale():
     y = {}
     for rows in (True, False):
         model = single_matmul(w)
-        QuantizeDynamic(weight_bits=7, rows=rows)(model)
+        QuantizeDynamic(weight_bits=7, activations="row" if rows else "tensor")(model)
         y[rows] = run(model, {"x": x})[0]
     ref = x.astype(np.float64) @ w
     a_scale = np.abs(x).max(axis=1, keepdims=True) / 127  # per row, symmetric
@@ -285,7 +285,9 @@ def test_smoothing_is_exact_in_float_and_wins_on_outlier_channels():
 
 def test_smoothing_options():
     with pytest.raises(ValueError, match="per row"):
-        QuantizeDynamic(rows=False, smooth_alpha=0.5)
+        QuantizeDynamic(activations="tensor", smooth_alpha=0.5)
+    with pytest.raises(ValueError):
+        QuantizeDynamic(activations="rows")
     with pytest.raises(ValueError):
         QuantizeDynamic(smooth_alpha=1.5)
     # alpha 0 with both ranges equal: s = 1 / max|W|, the float function unchanged
@@ -298,3 +300,58 @@ def test_smoothing_options():
     y = run(model, {"x": x})[0]
     ref = x @ w
     assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_auto_layout_steps_a_layer_to_per_row_before_float():
+    """activations="auto": per tensor; the budget's way back takes a layer's input per row, then float."""
+    model = tiny_transformer()
+    feeds = token_feeds(batch=3, seq=8)
+    p = QuantizeDynamic(activations="auto")
+    p(model)
+    assert "DynamicQuantizeLinear" in [n.op_type for n in model.graph] and "row_units" in p.details
+    unit = next(u for u in p.units if "MatMul" in u)
+    assert p.undo_step(unit) == "per row"
+    stepped = p.excluding([unit])
+    assert stepped.row_units == (unit,) and unit not in stepped.exclude and stepped.undo_step(unit) == "float"
+    model = tiny_transformer()
+    ref = run(model, feeds)[0]
+    stepped(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulIntegerToFloat") >= 1 and "DynamicQuantizeLinear" in ops  # mixed layouts
+    assert "per row, read by the 1 layers the budget stepped" in stepped.summary
+    y = run(model, feeds)[0]
+    assert np.abs(y - ref).max() < 0.2 * np.abs(ref).max()
+    gone = stepped.excluding([unit])
+    assert unit in gone.exclude
+    alone = p.isolating([unit])
+    model = tiny_transformer()
+    alone(model)
+    assert alone.details["quantized"] == [unit]
+    assert QuantizeDynamic().undo_step(unit) == "float"  # "row": straight to float
+
+
+def test_the_budget_steps_a_layer_to_per_row_where_per_tensor_misses(tmp_path):
+    """Rows of very different scales: one scale per tensor leaves the small rows a level or two, so the
+    per-sample cosine misses; with a budget the default layout starts per tensor and the fallback steps
+    the layer to per row, which meets it (and the report says so). Without a budget: per row at once."""
+    import onnxopt
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    x = rng.standard_normal((64, 32)).astype(np.float32) * np.logspace(0, 3, 64, dtype=np.float32)[:, None]
+    np.savez(tmp_path / "x.npz", x=x)
+    model = single_matmul(w)
+    budgeted = onnxopt.optimize(model, quantize="int8-dynamic", data=str(tmp_path / "x.npz"), min_cosine=0.999,
+                                latency=False, target="avx2")
+    record = next(p for p in budgeted.report.passes if p.name == "quantize-dynamic")
+    assert record.details["activations"] == "auto" and record.details["row_units"]
+    assert budgeted.report.validation.ok
+    assert any("stepped 1 layer to activations quantized per row" in n for n in budgeted.report.notes)
+    plain = onnxopt.optimize(model, quantize="int8-dynamic", data=str(tmp_path / "x.npz"), latency=False, target="avx2")
+    record = next(p for p in plain.report.passes if p.name == "quantize-dynamic")
+    assert record.details["activations"] == "row"
+    tensor = onnxopt.optimize(model, quantize="int8-dynamic", dynamic_activations="tensor", data=str(tmp_path / "x.npz"),
+                              latency=False, target="avx2")
+    cos = {name: min(o.cosine_worst for o in r.report.validation.outputs) for name, r in
+           (("row", plain), ("tensor", tensor))}
+    assert cos["tensor"] < 0.999 <= cos["row"]

@@ -219,7 +219,7 @@ def test_dynamic_int8_smoothing_and_activation_scales_from_the_command_line(tmp_
     for flags, words in ((["--quantize", "int8-dynamic", "--smooth-quant", "0.5"], "needs --calibration"),
                          (["--quantize", "int8-dynamic", "--smooth-quant", "0.5", "--dynamic-activations", "tensor",
                            "--calibration", str(calib)], "needs --dynamic-activations row"),
-                         (["--quantize", "int4", "--dynamic-activations", "tensor"], "applies to --quantize int8-dynamic")):
+                         (["--quantize", "int4", "--dynamic-activations", "row"], "applies to --quantize int8-dynamic")):
         assert main([model, *flags, "-o", str(tmp_path / "x.onnx"), "--dim", "seq=16", "-q"]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1
