@@ -377,7 +377,7 @@ def _optimize(
         if fallback.details.get("stuck"):
             report.notes.append(f"budget: {fallback.details['stuck']}")
     if distill:  # the lossy passes' cost, won back from the input model as teacher
-        epochs, lr = _low_bit_defaults(pass_objects, epochs, steps, lr, report.notes)
+        epochs, lr = _low_bit_defaults(ran, epochs, steps, lr, report.notes)  # as the budget left them
         report.passes.append(distill_step(model, working, train, dict(
             epochs=epochs, steps=steps, temperature=temperature, alpha=alpha, lr=lr, seed=seed, providers=providers,
             batch_size=batch_size or 32, features=distill_features, feature_weight=feature_weight, outputs=outputs,
@@ -592,7 +592,11 @@ def channel_map(passes: Sequence) -> dict:
 
 
 def _least_bits(p: ClusterWeights) -> int | None:
-    """The fewest bits a cluster pass gives a layer (None: it changes none)."""
+    """The fewest bits a cluster pass gave a layer in its last run (None: it changed none): after the
+    budget's fallback, the layers it kept as they were do not count. Before a run: what it would give."""
+    layers = (getattr(p, "details", None) or {}).get("layers")
+    if layers is not None:
+        return min((r["bits"] for r in layers.values() if "bits" in r), default=None)
     if isinstance(p.per_layer, dict):
         return min(p.per_layer.values(), default=None)
     return p.bits

@@ -26,11 +26,10 @@ data); ``details`` holds every figure measured, for the report.
 
 from __future__ import annotations
 
-import copy
-
-__all__ = ["LevelSearch", "choose_levels", "keep_faster", "measure_latency", "slower_layers"]
+__all__ = ["PROBE_SAMPLES", "LevelSearch", "choose_levels", "keep_faster", "measure_latency", "slower_layers"]
 
 import contextlib
+import copy
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -41,10 +40,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.budget import budget_limits, judge
-from onnxopt.data import Dataset
+from onnxopt.data import Dataset, head
 from onnxopt.report import Validation
 from onnxopt.runtime import ModelSnapshot
 from onnxopt.validate import ReferenceOutputs, compare_models
+
+# Samples each (layer, level) probe reads at most: one session a probe, so a large eval set costs
+# layers x levels x its size; the path's whole-model checks read all of it.
+PROBE_SAMPLES = 512
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +131,10 @@ def choose_levels(start: ir.Model, pass_, original: ModelSnapshot, data: Dataset
         raise ValueError(f"{pass_.name}: no levels to try")
     judge_ = _Judge(original, data, providers, judged_outputs, max_drop, min_cosine)
     v0, met0, figure0 = judge_(start)
+    # The (layer, level) probes only order the path: on a large eval set they read its first
+    # PROBE_SAMPLES samples; every whole-model check of the path reads all of it.
+    few = head(data, PROBE_SAMPLES) if data.num_samples > PROBE_SAMPLES else None
+    probe_judge = _Judge(original, few, providers, judged_outputs, max_drop, min_cosine) if few else judge_
     measure = ("accuracy drop (points)" if budget_limits(v0, max_drop, min_cosine)[0] is not None
                else "1 - worst cosine per sample")
     details: dict[str, Any] = {"measure": measure, "levels": levels, "layers": {}, "start": figure0}
@@ -135,9 +142,16 @@ def choose_levels(start: ir.Model, pass_, original: ModelSnapshot, data: Dataset
         details["search"] = []
         return LevelSearch({}, details, f"{pass_.name} auto: the model it receives misses the budget already "
                                         f"({figure0}): every layer left as it was")
+    if probe_judge is not judge_:
+        details["probe_samples"] = few.num_samples
+        v0 = probe_judge(start)[0]  # the probes' baseline, on the same samples as the probes
     with _quiet_passes():
-        return _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine,
-                       like)
+        search = _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop,
+                         min_cosine, like, probe_judge)
+    if probe_judge is not judge_:
+        search.details["sessions"] += probe_judge.sessions
+        search.note += f"; each layer alone judged on the first {few.num_samples} of {data.num_samples} samples"
+    return search
 
 
 @contextlib.contextmanager
@@ -153,7 +167,9 @@ def _quiet_passes():
         log.setLevel(level)
 
 
-def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine, like):
+def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop, min_cosine, like,
+            probe_judge=None):
+    probe_judge = probe_judge or judge_
     base, base_tie = _sensitivity(v0, max_drop, min_cosine)
     probe_pass = pass_.uniform(levels[-1])
     probe_pass(start.clone())
@@ -171,7 +187,7 @@ def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, pr
             record = trial.details.get("layers", {}).get(unit)
             if record is None:  # refused at this level (a low-rank pair no smaller): not a candidate
                 continue
-            v, met, _ = judge_(model)
+            v, met, _ = probe_judge(model)
             figure, tie = _sensitivity(v, max_drop, min_cosine)
             before[unit] = int(record["bytes_before"])
             probes[unit].append(_Probe(level, int(record["bytes_after"]), figure - base, tie - base_tie, met, record))

@@ -145,3 +145,16 @@ def test_one_or_two_bit_clusters_distil_longer_unless_the_run_says():
     assert _low_bit_defaults([ClusterWeights(bits=2)], 5, None, 1e-2, []) == (5, 1e-2)
     assert _low_bit_defaults([ClusterWeights(bits=2)], None, 100, 1e-3, []) == (None, LOW_BIT_LR)
     assert _low_bit_defaults([ClusterWeights(bits=1)], None, None, 1e-2, []) == (LOW_BIT_EPOCHS, 1e-2)
+
+
+def test_low_bit_defaults_read_what_the_cluster_pass_did_after_the_budget():
+    """The budget's fallback may undo every 1-bit layer: then the 60-epoch default does not apply."""
+    from onnxopt.pipeline import LOW_BIT_EPOCHS, _low_bit_defaults
+
+    model = ir.load(DIGITS / "digits_cnn.onnx")
+    ran = ClusterWeights(bits=1)
+    ran(model.clone())
+    assert _low_bit_defaults([ran], None, None, 1e-3, [])[0] == LOW_BIT_EPOCHS
+    undone = ran.excluding(ran.units)
+    undone(model.clone())
+    assert undone.details["layers"] == {} and _low_bit_defaults([undone], None, None, 1e-3, []) == (None, 1e-3)

@@ -126,7 +126,14 @@ def test_a_compression_flag_adds_its_lossy_pass_reported_as_changed(tmp_path, fl
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     assert main([DIGITS, *flags, "--data", TEST, "--no-latency", "-o", str(out), "--report", str(report), "-q"]) == 0
     data = json.loads(report.read_text())
-    assert data["passes"][-1]["name"] == pass_name and data["passes"][-1]["modified"]
+    last = data["passes"][-1]
+    assert last["name"] == pass_name
+    if pass_name == "lowrank" and not last["modified"]:  # on 8x8 images every pair timed slower than its one conv
+        timed = last["details"]["latency_us"]
+        assert timed and all(t["after"] >= t["before"] for t in timed.values())
+        assert any("left alone as not faster" in n for n in data["notes"])
+        return
+    assert last["modified"]
     assert data["validation"]["outputs"][0]["max_abs"] > 0  # lossy: the outputs moved, and the run still succeeds
     assert data["ok"] is True and "accuracy" in json.dumps(data["validation"])
     from pathlib import Path

@@ -216,3 +216,32 @@ def test_sparsity_auto_from_the_command_line_on_digits(tmp_path):
     assert v["ok"] and (v["accuracy_before"] - v["accuracy_after"]) * 100 <= 1 + 1e-9
     chosen = {u: r["level"] for u, r in sens["layers"].items() if r["level"] is not None}
     assert chosen and set(chosen) == set(data["passes"][-1]["details"]["layers"])
+
+
+def test_each_layer_alone_is_judged_on_at_most_the_probe_samples(tmp_path, monkeypatch):
+    """A large eval set: the (layer, level) probes read its first PROBE_SAMPLES samples, the path's
+    whole-model checks all of it, and the note says so."""
+    from onnxopt import sensitivity
+
+    monkeypatch.setattr(sensitivity, "PROBE_SAMPLES", 32)
+    path = tmp_path / "x.npz"
+    np.savez(path, x=randn(96, 48))
+    model = two_layers(randn(48, 48), spiky(48, 0.1))
+    data = load_data(str(path), model, batch_size=16)
+    original = ModelSnapshot(two_layers(randn(48, 48), randn(48, 48)))
+    original.close()
+    original = ModelSnapshot(model)
+    seen = []
+    real = sensitivity.compare_models
+
+    def counting(a, b, data, **kw):
+        seen.append(data.num_samples)
+        return real(a, b, data, **kw)
+
+    monkeypatch.setattr(sensitivity, "compare_models", counting)
+    try:
+        search = choose_levels(model, SparsifyWeights(), original, data, min_cosine=0.99)
+    finally:
+        original.close()
+    assert search.details["probe_samples"] == 32 and "first 32 of 96 samples" in search.note
+    assert set(seen) == {32, 96} and seen.count(32) >= 2 * len(SparsifyWeights.LEVELS)
