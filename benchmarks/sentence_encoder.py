@@ -265,6 +265,8 @@ ROWS = {
                                                     "outputs": ["sentence_embedding"]}),
     "onnxopt int8-dynamic + smooth-quant auto": ("onnxopt", {"quantize": "int8-dynamic", "smooth_quant": "auto",
                                                              "outputs": ["sentence_embedding"]}),
+    "onnxopt int8-dynamic + smooth-quant auto, min-cosine 0.997": ("onnxopt", {
+        "quantize": "int8-dynamic", "smooth_quant": "auto", "min_cosine": 0.997, "outputs": ["sentence_embedding"]}),
     "onnxopt int8-dynamic + smooth-quant 0.6": ("onnxopt", {"quantize": "int8-dynamic", "smooth_quant": 0.6,
                                                             "outputs": ["sentence_embedding"]}),
     "onnxopt auto": ("onnxopt", {"quantize": "auto", "outputs": ["sentence_embedding"]}),

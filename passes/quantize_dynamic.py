@@ -449,12 +449,12 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
     def _quantize_rows(self, graph: ir.Graph, node: ir.Node, a: ir.Value, label: str,
                        names: NameScope) -> tuple[ir.Value, ir.Value, ir.Value]:
         """``(A_q, a_scale, a_zp)`` with one scale per row of A (the last axis), symmetric:
-        ``a_scale = max|row| / 127`` ([..., M, 1]); ``A_q = round(A / a_scale) + 128`` (uint8 in [1, 255])
-        written by one per-axis QuantizeLinear on the [rows, K] view of A, so the zero point MatMulInteger
-        reads is the scalar 128, and ``a_scale`` broadcasts over the output's columns."""
+        ``peak = max(ReduceMax(A), -ReduceMin(A))`` per row, ``a_scale = peak / 127`` ([..., M, 1]),
+        ``A_q = QuantizeLinear(A * (127 / peak), 1, 128)`` (uint8 in [1, 255]), so that the zero point
+        MatMulInteger reads is the scalar 128 and ``a_scale`` broadcasts over the output's columns. Two
+        reductions and a multiply by the reciprocal: measured 1-3% faster on all-MiniLM-L6-v2 than Abs,
+        one reduction and a Div. A smoothed activation is multiplied by ``1 / s`` first."""
         base = a.name or label
-        k = constant_array(node.inputs[1]).shape[0 if node.op_type == "MatMul" or
-                                                 not node.attributes.get_int("transB", 0) else 1]
         opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 18))
         nodes: list[ir.Node] = []
 
@@ -465,20 +465,21 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             nodes.append(n)
             return n.outputs[0]
 
+        def reduce(op: str, x: ir.Value) -> ir.Value:
+            if opset >= 18:  # axes became an input
+                return add(op, [x, _const(graph, names, f"{base}_row_axes", np.array([-1], np.int64))], keepdims=1)
+            return add(op, [x], axes=[-1], keepdims=1)
+
         smooth = self._smoothing.get(a.name, (None,))[0] if a.name else None
         if smooth is not None:
             a = add("Mul", [a, _const(graph, names, f"{base}_smooth_inverse", (1.0 / smooth).astype(np.float32))])
-        magnitude = add("Abs", [a])
-        if opset >= 18:
-            peak = add("ReduceMax", [magnitude, _const(graph, names, f"{base}_row_axes", np.array([-1], np.int64))],
-                       keepdims=1)
-        else:
-            peak = add("ReduceMax", [magnitude], axes=[-1], keepdims=1)
-        scale = add("Max", [add("Mul", [peak, _const(graph, names, f"{base}_row_step", np.array(1 / 127, np.float32))]),
-                            _const(graph, names, f"{base}_row_tiny", np.array(_MIN_SCALE, np.float32))])
+        floor = _const(graph, names, f"{base}_row_floor", np.array(_MIN_SCALE * 127, np.float32))  # an all-zero row
+        peak = add("Max", [reduce("ReduceMax", a), add("Neg", [reduce("ReduceMin", a)]), floor])
+        scale = add("Mul", [peak, _const(graph, names, f"{base}_row_step", np.array(1 / 127, np.float32))])
+        levels = add("Div", [_const(graph, names, f"{base}_row_levels", np.array(127, np.float32)), peak])
         unit = _const(graph, names, f"{base}_row_unit", np.array(1.0, np.float32))
         offset = _const(graph, names, f"{base}_row_offset", np.array(128, np.uint8))
-        a_q = add("QuantizeLinear", [add("Div", [a, scale]), unit, offset], ir.DataType.UINT8)
+        a_q = add("QuantizeLinear", [add("Mul", [a, levels]), unit, offset], ir.DataType.UINT8)
         a_q.shape = a.shape
         graph.insert_before(node, nodes)
         return a_q, scale, offset
