@@ -409,22 +409,30 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             dq_inputs[id(a)] = tuple(dql.outputs)
         a_q, a_s, a_zp = dq_inputs[id(a)]
         acc = ir.node("MatMulInteger", [a_q, w_q, a_zp, w_zp], name=names.fresh(f"{label}_quant"))
-        cast = ir.node("Cast", [acc.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=names.fresh(f"{label}_cast"))
         if row_wise:
+            # MatMulIntegerToFloat at unit activation scale, then the rows' scales: not Mul(acc, Mul(a_scale,
+            # w_scale)), which onnxruntime fuses into a MatMulIntegerToFloat reading a_scale as one scalar
             one = _const(graph, names, f"{label}_unit_scale", np.array(1.0, np.float32))
             acc = ir.node("MatMulIntegerToFloat", [a_q, w_q, one, w_s, a_zp, w_zp], domain="com.microsoft",
                           name=names.fresh(f"{label}_quant"))
-            cast = ir.node("Identity", [acc.outputs[0]], name=names.fresh(f"{label}_cast"))
-            scales = ir.node("Identity", [cast.outputs[0]], name=names.fresh(f"{label}_weight_scale_mul"))
-            out = ir.node("Mul", [scales.outputs[0], a_s], name=names.fresh(f"{label}_output_scale_mul"))
+            out = ir.node("Mul", [acc.outputs[0], a_s], name=names.fresh(f"{label}_output_scale_mul"))
+            made = [acc, out]
         else:
+            cast = ir.node("Cast", [acc.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                           name=names.fresh(f"{label}_cast"))
             scales = ir.node("Mul", [a_s, w_s], name=names.fresh(f"{label}_scales_mul"))
             out = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names.fresh(f"{label}_output_scale_mul"))
-        for n in (scales, acc, cast, out):
+            made = [scales, acc, cast, out]
+        for n in made:
             n.outputs[0].name = names.fresh(f"{n.name}_output")
-        acc.outputs[0].dtype = ir.DataType.FLOAT if row_wise else ir.DataType.INT32
-        cast.outputs[0].dtype = out.outputs[0].dtype = scales.outputs[0].dtype = ir.DataType.FLOAT
-        new_nodes += [acc, cast, scales, out] if row_wise else [scales, acc, cast, out]
+            n.outputs[0].dtype = ir.DataType.FLOAT
+        if not row_wise:
+            acc.outputs[0].dtype = ir.DataType.INT32
+        # The output's shape, where known: onnxruntime's fusions downstream (SkipLayerNormalization, BiasGelu)
+        # match on shapes, which no shape inference carries through a com.microsoft node.
+        shape = node.outputs[0].shape or _output_shape(a, w_q)
+        acc.outputs[0].shape = out.outputs[0].shape = shape
+        new_nodes += made
         last = out
         c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if c is not None:
@@ -434,6 +442,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                 bias = _const(graph, names, f"{c.name or label}_beta", (constant_array(c) * np.float32(beta)).astype(np.float32))
             last = ir.node("Add", [out.outputs[0], bias], name=names.fresh(f"{label}_bias_add"))
             last.outputs[0].name = names.fresh(f"{last.name}_output")
+            last.outputs[0].dtype, last.outputs[0].shape = ir.DataType.FLOAT, out.outputs[0].shape
             new_nodes.append(last)
         old_inputs = [v for v in node.inputs[1:] if v is not None]
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [last.outputs[0]])
@@ -483,6 +492,13 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         a_q.shape = a.shape
         graph.insert_before(node, nodes)
         return a_q, scale, offset
+
+
+def _output_shape(a: ir.Value, w_q: ir.Value) -> ir.Shape | None:
+    """``A @ W``'s shape from A's (rank >= 2, known) and the weight's columns, else None."""
+    if a.shape is None or len(a.shape) < 2:
+        return None
+    return ir.Shape([*a.shape[:-1], w_q.const_value.shape[1]])
 
 
 def _const(graph: ir.Graph, names: NameScope, base: str, array: np.ndarray) -> ir.Value:
