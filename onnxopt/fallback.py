@@ -61,6 +61,7 @@ class Undone:
     round: int
     harm: float
     figure: str
+    to: str = "as it was"  # where undoing took it: a pass's partial step ("8 bits", "per row") or all the way
 
 
 @dataclass
@@ -102,6 +103,11 @@ class Fallback:
     def undo(self, units: list[Undone]) -> ir.Model:
         raise NotImplementedError
 
+    def final_steps(self) -> bool:
+        """Turn the ways back that stop part of the way (int4 -> 8 bits) into ones that go all the way,
+        when the partial steps stalled; True when something changed (the rounds go on), else False."""
+        return False
+
 
 def fall_back(way: Fallback, model: ir.Model) -> Outcome:
     """Judge ``model`` and, while it misses the budget, undo the most harmful units of ``way``, 1 then
@@ -110,23 +116,29 @@ def fall_back(way: Fallback, model: ir.Model) -> Outcome:
     first_figure, convergence = figure, Convergence()
     convergence.add(shortfall(way.last, *way.limits()))
     outcome = Outcome(model, met, figure)
-    stalled_at, no_units = None, False
+    stalled_at, no_units, first_round = None, False, 1
     for round_ in range(1, MAX_ROUNDS + 1):
         if met:
             break
-        try:
-            ranked = way.rank(model)
-        except CannotRank as exc:
-            figure, outcome.runnable = str(exc), False
+        candidates, why = _candidates(way, model)
+        if candidates and convergence.stalled(
+                min(len(candidates), sum(2 ** (r - first_round) for r in range(round_, MAX_ROUNDS + 1)))):
+            if not way.final_steps():
+                stalled_at = max(h for _, h in candidates)  # more units undone no longer move the metric: say why, stop
+                break
+            # partial steps (int4 -> 8 bits, per tensor -> per row) stalled: float from here, 1, 2, 4 … again
+            first_round, convergence = round_, Convergence()
+            convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
+            outcome.rounds.append({"round": round_, "undone": [], "met": met, "figure": figure,
+                                   "note": "partial steps stopped moving the metric: the next go to float"})
+            candidates, why = _candidates(way, model)
+        if why is not None:
+            figure, outcome.runnable = why, False
             break
-        candidates = [(unit, harm) for unit, harm in ranked if harm > 0]
         if not candidates:
             no_units = True
             break
-        if convergence.stalled(min(len(candidates), sum(2 ** (r - 1) for r in range(round_, MAX_ROUNDS + 1)))):
-            stalled_at = max(h for _, h in candidates)  # more units undone no longer move the metric: say why, stop
-            break
-        take = [Undone(unit, round_, harm, figure) for unit, harm in candidates[: 2 ** (round_ - 1)]]
+        take = [Undone(unit, round_, harm, figure) for unit, harm in candidates[: 2 ** (round_ - first_round)]]
         outcome.undone += take
         model = way.undo(take)
         # After the last round nothing follows that a provisional verdict could decide: confirm at once.
@@ -142,9 +154,19 @@ def fall_back(way: Fallback, model: ir.Model) -> Outcome:
             outcome.stuck = way.no_units_reason
         elif outcome.undone or stalled_at is not None:  # stalled, every round used, or no unit left
             outcome.stuck = why_stuck(way.last, *way.limits(), kept=len(outcome.undone), first_figure=first_figure,
-                                      figure=figure, top_harm_db=stalled_at)
+                                      figure=figure, top_harm_db=stalled_at,
+                                      stepped=sum(u.to not in _FINAL for u in outcome.undone))
     outcome.model, outcome.met, outcome.figure = model, met, figure
     return outcome
+
+
+def _candidates(way: Fallback, model: ir.Model) -> tuple[list[tuple[str, float]], str | None]:
+    """``(units that add error, most harmful first; None)``, or ``([], why)`` where ``model`` cannot be ranked."""
+    try:
+        ranked = way.rank(model)
+    except CannotRank as exc:
+        return [], str(exc)
+    return [(unit, harm) for unit, harm in ranked if harm > 0], None
 
 
 class Convergence:
@@ -177,12 +199,16 @@ class Convergence:
 
 
 def why_stuck(v: Validation, max_drop: float | None, min_cosine: float | None, *, kept: int, first_figure: str,
-              figure: str, top_harm_db: float | None = None) -> str:
+              figure: str, top_harm_db: float | None = None, stepped: int = 0) -> str:
     """Why keeping the most harmful layers as they were stopped moving the metric: what the measure
     itself shows (one sample, one output, too few samples, synthetic inputs, error spread over every
     layer), in one sentence for the report."""
     max_drop, min_cosine = budget_limits(v, max_drop, min_cosine)
-    moved = f"keeping {kept} layer{'s' if kept != 1 else ''} as they were moved {first_figure} to {figure}"
+    whole = kept - stepped
+    undone = " and ".join(part for part in (
+        f"keeping {whole} layer{'s' if whole != 1 else ''} as they were" if whole else "",
+        f"stepping {stepped} layer{'s' if stepped != 1 else ''} part of the way back" if stepped else "") if part)
+    moved = f"{undone or 'keeping 0 layers as they were'} moved {first_figure} to {figure}"
     reasons = []
     if max_drop is not None and v.samples:
         step = 100.0 / v.samples
@@ -239,6 +265,7 @@ class LossyFallback(Fallback):
         self._alone: dict[tuple[str, str], float] = {}  # (unit, its next step) -> judged outputs' SQNR, it alone lossy
         self._reference: dict[str, list] | None = None
         self._steps: dict[tuple[str, int], str] = {}  # (unit, round) -> where undoing took it
+        self._final = False  # partial steps given up (``final_steps``)
         self._before, self._last = self.passes, []  # the passes before the last round, and its units
 
     def run(self, model: ir.Model) -> tuple[ir.Model, list, bool, str]:
@@ -290,10 +317,24 @@ class LossyFallback(Fallback):
     def undo(self, units: list[Undone]) -> ir.Model:
         """The lossy passes run again from ``start``, each undoing ``units`` one step more (``excluding``)."""
         for u in units:
-            self._steps[(u.unit, u.round)] = self._step(u.unit)
+            self._steps[(u.unit, u.round)] = u.to = self._step(u.unit)
         self._before, self._last = self.passes, [u.unit for u in units]
         self.passes = _undoing(self.passes, set(self._last))
         return self._apply()
+
+    def final_steps(self) -> bool:
+        """Once, after partial steps (int4's 8 bits, dynamic int8's per row) stalled the rounds: the
+        passes that still have partial steps made to go to float at once (``final_steps``), and the
+        rounds go on (True). False where no partial step was taken or is left: the stall is real."""
+        if self._final:
+            return False
+        lossy = lossy_units(self.passes)
+        pending = any(hasattr(p, "final_steps") and any(self._step(u) not in _FINAL for u in p.units) for p in lossy)
+        if not pending and all(step in _FINAL for step in self._steps.values()):
+            return False
+        self._final = True
+        self.passes = [p.final_steps() if p in lossy and hasattr(p, "final_steps") else p for p in self.passes]
+        return True
 
     def _apply(self) -> ir.Model:
         working = self.start.clone()

@@ -460,9 +460,11 @@ def _fallback_notes(details: dict) -> list[str]:
     note each, with the figure the fallback ended on."""
     notes = []
     final = ("as it was", "float")
-    partial = list(dict.fromkeys(k.get("to") for k in details["kept"] if k.get("to", "as it was") not in final))
-    groups = [("kept {} as they were", [k for k in details["kept"] if k.get("to", "as it was") in final])]
-    groups += [(f"stepped {{}} to {_STEP_WORDS.get(to, to)}", [k for k in details["kept"] if k.get("to") == to])
+    where = {k["unit"]: k for k in details["kept"]}  # a unit stepped part of the way, then all of it: the last
+    ended = list(where.values())
+    partial = list(dict.fromkeys(k.get("to") for k in ended if k.get("to", "as it was") not in final))
+    groups = [("kept {} as they were", [k for k in ended if k.get("to", "as it was") in final])]
+    groups += [(f"stepped {{}} to {_STEP_WORDS.get(to, to)}", [k for k in ended if k.get("to") == to])
                for to in partial]
     for label, kept in groups:
         if kept:
@@ -516,6 +518,8 @@ def _faster_layers_only(p: LowRankFactorize, working: ir.Model, feed, providers,
     slower, latency = slower_layers(working, p, feed, providers, 1 if threads is None else threads)
     kept = p.excluding(slower) if slower else p
     kept.layer_latency = latency
+    if not latency:
+        notes.append("lowrank: layers not timed (no kernel of their own in onnxruntime's profile): kept by size alone")
     if slower:
         notes.append(f"lowrank: left alone as not faster (two kernels vs one, {threads or 1} thread"
                      f"{'s' if (threads or 1) != 1 else ''}): {', '.join(slower[:8])}{' …' if len(slower) > 8 else ''}"

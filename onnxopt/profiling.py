@@ -4,7 +4,8 @@ onnxruntime runs its own rewrite of the graph, so ``layer_times`` maps the names
 
 - a node that onnxruntime fused or converted keeps the name of the node it replaced, sometimes
   with a suffix (DQ → Conv → Q becomes a QLinearConv named like the Conv; the NHWC layout
-  conversion appends ``_token_N``; MatMul + Add fused into a Gemm appends ``/MatMulAddFusion``);
+  conversion appends ``_token_N``; MatMul + Add fused into a Gemm appends ``/MatMulAddFusion``; a Gemm
+  fused with its activation is named ``fused <name>``);
 - a CPU NCHWc convolution is named after its output tensor plus ``_nchwc``: that tensor's producer,
   followed back through the activations fused into it (Relu, Clip, BatchNormalization …), is the layer;
 - a QuantizeLinear is charged to the layers that read it through their DequantizeLinear (an int8
@@ -35,6 +36,8 @@ from onnxopt.runtime import ModelSnapshot
 
 # onnxruntime's suffixes on the nodes it rewrote: layout conversion tokens, a MatMul fused with its Add.
 _TOKEN_SUFFIX = re.compile(r"((_token_\d+)|(/MatMulAddFusion))+$")
+# and its prefix on a node fused with the activation after it (Gemm + Relu: "fused /0/Gemm")
+_FUSED_PREFIX = "fused "
 _KERNEL_SUFFIX = "_kernel_time"
 _WARMUP_SECONDS = 0.3
 # How far back from an NCHWc node's output tensor the layer may sit (Conv → BN → Relu → Clip).
@@ -128,7 +131,8 @@ def layer_times(model: ir.Model, times: Mapping[str, float], layers: Iterable[st
     producers = {out.name: node for node in model.graph for out in node.outputs if out.name}
     charged: dict[str, float] = defaultdict(float)
     for ort_name, micros in times.items():
-        for layer, share in _owners(_TOKEN_SUFFIX.sub("", ort_name), nodes, producers, layers):
+        name = ort_name[len(_FUSED_PREFIX):] if ort_name.startswith(_FUSED_PREFIX) else ort_name
+        for layer, share in _owners(_TOKEN_SUFFIX.sub("", name), nodes, producers, layers):
             charged[layer] += micros * share
     return dict(charged)
 

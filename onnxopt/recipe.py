@@ -221,6 +221,14 @@ class Recipe:
             raise OptionError(f"--precision {self.precision!r}: not one of fp16, bf16")
         if self.activations not in ("uint8", "int8", "auto"):
             raise OptionError(f"--activations {self.activations!r}: not one of uint8, int8, auto")
+        if self.smooth_quant is not None:
+            alpha = self.smooth_quant
+            if not (alpha == "auto" or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                        and math.isfinite(alpha) and 0.0 <= alpha <= 1.0)):
+                raise OptionError(f"--smooth-quant {alpha!r}: give alpha in [0, 1] or auto")
+            if self.quantize == "int4" or not (self.quantize in ("int8", "int8-dynamic", "auto") or any(
+                    _is_quantize(p) or p == "quantize-dynamic" for p in self.pass_list())):
+                raise OptionError("--smooth-quant applies to --quantize int8, int8-dynamic or auto")
         if self.dynamic_activations not in ("row", "tensor", "auto"):
             raise OptionError(f"--dynamic-activations {self.dynamic_activations!r}: not one of row, tensor, auto")
         if self.dynamic_activations == "tensor" and self.smooth_quant is not None and self.quantize == "int8-dynamic":

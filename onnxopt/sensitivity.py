@@ -149,7 +149,6 @@ def choose_levels(start: ir.Model, pass_, original: ModelSnapshot, data: Dataset
         search = _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, progress, max_drop,
                          min_cosine, like, probe_judge)
     if probe_judge is not judge_:
-        search.details["sessions"] += probe_judge.sessions
         search.note += f"; each layer alone judged on the first {few.num_samples} of {data.num_samples} samples"
     return search
 
@@ -233,7 +232,8 @@ def _search(start, pass_, levels, judge_, v0, figure0, details, target_bytes, pr
             "bytes_after": probes[unit][state[unit]].bytes_after if unit in state else before[unit],
             **_macs(probes[unit][state[unit]].record if unit in state else None),
         }
-    details.update(search=search, path_steps=len(path) - 1, chosen_step=chosen, sessions=judge_.sessions,
+    details.update(search=search, path_steps=len(path) - 1, chosen_step=chosen,
+                   sessions=judge_.sessions + (probe_judge.sessions if probe_judge is not judge_ else 0),
                    bytes_before=sum(before.values()), bytes_after=layer_bytes(state),
                    figure=figure0, target_bytes=target_bytes)
     for row in search:  # the figure of the chosen setting, where it was judged

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["ACTIVATION_LAYOUTS", "QuantizeDynamic"]
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -112,6 +113,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         self.embeddings = embeddings
         self.activations = activations
         self.row_units = tuple(row_units)
+        self.row_activations: frozenset[str] = frozenset()  # inputs the budget's steps made per row, by name
+        self.partial = True  # the budget's way back may stop at "per row" (``final_steps`` turns it off)
         self.smooth_alpha = smooth_alpha if smooth_alpha in (None, "auto") else float(smooth_alpha)
         self.act_absmax = dict(act_absmax or {})
 
@@ -129,17 +132,29 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
     # ------------------------------------------------------------------ the budget's steps
     def undo_step(self, unit: str) -> str:
         """What ``excluding([unit])`` makes of ``unit``: with ``activations="auto"`` a MatMul/Gemm whose
-        input is quantized per tensor goes "per row" first, then "float"; else "float"."""
-        if self.activations != "auto" or unit in self.row_units or unit in self.details.get("embeddings", []):
+        input is quantized per tensor goes "per row" first, then "float"; a layer whose input is per row
+        already (a sibling reading the same activation was stepped) goes to "float"."""
+        if (self.activations != "auto" or not self.partial or unit in self.details.get("per_row", ())
+                or unit in self.row_units or unit in self.details.get("embeddings", [])):
             return "float"
         return "per row"
 
     def excluding(self, units) -> QuantizeDynamic:
-        """The way back one step (``undo_step``): per tensor -> per row (``row_units``) -> float (``exclude``)."""
+        """The way back one step (``undo_step``): per tensor -> per row (``row_units``; every reader of
+        that activation shares it) -> float (``exclude``)."""
         units = list(units)
         up = [u for u in units if self.undo_step(u) == "per row"]
         new = super().excluding([u for u in units if u not in up])
         new.row_units = (*self.row_units, *[u for u in up if u not in self.row_units])
+        inputs = self.details.get("inputs", {})
+        new.row_activations = self.row_activations | {inputs[u] for u in up if inputs.get(u)}
+        return new
+
+    def final_steps(self) -> QuantizeDynamic:
+        """The same pass whose way back goes to float at once (the budget's fallback, when steps to
+        per row stopped moving its metric)."""
+        new = copy.copy(self)
+        new.partial = False
         return new
 
     def isolating(self, units) -> QuantizeDynamic:
@@ -230,7 +245,10 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                 (logger.info if by_design else logger.warning)("quantize-dynamic: %s stays float: %s", label, why)
                 continue
             chosen.append((node, label))
-        self._row_inputs = {id(node.inputs[0]) for node, label in chosen if self.rows or label in self.row_units}
+        self._row_inputs = {id(node.inputs[0]) for node, label in chosen
+                            if self.rows or label in self.row_units or node.inputs[0].name in self.row_activations}
+        self.details["inputs"] = {label: node.inputs[0].name for node, label in chosen}
+        self.details["per_row"] = [label for node, label in chosen if id(node.inputs[0]) in self._row_inputs]
         self._smoothing = self._smoothing_scales(chosen) if self.smooth_alpha is not None else {}
         if self.smooth_alpha is not None:
             self.details["smoothed"] = {name: {"alpha": alpha, "channels": int(sc.size),
@@ -268,8 +286,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             f"{', 7-bit' if self.weight_bits == 7 else ''}); {total - done} left float"
             + (f"; {len(tables)} embedding tables int8 per row" if tables else "")
             + ("; activations per row" if self.rows else "; activations per tensor" + (
-                f" ({len(self._row_inputs)} of {len(dq_inputs)} per row, read by the {len(self.row_units)} layers"
-                f" the budget stepped)"
+                f" ({len(self._row_inputs)} of {len(dq_inputs)} per row, read by {len(self.details['per_row'])} layers;"
+                f" the budget stepped {len(self.row_units)})"
                 if self._row_inputs else ""))
             + (f", {len(self._smoothing)} smoothed (alpha {self.smooth_alpha})" if self._smoothing else "")
         )

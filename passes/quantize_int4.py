@@ -42,6 +42,7 @@ from __future__ import annotations
 
 __all__ = ["QuantizeWeightsInt4", "rtn_blocks", "hqq_blocks", "gptq_blocks", "pack_nibbles", "dequantize_blocks"]
 
+import copy
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -310,6 +311,13 @@ class QuantizeWeightsInt4(LossyNodes, OnnxoptPass):
         new = super().excluding([u for u in units if u not in up])
         new.wide = (*self.wide, *[u for u in up if u not in self.wide])
         new.stepped = (*self.stepped, *[u for u in up if u not in self.stepped])
+        return new
+
+    def final_steps(self) -> QuantizeWeightsInt4:
+        """The same pass whose way back goes to float at once (``fallback="float"``; layers already at 8
+        bits stay there): the budget's fallback, when 8-bit steps stopped moving its metric."""
+        new = copy.copy(self)
+        new.fallback = "float"
         return new
 
     def isolating(self, units) -> QuantizeWeightsInt4:

@@ -318,7 +318,14 @@ def test_auto_layout_steps_a_layer_to_per_row_before_float():
     stepped(model)
     ops = [n.op_type for n in model.graph]
     assert ops.count("MatMulIntegerToFloat") >= 1 and "DynamicQuantizeLinear" in ops  # mixed layouts
-    assert "per row, read by the 1 layers the budget stepped" in stepped.summary
+    assert "(1 of 4 per row, read by 3 layers; the budget stepped 1)" in stepped.summary  # Q, K, V share it
+    siblings = [u for u in stepped.details["per_row"] if u != unit]
+    assert len(siblings) == 2 and all(stepped.undo_step(u) == "float" for u in siblings)  # per row already
+    alone = stepped.isolating([siblings[0]])
+    alone(tiny_transformer())
+    assert alone.details["per_row"] == [siblings[0]]  # measured alone as it runs: per row
+    assert stepped.final_steps().undo_step(next(u for u in p.units if u not in stepped.details["per_row"] and
+                                                "MatMul" in u)) == "float"
     y = run(model, feeds)[0]
     assert np.abs(y - ref).max() < 0.2 * np.abs(ref).max()
     gone = stepped.excluding([unit])
@@ -355,3 +362,19 @@ def test_the_budget_steps_a_layer_to_per_row_where_per_tensor_misses(tmp_path):
     cos = {name: min(o.cosine_worst for o in r.report.validation.outputs) for name, r in
            (("row", plain), ("tensor", tensor))}
     assert cos["tensor"] < 0.999 <= cos["row"]
+
+
+def test_the_budget_goes_on_to_float_when_steps_to_per_row_stall(tmp_path):
+    """The zoo transformer at a budget per row alone cannot meet: the rounds step layers per row, stall,
+    then take layers back to float until it holds (they used to stop at the stall, writing nothing)."""
+    import onnxopt
+
+    np.savez(tmp_path / "t.npz", input=np.random.default_rng(0).integers(0, 100, (16, 12)).astype(np.int64))
+    result = onnxopt.optimize(str(ZOO), quantize="int8-dynamic", min_cosine=0.9999, data=str(tmp_path / "t.npz"),
+                              latency=False)
+    assert result.ok and result.report.validation.ok
+    notes = " ".join(result.report.notes)
+    assert "layers as they were" in notes
+    record = next(p for p in result.report.passes if p.name == "quantize-dynamic")
+    floats = {u for u, why in record.details["left"].items() if why == "excluded"}
+    assert floats and not floats & set(record.details["per_row"])  # a unit ends in one place, said once

@@ -244,4 +244,21 @@ def test_each_layer_alone_is_judged_on_at_most_the_probe_samples(tmp_path, monke
     finally:
         original.close()
     assert search.details["probe_samples"] == 32 and "first 32 of 96 samples" in search.note
+    assert f"{len(seen)} sessions" in search.note and search.details["sessions"] == len(seen)
     assert set(seen) == {32, 96} and seen.count(32) >= 2 * len(SparsifyWeights.LEVELS)
+
+
+def test_lowrank_times_gemm_layers_fused_with_their_activation(tmp_path):
+    """onnxruntime runs a Gemm and its Relu as one kernel named 'fused <gemm>': still timed."""
+    import onnx_ir as ir
+
+    from onnxopt.passes import REGISTRY
+    from onnxopt.sensitivity import slower_layers
+    from pathlib import Path
+
+    model = ir.load(Path(__file__).resolve().parents[1] / "models" / "zoo" / "mlp_bn.onnx")
+    for name in ("simplify", "fold-bn"):
+        model = REGISTRY[name]()(model).model
+    feed = {model.graph.inputs[0].name: randn(32, 64)}
+    slower, latency = slower_layers(model, LowRankFactorize(ratio=0.5), feed)
+    assert len(latency) == 2 and all(set(t) == {"before", "after"} for t in latency.values())

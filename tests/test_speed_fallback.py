@@ -83,7 +83,7 @@ def test_layer_times_follow_onnxruntime_names_back_to_the_layers():
     input_q = next(n.name for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x")
     times = {
         "c1_node_token_3": 10.0,  # a QLinearConv after the NHWC conversion
-        "c2_node": 7.0,  # fused, its name kept
+        "fused c2_node": 7.0,  # fused with its activation: onnxruntime prefixes "fused "
         "y_node/MatMulAddFusion": 3.0,  # a MatMul and its Add fused into a Gemm
         input_q: 4.0,  # quantizing the input is the first conv's cost
         "Transpose_token_9": 100.0,  # onnxruntime's own node: nobody's
