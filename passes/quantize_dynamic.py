@@ -36,6 +36,7 @@ _SUPPORTED = ("MatMul", "Gemm")
 # "row": every activation per row; "tensor": per tensor (onnxruntime's layout); "auto": per tensor, and
 # the budget's fallback steps a harmful layer's input to per row before it goes float.
 ACTIVATION_LAYOUTS = ("row", "tensor", "auto")
+_MS = "com.microsoft"
 _MIN_SCALE = 1e-12
 
 
@@ -135,7 +136,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         input is quantized per tensor goes "per row" first, then "float"; a layer whose input is per row
         already (a sibling reading the same activation was stepped) goes to "float"."""
         if (self.activations != "auto" or not self.partial or unit in self.details.get("per_row", ())
-                or unit in self.row_units or unit in self.details.get("embeddings", [])):
+                or unit in self.row_units or unit not in self.details.get("inputs", {})):  # tables, QAttention
             return "float"
         return "per row"
 
@@ -258,6 +259,20 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             self._rewrite(graph, node, label, names, dq_inputs, weights)
             self.details["quantized"].append(label)
             logger.info("quantize-dynamic: %s (%s) runs on integers", label, node.op_type)
+        tensor_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}  # per tensor, for QAttention
+        attentions = 0
+        for node in list(graph):
+            if node.op_type != "Attention" or node.domain != _MS:
+                continue
+            label = node_label(node)
+            why = self._attention_refusal(node)
+            if why is not None:
+                self.details["left"][label] = why
+                logger.warning("quantize-dynamic: %s stays float: %s", label, why)
+                continue
+            self._rewrite_attention(graph, node, label, names, tensor_inputs)
+            self.details["quantized"].append(label)
+            attentions += 1
         tables: dict[int, tuple[ir.Value, ir.Value]] = {}
         for node in list(graph) if self.embeddings else ():
             if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
@@ -275,8 +290,8 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             if node.graph is not graph and node.op_type in _SUPPORTED:
                 total += 1
                 self.details["left"][node_label(node)] = "inside a subgraph"
-        done = len(self.details["quantized"])
-        if done or self.details["embeddings"]:
+        done = len(self.details["quantized"]) - attentions
+        if done or self.details["embeddings"] or attentions:
             graph.sort()
             model.metadata_props["onnxopt.quantization.target"] = self.target or "unspecified"
             model.metadata_props["onnxopt.quantization.weight_range"] = f"[{-self.weight_max}, {self.weight_max}]"
@@ -284,6 +299,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             f"dynamic int8: {done} of {total} MatMul/Gemm on integers ({len(dq_inputs)} activations quantized at run "
             f"time, {len(weights)} weights {'per-channel' if self.per_channel else 'per-tensor'}"
             f"{', 7-bit' if self.weight_bits == 7 else ''}); {total - done} left float"
+            + (f"; {attentions} Attention as QAttention (activations per tensor)" if attentions else "")
             + (f"; {len(tables)} embedding tables int8 per row" if tables else "")
             + ("; activations per row" if self.rows else "; activations per tensor" + (
                 f" ({len(self._row_inputs)} of {len(dq_inputs)} per row, read by {len(self.details['per_row'])} layers;"
@@ -293,7 +309,64 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         )
         if any(n.domain == "com.microsoft" for n in graph) and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
-        return ir.passes.PassResult(model, modified=bool(done or tables))
+        return ir.passes.PassResult(model, modified=bool(done or tables or attentions))
+
+    # ------------------------------------------------------------------ fused attention
+    def _attention_refusal(self, node: ir.Node) -> str | None:
+        """None when a com.microsoft Attention (fused by onnxruntime's transformer optimizer: input,
+        packed Q/K/V weight, bias, optional mask_index) can become QAttention, else why not."""
+        if any(_matches(p, node) for p in self.exclude):
+            return "excluded"
+        if len(node.inputs) < 3 or node.inputs[0] is None or node.inputs[1] is None or node.inputs[2] is None:
+            return "Attention without input, weight and bias"
+        if any(v is not None for v in node.inputs[4:]):
+            return "Attention with past state or an attention bias (QAttention takes neither here)"
+        if len([o for o in node.outputs if o.uses() or o.is_graph_output()]) > 1:
+            return "Attention's present output is read"
+        extra = set(node.attributes) - {"num_heads", "unidirectional"}
+        if extra:
+            return f"Attention attributes QAttention lacks: {', '.join(sorted(extra))}"
+        if node.inputs[0].dtype is not None and node.inputs[0].dtype != ir.DataType.FLOAT:
+            return f"input is {node.inputs[0].dtype.name}"
+        w, bias = constant_array(node.inputs[1]), constant_array(node.inputs[2])
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
+            return "the packed Q/K/V weight is not a constant 2-D float32 tensor"
+        if bias is None or bias.dtype != np.float32 or bias.shape != (w.shape[1],):
+            return "the bias is not a constant float32 vector of the weight's columns"
+        return None
+
+    def _rewrite_attention(self, graph: ir.Graph, node: ir.Node, label: str, names: NameScope,
+                           tensor_inputs: dict) -> None:
+        """Attention(x, W, b, mask) -> QAttention(DynamicQuantizeLinear(x), W_q, b, x_scale, w_scale, mask,
+        x_zp, 0): onnxruntime's quantized attention; W per column (3 x hidden scales), int8, zero point 0.
+        QAttention reads one activation scale: per tensor, whatever ``activations`` says."""
+        a, b = node.inputs[0], node.inputs[1]
+        q, scale = _quantize_weight(constant_array(b), self.per_channel, self.weight_max)
+        base = b.name or label
+        w_q = _const(graph, names, f"{base}_quantized", q)
+        w_s = _const(graph, names, f"{base}_scale", scale)
+        w_zp = _const(graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int8))
+        self.details["weights"][base] = {"shape": list(q.shape), "bytes_before": int(q.size * 4),
+                                         "bytes_after": int(q.nbytes + scale.nbytes + scale.size)}
+        if id(a) not in tensor_inputs:
+            dql = ir.node("DynamicQuantizeLinear", [a], name=names.fresh(f"{a.name or label}_DynamicQuantizeLinear"),
+                          num_outputs=3)
+            for out, suffix, dtype in zip(dql.outputs, ("quantized", "scale", "zero_point"),
+                                          (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)):
+                out.name, out.dtype = names.fresh(f"{a.name or label}_{suffix}"), dtype
+            dql.outputs[0].shape = a.shape
+            graph.insert_before(node, dql)
+            tensor_inputs[id(a)] = tuple(dql.outputs)
+        a_q, a_s, a_zp = tensor_inputs[id(a)]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        attributes = {k: v.value for k, v in node.attributes.items()}
+        qattention = ir.node("QAttention", [a_q, w_q, node.inputs[2], a_s, w_s, mask, a_zp, w_zp], domain=_MS,
+                             attributes=attributes, name=names.fresh(f"{label}_quant"))
+        out = qattention.outputs[0]
+        out.name, out.dtype = names.fresh(f"{label}_quant_output"), ir.DataType.FLOAT
+        old_weight = b
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [qattention], [node.outputs[0]], [out])
+        drop_if_unused(graph, old_weight)
 
     # ------------------------------------------------------------------ embedding tables
     def _table_refusal(self, node: ir.Node) -> str | None:

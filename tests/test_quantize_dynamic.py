@@ -378,3 +378,55 @@ def test_the_budget_goes_on_to_float_when_steps_to_per_row_stall(tmp_path):
     record = next(p for p in result.report.passes if p.name == "quantize-dynamic")
     floats = {u for u, why in record.details["left"].items() if why == "excluded"}
     assert floats and not floats & set(record.details["per_row"])  # a unit ends in one place, said once
+
+
+def _attention_model(extra_attributes: dict | None = None) -> tuple[ir.Model, dict]:
+    """A com.microsoft Attention as onnxruntime's transformer optimizer writes it (packed Q/K/V weight,
+    bias, mask_index of lengths), then a MatMul reading its output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    h, b, s = 32, 2, 8
+    w = (rng.standard_normal((h, 3 * h)) * 0.2).astype(np.float32)
+    bias = (rng.standard_normal(3 * h) * 0.1).astype(np.float32)
+    proj = (rng.standard_normal((h, h)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Attention", ["x", "W", "bias", "mask"], ["att"], domain="com.microsoft", name="attn",
+                              num_heads=4, **(extra_attributes or {})),
+             helper.make_node("MatMul", ["att", "P"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", h]),
+                                           helper.make_tensor_value_info("mask", TensorProto.INT32, ["B"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", h])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(bias, "bias"),
+                               numpy_helper.from_array(proj, "P")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"x": rng.standard_normal((b, s, h)).astype(np.float32), "mask": np.array([8, 5], np.int32)}
+    return ir.serde.deserialize_model(proto), feeds
+
+
+def test_fused_attention_becomes_qattention():
+    """onnxruntime's fused Attention (its projections packed in one weight) runs as QAttention: int8
+    weight per column, the input quantized per tensor (QAttention reads one scale), output close."""
+    model, feeds = _attention_model()
+    ref = run(model, feeds)[0]
+    p = QuantizeDynamic()
+    assert p(model).modified
+    ops = [n.op_type for n in model.graph]
+    assert "QAttention" in ops and "Attention" not in ops and "DynamicQuantizeLinear" in ops
+    assert "attn" in p.details["quantized"] and "1 Attention as QAttention" in p.summary
+    assert "W" not in model.graph.initializers  # no float copy of the packed weight left
+    y = run(model, feeds)[0]
+    cos = (y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.99 and np.abs(y - ref).max() > 0
+    assert p.undo_step("attn") == "float"
+    kept = p.excluding(["attn"])
+    model, _ = _attention_model()
+    kept(model)
+    assert "Attention" in [n.op_type for n in model.graph] and "attn" not in kept.details["quantized"]
+
+
+def test_attention_with_attributes_qattention_lacks_stays_float():
+    model, _ = _attention_model({"qkv_hidden_sizes": [32, 32, 32]})
+    p = QuantizeDynamic()
+    p(model)
+    assert "Attention" in [n.op_type for n in model.graph]
+    assert "qkv_hidden_sizes" in p.details["left"]["attn"]
