@@ -7,7 +7,7 @@
 
 Every row starts from ``models/zoo/transformer_encoder.onnx`` after ``simplify`` (which folds the
 exporter's weight Transposes, so that every projection reads a constant weight) and quantizes it one
-way: onnxopt's ``quantize-dynamic`` (per-channel int8, 8-bit weights) and ``quantize-int4`` (block 32:
+way: onnxopt's ``quantize-dynamic`` (per-channel int8, 8-bit weights; activations per row, the default, and per tensor) and ``quantize-int4`` (block 32:
 RTN symmetric, HQQ, GPTQ calibrated on 16 other random sequences of 64), onnxruntime's ``quantize_dynamic`` (per-channel QInt8) and
 ``MatMulNBitsQuantizer`` (RTN symmetric with the Gather table, HQQ on MatMuls only: its HQQ refuses
 Gather). Figures per input shape (batch x sequence of random token ids): cosine per sample of the
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = tmp / "fp32.onnx"
     ir.save(fp32, base)
     rows = {
-        "onnxopt int8-dynamic": lambda: _ours(base, QuantizeDynamic()),
+        "onnxopt int8-dynamic (per row)": lambda: _ours(base, QuantizeDynamic()),
+        "onnxopt int8-dynamic per tensor": lambda: _ours(base, QuantizeDynamic(activations="tensor")),
         "onnxruntime quantize_dynamic": lambda: _ort_dynamic(base, tmp),
         "onnxopt int4 RTN b32": lambda: _ours(base, QuantizeWeightsInt4(block_size=32, method="rtn")),
         "onnxopt int4 HQQ b32": lambda: _ours(base, QuantizeWeightsInt4(block_size=32, method="hqq")),

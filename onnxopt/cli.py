@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic-activations", choices=("auto", "row", "tensor"), default="auto",
                         help="--quantize int8-dynamic: row: one scale per row (token) of each activation (outlier "
                              "tokens and padding do not set the others' step); tensor: one per tensor (onnxruntime's "
-                             "fused DynamicQuantizeMatMul: faster, coarser); auto (default): row without a budget, "
-                             "with --min-cosine/--max-drop tensor first and row for the layers the budget needs")
+                             "fused DynamicQuantizeMatMul: faster, coarser); auto (default): with --min-cosine/"
+                             "--max-drop tensor first and row for the layers the budget needs; without, tensor (row "
+                             "with --smooth-quant)")
     parser.add_argument("--eval", help="labelled data for validation and accuracy (same as --data)")
     parser.add_argument("--distill", action="store_true",
                         help="after the lossy passes, train the weights to match the input model (the teacher) on --train-data; needs torch")

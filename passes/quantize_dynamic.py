@@ -246,6 +246,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
                 (logger.info if by_design else logger.warning)("quantize-dynamic: %s stays float: %s", label, why)
                 continue
             chosen.append((node, label))
+        self._constants: dict[str, ir.Value] = {}
         self._row_inputs = {id(node.inputs[0]) for node, label in chosen
                             if self.rows or label in self.row_units or node.inputs[0].name in self.row_activations}
         self.details["inputs"] = {label: node.inputs[0].name for node, label in chosen}
@@ -503,7 +504,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         if row_wise:
             # MatMulIntegerToFloat at unit activation scale, then the rows' scales: not Mul(acc, Mul(a_scale,
             # w_scale)), which onnxruntime fuses into a MatMulIntegerToFloat reading a_scale as one scalar
-            one = _const(graph, names, f"{label}_unit_scale", np.array(1.0, np.float32))
+            one = self._shared(graph, names, "unit", np.array(1.0, np.float32))
             acc = ir.node("MatMulIntegerToFloat", [a_q, w_q, one, w_s, a_zp, w_zp], domain="com.microsoft",
                           name=names.fresh(f"{label}_quant"))
             out = ir.node("Mul", [acc.outputs[0], a_s], name=names.fresh(f"{label}_output_scale_mul"))
@@ -541,6 +542,13 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             drop_if_unused(graph, value)
 
 
+    def _shared(self, graph: ir.Graph, names: NameScope, key: str, array: np.ndarray) -> ir.Value:
+        """One initializer per graph for each of the per-row layout's small constants (the file of a
+        small model would otherwise carry six of them per activation)."""
+        if key not in self._constants:
+            self._constants[key] = _const(graph, names, f"onnxopt_dynamic_{key}", array)
+        return self._constants[key]
+
     def _row_wise(self, a: ir.Value) -> bool:
         """Whether activation ``a`` is quantized per row (else per tensor): all with ``activations="row"``,
         else those a stepped unit (``row_units``) reads; its other readers share the per-row form."""
@@ -567,18 +575,18 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
 
         def reduce(op: str, x: ir.Value) -> ir.Value:
             if opset >= 18:  # axes became an input
-                return add(op, [x, _const(graph, names, f"{base}_row_axes", np.array([-1], np.int64))], keepdims=1)
+                return add(op, [x, self._shared(graph, names, "last_axis", np.array([-1], np.int64))], keepdims=1)
             return add(op, [x], axes=[-1], keepdims=1)
 
         smooth = self._smoothing.get(a.name, (None,))[0] if a.name else None
         if smooth is not None:
             a = add("Mul", [a, _const(graph, names, f"{base}_smooth_inverse", (1.0 / smooth).astype(np.float32))])
-        floor = _const(graph, names, f"{base}_row_floor", np.array(_MIN_SCALE * 127, np.float32))  # an all-zero row
+        floor = self._shared(graph, names, "row_floor", np.array(_MIN_SCALE * 127, np.float32))  # an all-zero row
         peak = add("Max", [reduce("ReduceMax", a), add("Neg", [reduce("ReduceMin", a)]), floor])
-        scale = add("Mul", [peak, _const(graph, names, f"{base}_row_step", np.array(1 / 127, np.float32))])
-        levels = add("Div", [_const(graph, names, f"{base}_row_levels", np.array(127, np.float32)), peak])
-        unit = _const(graph, names, f"{base}_row_unit", np.array(1.0, np.float32))
-        offset = _const(graph, names, f"{base}_row_offset", np.array(128, np.uint8))
+        scale = add("Mul", [peak, self._shared(graph, names, "row_step", np.array(1 / 127, np.float32))])
+        levels = add("Div", [self._shared(graph, names, "row_levels", np.array(127, np.float32)), peak])
+        unit = self._shared(graph, names, "unit", np.array(1.0, np.float32))
+        offset = self._shared(graph, names, "row_zero_point", np.array(128, np.uint8))
         a_q = add("QuantizeLinear", [add("Mul", [a, levels]), unit, offset], ir.DataType.UINT8)
         a_q.shape = a.shape
         graph.insert_before(node, nodes)

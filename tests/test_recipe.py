@@ -193,7 +193,7 @@ def test_intermediate_matching_flags_round_trip_and_are_checked(tmp_path, capsys
         assert words in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode,op", [("int8-dynamic", "MatMulIntegerToFloat"), ("int4", "MatMulNBits")])
+@pytest.mark.parametrize("mode,op", [("int8-dynamic", "MatMulInteger"), ("int4", "MatMulNBits")])
 def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     model = "models/zoo/transformer_encoder.onnx"
