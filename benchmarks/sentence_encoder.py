@@ -260,9 +260,10 @@ ROWS = {
     "onnxopt int8 static": ("onnxopt", {"quantize": "int8", "outputs": ["sentence_embedding"]}),
     "onnxopt int8 static + smooth-quant auto": ("onnxopt", {"quantize": "int8", "smooth_quant": "auto",
                                                             "outputs": ["sentence_embedding"]}),
-    "onnxopt int8-dynamic": ("onnxopt", {"quantize": "int8-dynamic", "outputs": ["sentence_embedding"]}),
-    "onnxopt int8-dynamic per tensor": ("onnxopt", {"quantize": "int8-dynamic", "dynamic_activations": "tensor",
-                                                    "outputs": ["sentence_embedding"]}),
+    "onnxopt int8-dynamic per row": ("onnxopt", {"quantize": "int8-dynamic", "dynamic_activations": "row",
+                                                 "outputs": ["sentence_embedding"]}),
+    "onnxopt int8-dynamic per tensor (default)": ("onnxopt", {"quantize": "int8-dynamic",
+                                                              "outputs": ["sentence_embedding"]}),
     "onnxopt int8-dynamic + smooth-quant auto": ("onnxopt", {"quantize": "int8-dynamic", "smooth_quant": "auto",
                                                              "outputs": ["sentence_embedding"]}),
     "onnxopt int8-dynamic + smooth-quant auto, min-cosine 0.997": ("onnxopt", {
