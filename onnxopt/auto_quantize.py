@@ -83,6 +83,8 @@ def optimize_auto(model, recipe: Recipe, progress: Progress | None = None, *,
                                            "only dynamic int8 was built"}
             continue
         sub = recipe.replace(quantize=mode, data=data, max_drop=max_drop, min_cosine=min_cosine)
+        if mode == "int8":  # dynamic int8's own option does not apply to static int8
+            sub = sub.replace(dynamic_activations="auto")
         if mode == "int8-dynamic":  # static int8's own options do not apply to dynamic int8
             sub = sub.replace(passes=_dynamic_passes(recipe.passes), **_static_defaults(recipe))
         if progress:

@@ -103,59 +103,73 @@ class Fallback:
     def undo(self, units: list[Undone]) -> ir.Model:
         raise NotImplementedError
 
-    def final_steps(self) -> bool:
-        """Turn the ways back that stop part of the way (int4 -> 8 bits) into ones that go all the way,
-        when the partial steps stalled; True when something changed (the rounds go on), else False."""
-        return False
+    def final_steps(self) -> bool | None:
+        """Turn the ways back that stop part of the way (int4 -> 8 bits) into ones that go all the way:
+        True when something changed, False when nothing was left to change, None where this way has
+        no partial steps at all."""
+        return None
+
+    def step_of(self, unit: str) -> str:
+        """Where undoing ``unit`` now takes it: "as it was" / "float", or a partial step ("8 bits")."""
+        return "as it was"
 
 
 def fall_back(way: Fallback, model: ir.Model) -> Outcome:
     """Judge ``model`` and, while it misses the budget, undo the most harmful units of ``way``, 1 then
-    2, 4 … of them a round; returns how it ended (see the module docstring)."""
+    2, 4 … of them a round; returns how it ended (see the module docstring). Where a pass undoes in
+    steps (int4 -> 8 bits, per tensor -> per row), the steps to float start again at one unit, with
+    rounds of their own, when the partial steps are spent or stall."""
     met, figure = way.judge(model)
     first_figure, convergence = figure, Convergence()
     convergence.add(shortfall(way.last, *way.limits()))
     outcome = Outcome(model, met, figure)
-    stalled_at, no_units, first_round = None, False, 1
-    for round_ in range(1, MAX_ROUNDS + 1):
-        if met:
-            break
+    stalled_at, no_units, first_round, last_round, partial_phase = None, False, 1, MAX_ROUNDS, False
+    round_ = 0
+    while round_ < last_round and not met:
+        round_ += 1
         candidates, why = _candidates(way, model)
-        if candidates and convergence.stalled(
-                min(len(candidates), sum(2 ** (r - first_round) for r in range(round_, MAX_ROUNDS + 1)))):
-            if not way.final_steps():
+        left = sum(2 ** (r - first_round) for r in range(round_, last_round + 1))
+        if candidates and partial_phase and way.step_of(candidates[0][0]) in _FINAL:
+            candidates, why, left = [], None, 0  # the partial steps are spent: float from here (below)
+        if (not candidates and why is None and partial_phase) or (
+                candidates and convergence.stalled(min(len(candidates), left))):
+            if partial_phase and way.final_steps() is not None:
+                # partial steps spent or stalled: float from here, 1, 2, 4 … again, rounds of their own
+                partial_phase, first_round, last_round = False, round_, round_ - 1 + MAX_ROUNDS
+                convergence = Convergence()
+                convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
+                candidates, why = _candidates(way, model)
+            elif candidates:
                 stalled_at = max(h for _, h in candidates)  # more units undone no longer move the metric: say why, stop
                 break
-            # partial steps (int4 -> 8 bits, per tensor -> per row) stalled: float from here, 1, 2, 4 … again
-            first_round, convergence = round_, Convergence()
-            convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
-            outcome.rounds.append({"round": round_, "undone": [], "met": met, "figure": figure,
-                                   "note": "partial steps stopped moving the metric: the next go to float"})
-            candidates, why = _candidates(way, model)
         if why is not None:
             figure, outcome.runnable = why, False
             break
         if not candidates:
             no_units = True
             break
+        if round_ == first_round:
+            partial_phase = way.step_of(candidates[0][0]) not in _FINAL
         take = [Undone(unit, round_, harm, figure) for unit, harm in candidates[: 2 ** (round_ - first_round)]]
         outcome.undone += take
         model = way.undo(take)
         # After the last round nothing follows that a provisional verdict could decide: confirm at once.
-        met, figure = way.confirm(model) if round_ == MAX_ROUNDS else way.judge(model)
+        met, figure = way.confirm(model) if round_ == last_round else way.judge(model)
         convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
-        outcome.rounds.append({"round": round_, "undone": sorted(u.unit for u in take), "met": met, "figure": figure})
+        outcome.rounds.append({"round": round_, "undone": sorted(u.unit for u in take), "met": met, "figure": figure,
+                               **({"to": take[0].to} if take[0].to not in _FINAL else {})})
     if not met and outcome.runnable and way.provisional:
         # The last miss was seen on the first samples (a miss on all the data too): the figure of all
         # of it for the report and the reasons.
         met, figure = way.confirm(model)
     if not met and outcome.runnable:
+        ended = {u.unit: u.to for u in outcome.undone}  # a unit stepped part of the way, then all of it: the last
         if no_units and way.no_units_reason:
             outcome.stuck = way.no_units_reason
         elif outcome.undone or stalled_at is not None:  # stalled, every round used, or no unit left
-            outcome.stuck = why_stuck(way.last, *way.limits(), kept=len(outcome.undone), first_figure=first_figure,
+            outcome.stuck = why_stuck(way.last, *way.limits(), kept=len(ended), first_figure=first_figure,
                                       figure=figure, top_harm_db=stalled_at,
-                                      stepped=sum(u.to not in _FINAL for u in outcome.undone))
+                                      stepped=sum(to not in _FINAL for to in ended.values()))
     outcome.model, outcome.met, outcome.figure = model, met, figure
     return outcome
 
@@ -322,19 +336,22 @@ class LossyFallback(Fallback):
         self.passes = _undoing(self.passes, set(self._last))
         return self._apply()
 
-    def final_steps(self) -> bool:
-        """Once, after partial steps (int4's 8 bits, dynamic int8's per row) stalled the rounds: the
-        passes that still have partial steps made to go to float at once (``final_steps``), and the
-        rounds go on (True). False where no partial step was taken or is left: the stall is real."""
+    def final_steps(self) -> bool | None:
+        """The passes with partial steps (int4's 8 bits, dynamic int8's per row) made to go to float at
+        once (``final_steps``): True where any unit still had a partial step, False where none had (the
+        partial steps were all taken), None where no pass has partial steps."""
+        lossy = lossy_units(self.passes)
+        if not any(hasattr(p, "final_steps") for p in lossy):
+            return None
         if self._final:
             return False
-        lossy = lossy_units(self.passes)
-        pending = any(hasattr(p, "final_steps") and any(self._step(u) not in _FINAL for u in p.units) for p in lossy)
-        if not pending and all(step in _FINAL for step in self._steps.values()):
-            return False
         self._final = True
+        pending = any(hasattr(p, "final_steps") and any(self._step(u) not in _FINAL for u in p.units) for p in lossy)
         self.passes = [p.final_steps() if p in lossy and hasattr(p, "final_steps") else p for p in self.passes]
-        return True
+        return pending
+
+    def step_of(self, unit: str) -> str:
+        return self._step(unit)
 
     def _apply(self) -> ir.Model:
         working = self.start.clone()

@@ -228,7 +228,7 @@ class Recipe:
                                         and math.isfinite(alpha) and 0.0 <= alpha <= 1.0)):
                 raise OptionError(f"--smooth-quant {alpha!r}: give alpha in [0, 1] or auto")
             if self.quantize == "int4" or not (self.quantize in ("int8", "int8-dynamic", "auto") or any(
-                    _is_quantize(p) or p == "quantize-dynamic" for p in self.pass_list())):
+                    _is_quantize(p) or _is_dynamic(p) for p in self.pass_list())):
                 raise OptionError("--smooth-quant applies to --quantize int8, int8-dynamic or auto")
         if self.dynamic_activations not in ("row", "tensor", "auto"):
             raise OptionError(f"--dynamic-activations {self.dynamic_activations!r}: not one of row, tensor, auto")
@@ -236,7 +236,7 @@ class Recipe:
             raise OptionError("--smooth-quant with --quantize int8-dynamic needs --dynamic-activations row: with one "
                               "scale per tensor, the spread between rows, not channels, sets the step")
         if self.dynamic_activations != "auto" and self.quantize not in ("int8-dynamic", "auto") and not any(
-                p == "quantize-dynamic" for p in self.pass_list()):
+                _is_dynamic(p) for p in self.pass_list()):
             raise OptionError("--dynamic-activations applies to --quantize int8-dynamic (or auto)")
         self._check_family()
         check_arguments({**self.arguments(), "passes": self.pass_list()})
@@ -381,7 +381,7 @@ class Recipe:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def _quantizes(self) -> bool:
-        return any(_is_quantize(p) for p in self.pass_list()) or self.quantize in ("int8-dynamic", "int4")
+        return any(_is_quantize(p) or _is_dynamic(p) for p in self.pass_list()) or self.quantize in ("int8-dynamic", "int4")
 
     def _quantize_options_changed(self) -> bool:
         default = Recipe()
@@ -471,6 +471,11 @@ def _known(names: Mapping[str, Any], where: str) -> None:
     if unknown:
         raise OptionError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                           f"(known: {', '.join(sorted(known))})")
+
+
+def _is_dynamic(p) -> bool:
+    """A listed dynamic int8 pass, by name or object."""
+    return p == "quantize-dynamic" or getattr(p, "name", None) == "quantize-dynamic"
 
 
 def _is_quantize(p) -> bool:

@@ -260,7 +260,9 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             self._rewrite(graph, node, label, names, dq_inputs, weights)
             self.details["quantized"].append(label)
             logger.info("quantize-dynamic: %s (%s) runs on integers", label, node.op_type)
-        tensor_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}  # per tensor, for QAttention
+        # per tensor, for QAttention: a MatMul's DynamicQuantizeLinear of the same input serves it too
+        tensor_inputs = {key: q for key, q in dq_inputs.items() if key not in self._row_inputs}
+        self._attention_weights: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         attentions = 0
         for node in list(graph):
             if node.op_type != "Attention" or node.domain != _MS:
@@ -304,9 +306,11 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             + (f"; {len(tables)} embedding tables int8 per row" if tables else "")
             + ("; activations per row" if self.rows else "; activations per tensor" + (
                 f" ({len(self._row_inputs)} of {len(dq_inputs)} per row, read by {len(self.details['per_row'])} layers;"
-                f" the budget stepped {len(self.row_units)})"
+                f" the budget stepped {sum(u not in self.exclude for u in self.row_units)})"
                 if self._row_inputs else ""))
-            + (f", {len(self._smoothing)} smoothed (alpha {self.smooth_alpha})" if self._smoothing else "")
+            + (f", {len(self._smoothing)} smoothed (alpha {self.smooth_alpha})" if self._smoothing else
+               ", none smoothed (smoothing applies to activations quantized per row)" if self.smooth_alpha is not None
+               else "")
         )
         if any(n.domain == "com.microsoft" for n in graph) and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
@@ -324,7 +328,7 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
             return "Attention with past state or an attention bias (QAttention takes neither here)"
         if len([o for o in node.outputs if o.uses() or o.is_graph_output()]) > 1:
             return "Attention's present output is read"
-        extra = set(node.attributes) - {"num_heads", "unidirectional"}
+        extra = set(node.attributes) - {"num_heads", "unidirectional", "mask_filter_value", "scale"}
         if extra:
             return f"Attention attributes QAttention lacks: {', '.join(sorted(extra))}"
         if node.inputs[0].dtype is not None and node.inputs[0].dtype != ir.DataType.FLOAT:
@@ -342,13 +346,15 @@ class QuantizeDynamic(LossyNodes, OnnxoptPass):
         x_zp, 0): onnxruntime's quantized attention; W per column (3 x hidden scales), int8, zero point 0.
         QAttention reads one activation scale: per tensor, whatever ``activations`` says."""
         a, b = node.inputs[0], node.inputs[1]
-        q, scale = _quantize_weight(constant_array(b), self.per_channel, self.weight_max)
-        base = b.name or label
-        w_q = _const(graph, names, f"{base}_quantized", q)
-        w_s = _const(graph, names, f"{base}_scale", scale)
-        w_zp = _const(graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int8))
-        self.details["weights"][base] = {"shape": list(q.shape), "bytes_before": int(q.size * 4),
-                                         "bytes_after": int(q.nbytes + scale.nbytes + scale.size)}
+        if id(b) not in self._attention_weights:  # a packed weight two Attention nodes read: stored once
+            q, scale = _quantize_weight(constant_array(b), self.per_channel, self.weight_max)
+            base = b.name or label
+            self._attention_weights[id(b)] = (_const(graph, names, f"{base}_quantized", q),
+                                              _const(graph, names, f"{base}_scale", scale),
+                                              _const(graph, names, f"{base}_zero_point", np.zeros(scale.shape, np.int8)))
+            self.details["weights"][base] = {"shape": list(q.shape), "bytes_before": int(q.size * 4),
+                                             "bytes_after": int(q.nbytes + scale.nbytes + scale.size)}
+        w_q, w_s, w_zp = self._attention_weights[id(b)]
         if id(a) not in tensor_inputs:
             dql = ir.node("DynamicQuantizeLinear", [a], name=names.fresh(f"{a.name or label}_DynamicQuantizeLinear"),
                           num_outputs=3)

@@ -379,6 +379,12 @@ def test_the_budget_goes_on_to_float_when_steps_to_per_row_stall(tmp_path):
     record = next(p for p in result.report.passes if p.name == "quantize-dynamic")
     floats = {u for u, why in record.details["left"].items() if why == "excluded"}
     assert floats and not floats & set(record.details["per_row"])  # a unit ends in one place, said once
+    # the steps to float start again at one layer: no more float layers than per row from the start needs
+    rows = onnxopt.optimize(str(ZOO), quantize="int8-dynamic", dynamic_activations="row", min_cosine=0.9999,
+                            data=str(tmp_path / "t.npz"), latency=False)
+    row_floats = {u for u, why in next(p for p in rows.report.passes if p.name == "quantize-dynamic").details[
+        "left"].items() if why == "excluded"}
+    assert len(floats) <= len(row_floats) + 1
 
 
 def _attention_model(extra_attributes: dict | None = None) -> tuple[ir.Model, dict]:
@@ -423,6 +429,17 @@ def test_fused_attention_becomes_qattention():
     model, _ = _attention_model()
     kept(model)
     assert "Attention" in [n.op_type for n in model.graph] and "attn" not in kept.details["quantized"]
+
+
+def test_attention_scale_and_mask_filter_value_carry_over():
+    """onnxruntime's optimizer writes mask_filter_value; QAttention honours it and scale."""
+    model, feeds = _attention_model({"mask_filter_value": -10000.0, "scale": 0.3})
+    ref = run(model, feeds)[0]
+    QuantizeDynamic()(model)
+    q = next(n for n in model.graph if n.op_type == "QAttention")
+    assert q.attributes["scale"].value == pytest.approx(0.3) and q.attributes["mask_filter_value"].value == -10000.0
+    y = run(model, feeds)[0]
+    assert ((y * ref).sum(-1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(ref, axis=-1)).min() > 0.99
 
 
 def test_attention_with_attributes_qattention_lacks_stays_float():

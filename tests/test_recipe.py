@@ -222,6 +222,11 @@ def test_dynamic_int8_smoothing_and_activation_scales_from_the_command_line(tmp_
     assert main([model, "--quantize", "int8-dynamic", "--dynamic-activations", "tensor", "--no-latency", "-o",
                  str(out), "--dim", "seq=16", "-q"]) == 0
     assert "DynamicQuantizeLinear" in [n.op_type for n in onnx.load(out).graph.node]
+    assert main([model, "--passes", "simplify,quantize-dynamic", "--smooth-quant", "0.5", "--calibration", str(calib),
+                 "--no-latency", "-o", str(out), "--dim", "seq=16", "-q"]) == 0  # a listed pass takes the options
+    assert "MatMulIntegerToFloat" in [n.op_type for n in onnx.load(out).graph.node]
+    assert main([model, "--quantize", "auto", "--dynamic-activations", "row", "--calibration", str(calib),
+                 "--no-latency", "-o", str(out), "--dim", "seq=16", "-q"]) == 0  # static's candidate ignores it
     capsys.readouterr()
     for flags, words in ((["--quantize", "int8-dynamic", "--smooth-quant", "0.5"], "needs --calibration"),
                          (["--quantize", "int8-dynamic", "--smooth-quant", "0.5", "--dynamic-activations", "tensor",
