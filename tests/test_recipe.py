@@ -202,6 +202,9 @@ def test_transformer_modes_from_the_command_line(tmp_path, mode, op):
     assert any(n.op_type == op for n in saved.graph.node)
     data = json.loads(report.read_text())
     assert data["ok"] and data["validation"]["outputs"][0]["cosine"] > 0.9  # lossy: reported, with its cost
+    fused = next(n for n in data["notes"] if n.startswith("fused kernels"))  # what onnxruntime runs it on
+    assert ("MatMulNBits" if mode == "int4" else "MatMulIntegerToFloat") in fused
+    assert "float weights still read by MatMul/Gemm/Attention: 0 " in fused
     assert out.stat().st_size < 0.6 * __import__("os").path.getsize(model)
 
 
