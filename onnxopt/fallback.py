@@ -21,8 +21,8 @@ int8 step's for its quantized nodes (``onnxopt.int8_fallback``).
 
 from __future__ import annotations
 
-__all__ = ["CannotRank", "Convergence", "Fallback", "LossyFallback", "MAX_ROUNDS", "Outcome", "Undone", "fall_back",
-           "lossy_units", "why_stuck"]
+__all__ = ["FINAL_STEPS", "CannotRank", "Convergence", "Fallback", "LossyFallback", "MAX_ROUNDS", "Outcome",
+           "Undone", "fall_back", "lossy_units", "why_stuck"]
 
 import math
 from collections.abc import Sequence
@@ -46,7 +46,7 @@ MAX_ROUNDS = 8
 STALL_ROUNDS = 2
 STALL_GAIN = 0.1
 SPREAD_DB = 1.0  # no unit losing more than this at its own output: the error is spread over many
-_FINAL = ("as it was", "float")  # undo steps after which a unit is out of its lossy pass
+FINAL_STEPS = ("as it was", "float")  # undo steps after which a unit is out of its lossy pass
 
 
 class CannotRank(Exception):
@@ -103,11 +103,9 @@ class Fallback:
     def undo(self, units: list[Undone]) -> ir.Model:
         raise NotImplementedError
 
-    def final_steps(self) -> bool | None:
-        """Turn the ways back that stop part of the way (int4 -> 8 bits) into ones that go all the way:
-        True when something changed, False when nothing was left to change, None where this way has
-        no partial steps at all."""
-        return None
+    def final_steps(self) -> None:
+        """Turn the ways back that stop part of the way (int4 -> 8 bits) into ones that go all the way
+        (``fall_back`` calls it once, when the partial steps are spent or stall)."""
 
     def step_of(self, unit: str) -> str:
         """Where undoing ``unit`` now takes it: "as it was" / "float", or a partial step ("8 bits")."""
@@ -129,19 +127,18 @@ def fall_back(way: Fallback, model: ir.Model) -> Outcome:
         round_ += 1
         candidates, why = _candidates(way, model)
         left = sum(2 ** (r - first_round) for r in range(round_, last_round + 1))
-        if candidates and partial_phase and way.step_of(candidates[0][0]) in _FINAL:
-            candidates, why, left = [], None, 0  # the partial steps are spent: float from here (below)
-        if (not candidates and why is None and partial_phase) or (
-                candidates and convergence.stalled(min(len(candidates), left))):
-            if partial_phase and way.final_steps() is not None:
-                # partial steps spent or stalled: float from here, 1, 2, 4 … again, rounds of their own
-                partial_phase, first_round, last_round = False, round_, round_ - 1 + MAX_ROUNDS
-                convergence = Convergence()
-                convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
-                candidates, why = _candidates(way, model)
-            elif candidates:
-                stalled_at = max(h for _, h in candidates)  # more units undone no longer move the metric: say why, stop
-                break
+        stalled = bool(candidates) and convergence.stalled(min(len(candidates), left))
+        # the partial steps are spent (the most harmful unit's next step is final), none adds error, or they stall
+        spent = way.step_of(candidates[0][0]) in FINAL_STEPS if candidates else why is None
+        if partial_phase and (spent or stalled):
+            way.final_steps()  # float from here, 1, 2, 4 … again, rounds of their own
+            partial_phase, first_round, last_round = False, round_, round_ - 1 + MAX_ROUNDS
+            convergence = Convergence()
+            convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
+            candidates, why = _candidates(way, model)
+        elif stalled:
+            stalled_at = max(h for _, h in candidates)  # more units undone no longer move the metric: say why, stop
+            break
         if why is not None:
             figure, outcome.runnable = why, False
             break
@@ -149,7 +146,7 @@ def fall_back(way: Fallback, model: ir.Model) -> Outcome:
             no_units = True
             break
         if round_ == first_round:
-            partial_phase = way.step_of(candidates[0][0]) not in _FINAL
+            partial_phase = way.step_of(candidates[0][0]) not in FINAL_STEPS
         take = [Undone(unit, round_, harm, figure) for unit, harm in candidates[: 2 ** (round_ - first_round)]]
         outcome.undone += take
         model = way.undo(take)
@@ -157,7 +154,7 @@ def fall_back(way: Fallback, model: ir.Model) -> Outcome:
         met, figure = way.confirm(model) if round_ == last_round else way.judge(model)
         convergence.add(shortfall(way.last, *way.limits()), len(outcome.undone))
         outcome.rounds.append({"round": round_, "undone": sorted(u.unit for u in take), "met": met, "figure": figure,
-                               **({"to": take[0].to} if take[0].to not in _FINAL else {})})
+                               **({"to": take[0].to} if take[0].to not in FINAL_STEPS else {})})
     if not met and outcome.runnable and way.provisional:
         # The last miss was seen on the first samples (a miss on all the data too): the figure of all
         # of it for the report and the reasons.
@@ -169,7 +166,7 @@ def fall_back(way: Fallback, model: ir.Model) -> Outcome:
         elif outcome.undone or stalled_at is not None:  # stalled, every round used, or no unit left
             outcome.stuck = why_stuck(way.last, *way.limits(), kept=len(ended), first_figure=first_figure,
                                       figure=figure, top_harm_db=stalled_at,
-                                      stepped=sum(to not in _FINAL for to in ended.values()))
+                                      stepped=sum(to not in FINAL_STEPS for to in ended.values()))
     outcome.model, outcome.met, outcome.figure = model, met, figure
     return outcome
 
@@ -278,8 +275,6 @@ class LossyFallback(Fallback):
         self.details: dict[str, Any] = {"rounds": [], "kept": []}
         self._alone: dict[tuple[str, str], float] = {}  # (unit, its next step) -> judged outputs' SQNR, it alone lossy
         self._reference: dict[str, list] | None = None
-        self._steps: dict[tuple[str, int], str] = {}  # (unit, round) -> where undoing took it
-        self._final = False  # partial steps given up (``final_steps``)
         self._before, self._last = self.passes, []  # the passes before the last round, and its units
 
     def run(self, model: ir.Model) -> tuple[ir.Model, list, bool, str]:
@@ -294,7 +289,7 @@ class LossyFallback(Fallback):
                 self.details["trimmed"] = sorted(dropped)
         self.details["rounds"] = outcome.rounds
         self.details["kept"] = [{"unit": u.unit, "round": u.round, "harm_db": round(u.harm, 2), "figure": u.figure,
-                                 "to": self._steps.get((u.unit, u.round), "as it was")} for u in outcome.undone]
+                                 "to": u.to} for u in outcome.undone]
         if outcome.stuck:
             self.details["stuck"] = outcome.stuck
         self.details.update(met=outcome.met, figure=outcome.figure)
@@ -331,27 +326,16 @@ class LossyFallback(Fallback):
     def undo(self, units: list[Undone]) -> ir.Model:
         """The lossy passes run again from ``start``, each undoing ``units`` one step more (``excluding``)."""
         for u in units:
-            self._steps[(u.unit, u.round)] = u.to = self._step(u.unit)
+            u.to = self.step_of(u.unit)
         self._before, self._last = self.passes, [u.unit for u in units]
         self.passes = _undoing(self.passes, set(self._last))
         return self._apply()
 
-    def final_steps(self) -> bool | None:
+    def final_steps(self) -> None:
         """The passes with partial steps (int4's 8 bits, dynamic int8's per row) made to go to float at
-        once (``final_steps``): True where any unit still had a partial step, False where none had (the
-        partial steps were all taken), None where no pass has partial steps."""
+        once (their ``final_steps``)."""
         lossy = lossy_units(self.passes)
-        if not any(hasattr(p, "final_steps") for p in lossy):
-            return None
-        if self._final:
-            return False
-        self._final = True
-        pending = any(hasattr(p, "final_steps") and any(self._step(u) not in _FINAL for u in p.units) for p in lossy)
         self.passes = [p.final_steps() if p in lossy and hasattr(p, "final_steps") else p for p in self.passes]
-        return pending
-
-    def step_of(self, unit: str) -> str:
-        return self._step(unit)
 
     def _apply(self) -> ir.Model:
         working = self.start.clone()
@@ -359,7 +343,7 @@ class LossyFallback(Fallback):
             working = p(working).model
         return working
 
-    def _step(self, unit: str) -> str:
+    def step_of(self, unit: str) -> str:
         """Where undoing ``unit`` takes it: a pass's ``undo_step`` (int4: "8 bits" before "float"), else "as it was"."""
         for p in lossy_units(self.passes):
             if unit in p.units:
@@ -395,7 +379,7 @@ class LossyFallback(Fallback):
         prices its steps (``undo_cost``: the greedy rule for the smallest file at a noise budget;
         MiniLM's 11.7M-weight token table alone at 8 bits is 0.065x of fp32), else by harm."""
         holder = {u: p for p in lossy for u in p.units}
-        partial = [u for u in holder if self._step(u) not in _FINAL]
+        partial = [u for u in holder if self.step_of(u) not in FINAL_STEPS]
         harm = [(u, h) for u, h in self._alone_harm(holder, partial) if h > 0]
         if not harm:
             harm = self._alone_harm(holder, [u for u in holder if u not in partial])
@@ -407,7 +391,7 @@ class LossyFallback(Fallback):
         return sorted(harm, key=lambda kv: -worth(*kv))
 
     def _alone_harm(self, holder: dict, units: list[str]) -> list[tuple[str, float]]:
-        for unit in [u for u in units if (u, self._step(u)) not in self._alone]:
+        for unit in [u for u in units if (u, self.step_of(u)) not in self._alone]:
             if self._reference is None:
                 self._reference = self._outputs(self.start)
             working = self.start.clone()
@@ -421,8 +405,8 @@ class LossyFallback(Fallback):
                 for r, c in zip(self._reference[n], got.get(n, [])):
                     o.update(r, c)
             sqnr = min((o.sqnr_db for o in observers.values() if o.signal > 0), default=math.inf)
-            self._alone[(unit, self._step(unit))] = min(float(sqnr), EXACT_DB)
-        return [(u, EXACT_DB - self._alone[(u, self._step(u))]) for u in units]
+            self._alone[(unit, self.step_of(unit))] = min(float(sqnr), EXACT_DB)
+        return [(u, EXACT_DB - self._alone[(u, self.step_of(u))]) for u in units]
 
     def _outputs(self, model: ir.Model) -> dict[str, list]:
         """The judged outputs (all, without ``judged_outputs``) of ``model`` on the first samples, by batch."""

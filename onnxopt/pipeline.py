@@ -23,7 +23,7 @@ from onnxopt.compressed_size import run_sizes
 from onnxopt.data import (Dataset, SampleRows, cannot_run, check_labels, feed_dims, head, input_specs, load_data,
                           parse_dims, sample_rows, timing_feed)
 from onnxopt.errors import ModelLoadError, OnnxoptError, OptionError, UnknownPassError, one_line
-from onnxopt.fallback import LossyFallback, lossy_units
+from onnxopt.fallback import FINAL_STEPS, LossyFallback, lossy_units
 from onnxopt.options import import_torch
 from onnxopt.latency import compare_latency
 from onnxopt.recipe import DEFAULT_PASSES, Recipe
@@ -461,7 +461,7 @@ def _fallback_notes(details: dict) -> list[str]:
     stepped part of the way (weight-only int4: to 8 bits; dynamic int8: to activations per row), a
     note each, with the figure the fallback ended on."""
     notes = []
-    final = ("as it was", "float")
+    final = FINAL_STEPS
     where = {k["unit"]: k for k in details["kept"]}  # a unit stepped part of the way, then all of it: the last
     ended = list(where.values())
     partial = list(dict.fromkeys(k.get("to") for k in ended if k.get("to", "as it was") not in final))
