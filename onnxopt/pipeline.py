@@ -494,10 +494,9 @@ def _choose_levels(p, working: ir.Model, original: ModelSnapshot, dataset: Datas
     search = choose_levels(working, p, original, dataset, max_drop=max_drop, min_cosine=min_cosine, providers=providers,
                            judged_outputs=outputs, progress=progress)
     if isinstance(p, LowRankFactorize):
-        if feed is None:
-            search.note += "; not timed (no data to time on): layers kept by size and error alone"
-        elif resolve_providers(providers)[0] != "CPUExecutionProvider":
-            search.note += f"; not timed: per-layer kernel times are CPU only, not {resolve_providers(providers)[0]}"
+        untimed = _untimed(feed, providers)
+        if untimed:
+            search.note += f"; {untimed}: layers kept by size and error alone"
         else:
             search = keep_faster(working, p, search, feed, providers, 1 if threads is None else threads)
     p.per_layer, p.sensitivity = search.per_layer, search.details
@@ -528,6 +527,15 @@ def _fused_kernels_note(model: ir.Model, providers) -> str:
             f"MatMul/Gemm/Attention: {len(left)} ({held / 1e6:.2f} MB)")
 
 
+def _untimed(feed, providers) -> str | None:
+    """Why lowrank's layers cannot be timed one by one here (no data, or not the CPU provider), or None."""
+    if feed is None:
+        return "not timed (no data to time on)"
+    if resolve_providers(providers)[0] != "CPUExecutionProvider":
+        return f"not timed: per-layer kernel times are CPU only, not {resolve_providers(providers)[0]}"
+    return None
+
+
 def _faster_layers_only(p: LowRankFactorize, working: ir.Model, feed, providers, threads,
                         notes: list[str]) -> LowRankFactorize:
     """``p`` without the layers whose two kernels did not run faster than the one they replace, measured
@@ -535,11 +543,9 @@ def _faster_layers_only(p: LowRankFactorize, working: ir.Model, feed, providers,
     batch at ``--threads``, default 1); each timed layer's kernel µs goes into the pass's details."""
     from onnxopt.sensitivity import slower_layers
 
-    if feed is None:
-        notes.append("lowrank: layers not timed (no data to time on): kept by size alone")
-        return p
-    if resolve_providers(providers)[0] != "CPUExecutionProvider":
-        notes.append(f"lowrank: layers not timed: per-layer kernel times are CPU only, not {resolve_providers(providers)[0]}")
+    untimed = _untimed(feed, providers)
+    if untimed:
+        notes.append(f"lowrank: layers {untimed}: kept by size alone")
         return p
     slower, latency = slower_layers(working, p, feed, providers, 1 if threads is None else threads)
     kept = p.excluding(slower) if slower else p

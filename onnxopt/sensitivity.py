@@ -310,25 +310,12 @@ def keep_faster(start: ir.Model, pass_, search: LevelSearch, feed: Mapping[str, 
     """``search`` (of a ``lowrank`` pass) without the layers whose two kernels did not run faster than
     the one they replace (``measure_latency``, on ``feed``); each layer's times go into its details.
     A layer that could not be timed is kept, and says so."""
-    from onnxopt.profiling import named_nodes
-
     if not search.per_layer:
         return search
-    start = named_nodes(start)  # onnxruntime reports kernel times by node name
-    trial = pass_.at_levels(search.per_layer)
-    model = trial(start.clone()).model
-    records = trial.details.get("layers", {})
-    times = measure_latency(start, model, records, feed, providers, threads)
-    slower = []
+    slower, latency = slower_layers(start, pass_.at_levels(search.per_layer), feed, providers, threads)
     for unit in search.per_layer:
-        row = search.details["layers"][unit]
-        if unit not in times:
-            row["latency_us"] = "not timed (no kernel of its own in the profile)"
-            continue
-        one, two = times[unit]
-        row["latency_us"] = {"before": round(one, 1), "after": round(two, 1)}
-        if two >= one:
-            slower.append(unit)
+        search.details["layers"][unit]["latency_us"] = latency.get(
+            unit, "not timed (no kernel of its own in the profile)")
     if slower:
         for unit in slower:
             row = search.details["layers"][unit]
@@ -349,8 +336,8 @@ def slower_layers(start: ir.Model, pass_, feed: Mapping[str, np.ndarray], provid
     a copy of ``start``), and each timed layer's kernel µs before and after."""
     from onnxopt.profiling import named_nodes
 
-    start = named_nodes(start)
-    trial = copy.copy(pass_)
+    start = named_nodes(start)  # onnxruntime reports kernel times by node name
+    trial = copy.copy(pass_)  # the caller's pass keeps its details
     model = trial(start.clone()).model
     times = measure_latency(start, model, trial.details.get("layers", {}), feed, providers, threads)
     latency = {u: {"before": round(one, 1), "after": round(two, 1)} for u, (one, two) in times.items()}
